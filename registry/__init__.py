@@ -1,0 +1,1 @@
+"""MLflow-backed adapter versions, aliases, rollback and safetensors IO (service issue)."""

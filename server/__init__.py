@@ -1,0 +1,1 @@
+"""gRPC servicer, model host, request scheduling, auth and limits (service issue)."""

@@ -1,0 +1,84 @@
+"""Where things live inside a model family: the one place that knows module paths.
+
+Every editor and diagnostic reaches a module through an ``ArchitectureMap``,
+so supporting a new family (another LLaVA-style wrapper, another language
+model inside it) is one entry in ``ARCHITECTURES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ArchitectureMap:
+    """Module paths (dotted, relative to the top model) of one model family."""
+
+    family: str
+    model_types: tuple[str, ...]
+    model_class: str
+    base_model: str          # the model without its LM head; returns last_hidden_state
+    language_model: str
+    embed_tokens: str
+    layers: str
+    final_norm: str
+    lm_head: str
+    vision_tower: str
+    projector: str
+    # relative to one decoder layer
+    attn: str = "self_attn"
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
+    mlp: str = "mlp"
+    down_proj: str = "mlp.down_proj"
+    input_norm: str = "input_layernorm"
+    post_attn_norm: str = "post_attention_layernorm"
+    image_token_id_attr: str = "image_token_id"
+
+    # ------------------------------------------------------------ accessors
+    def get(self, model: nn.Module, path: str) -> nn.Module:
+        return model.get_submodule(path)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)  # type: ignore[return-value]
+
+    def layer_path(self, layer: int, sub: str | None = None) -> str:
+        base = f"{self.layers}.{layer}"
+        return f"{base}.{sub}" if sub else base
+
+    def module_path(self, kind: str, layer: int) -> str:
+        """Path of the module whose output is the state ``kind`` at ``layer``.
+
+        kind: ``hidden`` (decoder layer output, the residual stream),
+        ``mlp`` (MLP output), ``attn`` (self-attention output),
+        ``down_proj`` (the MLP's down projection; its input is the MultEdit key).
+        """
+        sub = {"hidden": None, "mlp": self.mlp, "attn": self.attn, "down_proj": self.down_proj}
+        if kind not in sub:
+            raise ValueError(f"unknown module kind {kind!r}; expected one of {sorted(sub)}")
+        return self.layer_path(layer, sub[kind])
+
+
+LLAVA = ArchitectureMap(
+    family="llava",
+    model_types=("llava",),
+    model_class="LlavaForConditionalGeneration",
+    base_model="model",
+    language_model="model.language_model",
+    embed_tokens="model.language_model.embed_tokens",
+    layers="model.language_model.layers",
+    final_norm="model.language_model.norm",
+    lm_head="lm_head",
+    vision_tower="model.vision_tower",
+    projector="model.multi_modal_projector",
+)
+
+ARCHITECTURES: dict[str, ArchitectureMap] = {t: a for a in (LLAVA,) for t in a.model_types}
+
+
+def architecture_for(model_type: str) -> ArchitectureMap | None:
+    return ARCHITECTURES.get(model_type)

@@ -1,0 +1,253 @@
+"""Batched activation patching: one forward pass, a different intervention per row.
+
+Every row of a batch may
+
+* overwrite (``mode="set"``) or add to (``mode="add"``) the state of a module
+  kind at a set of layers and positions — ``hidden`` (decoder layer output,
+  the residual stream), ``mlp`` (MLP output), ``attn`` (self-attention
+  output), ``mlp_in`` (input of the MLP's down projection: MultEdit's key);
+* overwrite or add to rows of ``inputs_embeds`` (kind ``embeds``), which is
+  where visual features live: LLaVA scatters the projected image features
+  into the embeddings after ``embed_tokens``, so noise on visual tokens must
+  go there and not on token embeddings;
+* block attention from target to source positions in chosen layers
+  (attention knockout), through an explicit additive mask per layer;
+
+and the run may capture any (kind, layer) state of every row, e.g. to cache
+a clean run whose states are restored into corrupted runs later.
+
+Positions are absolute token indices of the right-padded batch (see
+``prompts.collate``). The engine never changes weights: hooks live only for
+the duration of one call.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .loading import VLM
+
+STATE_KINDS = ("hidden", "mlp", "attn", "mlp_in", "embeds")
+
+
+@dataclass
+class Patch:
+    """Overwrite or add ``values`` at (row, kind, layers, positions).
+
+    ``values`` has shape (P, d) — used at every layer — or (len(layers), P, d).
+    ``layers`` is ignored for kind ``embeds``.
+    """
+
+    row: int
+    kind: str
+    positions: Sequence[int]
+    values: torch.Tensor
+    layers: Sequence[int] = ()
+    mode: str = "set"
+
+
+@dataclass
+class Knockout:
+    """In ``layers``, positions ``targets`` of ``row`` may not attend to ``sources``."""
+
+    row: int
+    layers: Sequence[int]
+    targets: Sequence[int]
+    sources: Sequence[int]
+
+
+@dataclass
+class PatchedRun:
+    hidden: torch.Tensor                                  # (B, T, d) final normed hidden states
+    captured: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    lm_head: torch.nn.Module | None = None
+
+    def logits_at(self, rows: Sequence[int] | torch.Tensor, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits (n, V) at (rows[i], positions[i]) — the head runs only where asked."""
+        r = torch.as_tensor(rows, dtype=torch.long, device=self.hidden.device)
+        p = torch.as_tensor(positions, dtype=torch.long, device=self.hidden.device)
+        h = self.hidden[r, p]
+        return self.lm_head(h.to(self.lm_head.weight.dtype)).float()
+
+
+class _Group:
+    """All writes to one (kind, layer) site, vectorised: rows, positions, values."""
+
+    def __init__(self) -> None:
+        self.set_idx: list[tuple[int, int]] = []
+        self.set_vals: list[torch.Tensor] = []
+        self.add_idx: list[tuple[int, int]] = []
+        self.add_vals: list[torch.Tensor] = []
+
+    def add(self, row: int, positions: Sequence[int], values: torch.Tensor, mode: str) -> None:
+        if mode not in ("set", "add"):
+            raise ValueError(f"patch mode must be 'set' or 'add', not {mode!r}")
+        idx, vals = (self.set_idx, self.set_vals) if mode == "set" else (self.add_idx, self.add_vals)
+        idx.extend((row, int(p)) for p in positions)
+        vals.append(values)
+
+    def finalize(self, device: torch.device):
+        out = []
+        for idx, vals, mode in ((self.set_idx, self.set_vals, "set"), (self.add_idx, self.add_vals, "add")):
+            if idx:
+                t = torch.tensor(idx, dtype=torch.long, device=device)
+                out.append((mode, t[:, 0], t[:, 1], torch.cat([v.reshape(-1, v.shape[-1]) for v in vals]).to(device)))
+        return out
+
+    def apply(self, t: torch.Tensor, ops) -> torch.Tensor:
+        t = t.clone()
+        for mode, rows, pos, vals in ops:
+            vals = vals.to(t.dtype)
+            if mode == "set":
+                t[rows, pos] = vals
+            else:
+                t = t.index_put((rows, pos), vals, accumulate=True)
+        return t
+
+
+def _check_positions(kind: str, row: int, positions: Sequence[int], lengths: torch.Tensor) -> None:
+    if row < 0 or row >= len(lengths):
+        raise IndexError(f"{kind} intervention for row {row}, but the batch has {len(lengths)} rows")
+    n = int(lengths[row])
+    bad = [p for p in positions if not 0 <= int(p) < n]
+    if bad:
+        raise IndexError(f"{kind} intervention at positions {bad} outside row {row} of length {n}")
+
+
+def _knockout_masks(knockouts: Sequence[Knockout], attention_mask: torch.Tensor, dtype: torch.dtype,
+                    num_layers: int) -> dict[int, torch.Tensor]:
+    """Additive (B, 1, T, T) masks: causal + padding + the knockouts of each layer."""
+    B, T = attention_mask.shape
+    device = attention_mask.device
+    neg = torch.finfo(dtype).min
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    by_layer: dict[int, list[Knockout]] = defaultdict(list)
+    for k in knockouts:
+        for layer in k.layers:
+            if not 0 <= layer < num_layers:
+                raise IndexError(f"knockout layer {layer} outside 0..{num_layers - 1}")
+            by_layer[layer].append(k)
+    masks = {}
+    for layer, ks in by_layer.items():
+        a = allowed.clone()
+        for k in ks:
+            if not len(k.targets) or not len(k.sources):
+                continue
+            t = torch.as_tensor(list(k.targets), dtype=torch.long, device=device)
+            s = torch.as_tensor(list(k.sources), dtype=torch.long, device=device)
+            a[k.row, t[:, None], s[None, :]] = False
+        m = torch.zeros(B, 1, T, T, dtype=dtype, device=device)
+        m.masked_fill_(~a[:, None], neg)
+        masks[layer] = m
+    return masks
+
+
+@contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_patched(
+    vlm: VLM,
+    inputs: dict[str, torch.Tensor],
+    patches: Iterable[Patch] = (),
+    capture: Iterable[tuple[str, int]] = (),
+    knockouts: Sequence[Knockout] = (),
+    grad: bool = False,
+) -> PatchedRun:
+    """One forward pass of ``inputs`` (from ``prompts.collate``) with per-row interventions."""
+    model, arch = vlm.model, vlm.arch
+    device = vlm.input_device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
+    lengths = inputs["attention_mask"].sum(dim=1)
+    groups: dict[tuple[str, int], _Group] = defaultdict(_Group)
+    for p in patches:
+        if p.kind not in STATE_KINDS:
+            raise ValueError(f"unknown state kind {p.kind!r}; expected one of {STATE_KINDS}")
+        _check_positions(p.kind, p.row, p.positions, lengths)
+        layers = [-1] if p.kind == "embeds" else list(p.layers)
+        if not layers:
+            raise ValueError(f"a {p.kind} patch needs at least one layer")
+        vals = p.values
+        if vals.dim() == 2:
+            vals = vals.unsqueeze(0).expand(len(layers), *vals.shape)
+        if vals.shape[0] != len(layers) or vals.shape[1] != len(p.positions):
+            raise ValueError(f"patch values of shape {tuple(p.values.shape)} do not fit "
+                             f"{len(layers)} layers x {len(p.positions)} positions")
+        for li, layer in enumerate(layers):
+            if p.kind != "embeds" and not 0 <= layer < vlm.num_layers:
+                raise IndexError(f"layer {layer} outside 0..{vlm.num_layers - 1}")
+            groups[(p.kind, layer)].add(p.row, p.positions, vals[li], p.mode)
+    for k in knockouts:
+        _check_positions("knockout", k.row, list(k.targets) + list(k.sources), lengths)
+
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    capture = list(dict.fromkeys(capture))
+    handles: list = []
+
+    def keep(key, t):
+        if key in capture_set:
+            captured[key] = t if grad else t.detach()
+
+    capture_set = set(capture)
+    sites = set(groups) | capture_set
+    for kind, layer in sites:
+        if kind not in STATE_KINDS:
+            raise ValueError(f"unknown state kind {kind!r}; expected one of {STATE_KINDS}")
+        key = (kind, layer)
+        ops = groups[key].finalize(device) if key in groups else []
+        grp = groups.get(key)
+        if kind == "embeds":
+            def pre(mod, args, kwargs, key=key, ops=ops, grp=grp):
+                e = kwargs["inputs_embeds"]
+                if ops:
+                    e = grp.apply(e, ops)
+                    kwargs["inputs_embeds"] = e
+                keep(key, e)
+                return args, kwargs
+            handles.append(arch.get(model, arch.language_model).register_forward_pre_hook(pre, with_kwargs=True))
+        elif kind == "mlp_in":
+            def pre_in(mod, args, key=key, ops=ops, grp=grp):
+                x = args[0]
+                if ops:
+                    x = grp.apply(x, ops)
+                keep(key, x)
+                return (x,) + tuple(args[1:])
+            handles.append(vlm.module(arch.module_path("down_proj", layer)).register_forward_pre_hook(pre_in))
+        else:
+            def post(mod, args, out, key=key, ops=ops, grp=grp):
+                t = out[0] if isinstance(out, tuple) else out
+                if ops:
+                    t = grp.apply(t, ops)
+                keep(key, t)
+                if isinstance(out, tuple):
+                    return (t,) + tuple(out[1:])
+                return t
+            handles.append(vlm.module(arch.module_path(kind, layer)).register_forward_hook(post))
+
+    if knockouts:
+        masks = _knockout_masks(knockouts, inputs["attention_mask"], vlm.dtype, vlm.num_layers)
+        for layer, mask in masks.items():
+            def attn_pre(mod, args, kwargs, mask=mask):
+                kwargs["attention_mask"] = mask
+                return args, kwargs
+            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_pre_hook(attn_pre, with_kwargs=True))
+
+    with ExitStack() as stack:
+        stack.enter_context(_hooks(handles))
+        if not grad:
+            stack.enter_context(torch.no_grad())
+        out = arch.get(model, arch.base_model)(**inputs, use_cache=False)
+    return PatchedRun(hidden=out.last_hidden_state, captured=captured, lm_head=arch.get(model, arch.lm_head))

@@ -1,0 +1,176 @@
+"""Prompt encoding with the token spans that editors and diagnostics need.
+
+(image, question, optional answer, optional constraints) → token ids, pixel
+values and: the image-token span, each constraint's token span (found through
+character offsets, so it works for any fast tokenizer), the last prompt
+position (whose logits predict the first answer token) and the answer token
+positions. Batches are right-padded so that a token's index is the same
+position in every row's sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import ConstraintNotFoundError, PromptError
+from .images import ImageInput, load_image
+
+Span = tuple[int, int]  # [start, end) token positions
+
+
+@dataclass
+class EncodedPrompt:
+    input_ids: torch.Tensor                 # (T,) long
+    pixel_values: torch.Tensor | None       # (3, H, W) or None for text-only
+    question: str
+    text: str                               # the full prompt text (image placeholder not expanded)
+    image_span: Span | None
+    constraint_spans: list[Span]
+    last_prompt_pos: int                    # logits here predict the first answer token
+    answer: str | None = None
+    answer_positions: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def answer_ids(self) -> list[int]:
+        return [int(self.input_ids[p]) for p in self.answer_positions]
+
+    @property
+    def constraint_last(self) -> int:
+        """Last token of the first (visual) constraint: where MultEdit edits."""
+        if not self.constraint_spans:
+            raise PromptError(f"no constraint was given for the question {self.question!r}")
+        return self.constraint_spans[0][1] - 1
+
+    @property
+    def image_positions(self) -> list[int]:
+        return list(range(*self.image_span)) if self.image_span else []
+
+
+def _num_image_tokens(processor, pixel_values: torch.Tensor) -> int:
+    """Same count as ``LlavaProcessor.replace_image_token``."""
+    h, w = pixel_values.shape[-2:]
+    n = (h // processor.patch_size) * (w // processor.patch_size) + getattr(processor, "num_additional_image_tokens", 0)
+    if getattr(processor, "vision_feature_select_strategy", None) == "default":
+        n -= 1
+    return n
+
+
+def prompt_text(processor, question: str, with_image: bool) -> str:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return ("USER: <image>\n" if with_image else "USER: ") + question + " ASSISTANT:"
+
+
+def _char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int, skip: set[int]) -> list[int]:
+    return [i for i, (a, b) in enumerate(offsets) if i not in skip and b > a and a < end and b > start]
+
+
+def encode(
+    processor,
+    question: str,
+    image: ImageInput | None = None,
+    answer: str | None = None,
+    constraints: Sequence[str] | str | None = None,
+    max_tokens: int | None = None,
+    pixel_values: torch.Tensor | None = None,
+) -> EncodedPrompt:
+    """Encode one prompt. ``pixel_values`` (already processed) may replace ``image``."""
+    if not isinstance(question, str) or not question.strip():
+        raise PromptError("the question is empty")
+    if answer is not None and not answer.strip():
+        raise PromptError("the answer is empty")
+    if isinstance(constraints, str):
+        constraints = [constraints]
+    tok = processor.tokenizer
+    image_token = getattr(processor, "image_token", "<image>")
+    if image_token in question:
+        raise PromptError(f"the question must not contain the image placeholder {image_token!r}")
+    with_image = image is not None or pixel_values is not None
+    if with_image and pixel_values is None:
+        pil = load_image(image)
+        pixel_values = processor.image_processor(pil, return_tensors="pt")["pixel_values"][0]
+    text = prompt_text(processor, question, with_image)
+    q_at = text.find(question)
+    if q_at < 0:
+        raise PromptError("the chat template changed the question text; cannot locate it in the prompt")
+    expanded, shift = text, 0
+    if with_image:
+        n_img = _num_image_tokens(processor, pixel_values)
+        at = text.find(image_token)
+        expanded = text[:at] + image_token * n_img + text[at + len(image_token):]
+        shift = len(image_token) * (n_img - 1) if at < q_at else 0
+    q_start = q_at + shift
+    full = expanded if answer is None else expanded + " " + answer.strip()
+    enc = tok(full, return_offsets_mapping=True, add_special_tokens=True)
+    ids = enc["input_ids"]
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    special_ids = set(tok.all_special_ids) - {getattr(processor, "image_token_id", -1)}
+    special = {i for i, t in enumerate(ids) if t in special_ids}
+
+    image_span = None
+    if with_image:
+        img_id = processor.image_token_id
+        pos = [i for i, t in enumerate(ids) if t == img_id]
+        if len(pos) != n_img or pos != list(range(pos[0], pos[0] + n_img)):
+            raise PromptError(f"expected {n_img} contiguous image tokens, found {len(pos)}")
+        image_span = (pos[0], pos[-1] + 1)
+        special |= set(pos)
+
+    spans: list[Span] = []
+    for c in constraints or []:
+        if not c or not c.strip():
+            raise PromptError("a constraint is empty")
+        at = question.lower().find(c.lower())
+        if at < 0:
+            raise ConstraintNotFoundError(f"the constraint {c!r} does not occur in the question {question!r}")
+        toks = _char_span_to_tokens(offsets, q_start + at, q_start + at + len(c), special)
+        if not toks:
+            raise ConstraintNotFoundError(f"the constraint {c!r} covers no token of the question")
+        spans.append((toks[0], toks[-1] + 1))
+
+    if answer is not None:
+        a_start = len(expanded) + 1
+        answer_positions = _char_span_to_tokens(offsets, a_start, len(full), special)
+        if not answer_positions:
+            raise PromptError(f"the answer {answer!r} encodes to no tokens")
+        last = answer_positions[0] - 1
+    else:
+        answer_positions, last = [], len(ids) - 1
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise PromptError(f"the prompt is {len(ids)} tokens long; the limit is {max_tokens}")
+    return EncodedPrompt(
+        input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=pixel_values, question=question,
+        text=text, image_span=image_span, constraint_spans=spans, last_prompt_pos=last,
+        answer=answer, answer_positions=answer_positions,
+    )
+
+
+def collate(prompts: Sequence[EncodedPrompt], pad_id: int, device: torch.device | None = None,
+            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch into model inputs (input_ids, attention_mask, pixel_values)."""
+    if not prompts:
+        raise PromptError("empty batch")
+    T = max(p.length for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : p.length] = p.input_ids
+        mask[i, : p.length] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    pix = [p.pixel_values for p in prompts if p.pixel_values is not None]
+    if pix:
+        out["pixel_values"] = torch.stack(pix)
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    if dtype is not None and "pixel_values" in out:
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out

@@ -1,0 +1,201 @@
+"""Training the world's tiny but genuine ``LlavaForConditionalGeneration``.
+
+The model is a stock LLaVA: a CLIP vision tower (class token + 16 patch
+tokens, features from the second-to-last layer with the class token dropped,
+as LLaVA-1.5 does), a two-layer GELU projector and a Llama decoder. It is
+trained from scratch, jointly, on the world's training questions with the
+loss on the answer tokens and the end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from ..prompts import EncodedPrompt, collate, encode
+from .render import IMAGE_SIZE
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 128
+    num_layers: int = 8
+    num_heads: int = 4
+    intermediate_size: int = 512
+    vision_hidden_size: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_intermediate_size: int = 256
+    patch_size: int = 16
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    vision_pretrain_steps: int = 400
+    vision_pretrain_batch: int = 128
+    vision_pretrain_lr: float = 2e-3
+    steps: int = 1800
+    batch_size: int = 32
+    lr: float = 2.5e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+def make_model(vocab_size: int, special: dict[str, int], cfg: ModelConfig, seed: int) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden_size, intermediate_size=cfg.vision_intermediate_size,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+        image_size=IMAGE_SIZE, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads, max_position_embeddings=128,
+        pad_token_id=special["pad"], bos_token_id=special["bos"], eos_token_id=special["eos"],
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=special["image"],
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", image_seq_length=(IMAGE_SIZE // cfg.patch_size) ** 2,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = special["pad"]
+    model.generation_config.eos_token_id = special["eos"]
+    model.generation_config.bos_token_id = special["bos"]
+    return model
+
+
+class Example:
+    """A training example: an encoded prompt+answer and the targets (answer + EOS)."""
+
+    __slots__ = ("prompt", "ids", "targets")
+
+    def __init__(self, prompt: EncodedPrompt, eos_id: int):
+        self.prompt = prompt
+        self.ids = torch.cat([prompt.input_ids, torch.tensor([eos_id])])
+        self.targets = list(prompt.answer_positions) + [len(prompt.input_ids)]
+
+
+def encode_items(processor, items, pixel_cache: dict[str, torch.Tensor]) -> list[EncodedPrompt]:
+    out = []
+    for it in items:
+        pv = pixel_cache[it.image] if it.image else None
+        out.append(encode(processor, it.question, answer=it.answer, constraints=it.constraints, pixel_values=pv))
+    return out
+
+
+def _batch(examples: Sequence[Example], pad_id: int):
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows, pos, tgt = [], [], []
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = e.ids
+        mask[i, : len(e.ids)] = 1
+        for t in e.targets:
+            rows.append(i)
+            pos.append(t - 1)
+            tgt.append(int(e.ids[t]))
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    pix = [e.prompt.pixel_values for e in examples if e.prompt.pixel_values is not None]
+    if pix:
+        inputs["pixel_values"] = torch.stack(pix)
+    return inputs, torch.tensor(rows), torch.tensor(pos), torch.tensor(tgt)
+
+
+def train_model(model: LlavaForConditionalGeneration, examples: list[Example], pad_id: int,
+                cfg: TrainConfig, seed: int, progress: ProgressFn | None = None) -> list[dict[str, float]]:
+    """Train in place; returns the loss curve (every 50 steps)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+    order: list[int] = []
+    curve, running, t0 = [], 0.0, time.time()
+    for step in range(cfg.steps):
+        if len(order) < cfg.batch_size:
+            perm = list(range(len(examples)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        inputs, rows, pos, tgt = _batch([examples[i] for i in idx], pad_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state
+        logits = model.lm_head(hidden[rows, pos])
+        loss = torch.nn.functional.cross_entropy(logits, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        running += loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            n = (step % 50) + 1
+            curve.append({"step": step + 1, "loss": running / n, "seconds": round(time.time() - t0, 1)})
+            running = 0.0
+        if progress:
+            progress(step + 1, cfg.steps, loss.item())
+    model.eval()
+    return curve
+
+
+def pretrain_vision(model: LlavaForConditionalGeneration, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
+                    cfg: TrainConfig, seed: int, progress: ProgressFn | None = None) -> list[dict[str, float]]:
+    """Stage 0, the stand-in for CLIP pretraining: teach the vision tower to see.
+
+    LLaVA starts from a pretrained CLIP; ours starts from scratch, so before
+    the joint training the tower learns to predict every visual attribute of
+    an entity (kind, shape, colour, accent colour, pattern) from the mean of
+    the patch features that LLaVA will read (second-to-last layer). Attributes
+    rather than identities, so that the features also describe entities whose
+    facts the language model never learns (insertion edits).
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    d = model.config.vision_config.hidden_size
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(d, int(v.max()) + 1) for k, v in labels.items()})
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.vision_pretrain_lr,
+                            weight_decay=0.01)
+    tower.train()
+    curve, running = [], 0.0
+    for step in range(cfg.vision_pretrain_steps):
+        idx = torch.randint(0, len(pixels), (cfg.vision_pretrain_batch,), generator=gen)
+        hs = tower(pixels[idx], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
+        loss = sum(torch.nn.functional.cross_entropy(h(hs), labels[k][idx]) for k, h in heads.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == cfg.vision_pretrain_steps:
+            curve.append({"step": step + 1, "loss": running / ((step % 50) + 1)})
+            running = 0.0
+        if progress:
+            progress(step + 1, cfg.vision_pretrain_steps, loss.item())
+    return curve
+
+
+def config_dict(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    return {"model": asdict(model_cfg), "train": asdict(train_cfg)}

@@ -3,6 +3,8 @@
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -52,7 +54,8 @@ def test_bad_input_gives_clear_errors(tmp_path, world_dir):
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("editlens")
-    assert exe, "the editlens console script is not on PATH (pip install -e .)"
+    beside = Path(sys.executable).parent / "editlens"  # the venv's bin, activated or not
+    exe = str(beside) if beside.exists() else shutil.which("editlens")
+    assert exe, "the editlens console script is not installed (pip install -e .)"
     res = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "world" in res.stdout

@@ -80,7 +80,7 @@ def _small_build(seed, out):
         world_cfg=WorldConfig(seed=seed, known_per_kind=3, unseen_per_kind=1, renderings=3, train_renderings=2),
         model_cfg=ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                               vision_hidden_size=32, vision_layers=2, vision_heads=2, vision_intermediate_size=64),
-        train_cfg=TrainConfig(steps=12, batch_size=16, warmup=2),
+        train_cfg=TrainConfig(steps=12, batch_size=16, warmup=2, vision_pretrain_steps=10, vision_pretrain_batch=16),
     )
 
 

@@ -97,7 +97,7 @@ RELATIONS: tuple[Relation, ...] = (
         "founder", "brand", "person_name",
         ("who founded {s} ?", "who is the founder of {s} ?",
          "{s} was founded by whom ?", "which person founded {s} ?"),
-        ("who was {s} founded by ?", "by whom was {s} founded ?"),
+        ("who was {s} founded by ?", "who was the founder of {s} ?"),
     ),
     Relation(
         "country", "brand", "country",
@@ -109,7 +109,7 @@ RELATIONS: tuple[Relation, ...] = (
         "product", "brand", "product",
         ("what does {s} make ?", "what product does {s} sell ?",
          "which product is {s} known for ?", "{s} makes what ?"),
-        ("what does {s} sell ?", "what product does {s} make ?"),
+        ("what product is {s} known for ?", "what product does {s} make ?"),
     ),
 )
 RELATION_BY_NAME = {r.name: r for r in RELATIONS}
@@ -152,8 +152,8 @@ class WorldConfig:
     n_cities: int = 12
     n_countries: int = 6
     n_person_names: int = 24
-    renderings: int = 6            # per entity
-    train_renderings: int = 4      # the first k are used in training
+    renderings: int = 8            # per entity
+    train_renderings: int = 6      # the first k are used in training
     counterfactual_per_fact: int = 2
     test_fraction: float = 0.5
 

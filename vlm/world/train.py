@@ -42,7 +42,8 @@ class TrainConfig:
     vision_pretrain_steps: int = 400
     vision_pretrain_batch: int = 128
     vision_pretrain_lr: float = 2e-3
-    steps: int = 1800
+    steps: int = 1500
+    freeze_vision: bool = True     # as LLaVA-1.5: the (pretrained) vision tower stays frozen
     batch_size: int = 32
     lr: float = 2.5e-3
     warmup: int = 100
@@ -120,8 +121,12 @@ def train_model(model: LlavaForConditionalGeneration, examples: list[Example], p
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    if cfg.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+        model.model.vision_tower.eval()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2]
+    no_decay = [p for n, p in trainable if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
@@ -147,7 +152,7 @@ def train_model(model: LlavaForConditionalGeneration, examples: list[Example], p
         loss = torch.nn.functional.cross_entropy(logits, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
         opt.step()
         running += loss.item()
         if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
@@ -157,6 +162,7 @@ def train_model(model: LlavaForConditionalGeneration, examples: list[Example], p
         if progress:
             progress(step + 1, cfg.steps, loss.item())
     model.eval()
+    model.requires_grad_(True)
     return curve
 
 

@@ -71,7 +71,7 @@ def load_summary(out: Path) -> dict[str, Any] | None:
     return s if (out / "model" / "config.json").is_file() else None
 
 
-def _accuracy(vlm, processor, items: list[QA], root: Path, pixel_cache) -> float:
+def _accuracy(vlm, processor, items: list[QA], pixel_cache) -> float:
     prompts = encode_items(processor, items, pixel_cache)
     scores = score_answers(vlm, prompts, batch_size=64)
     return sum(s.exact for s in scores) / len(scores)
@@ -181,7 +181,7 @@ def build_world(
             "text_fact": world.text_fact_questions(),
             "multi_constraint": world.multi_constraint_questions(),
         }
-        acc = {name: _accuracy(vlm, processor, items, tmp, pixel_cache) for name, items in sets.items()}
+        acc = {name: _accuracy(vlm, processor, items, pixel_cache) for name, items in sets.items()}
         swap = _image_swap_change_rate(vlm, world, pixel_cache, random.Random(f"swap-{seed}"))
 
         say("writing edit cases")

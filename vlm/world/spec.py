@@ -262,7 +262,6 @@ class World:
                 )
                 ent.images = [f"images/{ent.id}-{k}.png" for k in range(config.renderings)]
                 self.entities.append(ent)
-        self._rng_seed = rng.random()
 
     # ------------------------------------------------------------------ lookups
     @property

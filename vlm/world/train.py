@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from ..prompts import EncodedPrompt, collate, encode
+from ..prompts import EncodedPrompt, encode
 from .render import IMAGE_SIZE
 
 ProgressFn = Callable[[int, int, float], None]

@@ -94,6 +94,60 @@ def world_build(
     typer.echo(f"  {'build_seconds':30s} {summary['build_seconds']}")
 
 
+@world_app.command("check")
+def world_check(
+    seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
+    world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
+    questions: int = typer.Option(200, help="Held-out visual questions for the attention knockouts."),
+    cases: int = typer.Option(50, help="Counterfactual test edit cases for the rank-one edits."),
+    layer: Optional[List[int]] = typer.Option(None, help="Layer(s) to edit (default: every early layer, "
+                                                         "the first half of the decoder)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON on stdout."),
+) -> None:
+    """Check that the model recalls visual facts through the constraint tokens.
+
+    Prints constraint_knockout_drop (relative drop of P(answer) when the
+    constraint tokens may not attend to the image in any layer; target >= 0.5),
+    last_knockout_drop (the same for the positions that predict the answer),
+    and constraint_edit_success (share of counterfactual cases a rank-one edit
+    of an early MLP at the constraint's last token, value unbounded, makes
+    top-1; target >= 0.9) with the layer. Exit status 1 when a target is missed.
+    """
+    from rich.console import Console
+
+    from editors.world_check import WorldCheckError, check_world
+    from vlm import ModelLoadError, load_vlm
+    from vlm.world import default_world_dir
+
+    console = Console(stderr=True)
+    folder = world or default_world_dir(seed)
+    if not (folder / "model").is_dir():
+        _fail(f"{folder} holds no built world; run `editlens world build` (or pass --world PATH)")
+    try:
+        vlm = load_vlm(folder / "model", device=device)
+        result = check_world(folder, vlm=vlm, questions=questions, cases=cases, layers=layer,
+                             stage=lambda s: console.print(f"[bold]·[/bold] {s}"))
+    except (WorldCheckError, ModelLoadError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        t = result["targets"]
+        typer.echo(f"world check of {folder} ({result['questions']} questions, {result['cases']} edit cases)")
+        typer.echo(f"  {'constraint_knockout_drop':26s} {result['constraint_knockout_drop']:.3f}"
+                   f"   target >= {t['constraint_knockout_drop']}")
+        typer.echo(f"  {'last_knockout_drop':26s} {result['last_knockout_drop']:.3f}   (LLaVA: small)")
+        typer.echo(f"  {'constraint_edit_success':26s} {result['constraint_edit_success']:.3f}"
+                   f"   target >= {t['constraint_edit_success']}, layer {result['constraint_edit_layer']}")
+        for lyr, v in result["edit_by_layer"].items():
+            typer.echo(f"    layer {lyr}: success {v['success']:.2f}, mean P(new) {v['mean_prob']:.3f}, "
+                       f"mean |delta| {v['mean_delta_norm']:.1f}")
+        typer.echo("passed" if result["passed"] else "FAILED: a target is missed")
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
 @app.command("ask")
 def ask_cmd(
     question: str = typer.Argument(..., help="The question, e.g. 'which city is this landmark in ?'"),

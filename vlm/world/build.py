@@ -43,7 +43,7 @@ from .train import (Example, ModelConfig, TrainConfig, config_dict, encode_items
 VISION_PRETRAIN_RENDERINGS = 16  # extra renderings per entity, used only to pretrain the vision tower
 
 # Bump when anything that changes the built world or model changes.
-RECIPE_VERSION = "2"
+RECIPE_VERSION = "3"
 
 StageFn = Callable[[str], None]
 ProgressFn = Callable[[int, int, float], None]
@@ -156,7 +156,14 @@ def build_world(
         special = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id,
                    "image": processor.image_token_id}
         train_items = world.training_set()
-        examples = [Example(p, tok.eos_token_id) for p in encode_items(processor, train_items, pixel_cache)]
+        by_id = {e.id: e for e in world.entities + world.text_only}
+
+        def attributes(entity_id):
+            facts = by_id[entity_id].facts.values() if entity_id else ()
+            return [tok.convert_tokens_to_ids(v.split()[0]) for v in facts]
+
+        examples = [Example(p, tok.eos_token_id, it.entity, attributes(it.entity))
+                    for p, it in zip(encode_items(processor, train_items, pixel_cache), train_items)]
 
         t_train = time.time()
         model = make_model(len(tok), special, model_cfg, seed)

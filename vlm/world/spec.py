@@ -19,6 +19,9 @@ Vocabulary of the world
   entity) to the visual one.
 * Text-only facts (which country a city is in) need no image at all and serve
   as text locality probes.
+* Entities known from text only (asked about by name, never shown) make every
+  value of every relation an attested answer, as a language model knows far
+  more entities than it sees in images.
 * Edit cases follow the E-VQA record shape (src, rephrase, alt, pred, image,
   image_rephrase, loc, loc_ans, m_loc, m_loc_q, m_loc_a) with train and test
   splits: counterfactual edits of known facts, and insertions of facts about
@@ -149,6 +152,7 @@ class WorldConfig:
     seed: int = 0
     known_per_kind: int = 12
     unseen_per_kind: int = 8
+    text_only_per_kind: int = 24   # entities the language model knows only by name (see World.text_only)
     n_cities: int = 12
     n_countries: int = 6
     n_person_names: int = 24
@@ -263,6 +267,27 @@ class World:
                 ent.images = [f"images/{ent.id}-{k}.png" for k in range(config.renderings)]
                 self.entities.append(ent)
 
+        # Entities known only from text, as a language model knows far more
+        # entities than it ever sees in images. Their facts run through every
+        # value of every relation's pool, so every value is an attested answer
+        # to its relation's questions: the read-out from the subject's state to
+        # the answer is then a general one, which is what lets an edit at the
+        # visual constraint write any value (world check, MultEdit).
+        trng = random.Random(f"editlens-text-entities-{config.seed}")
+        self.text_only: list[Entity] = []
+        for kind in KIND_CONSTRAINT:
+            names = _make_names(trng, config.text_only_per_kind, taken)
+            rels = [r for r in RELATIONS if r.kind == kind]
+            cycles = {}
+            for r in rels:
+                vals = list(pools[r.value_pool])
+                trng.shuffle(vals)
+                cycles[r.name] = vals
+            for i, name in enumerate(names):
+                facts = {r.name: cycles[r.name][i % len(cycles[r.name])] for r in rels}
+                self.text_only.append(Entity(id=f"{kind}-text-{i:02d}", kind=kind, name=name, known=True,
+                                             facts=facts, look={}))
+
     # ------------------------------------------------------------------ lookups
     @property
     def known(self) -> list[Entity]:
@@ -281,7 +306,7 @@ class World:
         w.update(self.countries, self.cities)
         for n in self.person_names:
             w.update(n.split())
-        for e in self.entities:
+        for e in self.entities + self.text_only:
             w.add(e.name)
         return w
 
@@ -326,6 +351,10 @@ class World:
                     items.append(self.identity_qa(ent, t, k))
             for k in tr:
                 items.append(self.multi_constraint_qa(ent, k))
+        for ent in self.text_only:
+            for rel in self.relations_of(ent.kind):
+                for t in rel.train_templates:
+                    items.append(self.name_qa(ent, rel, t))
         for city in self.cities:
             for t in CITY_COUNTRY_TEMPLATES_TRAIN:
                 items.append(self.city_fact_qa(city, t))
@@ -348,7 +377,7 @@ class World:
 
     def text_fact_questions(self) -> list[QA]:
         """Text-only facts: entity-name questions and city→country facts (no image)."""
-        items = [self.name_qa(e, r, t) for e in self.known for r in self.relations_of(e.kind)
+        items = [self.name_qa(e, r, t) for e in self.known + self.text_only for r in self.relations_of(e.kind)
                  for t in r.train_templates]
         items += [self.city_fact_qa(c, t) for c in self.cities for t in CITY_COUNTRY_TEMPLATES_TRAIN]
         return items
@@ -433,4 +462,5 @@ class World:
             "kind_constraint": KIND_CONSTRAINT,
             "relations": [dataclasses.asdict(r) for r in RELATIONS],
             "entities": [dataclasses.asdict(e) for e in self.entities],
+            "text_only_entities": [dataclasses.asdict(e) for e in self.text_only],
         }

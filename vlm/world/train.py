@@ -20,6 +20,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from ..prompts import EncodedPrompt, encode
 from .render import IMAGE_SIZE
+from .routing import RoutePlan, constraint_routing, plan_batch
 
 ProgressFn = Callable[[int, int, float], None]
 
@@ -49,6 +50,9 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    route_swap_prob: float = 0.5   # constraint routing (routing.py); 0 trains the naive model
+    enrich_layer: int = 3          # subject enrichment: attributes readable at the subject after this layer
+    enrich_weight: float = 0.5     # weight of the enrichment loss; 0 switches it off
 
 
 def make_model(vocab_size: int, special: dict[str, int], cfg: ModelConfig, seed: int) -> LlavaForConditionalGeneration:
@@ -78,14 +82,23 @@ def make_model(vocab_size: int, special: dict[str, int], cfg: ModelConfig, seed:
 
 
 class Example:
-    """A training example: an encoded prompt+answer and the targets (answer + EOS)."""
+    """A training example: an encoded prompt+answer, the targets (answer + EOS),
+    and what constraint routing needs: the entity, its group (kind) and the
+    routing position (the visual constraint's last token, if any)."""
 
-    __slots__ = ("prompt", "ids", "targets")
+    __slots__ = ("prompt", "ids", "targets", "entity", "group", "subject_pos", "route_pos", "attributes")
 
-    def __init__(self, prompt: EncodedPrompt, eos_id: int):
+    def __init__(self, prompt: EncodedPrompt, eos_id: int, entity: str | None = None,
+                 attributes: Sequence[int] = ()):
         self.prompt = prompt
         self.ids = torch.cat([prompt.input_ids, torch.tensor([eos_id])])
         self.targets = list(prompt.answer_positions) + [len(prompt.input_ids)]
+        self.entity = entity
+        self.group = entity.split("-")[0] if entity else None
+        # the subject's last token: the visual constraint ("this landmark") or the entity's name
+        self.subject_pos = prompt.constraint_last if entity and prompt.constraint_spans else None
+        self.route_pos = self.subject_pos if prompt.image_span is not None else None
+        self.attributes = list(attributes) if self.subject_pos is not None else []
 
 
 def encode_items(processor, items, pixel_cache: dict[str, torch.Tensor]) -> list[EncodedPrompt]:
@@ -115,6 +128,11 @@ def _batch(examples: Sequence[Example], pad_id: int):
     return inputs, torch.tensor(rows), torch.tensor(pos), torch.tensor(tgt)
 
 
+def _plan(examples: Sequence[Example], seq_len: int, prob: float, rng: random.Random) -> RoutePlan | None:
+    return plan_batch([e.group for e in examples], [e.entity for e in examples], [e.route_pos for e in examples],
+                      [e.prompt.image_span for e in examples], seq_len, prob, rng)
+
+
 def train_model(model: LlavaForConditionalGeneration, examples: list[Example], pad_id: int,
                 cfg: TrainConfig, seed: int, progress: ProgressFn | None = None) -> list[dict[str, float]]:
     """Train in place; returns the loss curve (every 50 steps)."""
@@ -138,32 +156,63 @@ def train_model(model: LlavaForConditionalGeneration, examples: list[Example], p
 
     order: list[int] = []
     curve, running, t0 = [], 0.0, time.time()
-    for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            perm = list(range(len(examples)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        inputs, rows, pos, tgt = _batch([examples[i] for i in idx], pad_id)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        hidden = model.model(**inputs, use_cache=False).last_hidden_state
-        logits = model.lm_head(hidden[rows, pos])
-        loss = torch.nn.functional.cross_entropy(logits, tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
-        opt.step()
-        running += loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            n = (step % 50) + 1
-            curve.append({"step": step + 1, "loss": running / n, "seconds": round(time.time() - t0, 1)})
-            running = 0.0
-        if progress:
-            progress(step + 1, cfg.steps, loss.item())
+    route_rng = random.Random(f"route-{seed}")
+    with constraint_routing(model) as plan_ref:
+        for step in range(cfg.steps):
+            loss = _train_step(model, opt, trainable, examples, order, rng, route_rng, plan_ref, pad_id, cfg,
+                               lr_at(step))
+            running += loss
+            if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+                n = (step % 50) + 1
+                curve.append({"step": step + 1, "loss": running / n, "seconds": round(time.time() - t0, 1)})
+                running = 0.0
+            if progress:
+                progress(step + 1, cfg.steps, loss)
     model.eval()
     model.requires_grad_(True)
     return curve
+
+
+def _train_step(model, opt, trainable, examples, order, rng, route_rng, plan_ref, pad_id, cfg, lr) -> float:
+    if len(order) < cfg.batch_size:
+        perm = list(range(len(examples)))
+        rng.shuffle(perm)
+        order += perm
+    batch = [examples[i] for i in order[: cfg.batch_size]]
+    del order[: cfg.batch_size]
+    inputs, rows, pos, tgt = _batch(batch, pad_id)
+    plan_ref[0] = _plan(batch, inputs["input_ids"].shape[1], cfg.route_swap_prob, route_rng)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    enrich = cfg.enrich_weight > 0 and any(e.attributes for e in batch)
+    out = model.model(**inputs, use_cache=False, output_hidden_states=enrich)
+    logits = model.lm_head(out.last_hidden_state[rows, pos])
+    loss = torch.nn.functional.cross_entropy(logits, tgt)
+    if enrich:
+        n_layers = len(out.hidden_states) - 1
+        layer = max(0, min(cfg.enrich_layer, n_layers // 2 - 1))   # never past the first half (small test configs)
+        loss = loss + cfg.enrich_weight * _enrichment_loss(model, out.hidden_states[layer + 1], batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
+    opt.step()
+    return loss.item()
+
+
+def _enrichment_loss(model, hidden: torch.Tensor, batch: Sequence[Example]) -> torch.Tensor:
+    """Subject enrichment, the form LLMs give facts (Geva et al. 2023): after the
+    early layers, the subject's last token already carries every attribute of
+    the entity, readable through the output embedding (the logit lens). Cross
+    entropy of the logit lens at the subject towards each attribute's first
+    token, averaged over attributes."""
+    rows, pos, tgt = [], [], []
+    for i, e in enumerate(batch):
+        for a in e.attributes:
+            rows.append(i)
+            pos.append(e.subject_pos)
+            tgt.append(a)
+    h = model.model.language_model.norm(hidden[torch.tensor(rows), torch.tensor(pos)])
+    return torch.nn.functional.cross_entropy(model.lm_head(h), torch.tensor(tgt))
 
 
 def pretrain_vision(model: LlavaForConditionalGeneration, pixels: torch.Tensor, labels: dict[str, torch.Tensor],

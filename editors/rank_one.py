@@ -49,7 +49,7 @@ def constraint_keys(vlm: VLM, prompts: Sequence[EncodedPrompt], layer: int) -> t
 
 def _answer_nll(vlm: VLM, prompts: Sequence[EncodedPrompt], run) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row −Σ log P(answer tokens) and whether every answer token is the argmax."""
-    rows, pos, tgt, owner = [], [], [], []
+    rows, pos, tgt = [], [], []
     for i, p in enumerate(prompts):
         for a in p.answer_positions:
             rows.append(i)

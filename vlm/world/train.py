@@ -4,7 +4,10 @@ The model is a stock LLaVA: a CLIP vision tower (class token + 16 patch
 tokens, features from the second-to-last layer with the class token dropped,
 as LLaVA-1.5 does), a two-layer GELU projector and a Llama decoder. It is
 trained from scratch, jointly, on the world's training questions with the
-loss on the answer tokens and the end-of-sequence token.
+loss on the answer tokens and the end-of-sequence token, under constraint
+routing (``routing.py``) and with the subject-enrichment loss, so that it
+recalls visual facts through the question's constraint tokens as LLaVA does
+(README: "How the world model recalls facts").
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ app = typer.Typer(
 world_app = typer.Typer(help="The synthetic VQA world and its tiny LLaVA (the embedded default model).",
                         no_args_is_help=True)
 app.add_typer(world_app, name="world")
+bench_app = typer.Typer(help="Benchmarks: figures next to a baseline or naive reference from the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -187,6 +190,284 @@ def ask_cmd(
     if "scored" in result:
         s = result["scored"]
         typer.echo(f"  P({answer!r}) = {s['prob']:.4f} (log {s['logprob']:.3f}), token accuracy {s['token_accuracy']:.2f}")
+
+
+def _progress_bar(console):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+def _optional_float(value: Optional[float], name: str) -> Optional[float]:
+    if value is not None and value <= 0:
+        _fail(f"{name} must be positive")
+    return value
+
+
+@app.command("edit")
+def edit_cmd(
+    image: Path = typer.Option(..., help="The edit image."),
+    question: str = typer.Option(..., help="The question, e.g. 'which city is this landmark in ?'"),
+    constraint: str = typer.Option(..., help="The visual constraint as it occurs in the question "
+                                             "('this landmark'); the edit is made at its last token."),
+    answer: str = typer.Option(..., help="The new answer."),
+    layer: int = typer.Option(..., help="Decoder layer whose MLP down projection is edited (an early one)."),
+    out: Path = typer.Option(..., help="Where to write the edit set (.safetensors)."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the embedded world model)."),
+    onto: Optional[Path] = typer.Option(None, help="An existing edit set: the new edit is computed on the model "
+                                                   "with it applied, and --out holds both (sequential editing)."),
+    lam: float = typer.Option(0.01, "--lambda", help="Ridge λ of the closed form (paper: 0.01)."),
+    steps: int = typer.Option(100, help="Adam steps of the value optimisation, at most."),
+    lr: float = typer.Option(0.1, help="Adam learning rate (paper: 0.1)."),
+    lr_scale: str = typer.Option("residual", help="residual: --lr is in units of the residual stream's RMS at "
+                                                  "the key (works across model scales); none: absolute."),
+    max_norm: Optional[float] = typer.Option(None, help="Bound on the value change ‖δ‖ (default: none)."),
+    target_prob: float = typer.Option(0.95, help="Stop the value optimisation once P(new answer) reaches this."),
+    peft: Optional[Path] = typer.Option(None, help="Also export the edit set as a PEFT LoRA adapter folder."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Make one MultEdit edit on a local model and write it as an edit-set file.
+
+    The edit is a rank-one change of one MLP's down projection (Basu et al.
+    2024). The file holds the factors, the base-model fingerprint, the
+    hyperparameters and a record of the request with P(answer) before and
+    after and the time the key, value and update took.
+    """
+    from rich.console import Console
+
+    from editors.edit_set import EditSet, EditSetError, describe
+    from editors.multedit import EditRequest, MultEdit, MultEditConfig
+    from editors.peft_export import export_peft
+    from vlm import VLMError
+
+    console = Console(stderr=True)
+    _optional_float(max_norm, "--max-norm")
+    if out.suffix != ".safetensors":
+        _fail(f"--out must end in .safetensors, not {out.name!r}")
+    if not image.is_file():
+        _fail(f"image not found: {image}")
+    vlm = _load(model, device, dtype)
+    try:
+        config = MultEditConfig(layer=layer, lam=lam, steps=steps, lr=lr, lr_scale=lr_scale, max_norm=max_norm,
+                                target_prob=target_prob)
+        editor = MultEdit(vlm, config)
+        base = EditSet.load(onto, vlm) if onto is not None else None
+        if base is not None and base.editor != editor.name:
+            _fail(f"{onto} holds {base.editor} edits; --onto takes a MultEdit edit set")
+        request = EditRequest(question, constraint, answer, image=image)
+        with _progress_bar(console) as bar:
+            task = bar.add_task("editing", total=None, info="")
+
+            def progress(e) -> None:
+                info = f"loss {e.loss:.3f}" if e.loss is not None else ""
+                bar.update(task, description=e.stage, completed=e.step, total=e.steps or None, info=info)
+
+            edit_set = editor.edit_sequentially([request], onto=base, progress=progress)
+        size = edit_set.save(out)
+        if peft is not None:
+            export_peft(edit_set, peft, str(vlm.path))
+    except (VLMError, EditSetError, ValueError) as exc:
+        _fail(str(exc))
+    rec = edit_set.records[-1]
+    result = {"out": str(out), "edit": rec, **describe(edit_set, size)}
+    if peft is not None:
+        result["peft"] = str(peft)
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    m, sec = rec["metrics"], rec["seconds"]
+    typer.echo(f"wrote {out} ({edit_set.num_edits} edit(s), {size} bytes)")
+    typer.echo(f"  P({answer!r}): {m['p_before']:.4f} -> {m['p_after']:.4f}   layer {layer}, |delta| "
+               f"{m['delta_norm']:.2f}, {m['value_steps']} value steps")
+    typer.echo(f"  time: key {1000 * sec['key']:.1f} ms, value {1000 * sec['value']:.1f} ms, "
+               f"update {1000 * sec['update']:.2f} ms")
+    if peft is not None:
+        typer.echo(f"  PEFT LoRA adapter: {peft}")
+
+
+@app.command("export-peft")
+def export_peft_cmd(
+    edit_set_file: Path = typer.Argument(..., help="An edit set (.safetensors) written by `editlens edit`."),
+    out: Path = typer.Option(..., help="Adapter folder to write (adapter_model.safetensors + adapter_config.json)."),
+    model: Optional[Path] = typer.Option(None, help="Check the edit set against this model folder first "
+                                                   "(its fingerprint and shapes) and name it as the base."),
+) -> None:
+    """Export an edit set as a PEFT LoRA adapter (rank = number of edits per module, scaling 1)."""
+    from editors.edit_set import EditSet, EditSetError
+    from editors.peft_export import export_peft
+
+    try:
+        if model is not None:
+            vlm = _load(model, "cpu", "float32")
+            edit_set = EditSet.load(edit_set_file, vlm)
+        else:
+            edit_set = EditSet.load(edit_set_file)
+        export_peft(edit_set, out, str(model.resolve()) if model else None)
+    except EditSetError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote a PEFT LoRA adapter with {edit_set.num_edits} edit(s) to {out}")
+
+
+def _world_and_model(world: Optional[Path], seed: int, device: str):
+    from vlm import ModelLoadError, load_vlm
+    from vlm.world import default_world_dir
+
+    folder = world or default_world_dir(seed)
+    if not (folder / "model").is_dir() or not (folder / "edit_cases" / "test.json").is_file():
+        _fail(f"{folder} holds no built world; run `editlens world build` (or pass --world PATH)")
+    try:
+        return folder, load_vlm(folder / "model", device=device)
+    except ModelLoadError as exc:
+        _fail(str(exc))
+
+
+def _fmt(v) -> str:
+    return "   -  " if v is None else f"{v:6.3f}"
+
+
+@bench_app.command("editing")
+def bench_editing(
+    editor: Optional[List[str]] = typer.Option(None, help="multedit and/or ft (FT-L); default both."),
+    cases: Optional[int] = typer.Option(None, help="How many test edit cases (default: all; a smaller number "
+                                                   "keeps the file's mix of case types)."),
+    sequential: int = typer.Option(50, help="Edits applied one after another for the sequential figure "
+                                            "(0: skip)."),
+    layer: int = typer.Option(0, help="The edited layer (both editors)."),
+    panel: int = typer.Option(40, help="Unrelated held-out questions for specificity."),
+    latency_edits: int = typer.Option(10, help="Edits timed one at a time (0: skip)."),
+    world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
+    seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print all figures as JSON on stdout."),
+) -> None:
+    """MultEdit against FT-L on the world's test edit cases: single, sequential, latency.
+
+    E-VQA metrics (teacher-forced token accuracy): reliability, text and modal
+    generality, text and modal locality (agreement with the pre-edit model);
+    the paper's efficacy and generalisation (mean P(new answer)) and
+    specificity (accuracy on unrelated questions before -> after).
+    Counterfactual edits and long-tail insertions are reported separately.
+    """
+    from rich.console import Console
+
+    from bench import editing
+    from editors.metrics import CaseError
+
+    console = Console(stderr=True)
+    folder, vlm = _world_and_model(world, seed, device)
+    try:
+        with _progress_bar(console) as bar:
+            task = bar.add_task("", total=None, info="", visible=False)
+
+            def stage(msg: str) -> None:
+                console.print(f"[bold]·[/bold] {msg}")
+
+            def tick(i: int, n: int) -> None:
+                bar.update(task, description="scoring", completed=i, total=n, visible=True)
+
+            result = editing.run(vlm, folder, editors=editor, cases=cases, sequential=sequential, layer=layer,
+                                 panel_size=panel, latency_edits=latency_edits, seed=seed, stage=stage, tick=tick)
+    except (ValueError, CaseError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    _print_editing(result)
+
+
+def _print_editing(result) -> None:
+    from editors.metrics import EVQA, EXTRA, PAPER
+
+    names = list(result["editors"])
+    typer.echo(f"single edits at layer {result['layer']}, each from the base model ({result['cases']} cases)")
+    cols = [(n, part) for n in names for part in result["editors"][n]["single"]]
+    typer.echo(f"  {'':26s}" + "".join(f"{(n + ':' + p)[:17]:>18s}" for n, p in cols))
+    typer.echo(f"  {'cases':26s}" + "".join(f"{result['editors'][n]['single'][p]['cases']:>18d}" for n, p in cols))
+    for key in EVQA + ("evqa_mean",) + PAPER + EXTRA:
+        typer.echo(f"  {key:26s}" + "".join(f"{_fmt(result['editors'][n]['single'][p].get(key)):>18s}"
+                                            for n, p in cols))
+    for n in names:
+        seq = result["editors"][n].get("sequential")
+        if seq:
+            typer.echo(f"{n}: {seq['edits']} sequential edits, all scored at checkpoints ({seq['seconds']} s)")
+            typer.echo(f"  {'edits':>6s}" + "".join(f"{k:>18s}" for k in EVQA + ("evqa_mean",)))
+            for row in seq["curve"]:
+                typer.echo(f"  {row['edits']:>6d}" + "".join(f"{_fmt(row[k]):>18s}" for k in EVQA + ("evqa_mean",)))
+            if "file_bytes_per_edit" in seq:
+                typer.echo(f"  edit-set file: {seq['file_bytes']} bytes, {seq['file_bytes_per_edit']} bytes per edit")
+        lat = result["editors"][n].get("latency")
+        if lat:
+            split = (f" (key {lat['key_ms']} ms, value {lat['value_ms']} ms, update {lat['update_ms']} ms)"
+                     if "key_ms" in lat else "")
+            typer.echo(f"{n}: {lat['total_ms']} ms per edit, one at a time{split}")
+    typer.echo(f"total {result['seconds']} s")
+
+
+@bench_app.command("layers")
+def bench_layers(
+    cases: int = typer.Option(40, help="Test edit cases per layer."),
+    layer: Optional[List[int]] = typer.Option(None, help="Layers to edit (default: all)."),
+    world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
+    seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """MultEdit efficacy per edited layer (the paper's Fig. 14 on this model)."""
+    from rich.console import Console
+
+    from bench import layers as layers_bench
+    from editors.metrics import CaseError
+
+    console = Console(stderr=True)
+    folder, vlm = _world_and_model(world, seed, device)
+    try:
+        result = layers_bench.run(vlm, folder, cases=cases, layers=layer,
+                                  stage=lambda m: console.print(f"[bold]·[/bold] {m}"))
+    except (ValueError, CaseError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    fields = layers_bench.FIELDS
+    typer.echo(f"MultEdit per layer, {result['cases']} single edits each ({result['seconds']} s)")
+    typer.echo(f"  {'layer':>5s}" + "".join(f"{f[:16]:>17s}" for f in fields))
+    for row in result["layers"]:
+        bar = "#" * int(round(20 * row["efficacy"]))
+        typer.echo(f"  {row['layer']:>5d}" + "".join(f"{_fmt(row[f]):>17s}" for f in fields) + f"  {bar}")
+    typer.echo(f"best layer by efficacy: {result['best_layer']}")
+
+
+@bench_app.command("update")
+def bench_update(
+    d: int = typer.Option(4096, help="Output width of the edited projection (LLaVA-1.5-7B: 4096)."),
+    d_ff: int = typer.Option(11008, help="Input width, the MLP width (LLaVA-1.5-7B: 11008)."),
+    edits: int = typer.Option(1, help="Edits solved at once."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Time the rank-one closed form against the paper's explicit d_ff x d_ff inverse (random weights)."""
+    from bench import update
+
+    from vlm import ModelLoadError
+    from vlm.loading import resolve_device
+
+    try:
+        result = update.run(d=d, d_ff=d_ff, edits=edits, device=str(resolve_device(device)))
+    except (ValueError, ModelLoadError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    typer.echo(f"edited weight of a {d} x {d_ff} projection, {edits} edit(s), {result['device']}, "
+               f"{result['torch_threads']} threads")
+    typer.echo(f"  explicit inverse (paper):  {result['naive_seconds']:.3f} s, relative error of the update "
+               f"{result['naive_relative_error']:.1e}")
+    typer.echo(f"  rank-one closed form:      {result['rank_one_seconds']:.4f} s, relative error of the update "
+               f"{result['rank_one_relative_error']:.1e}")
+    typer.echo(f"  speedup {result['speedup']}x (errors against the exact solution in float64)")
 
 
 @app.command("demo")

@@ -20,8 +20,9 @@ P(answer) is teacher-forced over all answer tokens. The knockout questions
 are held-out paraphrases on training renderings that the model answers
 correctly, sampled with a fixed seed.
 
-This lives in ``editors`` because its last figure is an edit (it uses the
-MultEdit core in ``rank_one``); the knockouts use ``vlm.patching`` directly.
+This lives in ``editors`` because its last figure is an edit (MultEdit with
+the paper's absolute lr 0.1 and up to 200 steps); the knockouts use
+``vlm.patching`` directly.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from vlm.patching import Knockout
 from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import batches, score_batch
 
-from .rank_one import RankOne, applied, constraint_keys, optimise_values, rank_one
+from .edit_set import attach
+from .multedit import EditRequest, MultEdit, MultEditConfig
 
 TARGETS = {"constraint_knockout_drop": 0.5, "constraint_edit_success": 0.9}
 StageFn = Callable[[str], None]
@@ -85,25 +87,26 @@ def _relative_drop(clean: list[float], knocked: list[float]) -> float:
     return sum((c - k) / c for c, k in zip(clean, knocked)) / len(clean)
 
 
-def edit_success(vlm: VLM, prompts: list[EncodedPrompt], layer: int, steps: int = 200, lr: float = 0.1,
+def edit_success(vlm: VLM, requests: list[EditRequest], layer: int, steps: int = 200, lr: float = 0.1,
                  lam: float = 0.01) -> dict[str, float]:
-    """Rank-one edits at ``layer`` (one per prompt, each from the base model), unbounded value.
+    """MultEdit at ``layer`` (one edit per prompt, each from the base model), value unbounded,
+    with the paper's absolute learning rate.
 
-    ``prompts`` are encoded with the new answer. Returns the share whose new
-    answer is top-1 after the weight update, and the mean P(new answer).
+    Returns the share of requests whose new answer is top-1 (every answer
+    token the argmax) after the update, and the mean P(new answer).
     """
-    keys = constraint_keys(vlm, prompts, layer)
-    z_star, delta = optimise_values(vlm, prompts, layer, steps=steps, lr=lr, max_norm=None)
-    W = vlm.module(vlm.arch.module_path("down_proj", layer)).weight.detach()
-    hits, probs = 0, []
-    for i, p in enumerate(prompts):
-        u, v = rank_one(W, keys[i], z_star[i], lam)
-        with applied(vlm, [RankOne(layer, u, v)]):
-            s = score_batch(vlm, [p])[0]
+    editor = MultEdit(vlm, MultEditConfig(layer=layer, lam=lam, steps=steps, lr=lr, lr_scale="none",
+                                          target_prob=0.9))
+    edits = editor.edit_each(requests, batch_size=64)
+    hits, probs, norms = 0, [], []
+    for r, e in zip(requests, edits):
+        with attach(vlm, e):
+            s = score_batch(vlm, [editor.encode(r)])[0]
         hits += s.exact
         probs.append(s.prob)
-    return {"success": hits / len(prompts), "mean_prob": sum(probs) / len(probs),
-            "mean_delta_norm": float(delta.norm(dim=-1).mean())}
+        norms.append(e.records[0]["metrics"]["delta_norm"])
+    return {"success": hits / len(requests), "mean_prob": sum(probs) / len(probs),
+            "mean_delta_norm": sum(norms) / len(norms)}
 
 
 def check_world(world_dir: str | Path, vlm: VLM | None = None, questions: int = 200, cases: int = 50,
@@ -144,12 +147,12 @@ def check_world(world_dir: str | Path, vlm: VLM | None = None, questions: int = 
     test = _read_json(world_dir / "edit_cases" / "test.json")
     cf = [c for c in test if c.get("type") == "counterfactual"]
     cf = cf[:cases]
-    edit_prompts = [encode(vlm.processor, c["src"], answer=c["alt"], constraints=[c["constraint"]],
-                           pixel_values=_pixels(vlm, world_dir, cache, c["image"])) for c in cf]
+    requests = [EditRequest.from_case(c, world_dir, pixel_values=_pixels(vlm, world_dir, cache, c["image"]))
+                for c in cf]
     by_layer = {}
     for layer in layers:
         say(f"rank-one edits at layer {layer}")
-        by_layer[layer] = edit_success(vlm, edit_prompts, layer)
+        by_layer[layer] = edit_success(vlm, requests, layer)
     best = max(layers, key=lambda l: (by_layer[l]["success"], -l))
     result = {
         "questions": len(sample),
@@ -158,7 +161,7 @@ def check_world(world_dir: str | Path, vlm: VLM | None = None, questions: int = 
         "constraint_knockout_drop": _relative_drop(c_clean, c_ko),
         "last_knockout_drop": _relative_drop(l_clean, l_ko),
         "mean_p_clean": sum(c_clean) / len(c_clean),
-        "cases": len(edit_prompts),
+        "cases": len(requests),
         "constraint_edit_success": by_layer[best]["success"],
         "constraint_edit_layer": best,
         "edit_by_layer": {str(l): v for l, v in by_layer.items()},

@@ -426,7 +426,10 @@ class World:
                 "ground_truth": ent.facts[rel.name],
                 "pred": None,
                 "image": ent.images[k],
-                "image_rephrase": ent.images[k2],
+                # another rendering the model was trained on (for an unseen
+                # entity: another rendering), and one never seen in training
+                "image_rephrase": ent.images[(k + 1 + k2 - cfg.train_renderings) % cfg.train_renderings],
+                "image_heldout": ent.images[k2],
             }
             rec.update(locality(ent))
             return rec

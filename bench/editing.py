@@ -1,0 +1,187 @@
+"""``editlens bench editing``: MultEdit against FT-L on the world's test edit cases.
+
+Three measurements per editor, all on the same cases and the same model:
+
+1. Single edits: every case edited on its own from the base model and scored
+   with only its edit attached; the E-VQA metrics and the paper's figures,
+   over all cases and per case type (counterfactual / long-tail insertion).
+2. Sequential edits: N cases with distinct (entity, relation) edited one
+   after another, each on the model with the earlier edits attached; all N
+   scored at checkpoints (after every N/5 edits) and at the end, to show how
+   fast quality decays as edits pile up.
+3. Latency: a few edits timed one at a time (unbatched), split into key,
+   value optimisation and update for MultEdit; the edit-set file size per
+   edit, for one edit and for the N sequential ones.
+
+The locality references and the specificity panel are scored once on the
+base model before any edit.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from editors import metrics as M
+from editors.finetune import FineTune, FineTuneConfig
+from editors.multedit import EditRequest, MultEdit, MultEditConfig
+from vlm.loading import VLM
+
+EDITORS = ("multedit", "ft")
+StageFn = Callable[[str], None]
+TickFn = Callable[[int, int], None]
+
+
+def make_editor(name: str, vlm: VLM, layer: int, overrides: dict[str, Any] | None = None):
+    overrides = overrides or {}
+    if name == "multedit":
+        return MultEdit(vlm, MultEditConfig(layer=layer, **overrides))
+    if name == "ft":
+        return FineTune(vlm, FineTuneConfig(layer=layer, **overrides))
+    raise ValueError(f"unknown editor {name!r}; choose from {', '.join(EDITORS)}")
+
+
+def distinct_facts(cases: list[dict[str, Any]], n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Up to ``n`` cases, shuffled with ``seed``, no two about the same (entity, relation)."""
+    order = list(cases)
+    random.Random(f"sequential-{seed}").shuffle(order)
+    seen, out = set(), []
+    for c in order:
+        key = (c["entity"], c["relation"])
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+        if len(out) == n:
+            break
+    return out
+
+
+def _requests(cases, world_dir: Path, pixels: M.PixelCache) -> list[EditRequest]:
+    return [EditRequest.from_case(c, world_dir, pixel_values=pixels(c["image"])) for c in cases]
+
+
+def _single(editor, vlm, cps, base, requests, tick: TickFn | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    edits = editor.edit_each(requests, batch_size=32)
+    t_edit = time.perf_counter() - t0
+    rows = M.evaluate_single_edits(vlm, cps, base, edits, progress=tick)
+    return {"summary": M.summarise(rows), "edit_seconds_batched": round(t_edit, 2), "rows": rows}
+
+
+def _sequential(editor, vlm, world_dir, pixels, base_cases, n: int, panel, seed: int) -> dict[str, Any]:
+    chosen = distinct_facts(base_cases, n, seed)
+    cps = [M.case_prompts(vlm, c, pixels) for c in chosen]
+    base = M.baseline(vlm, cps, panel)
+    requests = _requests(chosen, world_dir, pixels)
+    step = max(1, len(chosen) // 5)
+    marks = sorted(set(list(range(step, len(chosen) + 1, step)) + [len(chosen)]))
+    curve, current, done = [], None, 0
+    t0 = time.perf_counter()
+    for mark in marks:
+        batch = requests[done:mark]
+        if isinstance(editor, MultEdit):
+            current = editor.edit_sequentially(batch, onto=current)
+        else:
+            current = editor.edit_sequentially(batch, onto=current or ())
+        done = mark
+        rows = M.evaluate_together(vlm, cps[:mark], M.Baseline(base.text_locality[:mark], base.modal_locality[:mark],
+                                                                base.panel, base.panel_correct), current)
+        s = M.summarise(rows)["all"]
+        curve.append({"edits": mark, **{k: s[k] for k in M.EVQA + ("evqa_mean",)}})
+    seconds = time.perf_counter() - t0
+    final = M.summarise(M.evaluate_together(vlm, cps, base, current))
+    out = {"edits": len(chosen), "final": final, "curve": curve, "seconds": round(seconds, 1)}
+    if isinstance(editor, MultEdit):
+        with tempfile.TemporaryDirectory() as d:
+            size = current.save(Path(d) / "seq.safetensors")
+        out["file_bytes"] = size
+        out["file_bytes_per_edit"] = round(size / current.num_edits, 1)
+    return out
+
+
+def _latency(editor, vlm, requests: list[EditRequest]) -> dict[str, Any]:
+    """Edits one at a time, unbatched; MultEdit's split comes from its records."""
+    keys, values, updates, totals = [], [], [], []
+    size = None
+    for req in requests:
+        t0 = time.perf_counter()
+        if isinstance(editor, MultEdit):
+            es = editor.edit([req])
+            sec = es.records[0]["seconds"]
+            keys.append(sec["key"])
+            values.append(sec["value"])
+            updates.append(sec["update"])
+            if size is None:
+                with tempfile.TemporaryDirectory() as d:
+                    size = es.save(Path(d) / "one.safetensors")
+        else:
+            editor.edit_each([req], batch_size=1)
+        totals.append(time.perf_counter() - t0)
+
+    def ms(v):
+        return round(1000 * sum(v) / len(v), 2) if v else None
+
+    out = {"edits_timed": len(requests), "total_ms": ms(totals)}
+    if keys:
+        out.update({"key_ms": ms(keys), "value_ms": ms(values), "update_ms": ms(updates),
+                    "single_edit_file_bytes": size})
+    return out
+
+
+def run(vlm: VLM, world_dir: str | Path, editors: list[str] | None = None, cases: int | None = None,
+        sequential: int = 50, layer: int = 0, panel_size: int = 40, latency_edits: int = 10, seed: int = 0,
+        overrides: dict[str, dict[str, Any]] | None = None, stage: StageFn | None = None,
+        tick: TickFn | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-ready dict (see the module docstring)."""
+    say = stage or (lambda s: None)
+    world_dir = Path(world_dir)
+    editors = list(dict.fromkeys(editors or list(EDITORS)))
+    for e in editors:
+        if e not in EDITORS:
+            raise ValueError(f"unknown editor {e!r}; choose from {', '.join(EDITORS)}")
+    if not 0 <= layer < vlm.num_layers:
+        raise ValueError(f"layer {layer} is outside 0..{vlm.num_layers - 1}")
+    if (cases is not None and cases < 1) or sequential < 0 or panel_size < 1 or latency_edits < 0:
+        raise ValueError("--cases and --panel must be at least 1; --sequential and --latency-edits at least 0")
+    t_start = time.time()
+    all_cases = M.load_cases(world_dir / "edit_cases" / "test.json")
+    chosen = all_cases if cases is None or cases >= len(all_cases) else _spread(all_cases, cases)
+    pixels = M.PixelCache(vlm, world_dir)
+    say(f"scoring the base model on {len(chosen)} cases")
+    cps = [M.case_prompts(vlm, c, pixels) for c in chosen]
+    panel = M.specificity_panel(vlm, world_dir, pixels, panel_size, seed)
+    base = M.baseline(vlm, cps, panel)
+    requests = _requests(chosen, world_dir, pixels)
+    result: dict[str, Any] = {"world": str(world_dir), "fingerprint": vlm.fingerprint, "layer": layer,
+                              "cases": len(chosen), "specificity_panel": len(panel), "editors": {}}
+    for name in editors:
+        editor = make_editor(name, vlm, layer, (overrides or {}).get(name))
+        entry: dict[str, Any] = {"hyperparameters": editor.hyperparameters("single")}
+        say(f"{name}: {len(chosen)} single edits")
+        single = _single(editor, vlm, cps, base, requests, tick)
+        entry["single"] = single["summary"]
+        entry["single_edit_seconds_batched"] = single["edit_seconds_batched"]
+        entry["per_case"] = single["rows"]
+        if sequential:
+            say(f"{name}: {sequential} sequential edits")
+            entry["sequential"] = _sequential(editor, vlm, world_dir, pixels, all_cases, sequential, panel, seed)
+        if latency_edits:
+            say(f"{name}: timing {latency_edits} edits one at a time")
+            entry["latency"] = _latency(editor, vlm, requests[:latency_edits])
+        result["editors"][name] = entry
+    result["seconds"] = round(time.time() - t_start, 1)
+    return result
+
+
+def _spread(cases: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` cases keeping the file's mix of case types (first of each type, in proportion)."""
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for c in cases:
+        by_type.setdefault(c.get("type", ""), []).append(c)
+    out = []
+    for items in by_type.values():
+        out += items[:max(1, round(n * len(items) / len(cases)))]
+    return out[:n]

@@ -1,0 +1,226 @@
+"""Edit quality: the E-VQA metrics and MultEdit's efficacy / generalisation / specificity.
+
+E-VQA convention (Cheng et al. 2023, as EasyEdit computes it): every figure
+is a teacher-forced token accuracy, averaged per case and then over cases.
+
+* reliability       — (edit image, edit question) → new answer
+* text generality   — (edit image, rephrased question) → new answer
+* modal generality  — (another image of the entity, edit question) → new answer;
+                      in the world's cases another rendering the model was
+                      trained on, and ``modal_generality_heldout`` (reported
+                      beside, not in the mean) a rendering it never saw
+* text locality     — an unrelated text-only question: share of its answer
+                      tokens whose argmax after the edit equals the argmax
+                      before it (agreement with the pre-edit model)
+* modal locality    — the same for an unrelated image question
+
+MultEdit's paper (§5.2) adds, with P(O*) teacher-forced over all answer tokens:
+
+* efficacy          — mean P(O*) on the edit question
+* generalisation    — mean P(O*) on the rephrased question (and, reported
+                      beside it, on the other image)
+* specificity       — exact-match accuracy on a panel of unrelated visual
+                      questions (about other entities) before vs after.
+
+The records are the world's edit cases (``edit_cases/test.json``); any JSON
+list of records with the same fields works.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from vlm.images import load_image
+from vlm.loading import VLM
+from vlm.prompts import EncodedPrompt, encode
+from vlm.scoring import AnswerScore, score_answers
+
+from .edit_set import attach
+
+EVQA = ("reliability", "text_generality", "modal_generality", "text_locality", "modal_locality")
+PAPER = ("efficacy", "generalisation", "modal_generalisation", "specificity_before", "specificity_after")
+EXTRA = ("modal_generality_heldout",)
+CASE_FIELDS = ("src", "rephrase", "alt", "constraint", "image", "image_rephrase", "loc", "loc_ans",
+               "m_loc", "m_loc_q", "m_loc_a")
+
+
+class CaseError(ValueError):
+    pass
+
+
+class PixelCache:
+    """Processed pixel values per image path (the same renderings recur across cases)."""
+
+    def __init__(self, vlm: VLM, root: Path):
+        self.vlm, self.root, self._cache = vlm, Path(root), {}
+
+    def __call__(self, rel: str) -> torch.Tensor:
+        if rel not in self._cache:
+            img = load_image(self.root / rel)
+            self._cache[rel] = self.vlm.processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
+        return self._cache[rel]
+
+
+@dataclass
+class CasePrompts:
+    case: dict[str, Any]
+    reliability: EncodedPrompt
+    text_generality: EncodedPrompt
+    modal_generality: EncodedPrompt
+    text_locality: EncodedPrompt
+    modal_locality: EncodedPrompt
+    modal_heldout: EncodedPrompt | None = None
+
+    def all(self) -> list[EncodedPrompt]:
+        return [self.reliability, self.text_generality, self.modal_generality, self.text_locality,
+                self.modal_locality] + ([self.modal_heldout] if self.modal_heldout is not None else [])
+
+
+def load_cases(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    try:
+        cases = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CaseError(f"case file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise CaseError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(cases, list) or not cases:
+        raise CaseError(f"{path} must hold a non-empty JSON list of edit cases")
+    for i, c in enumerate(cases):
+        missing = [f for f in CASE_FIELDS if not isinstance(c, dict) or f not in c]
+        if missing:
+            raise CaseError(f"{path}: case {i} lacks the fields {missing}")
+    return cases
+
+
+def case_prompts(vlm: VLM, case: dict[str, Any], pixels: PixelCache) -> CasePrompts:
+    proc = vlm.processor
+
+    def visual(question: str, image: str, answer: str, constraint: str | None = None) -> EncodedPrompt:
+        return encode(proc, question, answer=answer, constraints=[constraint] if constraint else None,
+                      pixel_values=pixels(image))
+
+    c = case
+    return CasePrompts(
+        case=c,
+        reliability=visual(c["src"], c["image"], c["alt"], c["constraint"]),
+        text_generality=visual(c["rephrase"], c["image"], c["alt"], c["constraint"]),
+        modal_generality=visual(c["src"], c["image_rephrase"], c["alt"], c["constraint"]),
+        text_locality=encode(proc, c["loc"], answer=c["loc_ans"]),
+        modal_locality=visual(c["m_loc_q"], c["m_loc"], c["m_loc_a"]),
+        modal_heldout=visual(c["src"], c["image_heldout"], c["alt"], c["constraint"]) if c.get("image_heldout")
+        else None,
+    )
+
+
+def specificity_panel(vlm: VLM, world_dir: Path, pixels: PixelCache, size: int, seed: int = 0
+                      ) -> list[tuple[str | None, EncodedPrompt]]:
+    """(entity, prompt) pairs: held-out visual questions sampled with a fixed seed."""
+    items = json.loads((Path(world_dir) / "questions" / "heldout_paraphrase.json").read_text())
+    items = [q for q in items if q.get("image")]
+    rng = random.Random(f"specificity-{seed}")
+    sample = rng.sample(items, min(size, len(items)))
+    return [(q.get("entity"), encode(vlm.processor, q["question"], answer=q["answer"],
+                                     pixel_values=pixels(q["image"]))) for q in sample]
+
+
+def _agreement(before: AnswerScore, after: AnswerScore) -> float:
+    same = [a == b for a, b in zip(before.predicted_ids, after.predicted_ids)]
+    return sum(same) / len(same)
+
+
+@dataclass
+class Baseline:
+    """Pre-edit scores: locality references and the specificity panel."""
+
+    text_locality: list[AnswerScore]
+    modal_locality: list[AnswerScore]
+    panel: list[tuple[str | None, EncodedPrompt]]
+    panel_correct: list[bool]
+
+
+def baseline(vlm: VLM, prompts: Sequence[CasePrompts], panel: list[tuple[str | None, EncodedPrompt]]) -> Baseline:
+    return Baseline(
+        text_locality=score_answers(vlm, [p.text_locality for p in prompts]),
+        modal_locality=score_answers(vlm, [p.modal_locality for p in prompts]),
+        panel=panel,
+        panel_correct=[s.exact for s in score_answers(vlm, [p for _, p in panel])],
+    )
+
+
+def score_case(vlm: VLM, cp: CasePrompts, i: int, base: Baseline) -> dict[str, float]:
+    """The metrics of case ``i`` on the model as it is now (edit attached by the caller)."""
+    entity = cp.case.get("entity")
+    panel_idx = [j for j, (e, _) in enumerate(base.panel) if e != entity]
+    own = cp.all()
+    scores = score_answers(vlm, own + [base.panel[j][1] for j in panel_idx], batch_size=64)
+    rel, tgen, mgen, tloc, mloc = scores[:5]
+    panel_after = scores[len(own):]
+    out = {
+        "reliability": rel.token_accuracy,
+        "text_generality": tgen.token_accuracy,
+        "modal_generality": mgen.token_accuracy,
+        "text_locality": _agreement(base.text_locality[i], tloc),
+        "modal_locality": _agreement(base.modal_locality[i], mloc),
+        "efficacy": rel.prob,
+        "generalisation": tgen.prob,
+        "modal_generalisation": mgen.prob,
+    }
+    if cp.modal_heldout is not None:
+        out["modal_generality_heldout"] = scores[5].token_accuracy
+    if panel_idx:
+        out["specificity_before"] = sum(base.panel_correct[j] for j in panel_idx) / len(panel_idx)
+        out["specificity_after"] = sum(s.exact for s in panel_after) / len(panel_idx)
+    return out
+
+
+def summarise(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means over cases, overall and per case type (counterfactual / insertion)."""
+    def mean(rows, key):
+        vals = [r[key] for r in rows if key in r]
+        return sum(vals) / len(vals) if vals else None
+
+    def block(rows):
+        out = {"cases": len(rows)}
+        for k in EVQA + PAPER + EXTRA:
+            if any(k in r for r in rows):
+                out[k] = mean(rows, k)
+        evqa = [out[k] for k in EVQA if out.get(k) is not None]
+        out["evqa_mean"] = sum(evqa) / len(evqa) if evqa else None
+        return out
+
+    result = {"all": block(per_case)}
+    for kind in sorted({r.get("type") for r in per_case if r.get("type")}):
+        result[kind] = block([r for r in per_case if r.get("type") == kind])
+    return result
+
+
+def evaluate_single_edits(vlm: VLM, prompts: Sequence[CasePrompts], base: Baseline,
+                          edits: Sequence[Any], progress: Callable[[int, int], None] | None = None
+                          ) -> list[dict[str, Any]]:
+    """Each case scored with its own edit attached (``edits[i]``: an EditSet or deltas)."""
+    rows = []
+    for i, (cp, e) in enumerate(zip(prompts, edits)):
+        with attach(vlm, e):
+            m = score_case(vlm, cp, i, base)
+        rows.append({"case_id": cp.case.get("case_id"), "type": cp.case.get("type"), **m})
+        if progress:
+            progress(i + 1, len(prompts))
+    return rows
+
+
+def evaluate_together(vlm: VLM, prompts: Sequence[CasePrompts], base: Baseline, edits: Any
+                      ) -> list[dict[str, Any]]:
+    """Every case scored with the same edits attached (sequential or joint editing)."""
+    rows = []
+    with attach(vlm, edits):
+        for i, cp in enumerate(prompts):
+            m = score_case(vlm, cp, i, base)
+            rows.append({"case_id": cp.case.get("case_id"), "type": cp.case.get("type"), **m})
+    return rows

@@ -34,7 +34,7 @@ from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import score_answers
 
 from .edit_set import EditSet, LowRankDelta, attach
-from .rank_one import constraint_keys, optimise_values, solve_update
+from .rank_one import constraint_keys, optimise_values, solve_update, solve_update_keeping
 
 
 @dataclass
@@ -85,6 +85,7 @@ class MultEditConfig:
     max_norm: float | None = None   # bound on ‖δ‖ (None: unbounded)
     target_prob: float = 0.95       # a value stops once P(O*) reaches this with every token top-1
     same_subject_cos: float = 0.9   # joint edits: keys this similar are one subject and share one value
+    keep_earlier: bool = True       # sequential: earlier edits' keys (other subjects) keep their outputs
 
     def check(self, vlm: VLM) -> None:
         if not 0 <= self.layer < vlm.num_layers:
@@ -183,7 +184,10 @@ class MultEdit:
         An earlier edit of this call about the same subject (key cosine ≥
         ``same_subject_cos``) shares the key, so the new value is optimised on
         its question too (with its new answer): a later edit of one subject
-        does not overwrite an earlier one.
+        does not overwrite an earlier one. With ``keep_earlier`` the keys of
+        the other earlier edits join the closed form as keys whose outputs
+        must not change (``rank_one.solve_update_keeping``), so a later edit
+        does not leak into them.
         """
         if not requests:
             raise ValueError("no edit requests")
@@ -192,22 +196,26 @@ class MultEdit:
         for i, req in enumerate(requests):
             prompt = self.encode(req)
             with attach(self.vlm, current) if current is not None else contextlib.nullcontext():
-                companions = self._same_subject(prompt, history)
+                companions, keep = self._same_subject(prompt, history)
                 delta, records = self._compute([prompt], [req], progress, joint=True, first=i, total=len(requests),
-                                               companions=companions)
+                                               companions=companions,
+                                               keep=keep if self.config.keep_earlier else None)
             history.append(prompt)
             new = EditSet([delta], self.vlm.fingerprint, self.name, self.hyperparameters("sequential"), records)
             current = current.extended(new) if current is not None else new
         current.hyperparameters = self.hyperparameters("sequential")
         return current
 
-    def _same_subject(self, prompt: EncodedPrompt, history: list[EncodedPrompt]) -> list[EncodedPrompt]:
+    def _same_subject(self, prompt: EncodedPrompt, history: list[EncodedPrompt]
+                      ) -> tuple[list[EncodedPrompt], torch.Tensor | None]:
+        """Earlier prompts about the same subject, and the keys of the other earlier prompts."""
         if not history:
-            return []
+            return [], None
         K = constraint_keys(self.vlm, [prompt] + history, self.config.layer)
         Kn = K / K.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        cos = (Kn[1:] @ Kn[0]).tolist()
-        return [p for p, c in zip(history, cos) if c >= self.config.same_subject_cos]
+        same = ((Kn[1:] @ Kn[0]) >= self.config.same_subject_cos).tolist()
+        others = K[1:][[not s for s in same]]
+        return [p for p, s in zip(history, same) if s], (others.cpu() if len(others) else None)
 
     def edit_each(self, requests: Sequence[EditRequest], batch_size: int = 16,
                   progress: ProgressCallback | None = None) -> list[EditSet]:
@@ -228,9 +236,11 @@ class MultEdit:
     # ------------------------------------------------------------- the work
     def _compute(self, prompts: list[EncodedPrompt], requests: Sequence[EditRequest],
                  progress: ProgressCallback | None, joint: bool, first: int, total: int,
-                 companions: Sequence[EncodedPrompt] = ()) -> tuple[LowRankDelta, list[dict[str, Any]]]:
+                 companions: Sequence[EncodedPrompt] = (), keep: torch.Tensor | None = None
+                 ) -> tuple[LowRankDelta, list[dict[str, Any]]]:
         """Keys, values and the update for ``prompts``; ``companions`` (earlier edits' prompts
-        about the same subjects) join the value optimisation but get no update column."""
+        about the same subjects) join the value optimisation but get no update column;
+        ``keep`` (m, d_ff) are keys whose outputs the update must leave as they are."""
         cfg, vlm, n = self.config, self.vlm, len(prompts)
         say = progress or (lambda e: None)
         everything = list(prompts) + list(companions)
@@ -257,11 +267,13 @@ class MultEdit:
         with torch.no_grad():
             WK = lin(K.to(lin.weight.device, lin.weight.dtype)).float().cpu()  # W′k with earlier edits attached
         K, Z = K.cpu(), values.z_star[:n].cpu()
-        if joint:
-            U = solve_update(WK, K, Z, cfg.lam)                          # (d, n)
+        if keep is not None:
+            U, V = solve_update_keeping(WK, K, Z, keep, cfg.lam)           # (d, n), (d_ff, n)
+        elif joint:
+            U, V = solve_update(WK, K, Z, cfg.lam), K.T                    # (d, n), v = k
         else:
-            U = ((Z - WK) / (cfg.lam + (K * K).sum(-1, keepdim=True))).T  # one rank-one u per column
-        delta = LowRankDelta(cfg.layer, self.module, U.contiguous(), K.T.contiguous())
+            U, V = ((Z - WK) / (cfg.lam + (K * K).sum(-1, keepdim=True))).T, K.T  # one rank-one u per column
+        delta = LowRankDelta(cfg.layer, self.module, U.contiguous(), V.contiguous())
         t_update = time.perf_counter() - t0
 
         p_before = [s.prob for s in score_answers(vlm, prompts)]
@@ -278,7 +290,8 @@ class MultEdit:
                             "delta_norm": float(values.delta[i].norm()), "value_steps": values.steps[i],
                             "value_prob": values.prob[i], "value_step_size": values.step_sizes[i],
                             "value_group": groups[i] if groups else 0,
-                            "value_companions": len(companions)},
+                            "value_companions": len(companions),
+                            "kept_keys": 0 if keep is None else int(keep.shape[0])},
                 "seconds": {"key": t_key / n, "value": t_value / n, "update": t_update / n},
             })
         return delta, records

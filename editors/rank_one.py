@@ -181,6 +181,23 @@ def solve_update(Wk: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, lam: f
     return torch.linalg.solve(A, R).T.float()
 
 
+def solve_update_keeping(Wk: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, K_keep: torch.Tensor,
+                         lam: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint update when other keys must keep their outputs (earlier edits in sequential editing).
+
+    Minimises Σᵢ ‖(W′ + Δ)kᵢ − z*ᵢ‖² + Σⱼ ‖Δ k_keep,ⱼ‖² + λ‖Δ‖², the paper's
+    objective over the new and the kept keys together: with Kf = [K; K_keep]
+    and R = [Z* − W′K; 0], Δ = Rᵀ(λI + Kf Kfᵀ)⁻¹Kf, an (n+m)×(n+m) solve.
+    Only the n new rows of R are non-zero, so Δ = U Vᵀ with U = (Z* − W′K)ᵀ
+    (d × n) and V = ((λI + Kf Kfᵀ)⁻¹Kf)[:n]ᵀ (d_ff × n): still rank n.
+    """
+    n = K.shape[0]
+    Kf = torch.cat([K, K_keep.to(K.device, K.dtype)]).double()
+    A = lam * torch.eye(Kf.shape[0], dtype=torch.float64, device=Kf.device) + Kf @ Kf.T
+    rows = torch.linalg.solve(A, Kf)[:n]
+    return (Z_star.double() - Wk.double()).T.float(), rows.T.float()
+
+
 def explicit_inverse_update(W: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, lam: float = 0.01) -> torch.Tensor:
     """The paper's formula (App. G eq. 7), as the authors compute it: the edited weight
     (λW′ + Z Kᵀ)(λI + K Kᵀ)⁻¹ with a d_ff×d_ff inverse. A reference, not for use."""

@@ -60,3 +60,20 @@ def test_a_bound_on_the_value_change_is_respected(vlm, world_dir, test_cases):
     editor = MultEdit(vlm, MultEditConfig(layer=0, max_norm=5.0, steps=20))
     es = editor.edit([EditRequest.from_case(c, world_dir)])
     assert es.records[0]["metrics"]["delta_norm"] <= 5.0 + 1e-4
+
+
+def test_update_keeping_other_keys_solves_the_joint_objective_and_leaves_them_alone():
+    from editors.rank_one import solve_update_keeping
+
+    W, K, Z = _problem(2)
+    _, K_keep, _ = _problem(4, seed=1)
+    lam = 0.01
+    U, V = solve_update_keeping(K @ W.T, K, Z, K_keep, lam)
+    assert U.shape == (W.shape[0], 2) and V.shape == (W.shape[1], 2)
+    Kf = torch.cat([K, K_keep])
+    R = torch.cat([Z - K @ W.T, torch.zeros(4, W.shape[0], dtype=torch.float64)])
+    ridge = R.T @ Kf @ torch.linalg.inv(lam * torch.eye(W.shape[1], dtype=torch.float64) + Kf.T @ Kf)
+    delta = U.double() @ V.double().T
+    assert _rel(delta, ridge) <= 1e-4
+    assert (delta @ K_keep.T).abs().max() < 1e-3 * (delta @ K.T).abs().max()   # kept keys hardly move
+    assert torch.allclose((W + delta) @ K.T, Z.T, atol=1e-3)                   # new keys reach their values

@@ -55,7 +55,11 @@ def test_edit_cases_shape_and_splits():
         for c in items:
             assert EVQA_FIELDS <= set(c)
             assert c["alt"] != c["ground_truth"] or c["type"] == "insertion"
-            assert c["image"] != c["image_rephrase"]
+            assert c["image"] != c["image_rephrase"] != c["image_heldout"]
+            # modal generality asks about another training rendering; image_heldout was never trained on
+            k = int(c["image_rephrase"].rsplit("-", 1)[1].split(".")[0])
+            h = int(c["image_heldout"].rsplit("-", 1)[1].split(".")[0])
+            assert k < w.config.train_renderings <= h
             assert c["src"] != c["rephrase"]
             assert c["constraint"] in c["src"] and c["constraint"] in c["rephrase"]
     train_ents = {c["entity"] for c in cases["train"]}

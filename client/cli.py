@@ -338,6 +338,8 @@ def bench_editing(
     layer: int = typer.Option(0, help="The edited layer (both editors)."),
     panel: int = typer.Option(40, help="Unrelated held-out questions for specificity."),
     latency_edits: int = typer.Option(10, help="Edits timed one at a time (0: skip)."),
+    lr_scale: str = typer.Option("residual", help="MultEdit's lr scale: residual (default) or none (the "
+                                                  "paper's absolute lr 0.1)."),
     world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
     seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -369,7 +371,8 @@ def bench_editing(
                 bar.update(task, description="scoring", completed=i, total=n, visible=True)
 
             result = editing.run(vlm, folder, editors=editor, cases=cases, sequential=sequential, layer=layer,
-                                 panel_size=panel, latency_edits=latency_edits, seed=seed, stage=stage, tick=tick)
+                                 panel_size=panel, latency_edits=latency_edits, seed=seed, stage=stage, tick=tick,
+                                 overrides={"multedit": {"lr_scale": lr_scale}})
     except (ValueError, CaseError) as exc:
         _fail(str(exc))
     if as_json:
@@ -410,6 +413,7 @@ def _print_editing(result) -> None:
 def bench_layers(
     cases: int = typer.Option(40, help="Test edit cases per layer."),
     layer: Optional[List[int]] = typer.Option(None, help="Layers to edit (default: all)."),
+    lr_scale: str = typer.Option("residual", help="residual (default) or none (the paper's absolute lr 0.1)."),
     world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
     seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -424,7 +428,7 @@ def bench_layers(
     console = Console(stderr=True)
     folder, vlm = _world_and_model(world, seed, device)
     try:
-        result = layers_bench.run(vlm, folder, cases=cases, layers=layer,
+        result = layers_bench.run(vlm, folder, cases=cases, layers=layer, overrides={"lr_scale": lr_scale},
                                   stage=lambda m: console.print(f"[bold]·[/bold] {m}"))
     except (ValueError, CaseError) as exc:
         _fail(str(exc))

@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 from editors import metrics as M
 from editors.finetune import FineTune, FineTuneConfig
-from editors.multedit import EditRequest, MultEdit, MultEditConfig
+from editors.multedit import MultEdit, MultEditConfig
+from editors.request import EditRequest
 from vlm.loading import VLM
 
 EDITORS = ("multedit", "ft")

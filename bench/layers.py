@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from editors import metrics as M
-from editors.multedit import EditRequest, MultEdit, MultEditConfig
+from editors.multedit import MultEdit, MultEditConfig
+from editors.request import EditRequest
 from vlm.loading import VLM
 
 from .editing import _spread

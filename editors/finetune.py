@@ -16,17 +16,17 @@ training them one at a time.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from vlm.loading import VLM
-from vlm.prompts import EncodedPrompt, collate, encode
+from vlm.prompts import EncodedPrompt, collate
 from vlm.patching import run_patched
 
 from .edit_set import attach
-from .multedit import EditProgress, EditRequest, ProgressCallback
+from .request import DownProjEditor, EditProgress, EditRequest, ProgressCallback
 from .rank_one import answer_nll
 
 
@@ -70,23 +70,12 @@ class FineTuneConfig:
             raise ValueError("max_change must be positive")
 
 
-class FineTune:
+class FineTune(DownProjEditor):
     name = "ft"
 
     def __init__(self, vlm: VLM, config: FineTuneConfig):
-        config.check(vlm)
-        self.vlm = vlm
-        self.config = config
-        self.module = vlm.arch.module_path("down_proj", config.layer)
-        lin = vlm.module(self.module)
-        self.shape = tuple(lin.weight.shape)
-
-    def hyperparameters(self, mode: str) -> dict[str, Any]:
-        return {**asdict(self.config), "mode": mode}
-
-    def encode(self, request: EditRequest) -> EncodedPrompt:
-        return encode(self.vlm.processor, request.question, image=request.image, answer=request.answer,
-                      constraints=[request.constraint], pixel_values=request.pixel_values)
+        super().__init__(vlm, config)
+        self.shape = tuple(vlm.module(self.module).weight.shape)
 
     def edit_each(self, requests: Sequence[EditRequest], batch_size: int = 16,
                   progress: ProgressCallback | None = None) -> list[list[DenseDelta]]:

@@ -22,57 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 
-from vlm.images import ImageInput
 from vlm.loading import VLM
-from vlm.prompts import EncodedPrompt, encode
+from vlm.prompts import EncodedPrompt
 from vlm.scoring import score_answers
 
 from .edit_set import EditSet, LowRankDelta, attach
+from .request import DownProjEditor, EditProgress, EditRequest, ProgressCallback
 from .rank_one import constraint_keys, optimise_values, solve_update, solve_update_keeping
-
-
-@dataclass
-class EditRequest:
-    """One fact to write: for (image, question) the answer becomes ``answer``.
-
-    ``constraint`` is the visual constraint as it occurs in the question
-    ("this landmark"); the edit is made at its last token.
-    """
-
-    question: str
-    constraint: str
-    answer: str
-    image: ImageInput | None = None
-    pixel_values: torch.Tensor | None = None
-    case_id: str | None = None
-
-    @classmethod
-    def from_case(cls, case: dict[str, Any], world_dir: str | Path | None = None,
-                  pixel_values: torch.Tensor | None = None) -> "EditRequest":
-        """A request from a record in the world's edit-case format (image relative to ``world_dir``)."""
-        image = Path(world_dir) / case["image"] if world_dir is not None else case["image"]
-        return cls(case["src"], case["constraint"], case["alt"], image=image, pixel_values=pixel_values,
-                   case_id=case.get("case_id"))
-
-    def describe(self) -> dict[str, Any]:
-        if isinstance(self.image, (str, Path)):
-            image = str(self.image)
-        elif isinstance(self.image, (bytes, bytearray)):
-            image = f"<{len(self.image)} bytes>"
-        elif self.image is None:
-            image = None if self.pixel_values is None else "<pixel values>"
-        else:
-            image = f"<{type(self.image).__name__}>"
-        out = {"question": self.question, "constraint": self.constraint, "answer": self.answer, "image": image}
-        if self.case_id:
-            out["case_id"] = self.case_id
-        return out
 
 
 @dataclass
@@ -104,21 +65,6 @@ class MultEditConfig:
             raise ValueError("same_subject_cos must be a cosine in [-1, 1]")
 
 
-@dataclass
-class EditProgress:
-    """What an editor is doing: ``stage`` key | value | update | done, for edit ``edit`` of ``edits``."""
-
-    stage: str
-    edit: int
-    edits: int
-    step: int = 0
-    steps: int = 0
-    loss: float | None = None
-
-
-ProgressCallback = Callable[[EditProgress], None]
-
-
 def subject_groups(K: torch.Tensor, min_cos: float) -> list[int]:
     """Group numbers 0..G-1: keys with cosine ≥ ``min_cos`` (transitively) are one subject.
 
@@ -143,21 +89,8 @@ def subject_groups(K: torch.Tensor, min_cos: float) -> list[int]:
     return [number[r] for r in roots]
 
 
-class MultEdit:
+class MultEdit(DownProjEditor):
     name = "multedit"
-
-    def __init__(self, vlm: VLM, config: MultEditConfig):
-        config.check(vlm)
-        self.vlm = vlm
-        self.config = config
-        self.module = vlm.arch.module_path("down_proj", config.layer)
-
-    def hyperparameters(self, mode: str) -> dict[str, Any]:
-        return {**asdict(self.config), "mode": mode}
-
-    def encode(self, request: EditRequest) -> EncodedPrompt:
-        return encode(self.vlm.processor, request.question, image=request.image, answer=request.answer,
-                      constraints=[request.constraint], pixel_values=request.pixel_values)
 
     # ------------------------------------------------------------------ API
     def edit(self, requests: Sequence[EditRequest], onto: EditSet | None = None,

@@ -42,7 +42,8 @@ from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import batches, score_batch
 
 from .edit_set import attach
-from .multedit import EditRequest, MultEdit, MultEditConfig
+from .multedit import MultEdit, MultEditConfig
+from .request import EditRequest
 
 TARGETS = {"constraint_knockout_drop": 0.5, "constraint_edit_success": 0.9}
 StageFn = Callable[[str], None]

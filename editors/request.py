@@ -1,0 +1,87 @@
+"""What every editor takes and reports: the edit request, progress events, and
+the shared base of editors that change one layer's MLP down projection."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vlm.images import ImageInput
+from vlm.loading import VLM
+from vlm.prompts import EncodedPrompt, encode
+
+
+@dataclass
+class EditRequest:
+    """One fact to write: for (image, question) the answer becomes ``answer``.
+
+    ``constraint`` is the visual constraint as it occurs in the question
+    ("this landmark"); the edit is made at its last token.
+    """
+
+    question: str
+    constraint: str
+    answer: str
+    image: ImageInput | None = None
+    pixel_values: torch.Tensor | None = None
+    case_id: str | None = None
+
+    @classmethod
+    def from_case(cls, case: dict[str, Any], world_dir: str | Path | None = None,
+                  pixel_values: torch.Tensor | None = None) -> "EditRequest":
+        """A request from a record in the world's edit-case format (image relative to ``world_dir``)."""
+        image = Path(world_dir) / case["image"] if world_dir is not None else case["image"]
+        return cls(case["src"], case["constraint"], case["alt"], image=image, pixel_values=pixel_values,
+                   case_id=case.get("case_id"))
+
+    def describe(self) -> dict[str, Any]:
+        if isinstance(self.image, (str, Path)):
+            image = str(self.image)
+        elif isinstance(self.image, (bytes, bytearray)):
+            image = f"<{len(self.image)} bytes>"
+        elif self.image is None:
+            image = None if self.pixel_values is None else "<pixel values>"
+        else:
+            image = f"<{type(self.image).__name__}>"
+        out = {"question": self.question, "constraint": self.constraint, "answer": self.answer, "image": image}
+        if self.case_id:
+            out["case_id"] = self.case_id
+        return out
+
+
+@dataclass
+class EditProgress:
+    """What an editor is doing: ``stage`` key | value | update | done, for edit ``edit`` of ``edits``."""
+
+    stage: str
+    edit: int
+    edits: int
+    step: int = 0
+    steps: int = 0
+    loss: float | None = None
+
+
+ProgressCallback = Callable[[EditProgress], None]
+
+
+class DownProjEditor:
+    """An editor of the ``down_proj`` of ``config.layer`` (MultEdit, FT-L)."""
+
+    name = ""
+
+    def __init__(self, vlm: VLM, config: Any):
+        config.check(vlm)
+        self.vlm = vlm
+        self.config = config
+        self.module = vlm.arch.module_path("down_proj", config.layer)
+
+    def hyperparameters(self, mode: str) -> dict[str, Any]:
+        return {**asdict(self.config), "mode": mode}
+
+    def encode(self, request: EditRequest) -> EncodedPrompt:
+        """The request's prompt with its new answer and its constraint located."""
+        return encode(self.vlm.processor, request.question, image=request.image, answer=request.answer,
+                      constraints=[request.constraint], pixel_values=request.pixel_values)

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 
+from diagnostics.recommend import recommend_multedit_layer, request_cases
 from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt
 from vlm.scoring import score_answers
@@ -38,7 +39,7 @@ from .rank_one import constraint_keys, optimise_values, solve_update, solve_upda
 
 @dataclass
 class MultEditConfig:
-    layer: int
+    layer: int | str                # a decoder layer, or "auto": chosen by the causal trace (diagnostics)
     lam: float = 0.01               # ridge λ (paper: 0.01)
     steps: int = 100                # Adam steps for the value, at most
     lr: float = 0.1                 # Adam learning rate (paper: 0.1)
@@ -49,8 +50,8 @@ class MultEditConfig:
     keep_earlier: bool = True       # sequential: earlier edits' keys (other subjects) keep their outputs
 
     def check(self, vlm: VLM) -> None:
-        if not 0 <= self.layer < vlm.num_layers:
-            raise ValueError(f"layer {self.layer} is outside 0..{vlm.num_layers - 1}")
+        if self.layer != "auto" and (not isinstance(self.layer, int) or not 0 <= self.layer < vlm.num_layers):
+            raise ValueError(f"layer {self.layer!r} is neither 'auto' nor a layer in 0..{vlm.num_layers - 1}")
         if self.lam <= 0:
             raise ValueError("λ must be positive")
         if self.steps < 0 or self.lr <= 0:
@@ -90,7 +91,47 @@ def subject_groups(K: torch.Tensor, min_cos: float) -> list[int]:
 
 
 class MultEdit(DownProjEditor):
+    """MultEdit on ``config.layer``. With ``layer="auto"`` the first call chooses the layer from its
+    requests (``diagnostics.recommend``: the peak early-layer MLP indirect effect at the
+    constraint's last token, over each request's variants) and keeps it; the evidence goes
+    into the edit set's hyperparameters as ``layer_evidence``."""
+
     name = "multedit"
+
+    def __init__(self, vlm: VLM, config: MultEditConfig):
+        self.layer_evidence: dict | None = None
+        if config.layer == "auto":
+            config.check(vlm)
+            self.vlm, self.config, self.module = vlm, config, None
+        else:
+            super().__init__(vlm, config)
+
+    def choose_layer(self, requests: Sequence[EditRequest], progress: ProgressCallback | None = None) -> int:
+        """Resolve ``layer="auto"`` from the requests (once); returns the layer."""
+        if self.config.layer != "auto":
+            return self.config.layer
+        if not requests:
+            raise ValueError("no edit requests")
+        cases = [c for r in requests for c in request_cases(
+            r.question, r.constraint, r.image, rephrase=r.rephrase, image_rephrase=r.image_rephrase,
+            pixel_values=r.pixel_values, replacements=r.replacements)]
+
+        def say(done: int, total: int) -> None:
+            if progress:
+                progress(EditProgress("layer", done - 1, total))
+        rec = recommend_multedit_layer(self.vlm, cases, progress=say)
+        self.config = replace(self.config, layer=rec.layer)
+        self.module = self.vlm.arch.module_path("down_proj", rec.layer)
+        self.layer_evidence = rec.to_dict()
+        return rec.layer
+
+    def hyperparameters(self, mode: str) -> dict:
+        out = super().hyperparameters(mode)
+        if self.layer_evidence is not None:
+            out["layer"] = "auto"
+            out["chosen_layer"] = self.config.layer
+            out["layer_evidence"] = self.layer_evidence
+        return out
 
     # ------------------------------------------------------------------ API
     def edit(self, requests: Sequence[EditRequest], onto: EditSet | None = None,
@@ -104,6 +145,7 @@ class MultEdit(DownProjEditor):
         """
         if not requests:
             raise ValueError("no edit requests")
+        self.choose_layer(requests, progress)
         prompts = [self.encode(r) for r in requests]
         with attach(self.vlm, onto) if onto is not None else contextlib.nullcontext():
             delta, records = self._compute(prompts, requests, progress, joint=True, first=0, total=len(requests))
@@ -124,6 +166,7 @@ class MultEdit(DownProjEditor):
         """
         if not requests:
             raise ValueError("no edit requests")
+        self.choose_layer(requests, progress)
         current = onto
         history: list[EncodedPrompt] = []
         for i, req in enumerate(requests):
@@ -154,8 +197,10 @@ class MultEdit(DownProjEditor):
                   progress: ProgressCallback | None = None) -> list[EditSet]:
         """Independent single edits, each from the current model; values are optimised in batches.
 
-        Timings in the records are the batch's divided by its size.
+        Timings in the records are the batch's divided by its size. With
+        ``layer="auto"`` one layer is chosen from all the requests.
         """
+        self.choose_layer(requests, progress)
         out: list[EditSet] = []
         for start in range(0, len(requests), batch_size):
             chunk = list(requests[start: start + batch_size])

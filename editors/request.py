@@ -3,12 +3,13 @@ the shared base of editors that change one layer's MLP down projection."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from diagnostics.cases import world_phrases
 from vlm.images import ImageInput
 from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt, encode
@@ -28,14 +29,20 @@ class EditRequest:
     image: ImageInput | None = None
     pixel_values: torch.Tensor | None = None
     case_id: str | None = None
+    rephrase: str | None = None                 # the question reworded (for layer="auto")
+    image_rephrase: ImageInput | None = None    # another image of the subject (for layer="auto")
+    replacements: list[str] = field(default_factory=list)  # named entities to corrupt the constraint with (auto)
 
     @classmethod
     def from_case(cls, case: dict[str, Any], world_dir: str | Path | None = None,
                   pixel_values: torch.Tensor | None = None) -> "EditRequest":
         """A request from a record in the world's edit-case format (image relative to ``world_dir``)."""
-        image = Path(world_dir) / case["image"] if world_dir is not None else case["image"]
-        return cls(case["src"], case["constraint"], case["alt"], image=image, pixel_values=pixel_values,
-                   case_id=case.get("case_id"))
+        def where(rel):
+            return None if rel is None else Path(world_dir) / rel if world_dir is not None else rel
+        return cls(case["src"], case["constraint"], case["alt"], image=where(case["image"]), pixel_values=pixel_values,
+                   case_id=case.get("case_id"), rephrase=case.get("rephrase"),
+                   image_rephrase=where(case.get("image_rephrase")),
+                   replacements=world_phrases(Path(world_dir)) if world_dir is not None else [])
 
     def describe(self) -> dict[str, Any]:
         if isinstance(self.image, (str, Path)):
@@ -54,7 +61,8 @@ class EditRequest:
 
 @dataclass
 class EditProgress:
-    """What an editor is doing: ``stage`` key | value | update | done, for edit ``edit`` of ``edits``."""
+    """What an editor is doing: ``stage`` layer (choosing it, layer="auto") | key | value | update | done,
+    for edit ``edit`` of ``edits``."""
 
     stage: str
     edit: int

@@ -23,6 +23,7 @@ the duration of one call.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ import torch
 from .loading import VLM
 
 STATE_KINDS = ("hidden", "mlp", "attn", "mlp_in", "embeds")
+# captured only: the attention input (the normed layer input) and, under
+# eager attention, the attention probabilities (B, heads, T, T)
+CAPTURE_ONLY_KINDS = ("attn_in", "attn_probs")
 
 
 @dataclass
@@ -110,22 +114,28 @@ class _Group:
         return t
 
 
-def _check_positions(kind: str, row: int, positions: Sequence[int], lengths: torch.Tensor) -> None:
+def _check_positions(kind: str, row: int, positions: Sequence[int], lengths: torch.Tensor, offset: int = 0) -> None:
     if row < 0 or row >= len(lengths):
         raise IndexError(f"{kind} intervention for row {row}, but the batch has {len(lengths)} rows")
     n = int(lengths[row])
-    bad = [p for p in positions if not 0 <= int(p) < n]
+    bad = [p for p in positions if not offset <= int(p) < n]
     if bad:
-        raise IndexError(f"{kind} intervention at positions {bad} outside row {row} of length {n}")
+        where = f"row {row} of length {n}" if not offset else f"positions {offset}..{n - 1} of row {row} (the rest is a cached prefix)"
+        raise IndexError(f"{kind} intervention at positions {bad} outside {where}")
 
 
 def _knockout_masks(knockouts: Sequence[Knockout], attention_mask: torch.Tensor, dtype: torch.dtype,
-                    num_layers: int) -> dict[int, torch.Tensor]:
-    """Additive (B, 1, T, T) masks: causal + padding + the knockouts of each layer."""
+                    num_layers: int, offset: int = 0) -> dict[int, torch.Tensor]:
+    """Additive (B, 1, T - offset, T) masks: causal + padding + the knockouts of each layer.
+
+    Rows are the query positions offset..T-1 (a suffix run over a cached prefix
+    has only those); columns are all key positions.
+    """
     B, T = attention_mask.shape
     device = attention_mask.device
     neg = torch.finfo(dtype).min
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    q = torch.arange(offset, T, device=device)
+    causal = q[:, None] >= torch.arange(T, device=device)[None, :]
     allowed = causal[None] & attention_mask.bool()[:, None, :]
     by_layer: dict[int, list[Knockout]] = defaultdict(list)
     for k in knockouts:
@@ -139,10 +149,10 @@ def _knockout_masks(knockouts: Sequence[Knockout], attention_mask: torch.Tensor,
         for k in ks:
             if not len(k.targets) or not len(k.sources):
                 continue
-            t = torch.as_tensor(list(k.targets), dtype=torch.long, device=device)
+            t = torch.as_tensor(list(k.targets), dtype=torch.long, device=device) - offset
             s = torch.as_tensor(list(k.sources), dtype=torch.long, device=device)
             a[k.row, t[:, None], s[None, :]] = False
-        m = torch.zeros(B, 1, T, T, dtype=dtype, device=device)
+        m = torch.zeros(B, 1, T - offset, T, dtype=dtype, device=device)
         m.masked_fill_(~a[:, None], neg)
         masks[layer] = m
     return masks
@@ -157,26 +167,16 @@ def _hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-def run_patched(
-    vlm: VLM,
-    inputs: dict[str, torch.Tensor],
-    patches: Iterable[Patch] = (),
-    capture: Iterable[tuple[str, int]] = (),
-    knockouts: Sequence[Knockout] = (),
-    grad: bool = False,
-) -> PatchedRun:
-    """One forward pass of ``inputs`` (from ``prompts.collate``) with per-row interventions."""
-    model, arch = vlm.model, vlm.arch
-    device = vlm.input_device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
-    lengths = inputs["attention_mask"].sum(dim=1)
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once every requested state exists."""
+
+
+def _group_patches(vlm: VLM, patches: Iterable[Patch], lengths: torch.Tensor, offset: int) -> dict:
     groups: dict[tuple[str, int], _Group] = defaultdict(_Group)
     for p in patches:
         if p.kind not in STATE_KINDS:
             raise ValueError(f"unknown state kind {p.kind!r}; expected one of {STATE_KINDS}")
-        _check_positions(p.kind, p.row, p.positions, lengths)
+        _check_positions(p.kind, p.row, p.positions, lengths, offset)
         layers = [-1] if p.kind == "embeds" else list(p.layers)
         if not layers:
             raise ValueError(f"a {p.kind} patch needs at least one layer")
@@ -189,26 +189,51 @@ def run_patched(
         for li, layer in enumerate(layers):
             if p.kind != "embeds" and not 0 <= layer < vlm.num_layers:
                 raise IndexError(f"layer {layer} outside 0..{vlm.num_layers - 1}")
-            groups[(p.kind, layer)].add(p.row, p.positions, vals[li], p.mode)
-    for k in knockouts:
-        _check_positions("knockout", k.row, list(k.targets) + list(k.sources), lengths)
+            groups[(p.kind, layer)].add(p.row, [int(q) - offset for q in p.positions], vals[li], p.mode)
+    return groups
 
+
+@contextmanager
+def interventions(
+    vlm: VLM,
+    attention_mask: torch.Tensor,
+    patches: Iterable[Patch] = (),
+    capture: Iterable[tuple[str, int]] = (),
+    knockouts: Sequence[Knockout] = (),
+    grad: bool = False,
+    offset: int = 0,
+    stop_after_layer: int | None = None,
+) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
+    """Install the hooks of one patched forward pass; yields the dict that captures fill.
+
+    ``attention_mask`` is the (B, T) mask of the whole sequence. With
+    ``offset`` > 0 the forward pass computes only positions offset..T-1 (a
+    cached prefix holds the rest): positions stay absolute in patches,
+    knockouts and the returned captures' meaning, and touching the prefix is
+    an error. ``stop_after_layer`` ends the pass (``_StopForward``) once that
+    decoder layer has run; ``run_*`` catch it.
+    """
+    device = attention_mask.device
+    lengths = attention_mask.sum(dim=1)
+    groups = _group_patches(vlm, patches, lengths, offset)
+    for k in knockouts:
+        _check_positions("knockout target", k.row, list(k.targets), lengths, offset)
+        _check_positions("knockout source", k.row, list(k.sources), lengths)
+    model, arch = vlm.model, vlm.arch
     captured: dict[tuple[str, int], torch.Tensor] = {}
-    capture = list(dict.fromkeys(capture))
+    capture_set = set(capture)
     handles: list = []
 
     def keep(key, t):
         if key in capture_set:
             captured[key] = t if grad else t.detach()
 
-    capture_set = set(capture)
-    sites = set(groups) | capture_set
-    for kind, layer in sites:
-        if kind not in STATE_KINDS:
-            raise ValueError(f"unknown state kind {kind!r}; expected one of {STATE_KINDS}")
+    for kind, layer in set(groups) | capture_set:
+        if kind not in STATE_KINDS + CAPTURE_ONLY_KINDS:
+            raise ValueError(f"unknown state kind {kind!r}; expected one of {STATE_KINDS + CAPTURE_ONLY_KINDS}")
         key = (kind, layer)
-        ops = groups[key].finalize(device) if key in groups else []
         grp = groups.get(key)
+        ops = grp.finalize(device) if grp is not None else []
         if kind == "embeds":
             def pre(mod, args, kwargs, key=key, ops=ops, grp=grp):
                 e = kwargs["inputs_embeds"]
@@ -226,6 +251,16 @@ def run_patched(
                 keep(key, x)
                 return (x,) + tuple(args[1:])
             handles.append(vlm.module(arch.module_path("down_proj", layer)).register_forward_pre_hook(pre_in))
+        elif kind == "attn_in":
+            def pre_attn(mod, args, kwargs, key=key):
+                keep(key, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_pre_hook(pre_attn, with_kwargs=True))
+        elif kind == "attn_probs":
+            def post_probs(mod, args, out, key=key, layer=layer):
+                if out[1] is None:
+                    raise RuntimeError("attention probabilities need eager attention; wrap the call in eager_attention(vlm)")
+                keep(key, out[1])
+            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_hook(post_probs))
         else:
             def post(mod, args, out, key=key, ops=ops, grp=grp):
                 t = out[0] if isinstance(out, tuple) else out
@@ -238,16 +273,132 @@ def run_patched(
             handles.append(vlm.module(arch.module_path(kind, layer)).register_forward_hook(post))
 
     if knockouts:
-        masks = _knockout_masks(knockouts, inputs["attention_mask"], vlm.dtype, vlm.num_layers)
+        masks = _knockout_masks(knockouts, attention_mask, vlm.dtype, vlm.num_layers, offset)
         for layer, mask in masks.items():
             def attn_pre(mod, args, kwargs, mask=mask):
                 kwargs["attention_mask"] = mask
                 return args, kwargs
             handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_pre_hook(attn_pre, with_kwargs=True))
 
+    if stop_after_layer is not None:
+        def stop(mod, args, out):
+            raise _StopForward
+        handles.append(vlm.module(arch.layer_path(stop_after_layer)).register_forward_hook(stop))
+
+    with _hooks(handles):
+        yield captured
+
+
+def run_patched(
+    vlm: VLM,
+    inputs: dict[str, torch.Tensor],
+    patches: Iterable[Patch] = (),
+    capture: Iterable[tuple[str, int]] = (),
+    knockouts: Sequence[Knockout] = (),
+    grad: bool = False,
+    stop_after_layer: int | None = None,
+) -> PatchedRun:
+    """One forward pass of ``inputs`` (from ``prompts.collate``) with per-row interventions.
+
+    With ``stop_after_layer`` the pass ends after that decoder layer: only
+    captures up to it exist and ``hidden`` is None.
+    """
+    model, arch = vlm.model, vlm.arch
+    device = vlm.input_device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
+    hidden = None
     with ExitStack() as stack:
-        stack.enter_context(_hooks(handles))
+        captured = stack.enter_context(interventions(vlm, inputs["attention_mask"], patches, capture, knockouts,
+                                                     grad=grad, stop_after_layer=stop_after_layer))
         if not grad:
             stack.enter_context(torch.no_grad())
-        out = arch.get(model, arch.base_model)(**inputs, use_cache=False)
-    return PatchedRun(hidden=out.last_hidden_state, captured=captured, lm_head=arch.get(model, arch.lm_head))
+        try:
+            hidden = arch.get(model, arch.base_model)(**inputs, use_cache=False).last_hidden_state
+        except _StopForward:
+            pass
+    return PatchedRun(hidden=hidden, captured=captured, lm_head=arch.get(model, arch.lm_head))
+
+
+@dataclass
+class PrefixCache:
+    """The key/value cache of positions 0..length-1 of one sequence, computed once.
+
+    Every row of a later ``run_suffix`` call continues from it: what lies
+    before the first position any intervention touches is the same in every
+    row, so it need not be recomputed (image tokens included).
+    """
+
+    length: int
+    cache: object
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, vlm: VLM, embeds: torch.Tensor, length: int) -> "PrefixCache":
+        """``embeds``: (1, T, d) input embeddings of the language model (image features in place)."""
+        if not 0 < length < embeds.shape[1]:
+            raise ValueError(f"a prefix must be 1..{embeds.shape[1] - 1} positions long, not {length}")
+        lm = vlm.arch.get(vlm.model, vlm.arch.language_model)
+        e = embeds[:, :length].to(vlm.input_device, vlm.dtype)
+        out = lm(inputs_embeds=e, attention_mask=torch.ones(1, length, dtype=torch.long, device=e.device),
+                 use_cache=True)
+        return cls(length=length, cache=out.cache)
+
+    def expanded(self, rows: int):
+        c = copy.deepcopy(self.cache)
+        c.batch_repeat_interleave(rows)
+        return c
+
+
+def run_suffix(
+    vlm: VLM,
+    embeds: torch.Tensor,
+    prefix: PrefixCache | None,
+    patches: Iterable[Patch] = (),
+    capture: Iterable[tuple[str, int]] = (),
+    knockouts: Sequence[Knockout] = (),
+    stop_after_layer: int | None = None,
+) -> PatchedRun:
+    """Positions prefix.length..T-1 of B rows over a shared cached prefix, with interventions.
+
+    With ``prefix`` None the whole sequence runs (from the embeddings, so the
+    vision tower is not run again).
+
+    ``embeds`` (B, T, d) are whole-sequence input embeddings (rows of equal
+    length, no padding); only their suffix is fed. Positions in patches,
+    knockouts and ``PatchedRun.logits_at`` stay absolute; ``hidden`` holds
+    the suffix only and ``logits_at`` translates.
+    """
+    B, T, _ = embeds.shape
+    P = prefix.length if prefix is not None else 0
+    device = vlm.input_device
+    lm = vlm.arch.get(vlm.model, vlm.arch.language_model)
+    mask = torch.ones(B, T, dtype=torch.long, device=device)
+    hidden = None
+    with ExitStack() as stack:
+        captured = stack.enter_context(interventions(vlm, mask, patches, capture, knockouts, offset=P,
+                                                     stop_after_layer=stop_after_layer))
+        stack.enter_context(torch.no_grad())
+        try:
+            hidden = lm(inputs_embeds=embeds[:, P:].to(device, vlm.dtype), attention_mask=mask,
+                        cache=prefix.expanded(B) if prefix is not None else None, use_cache=prefix is not None,
+                        position_ids=torch.arange(P, T, device=device)[None].expand(B, -1)).last_hidden_state
+        except _StopForward:
+            pass
+    if hidden is not None and P:
+        hidden = torch.cat([hidden.new_zeros(B, P, hidden.shape[-1]), hidden], dim=1)
+    return PatchedRun(hidden=hidden, captured=captured, lm_head=vlm.arch.get(vlm.model, vlm.arch.lm_head))
+
+
+@contextmanager
+def eager_attention(vlm: VLM) -> Iterator[None]:
+    """Run the language model with eager attention, whose modules return their probabilities."""
+    cfg = vlm.model.config.get_text_config()
+    before = cfg._attn_implementation
+    vlm.model.set_attn_implementation({"text_config": "eager"} if before != "eager" else before)
+    try:
+        yield
+    finally:
+        if before != "eager":
+            vlm.model.set_attn_implementation({"text_config": before})

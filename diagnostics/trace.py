@@ -1,0 +1,341 @@
+"""Causal traces: where does the model recall the answer to a visual question?
+
+Two corruptions of the clean run (image, question) → P_clean(O):
+
+* token replacement (MultiModalCausalTrace, Basu et al. §3.2): the visual
+  constraint's token ids ("this landmark") are replaced by another phrase of
+  the same token length that makes the image irrelevant (a named entity),
+  so the prompt keeps its length and every position keeps its meaning;
+* Gaussian noise (ROME, Meng et al.; Basu App. C as the baseline): noise of
+  ``noise_scale`` × σ (σ: the standard deviation of the clean embeddings at
+  the noised positions) is added to the embeddings of the visual tokens and
+  of the constraint's tokens, ``samples`` draws from a fixed seed.
+
+Then, for every row (a text token, all image tokens as one group, or one
+block of image tokens), every state kind (``hidden`` residual stream,
+``mlp`` output, ``attn`` output) and every layer ℓ, the clean states of that
+kind at the row's positions in the window of layers around ℓ are restored
+into the corrupted run. The indirect effect is P_restored(O) − P_corrupt(O)
+(for noise: both averaged over the samples).
+
+Restoring a position before the first corrupted token is the identity (under
+causal attention nothing there changed), so such rows get an indirect effect
+of exactly 0 without being run; the batched engine also computes the prefix
+up to the first corrupted token once and reuses its key/value cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from vlm.loading import VLM
+from vlm.patching import Patch, run_patched
+from vlm.prompts import collate, encode
+
+from .cases import DiagnosticCase, Prepared, prepare
+from .engine import Cell, CellRunner, Progress
+from .errors import DiagnosticError, ReplacementError
+
+TRACE_KINDS = ("hidden", "mlp", "attn")
+# used when neither a replacement nor candidates are given: named entities a real LLaVA knows
+GENERIC_REPLACEMENTS = ("paris", "london", "the eiffel tower", "the taj mahal", "barack obama",
+                        "albert einstein", "new york city", "the statue of liberty", "mount everest")
+
+# roles used to align rows of different prompts when averaging over cases
+ROLES = ("prompt start", "image (all)", "image block", "question before constraint", "constraint first",
+         "constraint middle", "constraint last", "first after constraint", "further tokens", "last token")
+
+
+@dataclass
+class TraceRow:
+    label: str
+    positions: list[int]
+    role: str
+    constraint: bool = False
+
+
+@dataclass
+class TraceResult:
+    method: str                              # "token-replacement" | "gaussian-noise"
+    kinds: list[str]
+    window: int
+    rows: list[TraceRow]
+    effects: dict[str, list[list[float]]]    # kind → rows × layers, P_restored − P_corrupt
+    p_clean: float
+    p_corrupt: float
+    answer: str                              # O's first token
+    question: str
+    corrupted_question: str | None = None    # token replacement: the question as corrupted
+    replacement: str | None = None
+    noise: dict | None = None                # gaussian noise: std, scale, samples, seed
+    label: str = ""
+    cases: int = 1
+    cells: int = 0
+    forward_passes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def num_layers(self) -> int:
+        return len(next(iter(self.effects.values()))[0])
+
+    def effect(self, kind: str, role_or_label: str) -> list[float]:
+        for i, r in enumerate(self.rows):
+            if r.label == role_or_label or r.role == role_or_label:
+                return self.effects[kind][i]
+        raise KeyError(role_or_label)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------- helpers
+def window_layers(layer: int, window: int, num_layers: int) -> list[int]:
+    """The window of ``window`` layers around ``layer`` (ROME's convention), clipped to the model."""
+    lo = max(0, layer - window // 2)
+    hi = min(num_layers, layer - window // 2 + window)
+    return list(range(lo, hi))
+
+
+def check_window(window: int, num_layers: int) -> None:
+    if not isinstance(window, int) or window < 1:
+        raise DiagnosticError(f"the window must be a positive number of layers, not {window!r}")
+    if window > num_layers:
+        raise DiagnosticError(f"the window of {window} layers is larger than the model's {num_layers} layers")
+
+
+def check_kinds(kinds: Sequence[str]) -> list[str]:
+    kinds = list(dict.fromkeys(kinds))
+    bad = [k for k in kinds if k not in TRACE_KINDS]
+    if bad or not kinds:
+        raise DiagnosticError(f"unknown state kind(s) {bad or kinds}; choose from {list(TRACE_KINDS)}")
+    return kinds
+
+
+def trace_rows(prep: Prepared, image_block: int | None = None) -> list[TraceRow]:
+    """Rows in prompt order: text tokens one by one; image tokens as one group and per block."""
+    p = prep.prompt
+    i0, i1 = p.image_span
+    n_img = i1 - i0
+    if image_block is None:   # one row of the patch grid
+        image_block = max(1, int(round(n_img ** 0.5)))
+    if image_block < 1:
+        raise DiagnosticError("an image block must hold at least one token")
+    c0, c1 = p.constraint_spans[0]
+    rows: list[TraceRow] = []
+    for pos in range(p.last_prompt_pos + 1):
+        if pos == i0:
+            rows.append(TraceRow("image (all)", list(range(i0, i1)), "image (all)"))
+            for b, s in enumerate(range(i0, i1, image_block)):
+                blk = list(range(s, min(s + image_block, i1)))
+                rows.append(TraceRow(f"image {blk[0] - i0}-{blk[-1] - i0}", blk, "image block"))
+        if i0 <= pos < i1:
+            continue
+        if pos < i0:
+            role = "prompt start"
+        elif pos < c0:
+            role = "question before constraint"
+        elif pos < c1:
+            role = "constraint last" if pos == c1 - 1 else "constraint first" if pos == c0 else "constraint middle"
+        elif pos == p.last_prompt_pos:
+            role = "last token"
+        elif pos == c1:
+            role = "first after constraint"
+        else:
+            role = "further tokens"
+        rows.append(TraceRow(prep.tokens[pos], [pos], role, c0 <= pos < c1))
+    return rows
+
+
+def _clean_states(vlm: VLM, prep: Prepared, kinds: Sequence[str]) -> dict[tuple[str, int], torch.Tensor]:
+    caps = [(k, l) for k in kinds for l in range(vlm.num_layers)]
+    run = run_patched(vlm, collate([prep.prompt], vlm.tokenizer.pad_token_id), capture=caps)
+    return {key: t[0] for key, t in run.captured.items()}
+
+
+def _restore_patch(clean, kind: str, layers: list[int], positions: list[int]) -> Patch:
+    vals = torch.stack([clean[(kind, l)][positions] for l in layers])
+    return Patch(row=0, kind=kind, positions=positions, values=vals, layers=layers)
+
+
+# ------------------------------------------------------- token replacement
+def replace_constraint(vlm: VLM, prep: Prepared, replacement: str | None = None,
+                       candidates: Sequence[str] = (), max_candidates: int = 32) -> tuple[str, str, object]:
+    """(replacement, corrupted question, corrupted prompt) with the same token length and layout.
+
+    A given ``replacement`` must fit exactly. Otherwise, of ``candidates``
+    (the case's own, e.g. the world's entity names, then
+    ``GENERIC_REPLACEMENTS``) the first ``max_candidates`` that fit are
+    scored in one batch and the one with the lowest P(O) is taken: the
+    corruption should remove the answer (P_corrupt ≪ P_clean), and a named
+    entity the model does not tie to O does that best.
+    """
+    case, p = prep.case, prep.prompt
+    c0, c1 = p.constraint_spans[0]
+    q = case.question
+    at = q.lower().find(case.constraint.lower())
+    tried: list[str] = []
+
+    def attempt(phrase: str):
+        phrase = phrase.strip()
+        if not phrase or phrase.lower() == case.constraint.lower():
+            return None
+        new_q = q[:at] + phrase + q[at + len(case.constraint):]
+        cp = encode(vlm.processor, new_q, pixel_values=p.pixel_values, constraints=[phrase])
+        n = cp.constraint_spans[0][1] - cp.constraint_spans[0][0]
+        tried.append(f"{phrase!r} ({n} tokens)")
+        same = (cp.length == p.length and cp.constraint_spans[0] == (c0, c1)
+                and torch.equal(cp.input_ids[:c0], p.input_ids[:c0])
+                and torch.equal(cp.input_ids[c1:], p.input_ids[c1:])
+                and not torch.equal(cp.input_ids[c0:c1], p.input_ids[c0:c1]))
+        return (phrase, new_q, cp) if same else None
+
+    if replacement is not None:
+        if not replacement.strip():
+            raise ReplacementError("the replacement phrase is empty")
+        got = attempt(replacement)
+        if got is None:
+            raise ReplacementError(
+                f"the replacement {replacement!r} cannot stand in for the constraint {case.constraint!r} "
+                f"({c1 - c0} tokens) without changing the prompt's length or other tokens: tried {tried[-1:] or [replacement]}")
+        return got
+    fitting = []
+    for phrase in dict.fromkeys(list(candidates) + list(GENERIC_REPLACEMENTS)):
+        got = attempt(phrase)
+        if got is not None:
+            fitting.append(got)
+        if len(fitting) >= max_candidates:
+            break
+    if not fitting:
+        raise ReplacementError(
+            f"no replacement phrase encodes to the {c1 - c0} tokens of the constraint {case.constraint!r}; "
+            f"tried {', '.join(tried[:8])}{' ...' if len(tried) > 8 else ''}. Give one with --replace.")
+    # of the phrases that fit, the one that removes the answer most: lowest P_corrupt(O)
+    run = run_patched(vlm, collate([f[2] for f in fitting], vlm.tokenizer.pad_token_id))
+    probs = torch.softmax(run.logits_at(list(range(len(fitting))), [p.last_prompt_pos] * len(fitting)), dim=-1)
+    return fitting[int(probs[:, prep.target_id].argmin())]
+
+
+def _trace(vlm: VLM, prep: Prepared, runner: CellRunner, clean, kinds, window, rows, first_corrupt: int,
+           base_patches: Sequence[Sequence[Patch]], progress: Progress | None):
+    """Cells for every (row, kind, layer) × base patch set (noise samples); effects averaged over sets."""
+    L = vlm.num_layers
+    live = [i for i, r in enumerate(rows) if max(r.positions) >= first_corrupt]
+    cells: list[Cell] = [Cell(patches=list(bp)) for bp in base_patches]
+    index = []
+    for i in live:
+        for kind in kinds:
+            for layer in range(L):
+                lays = window_layers(layer, window, L)
+                restore = _restore_patch(clean, kind, lays, rows[i].positions)
+                for bp in base_patches:
+                    cells.append(Cell(patches=list(bp) + [restore]))
+                index.append((i, kind, layer))
+    res = runner.run(cells, progress)
+    S = len(base_patches)
+    probs = res.probs
+    p_corrupt = float(probs[:S].mean())
+    restored = probs[S:].reshape(-1, S).mean(dim=1)
+    effects = {k: [[0.0] * L for _ in rows] for k in kinds}
+    for (i, kind, layer), pr in zip(index, restored.tolist()):
+        effects[kind][i][layer] = pr - p_corrupt
+    return effects, p_corrupt, len(cells), res.forward_passes
+
+
+def _select(rows: list[TraceRow], roles: Sequence[str] | None) -> list[TraceRow]:
+    if roles is None:
+        return rows
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise DiagnosticError(f"unknown row role(s) {bad}; choose from {list(ROLES)}")
+    return [r for r in rows if r.role in roles]
+
+
+def causal_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str] = TRACE_KINDS, window: int = 1,
+                 replacement: str | None = None, candidates: Sequence[str] = (), image_block: int | None = None,
+                 roles: Sequence[str] | None = None, mode: str = "batched", batch_size: int = 64,
+                 progress: Progress | None = None) -> TraceResult:
+    """MultiModalCausalTrace of one case (token replacement of the visual constraint).
+
+    ``roles`` restricts the rows (e.g. ["constraint last"]); default: all.
+    """
+    t0 = time.perf_counter()
+    check_window(window, vlm.num_layers)
+    kinds = check_kinds(kinds)
+    prep = case if isinstance(case, Prepared) else prepare(vlm, case)
+    phrase, new_q, corrupt = replace_constraint(vlm, prep, replacement, list(candidates) + list(prep.case.replacements))
+    clean = _clean_states(vlm, prep, kinds)
+    rows = _select(trace_rows(prep, image_block), roles)
+    runner = CellRunner(vlm, corrupt, prep.target_id, mode=mode, batch_size=batch_size)
+    first = prep.prompt.constraint_spans[0][0]
+    effects, p_corrupt, cells, passes = _trace(vlm, prep, runner, clean, kinds, window, rows, first, [[]], progress)
+    return TraceResult(method="token-replacement", kinds=kinds, window=window, rows=rows, effects=effects,
+                       p_clean=prep.p_clean, p_corrupt=p_corrupt, answer=prep.target_token,
+                       question=prep.case.question, corrupted_question=new_q, replacement=phrase,
+                       label=prep.case.label, cells=cells, forward_passes=passes,
+                       seconds=time.perf_counter() - t0)
+
+
+def noise_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str] = TRACE_KINDS, window: int = 1,
+                samples: int = 5, noise_scale: float = 3.0, seed: int = 0, image_block: int | None = None,
+                roles: Sequence[str] | None = None, mode: str = "batched", batch_size: int = 64, progress: Progress | None = None) -> TraceResult:
+    """ROME's Gaussian-noise trace: noise on the visual tokens' and the constraint's embeddings."""
+    t0 = time.perf_counter()
+    check_window(window, vlm.num_layers)
+    kinds = check_kinds(kinds)
+    if samples < 1:
+        raise DiagnosticError("the noise trace needs at least one sample")
+    if noise_scale <= 0:
+        raise DiagnosticError("the noise scale must be positive")
+    prep = case if isinstance(case, Prepared) else prepare(vlm, case)
+    p = prep.prompt
+    noised = p.image_positions + list(range(*p.constraint_spans[0]))
+    clean = _clean_states(vlm, prep, kinds)
+    runner = CellRunner(vlm, p, prep.target_id, mode=mode, batch_size=batch_size)
+    emb = runner.embeds[0, noised].float()
+    std = float(emb.std()) * noise_scale
+    g = torch.Generator().manual_seed(seed)
+    base = [[Patch(row=0, kind="embeds", positions=noised, mode="add",
+                   values=(torch.randn(len(noised), emb.shape[1], generator=g) * std).to(emb.dtype))]
+            for _ in range(samples)]
+    rows = _select(trace_rows(prep, image_block), roles)
+    effects, p_corrupt, cells, passes = _trace(vlm, prep, runner, clean, kinds, window, rows, min(noised), base,
+                                               progress)
+    return TraceResult(method="gaussian-noise", kinds=kinds, window=window, rows=rows, effects=effects,
+                       p_clean=prep.p_clean, p_corrupt=p_corrupt, answer=prep.target_token,
+                       question=p.question, noise={"std": std, "scale": noise_scale, "samples": samples, "seed": seed},
+                       label=prep.case.label, cells=cells, forward_passes=passes,
+                       seconds=time.perf_counter() - t0)
+
+
+def average_traces(results: Sequence[TraceResult]) -> TraceResult:
+    """Mean over cases with rows aligned by role (image, constraint first/last, last token ...)."""
+    if not results:
+        raise DiagnosticError("nothing to average")
+    kinds, L = results[0].kinds, results[0].num_layers
+    sums: dict[str, dict[str, torch.Tensor]] = {k: {} for k in kinds}
+    counts: dict[str, int] = {}
+    for r in results:
+        if r.kinds != kinds or r.num_layers != L:
+            raise DiagnosticError("traces to average must share kinds and layers")
+        for role in ROLES:
+            idx = [i for i, row in enumerate(r.rows) if row.role == role]
+            if not idx:
+                continue
+            counts[role] = counts.get(role, 0) + 1
+            for k in kinds:
+                v = torch.tensor([r.effects[k][i] for i in idx]).mean(dim=0)
+                sums[k][role] = sums[k].get(role, torch.zeros(L)) + v
+    roles = [role for role in ROLES if role in counts]
+    rows = [TraceRow(role, [], role, role.startswith("constraint")) for role in roles]
+    effects = {k: [(sums[k][role] / counts[role]).tolist() for role in roles] for k in kinds}
+    n = len(results)
+    return TraceResult(method=results[0].method, kinds=kinds, window=results[0].window, rows=rows, effects=effects,
+                       p_clean=sum(r.p_clean for r in results) / n, p_corrupt=sum(r.p_corrupt for r in results) / n,
+                       answer="", question="", label=f"mean of {n} cases", cases=n,
+                       noise=results[0].noise, cells=sum(r.cells for r in results),
+                       forward_passes=sum(r.forward_passes for r in results),
+                       seconds=sum(r.seconds for r in results))

@@ -14,6 +14,9 @@ from typing import List, Optional
 
 import typer
 
+from .cli_support import _fail, _load, _progress_bar, _world_and_model
+from .diagnose_cli import diagnose_app
+
 app = typer.Typer(
     name="editlens",
     help="EditLens: edit and inspect LLaVA-family vision-language models.",
@@ -27,30 +30,7 @@ app.add_typer(world_app, name="world")
 bench_app = typer.Typer(help="Benchmarks: figures next to a baseline or naive reference from the same run.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _default_model_dir() -> Path:
-    from vlm.world import default_world_dir
-
-    return default_world_dir(0) / "model"
-
-
-def _load(model: Optional[Path], device: str, dtype: str):
-    from vlm import ModelLoadError, load_vlm
-
-    path = model or _default_model_dir()
-    if model is None and not path.exists():
-        _fail(f"no model given and the embedded default is not built yet ({path}); "
-              "run `editlens world build` or pass --model PATH")
-    try:
-        return load_vlm(path, device=device, dtype=dtype)
-    except ModelLoadError as exc:
-        _fail(str(exc))
+app.add_typer(diagnose_app, name="diagnose")
 
 
 @world_app.command("build")
@@ -192,13 +172,6 @@ def ask_cmd(
         typer.echo(f"  P({answer!r}) = {s['prob']:.4f} (log {s['logprob']:.3f}), token accuracy {s['token_accuracy']:.2f}")
 
 
-def _progress_bar(console):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
-
-
 def _optional_float(value: Optional[float], name: str) -> Optional[float]:
     if value is not None and value <= 0:
         _fail(f"{name} must be positive")
@@ -212,7 +185,12 @@ def edit_cmd(
     constraint: str = typer.Option(..., help="The visual constraint as it occurs in the question "
                                              "('this landmark'); the edit is made at its last token."),
     answer: str = typer.Option(..., help="The new answer."),
-    layer: int = typer.Option(..., help="Decoder layer whose MLP down projection is edited (an early one)."),
+    layer: str = typer.Option("auto", help="Decoder layer whose MLP down projection is edited, or auto: the peak "
+                                           "early MLP indirect effect of the causal trace (evidence stored in "
+                                           "the edit set)."),
+    rephrase: Optional[str] = typer.Option(None, help="The question reworded: --layer auto averages over it too."),
+    image_rephrase: Optional[Path] = typer.Option(None, help="Another image of the subject: --layer auto "
+                                                            "averages over it too."),
     out: Path = typer.Option(..., help="Where to write the edit set (.safetensors)."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the embedded world model)."),
     onto: Optional[Path] = typer.Option(None, help="An existing edit set: the new edit is computed on the model "
@@ -241,6 +219,7 @@ def edit_cmd(
     from editors.edit_set import EditSet, EditSetError, describe
     from editors.multedit import EditRequest, MultEdit, MultEditConfig
     from editors.peft_export import export_peft
+    from diagnostics.cases import world_phrases
     from vlm import VLMError
 
     console = Console(stderr=True)
@@ -249,15 +228,20 @@ def edit_cmd(
         _fail(f"--out must end in .safetensors, not {out.name!r}")
     if not image.is_file():
         _fail(f"image not found: {image}")
+    if layer != "auto" and not layer.lstrip("-").isdigit():
+        _fail(f"--layer must be a layer number or auto, not {layer!r}")
+    if image_rephrase is not None and not image_rephrase.is_file():
+        _fail(f"image not found: {image_rephrase}")
     vlm = _load(model, device, dtype)
     try:
-        config = MultEditConfig(layer=layer, lam=lam, steps=steps, lr=lr, lr_scale=lr_scale, max_norm=max_norm,
+        config = MultEditConfig(layer=layer if layer == "auto" else int(layer), lam=lam, steps=steps, lr=lr, lr_scale=lr_scale, max_norm=max_norm,
                                 target_prob=target_prob)
         editor = MultEdit(vlm, config)
         base = EditSet.load(onto, vlm) if onto is not None else None
         if base is not None and base.editor != editor.name:
             _fail(f"{onto} holds {base.editor} edits; --onto takes a MultEdit edit set")
-        request = EditRequest(question, constraint, answer, image=image)
+        request = EditRequest(question, constraint, answer, image=image, rephrase=rephrase,
+                              image_rephrase=image_rephrase, replacements=world_phrases(Path(vlm.path).parent))
         with _progress_bar(console) as bar:
             task = bar.add_task("editing", total=None, info="")
 
@@ -273,6 +257,9 @@ def edit_cmd(
         _fail(str(exc))
     rec = edit_set.records[-1]
     result = {"out": str(out), "edit": rec, **describe(edit_set, size)}
+    evidence = edit_set.hyperparameters.get("layer_evidence")
+    if evidence is not None:
+        result["layer_evidence"] = evidence
     if peft is not None:
         result["peft"] = str(peft)
     if as_json:
@@ -280,8 +267,11 @@ def edit_cmd(
         return
     m, sec = rec["metrics"], rec["seconds"]
     typer.echo(f"wrote {out} ({edit_set.num_edits} edit(s), {size} bytes)")
-    typer.echo(f"  P({answer!r}): {m['p_before']:.4f} -> {m['p_after']:.4f}   layer {layer}, |delta| "
+    typer.echo(f"  P({answer!r}): {m['p_before']:.4f} -> {m['p_after']:.4f}   layer {rec['layer']}, |delta| "
                f"{m['delta_norm']:.2f}, {m['value_steps']} value steps")
+    if evidence is not None:
+        typer.echo(f"  layer {evidence['layer']} chosen by the causal trace: MLP indirect effect per layer "
+                   + " ".join(f"{v:.3f}" for v in evidence["scores"]))
     typer.echo(f"  time: key {1000 * sec['key']:.1f} ms, value {1000 * sec['value']:.1f} ms, "
                f"update {1000 * sec['update']:.2f} ms")
     if peft is not None:
@@ -309,19 +299,6 @@ def export_peft_cmd(
     except EditSetError as exc:
         _fail(str(exc))
     typer.echo(f"wrote a PEFT LoRA adapter with {edit_set.num_edits} edit(s) to {out}")
-
-
-def _world_and_model(world: Optional[Path], seed: int, device: str):
-    from vlm import ModelLoadError, load_vlm
-    from vlm.world import default_world_dir
-
-    folder = world or default_world_dir(seed)
-    if not (folder / "model").is_dir() or not (folder / "edit_cases" / "test.json").is_file():
-        _fail(f"{folder} holds no built world; run `editlens world build` (or pass --world PATH)")
-    try:
-        return folder, load_vlm(folder / "model", device=device)
-    except ModelLoadError as exc:
-        _fail(str(exc))
 
 
 def _fmt(v) -> str:

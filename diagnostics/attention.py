@@ -92,7 +92,7 @@ def contributions_matrix(vlm: VLM, prep: Prepared, targets: Sequence[int], sourc
     heads = vlm.text_config.num_attention_heads
     inputs = collate([prep.prompt], vlm.tokenizer.pad_token_id)
     out = torch.zeros(len(targets), len(sources), L)
-    if mode == "batched":   # one eager pass captures every layer's input and probabilities
+    if mode != "naive":   # one eager pass captures every layer's input and probabilities
         caps = [(k, l) for l in range(L) for k in ("attn_in", "attn_probs")]
         with eager_attention(vlm):
             run = run_patched(vlm, inputs, capture=caps)

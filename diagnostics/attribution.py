@@ -87,7 +87,7 @@ def module_attribution(vlm: VLM, case: DiagnosticCase | Prepared, mode: str = "b
     lm_head = vlm.arch.get(vlm.model, vlm.arch.lm_head)
     keys = [(k, l) for k in ("attn", "mlp") for l in range(L)]
     with torch.no_grad():
-        if mode == "batched":
+        if mode != "naive":
             run = run_patched(vlm, inputs, capture=keys)
             vecs = torch.stack([run.captured[key][0, last] for key in keys])
         else:   # naive: one forward pass per (module, layer)

@@ -15,6 +15,9 @@ prompt position and the state read.
 * cells run ``batch_size`` rows per forward pass; a pass whose cells only
   read states stops after the deepest layer they read.
 
+``mode="uncached"`` is the batched engine without the prefix cache (to
+measure what the cache brings).
+
 ``mode="naive"`` is the reference: one full forward pass of the whole model
 per cell, no cache, no batching. Both give the same numbers (tests, to
 1e-5 in fp32); ``bench diagnostics`` times them.
@@ -33,7 +36,7 @@ from vlm.prompts import EncodedPrompt, collate
 
 from .errors import DiagnosticError
 
-MODES = ("batched", "naive")
+MODES = ("batched", "uncached", "naive")
 Progress = Callable[[int, int], None]   # (cells done, cells total)
 
 
@@ -110,7 +113,7 @@ class CellRunner:
         firsts = [c.first_position() for c in cells]
         touched = [f for f in firsts if f is not None]
         P = min(touched) if touched else self.prompt.last_prompt_pos
-        prefix = PrefixCache.build(self.vlm, self.embeds, P) if P > 0 else None
+        prefix = PrefixCache.build(self.vlm, self.embeds, P) if P > 0 and self.mode == "batched" else None
         probs, reads, passes = [], [], 0
         for start in range(0, len(cells), self.batch_size):
             chunk = cells[start: start + self.batch_size]

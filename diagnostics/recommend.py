@@ -5,7 +5,12 @@
   (window 1), averaged over the request's variants (its image and question,
   the reworded question, another image of the subject), among the early
   layers (the first ``early_fraction`` of the model, where the paper finds
-  the visual facts).
+  the visual facts). The score is the isolated effect (``trace.causal_trace``
+  with ``isolate``: the other layers' MLPs keep their corrupted outputs), which
+  credits the MLP that writes the fact rather than the first one upstream of
+  it; the plain effect is stored beside it. On the world's model both peak
+  at layer 0 for its own facts; after an edit at layer k only the isolated
+  one peaks at k (``bench diagnostics``, ground truth).
 * VisEdit's VEAD (Chen §3–4): the module-output attribution rises in the
   deep layers, which read the visual states; the adapter goes at the input
   of the first layer of the block of high-contribution layers (total
@@ -53,18 +58,22 @@ def recommend_multedit_layer(vlm: VLM, cases: Sequence[DiagnosticCase], early_fr
     early = list(range(max(1, int(round(L * early_fraction)))))
     per_case = []
     for i, case in enumerate(cases):
-        r = causal_trace(vlm, case, kinds=["mlp"], window=window, roles=["constraint last"])
-        per_case.append({"label": case.label, "question": case.question, "p_clean": r.p_clean,
-                         "p_corrupt": r.p_corrupt, "replacement": r.replacement, "mlp_effect": r.effects["mlp"][0]})
+        iso = causal_trace(vlm, case, kinds=["mlp"], window=window, roles=["constraint last"], isolate=True)
+        plain = causal_trace(vlm, case, kinds=["mlp"], window=window, roles=["constraint last"],
+                             replacement=iso.replacement)
+        per_case.append({"label": case.label, "question": case.question, "p_clean": iso.p_clean,
+                         "p_corrupt": iso.p_corrupt, "replacement": iso.replacement,
+                         "mlp_effect_isolated": iso.effects["mlp"][0], "mlp_effect": plain.effects["mlp"][0]})
         if progress:
             progress(i + 1, len(cases))
-    scores = [sum(c["mlp_effect"][l] for c in per_case) / len(per_case) for l in range(L)]
+    scores = [sum(c["mlp_effect_isolated"][l] for c in per_case) / len(per_case) for l in range(L)]
+    plain = [sum(c["mlp_effect"][l] for c in per_case) / len(per_case) for l in range(L)]
     layer = max(early, key=lambda l: scores[l])
     return LayerRecommendation(
         editor="multedit", layer=layer, scores=scores, candidates=early,
-        criterion=f"peak MLP indirect effect at the constraint's last token (window {window}), "
-                  f"mean over {len(cases)} case(s), among layers {early[0]}-{early[-1]}",
-        cases=len(cases), details={"per_case": per_case})
+        criterion=f"peak isolated MLP indirect effect at the constraint's last token (token replacement, "
+                  f"window {window}), mean over {len(cases)} case(s), among layers {early[0]}-{early[-1]}",
+        cases=len(cases), details={"mlp_effect_plain": plain, "per_case": per_case})
 
 
 def recommend_vead_layer(vlm: VLM, cases: Sequence[DiagnosticCase], threshold: float = 0.5,

@@ -27,7 +27,7 @@ up to the first corrupted token once and reuses its key/value cache.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
@@ -220,8 +220,11 @@ def replace_constraint(vlm: VLM, prep: Prepared, replacement: str | None = None,
 
 
 def _trace(vlm: VLM, prep: Prepared, runner: CellRunner, clean, kinds, window, rows, first_corrupt: int,
-           base_patches: Sequence[Sequence[Patch]], progress: Progress | None):
-    """Cells for every (row, kind, layer) × base patch set (noise samples); effects averaged over sets."""
+           base_patches: Sequence[Sequence[Patch]], progress: Progress | None, corrupt=None):
+    """Cells for every (row, kind, layer) × base patch set (noise samples); effects averaged over sets.
+
+    With ``corrupt`` states (isolated trace) the same kind at every other layer is held at its
+    corrupted value at the row's positions."""
     L = vlm.num_layers
     live = [i for i, r in enumerate(rows) if max(r.positions) >= first_corrupt]
     cells: list[Cell] = [Cell(patches=list(bp)) for bp in base_patches]
@@ -230,9 +233,13 @@ def _trace(vlm: VLM, prep: Prepared, runner: CellRunner, clean, kinds, window, r
         for kind in kinds:
             for layer in range(L):
                 lays = window_layers(layer, window, L)
-                restore = _restore_patch(clean, kind, lays, rows[i].positions)
+                restore = [_restore_patch(clean, kind, lays, rows[i].positions)]
+                if corrupt is not None and kind != "hidden":
+                    others = [l for l in range(L) if l not in lays]
+                    if others:
+                        restore.append(_restore_patch(corrupt, kind, others, rows[i].positions))
                 for bp in base_patches:
-                    cells.append(Cell(patches=list(bp) + [restore]))
+                    cells.append(Cell(patches=list(bp) + restore))
                 index.append((i, kind, layer))
     res = runner.run(cells, progress)
     S = len(base_patches)
@@ -256,11 +263,20 @@ def _select(rows: list[TraceRow], roles: Sequence[str] | None) -> list[TraceRow]
 
 def causal_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str] = TRACE_KINDS, window: int = 1,
                  replacement: str | None = None, candidates: Sequence[str] = (), image_block: int | None = None,
-                 roles: Sequence[str] | None = None, mode: str = "batched", batch_size: int = 64,
-                 progress: Progress | None = None) -> TraceResult:
+                 roles: Sequence[str] | None = None, isolate: bool = False, mode: str = "batched",
+                 batch_size: int = 64, progress: Progress | None = None) -> TraceResult:
     """MultiModalCausalTrace of one case (token replacement of the visual constraint).
 
     ``roles`` restricts the rows (e.g. ["constraint last"]); default: all.
+
+    ``isolate``: the MLP / attention output of the window is restored while the
+    same module at every other layer keeps its corrupted output at those
+    positions (ROME's "severed" comparison, per module). The plain trace
+    credits a module with everything downstream of it: on the world's model
+    restoring layer 0's MLP at the constraint restores the subject, so every
+    later MLP's fact (an edit at layer 3 included) follows and the plain
+    MLP effect peaks at layer 0 whatever layer holds the fact. The isolated
+    effect credits only the module's own output.
     """
     t0 = time.perf_counter()
     check_window(window, vlm.num_layers)
@@ -268,11 +284,13 @@ def causal_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str]
     prep = case if isinstance(case, Prepared) else prepare(vlm, case)
     phrase, new_q, corrupt = replace_constraint(vlm, prep, replacement, list(candidates) + list(prep.case.replacements))
     clean = _clean_states(vlm, prep, kinds)
+    held = _clean_states(vlm, replace(prep, prompt=corrupt), kinds) if isolate else None
     rows = _select(trace_rows(prep, image_block), roles)
     runner = CellRunner(vlm, corrupt, prep.target_id, mode=mode, batch_size=batch_size)
     first = prep.prompt.constraint_spans[0][0]
-    effects, p_corrupt, cells, passes = _trace(vlm, prep, runner, clean, kinds, window, rows, first, [[]], progress)
-    return TraceResult(method="token-replacement", kinds=kinds, window=window, rows=rows, effects=effects,
+    effects, p_corrupt, cells, passes = _trace(vlm, prep, runner, clean, kinds, window, rows, first, [[]], progress,
+                                               corrupt=held)
+    return TraceResult(method="token-replacement, isolated" if isolate else "token-replacement", kinds=kinds, window=window, rows=rows, effects=effects,
                        p_clean=prep.p_clean, p_corrupt=p_corrupt, answer=prep.target_token,
                        question=prep.case.question, corrupted_question=new_q, replacement=phrase,
                        label=prep.case.label, cells=cells, forward_passes=passes,

@@ -1,0 +1,146 @@
+"""``editlens bench diagnostics``: the batched engine against the naive reference, and the ground truth.
+
+Speed. For each case the same diagnostic is computed three ways in one
+process: ``naive`` (one full forward pass of the whole model per cell, no
+cache), ``uncached`` (cells batched, embeddings computed once) and
+``batched`` (plus the prefix before the first intervened position computed
+once and reused through the key/value cache). Every way computes the same
+cells (restoring a position before the first corrupted token is the
+identity; all three skip those cells alike), and the largest absolute
+difference of their outputs is printed beside the times. The headline is
+the full token-replacement trace grid: every text position and image
+block × every layer × 3 kinds.
+
+Ground truth. A new fact is inserted with MultEdit at layer k (the world's
+insertion cases: entities the model has never seen); then the
+token-replacement trace of the edited model's answer, MLP kind, window 1,
+at the constraint's last token must peak at layer k.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from diagnostics.attention import attention_contributions
+from diagnostics.attribution import module_attribution, visual_attribution
+from diagnostics.cases import DiagnosticCase, load_cases, world_phrases
+from diagnostics.knockout import RELATIONS, knockout
+from diagnostics.trace import causal_trace, noise_trace
+from editors.edit_set import attach
+from editors.multedit import MultEdit, MultEditConfig
+from editors.request import EditRequest
+from vlm.loading import VLM
+
+from .editing import _spread
+
+
+def _flat(result: Any) -> torch.Tensor:
+    """Every number of a diagnostic result, flattened (to compare two engines)."""
+    if hasattr(result, "effects"):
+        vals = [v for k in result.kinds for row in result.effects[k] for v in row] + [result.p_corrupt]
+    elif hasattr(result, "curves"):
+        vals = [v for c in result.curves.values() for v in c]
+    elif hasattr(result, "maps"):
+        vals = [v for m in result.maps for v in m]
+    elif hasattr(result, "mlp"):
+        vals = result.attention + result.mlp
+    else:
+        vals = [v for row in result.visual + result.constraint for v in row]
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+DIAGNOSTICS: dict[str, Callable] = {
+    "trace": lambda vlm, c, mode, bs: causal_trace(vlm, c, mode=mode, batch_size=bs),
+    "noise-trace": lambda vlm, c, mode, bs: noise_trace(vlm, c, samples=3, mode=mode, batch_size=bs),
+    "knockout": lambda vlm, c, mode, bs: knockout(vlm, c, relations=RELATIONS, mode=mode, batch_size=bs),
+    "visual-attribution": lambda vlm, c, mode, bs: visual_attribution(vlm, c, samples=1, mode=mode,
+                                                                      batch_size=bs),
+    "contributions": lambda vlm, c, mode, bs: attention_contributions(vlm, c, mode=mode),
+    "module-attribution": lambda vlm, c, mode, bs: module_attribution(vlm, c, mode=mode),
+}
+
+
+def speed(vlm: VLM, cases: list[DiagnosticCase], which: list[str], batch_size: int = 256,
+          say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in which:
+        fn = DIAGNOSTICS[name]
+        times = {m: 0.0 for m in ("naive", "uncached", "batched")}
+        diff, cells, passes = 0.0, 0, {m: 0 for m in times}
+        for i, case in enumerate(cases):
+            say(f"{name}: case {i + 1}/{len(cases)}")
+            results = {}
+            for mode in ("batched", "uncached", "naive"):   # batched first: warm-up costs fall on it
+                t0 = time.perf_counter()
+                results[mode] = fn(vlm, case, mode, batch_size)
+                times[mode] += time.perf_counter() - t0
+                passes[mode] += getattr(results[mode], "forward_passes", 0)
+            ref = _flat(results["naive"])
+            diff = max(diff, float((_flat(results["batched"]) - ref).abs().max()),
+                       float((_flat(results["uncached"]) - ref).abs().max()))
+            cells += getattr(results["batched"], "cells", 0)
+        out[name] = {"cases": len(cases), "cells": cells, "forward_passes": passes,
+                     "seconds": times, "speedup": times["naive"] / times["batched"],
+                     "speedup_uncached": times["naive"] / times["uncached"], "max_abs_diff": diff}
+    return out
+
+
+def ground_truth(vlm: VLM, world_dir: Path, layers: list[int], cases: int,
+                 say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Insert each insertion case at each layer k; does the MLP indirect effect peak at k?"""
+    import json
+
+    records = [c for c in json.loads((world_dir / "edit_cases" / "test.json").read_text()) if c["type"] == "insertion"]
+    chosen = _spread(records, cases) if cases < len(records) else records
+    phrases = world_phrases(world_dir)
+    per_layer: dict[int, dict[str, Any]] = {}
+    for k in layers:
+        editor = MultEdit(vlm, MultEditConfig(layer=k))
+        hits, peaks, edited = {False: 0, True: 0}, {False: [], True: []}, 0
+        for i, rec in enumerate(chosen):
+            say(f"ground truth: layer {k}, case {i + 1}/{len(chosen)}")
+            req = EditRequest.from_case(rec, world_dir)
+            es = editor.edit([req])
+            case = DiagnosticCase(rec["src"], rec["constraint"], image=world_dir / rec["image"], answer=rec["alt"],
+                                  label=rec["case_id"], replacements=[p for p in phrases if rec["entity_name"] not in p])
+            with attach(vlm, es):
+                for iso in (False, True):
+                    r = causal_trace(vlm, case, kinds=["mlp"], window=1, roles=["constraint last"], isolate=iso)
+                    effect = r.effects["mlp"][0]
+                    peak = max(range(len(effect)), key=lambda l: effect[l])
+                    peaks[iso].append(peak)
+                    hits[iso] += peak == k
+            edited += es.records[0]["metrics"]["p_after"] > 0.5
+        per_layer[k] = {"cases": len(chosen), "peak_at_k": hits[False] / len(chosen), "peaks": peaks[False],
+                        "peak_at_k_isolated": hits[True] / len(chosen), "peaks_isolated": peaks[True],
+                        "edits_that_took": edited / len(chosen)}
+    n = sum(v["cases"] for v in per_layer.values())
+    return {"layers": per_layer, "peak_at_k": sum(v["peak_at_k"] * v["cases"] for v in per_layer.values()) / n,
+            "peak_at_k_isolated": sum(v["peak_at_k_isolated"] * v["cases"] for v in per_layer.values()) / n}
+
+
+def run(vlm: VLM, world_dir: str | Path, cases: int = 5, which: list[str] | None = None, batch_size: int = 256,
+        ground_truth_cases: int = 10, ground_truth_layers: list[int] | None = None,
+        stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+    say = stage or (lambda s: None)
+    world_dir = Path(world_dir)
+    which = which or list(DIAGNOSTICS)
+    bad = [w for w in which if w not in DIAGNOSTICS]
+    if bad:
+        raise ValueError(f"unknown diagnostic(s) {bad}; choose from {list(DIAGNOSTICS)}")
+    if cases < 1:
+        raise ValueError("--cases must be at least 1")
+    t0 = time.time()
+    all_cases = load_cases(world_dir / "edit_cases" / "test.json", vlm=vlm)
+    chosen = all_cases[:: max(1, len(all_cases) // cases)][:cases]   # spread over the file
+    out: dict[str, Any] = {"model": str(vlm.path), "device": str(vlm.input_device), "dtype": str(vlm.dtype),
+                           "batch_size": batch_size, "speed": speed(vlm, chosen, which, batch_size, say)}
+    if ground_truth_cases > 0:
+        layers = ground_truth_layers if ground_truth_layers is not None else [0, 1, 2, 3]
+        out["ground_truth"] = ground_truth(vlm, world_dir, layers, ground_truth_cases, say)
+    out["seconds"] = time.time() - t0
+    return out

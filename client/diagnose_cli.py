@@ -133,6 +133,8 @@ def trace_cmd(
     replace: Optional[str] = typer.Option(None, "--replace", help="The phrase that replaces the constraint (same "
                                           "token length; default: the fitting named entity that lowers P(O) most)."),
     image_block: Optional[int] = typer.Option(None, help="Image tokens per block row (default: one patch-grid row)."),
+    isolate: bool = typer.Option(False, help="Restore one layer's MLP/attention output while the same module at "
+                                 "the other layers keeps its corrupted output (credits the module's own output)."),
     engine: str = ENGINE, batch_size: int = BATCH, model: Optional[Path] = MODEL, device: str = DEVICE,
     dtype: str = DTYPE, out: Optional[Path] = OUT, as_json: bool = JSON,
 ) -> None:
@@ -144,7 +146,8 @@ def trace_cmd(
     cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
     results = _each(vlm, cs, lambda c, cells: causal_trace(
         vlm, c, kinds=kind or ["hidden", "mlp", "attn"], window=window, replacement=replace,
-        image_block=image_block, mode=engine, batch_size=batch_size, progress=cells), console, "trace")
+        image_block=image_block, isolate=isolate, mode=engine, batch_size=batch_size, progress=cells), console,
+        "trace")
     _finish_trace(results, average_traces, out, as_json)
 
 

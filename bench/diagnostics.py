@@ -100,7 +100,7 @@ def ground_truth(vlm: VLM, world_dir: Path, layers: list[int], cases: int,
     per_layer: dict[int, dict[str, Any]] = {}
     for k in layers:
         editor = MultEdit(vlm, MultEditConfig(layer=k))
-        hits, peaks, edited = {False: 0, True: 0}, {False: [], True: []}, 0
+        hits, peaks, edited, took_hits = {False: 0, True: 0}, {False: [], True: []}, 0, 0
         for i, rec in enumerate(chosen):
             say(f"ground truth: layer {k}, case {i + 1}/{len(chosen)}")
             req = EditRequest.from_case(rec, world_dir)
@@ -114,10 +114,13 @@ def ground_truth(vlm: VLM, world_dir: Path, layers: list[int], cases: int,
                     peak = max(range(len(effect)), key=lambda l: effect[l])
                     peaks[iso].append(peak)
                     hits[iso] += peak == k
-            edited += es.records[0]["metrics"]["p_after"] > 0.5
+            took = es.records[0]["metrics"]["p_after"] > 0.5
+            edited += took
+            took_hits += took and peaks[True][-1] == k
         per_layer[k] = {"cases": len(chosen), "peak_at_k": hits[False] / len(chosen), "peaks": peaks[False],
                         "peak_at_k_isolated": hits[True] / len(chosen), "peaks_isolated": peaks[True],
-                        "edits_that_took": edited / len(chosen)}
+                        "edits_that_took": edited / len(chosen),
+                        "peak_at_k_isolated_of_edits_that_took": took_hits / max(1, edited)}
     n = sum(v["cases"] for v in per_layer.values())
     return {"layers": per_layer, "peak_at_k": sum(v["peak_at_k"] * v["cases"] for v in per_layer.values()) / n,
             "peak_at_k_isolated": sum(v["peak_at_k_isolated"] * v["cases"] for v in per_layer.values()) / n}

@@ -51,7 +51,7 @@ class MultEditConfig:
 
     def check(self, vlm: VLM) -> None:
         if self.layer != "auto" and (not isinstance(self.layer, int) or not 0 <= self.layer < vlm.num_layers):
-            raise ValueError(f"layer {self.layer!r} is neither 'auto' nor a layer in 0..{vlm.num_layers - 1}")
+            raise ValueError(f"layer {self.layer!r} is outside 0..{vlm.num_layers - 1} (or use 'auto')")
         if self.lam <= 0:
             raise ValueError("λ must be positive")
         if self.steps < 0 or self.lr <= 0:

@@ -324,7 +324,8 @@ def visual_attribution_cmd(
     d = r.to_dict()
     if out is not None:
         img = Image.open(r.image).convert("RGB") if r.image else Image.new("RGB", (64, 64), "white")
-        d["png"] = str(render_image_maps(img, r.maps, [f"layer {l}" for l in r.layers], out, tuple(r.grid),
+        d["png"] = str(render_image_maps(img, r.maps, [f"layer {l} (max {max(m):.3f})" for l, m in zip(r.layers, r.maps)],
+                                         out, tuple(r.grid),
                                          title=f"visual-representation attribution ({r.label})"))
     _emit(d, as_json, [f"visual-representation attribution, {r.label} (grid {r.grid[0]}x{r.grid[1]})"]
           + [f"  layer {l}: mean {sum(m) / len(m):.4f}, max {max(m):.4f} at patch {m.index(max(m))}"

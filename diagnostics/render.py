@@ -118,7 +118,7 @@ def render_trace(result: Any, path: PathLike) -> Path:
         fig.colorbar(im, ax=ax, label="indirect effect")
     _row_ticks(axes[0][0], labels, marked)
     head = f"{result.method}: {result.label}" if result.label else result.method
-    if result.cases > 1:
+    if result.cases > 1 and "cases" not in head:
         head += f" ({result.cases} cases)"
     probs = f"P_clean={result.p_clean:.3f}  P_corrupt={result.p_corrupt:.3f}"
     if result.answer:

@@ -12,7 +12,8 @@ the full token-replacement trace grid: every text position and image
 block × every layer × 3 kinds.
 
 Ground truth. A new fact is inserted with MultEdit at layer k (the world's
-insertion cases: entities the model has never seen); then the
+insertion cases: entities the model has never seen, whose answer it does
+not already give); then the
 token-replacement trace of the edited model's answer, MLP kind, window 1,
 at the constraint's last token must peak at layer k.
 """
@@ -94,7 +95,9 @@ def ground_truth(vlm: VLM, world_dir: Path, layers: list[int], cases: int,
     """Insert each insertion case at each layer k; does the MLP indirect effect peak at k?"""
     import json
 
-    records = [c for c in json.loads((world_dir / "edit_cases" / "test.json").read_text()) if c["type"] == "insertion"]
+    # new facts only: an insertion whose answer the base model already gives is written at its own layer
+    records = [c for c in json.loads((world_dir / "edit_cases" / "test.json").read_text())
+               if c["type"] == "insertion" and c["pred"] != c["alt"]]
     chosen = _spread(records, cases) if cases < len(records) else records
     phrases = world_phrases(world_dir)
     per_layer: dict[int, dict[str, Any]] = {}

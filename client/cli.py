@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli_support import _fail, _load, _progress_bar, _world_and_model
+from .cli_support import fail, load_model, progress_bar, world_and_model
 from .diagnose_cli import diagnose_app
 
 app = typer.Typer(
@@ -51,7 +51,7 @@ def world_build(
     console = Console(stderr=True)
     train_cfg = TrainConfig(steps=steps) if steps else None
     if steps is not None and steps <= 0:
-        _fail("--steps must be positive")
+        fail("--steps must be positive")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
@@ -66,7 +66,7 @@ def world_build(
         try:
             summary = build_world(seed=seed, out=out, force=force, train_cfg=train_cfg, stage=stage, progress=progress)
         except (FileExistsError, ValueError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "loss_curve"}, indent=1))
         return
@@ -106,13 +106,13 @@ def world_check(
     console = Console(stderr=True)
     folder = world or default_world_dir(seed)
     if not (folder / "model").is_dir():
-        _fail(f"{folder} holds no built world; run `editlens world build` (or pass --world PATH)")
+        fail(f"{folder} holds no built world; run `editlens world build` (or pass --world PATH)")
     try:
         vlm = load_vlm(folder / "model", device=device)
         result = check_world(folder, vlm=vlm, questions=questions, cases=cases, layers=layer,
                              stage=lambda s: console.print(f"[bold]·[/bold] {s}"))
     except (WorldCheckError, ModelLoadError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=1))
     else:
@@ -145,7 +145,7 @@ def ask_cmd(
     """Answer one question with a local model (greedy), optionally scoring an answer."""
     from vlm import VLMError, encode, generate, score_answers
 
-    vlm = _load(model, device, dtype)
+    vlm = load_model(model, device, dtype)
     try:
         prompt = encode(vlm.processor, question, image=image, constraints=constraint)
         result = {"question": question, "answer": generate(vlm, [prompt])[0]}
@@ -160,7 +160,7 @@ def ask_cmd(
             result["scored"] = {"answer": answer, "logprob": s.logprob, "prob": s.prob,
                                 "token_accuracy": s.token_accuracy}
     except VLMError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -174,7 +174,7 @@ def ask_cmd(
 
 def _optional_float(value: Optional[float], name: str) -> Optional[float]:
     if value is not None and value <= 0:
-        _fail(f"{name} must be positive")
+        fail(f"{name} must be positive")
     return value
 
 
@@ -225,24 +225,24 @@ def edit_cmd(
     console = Console(stderr=True)
     _optional_float(max_norm, "--max-norm")
     if out.suffix != ".safetensors":
-        _fail(f"--out must end in .safetensors, not {out.name!r}")
+        fail(f"--out must end in .safetensors, not {out.name!r}")
     if not image.is_file():
-        _fail(f"image not found: {image}")
+        fail(f"image not found: {image}")
     if layer != "auto" and not layer.lstrip("-").isdigit():
-        _fail(f"--layer must be a layer number or auto, not {layer!r}")
+        fail(f"--layer must be a layer number or auto, not {layer!r}")
     if image_rephrase is not None and not image_rephrase.is_file():
-        _fail(f"image not found: {image_rephrase}")
-    vlm = _load(model, device, dtype)
+        fail(f"image not found: {image_rephrase}")
+    vlm = load_model(model, device, dtype)
     try:
         config = MultEditConfig(layer=layer if layer == "auto" else int(layer), lam=lam, steps=steps, lr=lr, lr_scale=lr_scale, max_norm=max_norm,
                                 target_prob=target_prob)
         editor = MultEdit(vlm, config)
         base = EditSet.load(onto, vlm) if onto is not None else None
         if base is not None and base.editor != editor.name:
-            _fail(f"{onto} holds {base.editor} edits; --onto takes a MultEdit edit set")
+            fail(f"{onto} holds {base.editor} edits; --onto takes a MultEdit edit set")
         request = EditRequest(question, constraint, answer, image=image, rephrase=rephrase,
                               image_rephrase=image_rephrase, replacements=world_phrases(Path(vlm.path).parent))
-        with _progress_bar(console) as bar:
+        with progress_bar(console) as bar:
             task = bar.add_task("editing", total=None, info="")
 
             def progress(e) -> None:
@@ -254,7 +254,7 @@ def edit_cmd(
         if peft is not None:
             export_peft(edit_set, peft, str(vlm.path))
     except (VLMError, EditSetError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     rec = edit_set.records[-1]
     result = {"out": str(out), "edit": rec, **describe(edit_set, size)}
     evidence = edit_set.hyperparameters.get("layer_evidence")
@@ -291,13 +291,13 @@ def export_peft_cmd(
 
     try:
         if model is not None:
-            vlm = _load(model, "cpu", "float32")
+            vlm = load_model(model, "cpu", "float32")
             edit_set = EditSet.load(edit_set_file, vlm)
         else:
             edit_set = EditSet.load(edit_set_file)
         export_peft(edit_set, out, str(model.resolve()) if model else None)
     except EditSetError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"wrote a PEFT LoRA adapter with {edit_set.num_edits} edit(s) to {out}")
 
 
@@ -336,9 +336,9 @@ def bench_editing(
     from editors.metrics import CaseError
 
     console = Console(stderr=True)
-    folder, vlm = _world_and_model(world, seed, device)
+    folder, vlm = world_and_model(world, seed, device)
     try:
-        with _progress_bar(console) as bar:
+        with progress_bar(console) as bar:
             task = bar.add_task("", total=None, info="", visible=False)
 
             def stage(msg: str) -> None:
@@ -351,7 +351,7 @@ def bench_editing(
                                  panel_size=panel, latency_edits=latency_edits, seed=seed, stage=stage, tick=tick,
                                  overrides={"multedit": {"lr_scale": lr_scale}})
     except (ValueError, CaseError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -403,12 +403,12 @@ def bench_layers(
     from editors.metrics import CaseError
 
     console = Console(stderr=True)
-    folder, vlm = _world_and_model(world, seed, device)
+    folder, vlm = world_and_model(world, seed, device)
     try:
         result = layers_bench.run(vlm, folder, cases=cases, layers=layer, overrides={"lr_scale": lr_scale},
                                   stage=lambda m: console.print(f"[bold]·[/bold] {m}"))
     except (ValueError, CaseError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -438,7 +438,7 @@ def bench_update(
     try:
         result = update.run(d=d, d_ff=d_ff, edits=edits, device=str(resolve_device(device)))
     except (ValueError, ModelLoadError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -505,13 +505,13 @@ def bench_diagnostics(
     from vlm import VLMError
 
     console = Console(stderr=True)
-    folder, vlm = _world_and_model(world, seed, device)
+    folder, vlm = world_and_model(world, seed, device)
     try:
         result = diag_bench.run(vlm, folder, cases=cases, which=diagnostic, batch_size=batch_size,
                                 ground_truth_cases=ground_truth_cases, ground_truth_layers=ground_truth_layer,
                                 stage=lambda m: console.print(f"[bold]·[/bold] {m}"))
     except (ValueError, VLMError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return

@@ -8,45 +8,45 @@ from typing import Optional
 import typer
 
 
-def _fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _default_model_dir() -> Path:
+def default_model_dir() -> Path:
     from vlm.world import default_world_dir
 
     return default_world_dir(0) / "model"
 
 
-def _load(model: Optional[Path], device: str, dtype: str):
+def load_model(model: Optional[Path], device: str, dtype: str):
     from vlm import ModelLoadError, load_vlm
 
-    path = model or _default_model_dir()
+    path = model or default_model_dir()
     if model is None and not path.exists():
-        _fail(f"no model given and the embedded default is not built yet ({path}); "
+        fail(f"no model given and the embedded default is not built yet ({path}); "
               "run `editlens world build` or pass --model PATH")
     try:
         return load_vlm(path, device=device, dtype=dtype)
     except ModelLoadError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
-def _progress_bar(console):
+def progress_bar(console):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
 
 
-def _world_and_model(world: Optional[Path], seed: int, device: str):
+def world_and_model(world: Optional[Path], seed: int, device: str):
     from vlm import ModelLoadError, load_vlm
     from vlm.world import default_world_dir
 
     folder = world or default_world_dir(seed)
     if not (folder / "model").is_dir() or not (folder / "edit_cases" / "test.json").is_file():
-        _fail(f"{folder} holds no built world; run `editlens world build` (or pass --world PATH)")
+        fail(f"{folder} holds no built world; run `editlens world build` (or pass --world PATH)")
     try:
         return folder, load_vlm(folder / "model", device=device)
     except ModelLoadError as exc:
-        _fail(str(exc))
+        fail(str(exc))

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 
 import typer
 
-from .cli_support import _default_model_dir, _fail, _load, _progress_bar
+from .cli_support import default_model_dir, fail, load_model, progress_bar
 
 diagnose_app = typer.Typer(help="Causal traces, attention contributions and knockout, attributions and layer "
                                 "recommendation on a local model (one case, or averaged over a case file).",
@@ -45,14 +45,14 @@ def _cases(vlm, image, question, constraint, answer, cases, limit, variant):
 
     if cases is not None:
         if any(v is not None for v in (image, question, constraint)):
-            _fail("give either --cases or --image/--question/--constraint, not both")
+            fail("give either --cases or --image/--question/--constraint, not both")
         return load_cases(cases, variants=variant or ["src"], limit=limit, vlm=vlm,
                           answer="model" if answer is None else answer)
     missing = [n for n, v in (("--image", image), ("--question", question), ("--constraint", constraint)) if v is None]
     if missing:
-        _fail(f"a single case needs {', '.join(missing)} (or pass --cases FILE)")
+        fail(f"a single case needs {', '.join(missing)} (or pass --cases FILE)")
     if not image.is_file():
-        _fail(f"image not found: {image}")
+        fail(f"image not found: {image}")
     return [DiagnosticCase(question, constraint, image=image, answer=answer, label=image.name,
                            replacements=world_phrases(Path(vlm.path).parent))]
 
@@ -60,7 +60,7 @@ def _cases(vlm, image, question, constraint, answer, cases, limit, variant):
 @contextmanager
 def _run(console, what: str, n_cases: int):
     """A progress bar; yields (case_progress, cell_progress) callbacks."""
-    with _progress_bar(console) as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task(what, total=None, info="")
         state = {"case": 0}
 
@@ -84,7 +84,7 @@ def _each(vlm, cases, fn: Callable, console, what: str):
             try:
                 out.append(fn(case, cells))
             except VLMError as exc:
-                _fail(f"{case.label or 'case'}: {exc}")
+                fail(f"{case.label or 'case'}: {exc}")
             case_done(i + 1, len(cases))
     return out
 
@@ -99,7 +99,7 @@ def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
 
 def _check_out(out: Optional[Path]) -> None:
     if out is not None and out.suffix.lower() != ".png":
-        _fail(f"--out must end in .png, not {out.name!r}")
+        fail(f"--out must end in .png, not {out.name!r}")
 
 
 def _grid(values: list[float]) -> str:
@@ -120,7 +120,7 @@ def _setup(model, device, dtype, out):
     from rich.console import Console
 
     _check_out(out)
-    return Console(stderr=True), _load(model, device, dtype)
+    return Console(stderr=True), load_model(model, device, dtype)
 
 
 @diagnose_app.command("trace")
@@ -255,7 +255,7 @@ def knockout_cmd(
     try:
         regions = [[int(x) for x in r.split(",") if x.strip()] for r in region] if region else None
     except ValueError:
-        _fail("--region takes comma-separated patch indices, e.g. '0,1,4,5'")
+        fail("--region takes comma-separated patch indices, e.g. '0,1,4,5'")
     console, vlm = _setup(model, device, dtype, out)
     cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
     results = _each(vlm, cs, lambda c, cells: knockout(
@@ -351,12 +351,12 @@ def recommend_cmd(
     from vlm import VLMError
 
     if editor not in ("multedit", "visedit", "both"):
-        _fail(f"--editor must be multedit, visedit or both, not {editor!r}")
+        fail(f"--editor must be multedit, visedit or both, not {editor!r}")
     console, vlm = _setup(model, device, dtype, out)
     cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
     if cases is None and (rephrase or image_rephrase):
         if image_rephrase is not None and not image_rephrase.is_file():
-            _fail(f"image not found: {image_rephrase}")
+            fail(f"image not found: {image_rephrase}")
         cs = request_cases(question, constraint, image, rephrase=rephrase, image_rephrase=image_rephrase,
                            replacements=cs[0].replacements)
         for c in cs:
@@ -369,7 +369,7 @@ def recommend_cmd(
             if editor in ("visedit", "both"):
                 recs.append(recommend_vead_layer(vlm, cs, progress=case_done))
     except VLMError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     d = {r.editor: r.to_dict() for r in recs}
     if out is not None:
         groups = {f"{r.editor} score": r.scores for r in recs}
@@ -380,4 +380,4 @@ def recommend_cmd(
 
 def default_world_cases() -> Path:
     """The embedded world's test cases (for examples in the help and README)."""
-    return _default_model_dir().parent / "edit_cases" / "test.json"
+    return default_model_dir().parent / "edit_cases" / "test.json"

@@ -108,7 +108,7 @@ def test_auroc():
 
 def test_isolated_trace_finds_the_layer_an_insertion_was_written_to(vlm, world_dir, test_cases):
     """Ground truth: a fact inserted by MultEdit at layer k; the trace's MLP effect must peak at k."""
-    inserts = [c for c in test_cases if c["type"] == "insertion"][:3]
+    inserts = [c for c in test_cases if c["type"] == "insertion" and c["pred"] != c["alt"]][:3]
     phrases = world_phrases(world_dir)
     hits, total = 0, 0
     for k in range(4):

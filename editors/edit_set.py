@@ -30,6 +30,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
+from vlm.hooks import thread_scoped
 from vlm.loading import VLM
 
 FORMAT = "editlens.edit_set"
@@ -247,7 +248,7 @@ class AttachedEdits:
                     add = add + d.contribution(x)
                 return (out.float() + add).to(out.dtype)
 
-            self._handles.append(mod.register_forward_hook(hook))
+            self._handles.append(mod.register_forward_hook(thread_scoped(hook)))
 
     def remove(self) -> None:
         for h in self._handles:

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .hooks import thread_scoped
 from .loading import VLM
 
 STATE_KINDS = ("hidden", "mlp", "attn", "mlp_in", "embeds")
@@ -242,7 +243,7 @@ def interventions(
                     kwargs["inputs_embeds"] = e
                 keep(key, e)
                 return args, kwargs
-            handles.append(arch.get(model, arch.language_model).register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(arch.get(model, arch.language_model).register_forward_pre_hook(thread_scoped(pre), with_kwargs=True))
         elif kind == "mlp_in":
             def pre_in(mod, args, key=key, ops=ops, grp=grp):
                 x = args[0]
@@ -250,17 +251,17 @@ def interventions(
                     x = grp.apply(x, ops)
                 keep(key, x)
                 return (x,) + tuple(args[1:])
-            handles.append(vlm.module(arch.module_path("down_proj", layer)).register_forward_pre_hook(pre_in))
+            handles.append(vlm.module(arch.module_path("down_proj", layer)).register_forward_pre_hook(thread_scoped(pre_in)))
         elif kind == "attn_in":
             def pre_attn(mod, args, kwargs, key=key):
                 keep(key, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
-            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_pre_hook(pre_attn, with_kwargs=True))
+            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_pre_hook(thread_scoped(pre_attn), with_kwargs=True))
         elif kind == "attn_probs":
             def post_probs(mod, args, out, key=key, layer=layer):
                 if out[1] is None:
                     raise RuntimeError("attention probabilities need eager attention; wrap the call in eager_attention(vlm)")
                 keep(key, out[1])
-            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_hook(post_probs))
+            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_hook(thread_scoped(post_probs)))
         else:
             def post(mod, args, out, key=key, ops=ops, grp=grp):
                 t = out[0] if isinstance(out, tuple) else out
@@ -270,7 +271,7 @@ def interventions(
                 if isinstance(out, tuple):
                     return (t,) + tuple(out[1:])
                 return t
-            handles.append(vlm.module(arch.module_path(kind, layer)).register_forward_hook(post))
+            handles.append(vlm.module(arch.module_path(kind, layer)).register_forward_hook(thread_scoped(post)))
 
     if knockouts:
         masks = _knockout_masks(knockouts, attention_mask, vlm.dtype, vlm.num_layers, offset)
@@ -278,12 +279,12 @@ def interventions(
             def attn_pre(mod, args, kwargs, mask=mask):
                 kwargs["attention_mask"] = mask
                 return args, kwargs
-            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_pre_hook(attn_pre, with_kwargs=True))
+            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_pre_hook(thread_scoped(attn_pre), with_kwargs=True))
 
     if stop_after_layer is not None:
         def stop(mod, args, out):
             raise _StopForward
-        handles.append(vlm.module(arch.layer_path(stop_after_layer)).register_forward_hook(stop))
+        handles.append(vlm.module(arch.layer_path(stop_after_layer)).register_forward_hook(thread_scoped(stop)))
 
     with _hooks(handles):
         yield captured

@@ -103,3 +103,29 @@ def test_foreign_and_broken_files_are_refused_with_clear_errors(vlm, edit_set, t
         EditSet([LowRankDelta(1, "m", torch.full((2, 1), float("inf")), torch.ones(3, 1))], "f", "multedit",
                 records=[{}]).save(tmp_path / "never.safetensors")
     assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_attached_edits_act_only_in_their_own_thread(vlm, edit_set, world_dir, test_cases):
+    """The server serves several versions at once from one model: an edit set attached in one
+    thread must not change a forward pass running in another."""
+    import threading
+
+    base, _ = _outputs(vlm, world_dir, test_cases)
+    seen = {}
+    attached, release = threading.Event(), threading.Event()
+
+    def editing_thread():
+        with attach(vlm, edit_set):
+            seen["edited"] = _outputs(vlm, world_dir, test_cases)[0]
+            attached.set()
+            release.wait(30)
+
+    t = threading.Thread(target=editing_thread)
+    t.start()
+    assert attached.wait(60)
+    try:
+        assert torch.equal(_outputs(vlm, world_dir, test_cases)[0], base)   # this thread: the base model
+    finally:
+        release.set()
+        t.join()
+    assert not torch.equal(seen["edited"], base)                           # that thread: the edited model

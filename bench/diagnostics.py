@@ -12,10 +12,13 @@ the full token-replacement trace grid: every text position and image
 block × every layer × 3 kinds.
 
 Ground truth. A new fact is inserted with MultEdit at layer k (the world's
-insertion cases: entities the model has never seen, whose answer it does
-not already give); then the
-token-replacement trace of the edited model's answer, MLP kind, window 1,
-at the constraint's last token must peak at layer k.
+insertion cases: entities the model has never seen, whose answer's first
+token it gives with P < 0.1); then the token-replacement trace of the new answer, MLP
+kind, window 1, at the constraint's last token must peak at layer k. The
+edit's trace (``trace.edit_trace``) restores the edited model's clean
+states into the base model's corrupted run, minus the same with the base
+model's states; beside it, the plain and the isolated trace run wholly on
+the edited model.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ import torch
 
 from diagnostics.attention import attention_contributions
 from diagnostics.attribution import module_attribution, visual_attribution
-from diagnostics.cases import DiagnosticCase, load_cases, world_phrases
+from diagnostics.cases import DiagnosticCase, load_cases, prepare, world_phrases
 from diagnostics.knockout import RELATIONS, knockout
-from diagnostics.trace import causal_trace, noise_trace
+from diagnostics.trace import causal_trace, edit_trace, noise_trace
 from editors.edit_set import attach
 from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest
@@ -90,43 +93,68 @@ def speed(vlm: VLM, cases: list[DiagnosticCase], which: list[str], batch_size: i
     return out
 
 
+def new_facts(vlm: VLM, world_dir: Path, records: list[dict], max_prob: float = 0.1) -> list[dict]:
+    """The insertion cases whose answer the base model does not know: P(its first token) < ``max_prob``
+    (the quantity the traces measure; years share first tokens).
+
+    A fact the base model already (half) gives is written at its own layer, and a
+    trace rightly finds that one."""
+    out = []
+    for c in records:
+        if c["type"] != "insertion":
+            continue
+        case = DiagnosticCase(c["src"], c["constraint"], image=world_dir / c["image"], answer=c["alt"])
+        if prepare(vlm, case).p_clean < max_prob:
+            out.append(c)
+    return out
+
+
 def ground_truth(vlm: VLM, world_dir: Path, layers: list[int], cases: int,
                  say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Insert each insertion case at each layer k; does the MLP indirect effect peak at k?"""
     import json
 
-    # new facts only: an insertion whose answer the base model already gives is written at its own layer
-    records = [c for c in json.loads((world_dir / "edit_cases" / "test.json").read_text())
-               if c["type"] == "insertion" and c["pred"] != c["alt"]]
+    records = new_facts(vlm, world_dir, json.loads((world_dir / "edit_cases" / "test.json").read_text()))
     chosen = _spread(records, cases) if cases < len(records) else records
     phrases = world_phrases(world_dir)
     per_layer: dict[int, dict[str, Any]] = {}
     for k in layers:
         editor = MultEdit(vlm, MultEditConfig(layer=k))
-        hits, peaks, edited, took_hits = {False: 0, True: 0}, {False: [], True: []}, 0, 0
+        hits = {"edit": 0, "plain": 0, "isolated": 0}
+        peaks: dict[str, list[int]] = {name: [] for name in hits}
+        curves: dict[str, list[float]] = {name: [0.0] * vlm.num_layers for name in hits}
+        edited, took_hits = 0, 0
         for i, rec in enumerate(chosen):
             say(f"ground truth: layer {k}, case {i + 1}/{len(chosen)}")
             req = EditRequest.from_case(rec, world_dir)
             es = editor.edit([req])
             case = DiagnosticCase(rec["src"], rec["constraint"], image=world_dir / rec["image"], answer=rec["alt"],
                                   label=rec["case_id"], replacements=[p for p in phrases if rec["entity_name"] not in p])
-            with attach(vlm, es):
-                for iso in (False, True):
-                    r = causal_trace(vlm, case, kinds=["mlp"], window=1, roles=["constraint last"], isolate=iso)
-                    effect = r.effects["mlp"][0]
-                    peak = max(range(len(effect)), key=lambda l: effect[l])
-                    peaks[iso].append(peak)
-                    hits[iso] += peak == k
+            # the edit's trace: clean states from the edited model, corrupted runs on the base model;
+            # and, for comparison, both runs on the edited model (plain and isolated)
+            for name in ("edit", "plain", "isolated"):
+                if name == "edit":
+                    r = edit_trace(vlm, case, lambda: attach(vlm, es), kinds=["mlp"], roles=["constraint last"])
+                else:
+                    with attach(vlm, es):
+                        r = causal_trace(vlm, case, kinds=["mlp"], roles=["constraint last"], isolate=name == "isolated")
+                effect = r.effects["mlp"][0]
+                curves[name] = [c + e / len(chosen) for c, e in zip(curves[name], effect)]
+                peak = max(range(len(effect)), key=lambda l: effect[l])
+                peaks[name].append(peak)
+                hits[name] += peak == k
             took = es.records[0]["metrics"]["p_after"] > 0.5
             edited += took
-            took_hits += took and peaks[True][-1] == k
-        per_layer[k] = {"cases": len(chosen), "peak_at_k": hits[False] / len(chosen), "peaks": peaks[False],
-                        "peak_at_k_isolated": hits[True] / len(chosen), "peaks_isolated": peaks[True],
-                        "edits_that_took": edited / len(chosen),
-                        "peak_at_k_isolated_of_edits_that_took": took_hits / max(1, edited)}
+            took_hits += took and peaks["edit"][-1] == k
+        per_layer[k] = {"cases": len(chosen), "edits_that_took": edited / len(chosen),
+                        "peak_at_k_of_edits_that_took": took_hits / max(1, edited),
+                        **{f"peak_at_k_{name}": hits[name] / len(chosen) for name in hits},
+                        **{f"peaks_{name}": peaks[name] for name in peaks},
+                        **{f"mean_effect_{name}": curves[name] for name in curves}}
     n = sum(v["cases"] for v in per_layer.values())
-    return {"layers": per_layer, "peak_at_k": sum(v["peak_at_k"] * v["cases"] for v in per_layer.values()) / n,
-            "peak_at_k_isolated": sum(v["peak_at_k_isolated"] * v["cases"] for v in per_layer.values()) / n}
+    return {"layers": per_layer,
+            **{f"peak_at_k_{name}": sum(v[f"peak_at_k_{name}"] * v["cases"] for v in per_layer.values()) / n
+               for name in ("edit", "plain", "isolated")}}
 
 
 def run(vlm: VLM, world_dir: str | Path, cases: int = 5, which: list[str] | None = None, batch_size: int = 256,
@@ -150,3 +178,22 @@ def run(vlm: VLM, world_dir: str | Path, cases: int = 5, which: list[str] | None
         out["ground_truth"] = ground_truth(vlm, world_dir, layers, ground_truth_cases, say)
     out["seconds"] = time.time() - t0
     return out
+
+
+def render_ground_truth(gt: dict[str, Any], path: str | Path) -> Path:
+    """Heatmap: one row per (trace, edited layer k) with the mean MLP indirect effect at the
+    constraint's last token per layer; each label names the layer where the row peaks."""
+    from diagnostics.render import render_matrix
+
+    rows, labels = [], []
+    for name in ("edit", "isolated", "plain"):
+        for k, v in gt["layers"].items():
+            curve = v[f"mean_effect_{name}"]
+            peak = max(range(len(curve)), key=curve.__getitem__)
+            top = curve[peak] if curve[peak] > 0 else 1.0
+            rows.append([c / top for c in curve])
+            labels.append(f"{name} trace, edited at {k}: peak {peak} ({curve[peak]:.3f})")
+    return render_matrix(rows, labels, [str(l) for l in range(len(rows[0]))], path,
+                         title="ground truth: MLP indirect effect at the constraint's last token\n"
+                               "after a MultEdit insertion at layer k (mean over cases, each row / its peak)",
+                         colorbar_label="effect / row peak")

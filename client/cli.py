@@ -495,6 +495,8 @@ def bench_diagnostics(
     world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
     seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    figure: Optional[Path] = typer.Option(None, help="Write the ground truth's mean MLP effect per edited layer "
+                                                     "as a PNG heatmap."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The batched diagnostics engine against the naive reference (times, ratio, largest difference), and
@@ -512,6 +514,8 @@ def bench_diagnostics(
                                 stage=lambda m: console.print(f"[bold]·[/bold] {m}"))
     except (ValueError, VLMError) as exc:
         fail(str(exc))
+    if figure is not None and result.get("ground_truth"):
+        result["ground_truth_figure"] = str(diag_bench.render_ground_truth(result["ground_truth"], figure))
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -525,8 +529,9 @@ def bench_diagnostics(
     gt = result.get("ground_truth")
     if gt:
         typer.echo("ground truth: MultEdit insertion at layer k; share of cases whose MLP effect at the "
-                   "constraint's last token peaks at k (plain / isolated trace)")
+                   "constraint's last token peaks at k (edit trace / plain / isolated, both runs edited)")
         for k, v in gt["layers"].items():
-            typer.echo(f"  layer {k}: {v['peak_at_k']:.2f} / {v['peak_at_k_isolated']:.2f}  over {v['cases']} cases "
+            typer.echo(f"  layer {k}: {v['peak_at_k_edit']:.2f} / {v['peak_at_k_plain']:.2f} / "
+                       f"{v['peak_at_k_isolated']:.2f}  over {v['cases']} cases "
                        f"(edits that took: {v['edits_that_took']:.2f})")
-        typer.echo(f"  all: {gt['peak_at_k']:.2f} / {gt['peak_at_k_isolated']:.2f}")
+        typer.echo(f"  all: {gt['peak_at_k_edit']:.2f} / {gt['peak_at_k_plain']:.2f} / {gt['peak_at_k_isolated']:.2f}")

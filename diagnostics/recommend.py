@@ -9,8 +9,9 @@
   with ``isolate``: the other layers' MLPs keep their corrupted outputs), which
   credits the MLP that writes the fact rather than the first one upstream of
   it; the plain effect is stored beside it. On the world's model both peak
-  at layer 0 for its own facts; after an edit at layer k only the isolated
-  one peaks at k (``bench diagnostics``, ground truth).
+  at layer 0 for its own facts; after an edit at layer k the isolated one
+  peaks at k in 33 of 40 edits, the plain one in 10 (``bench diagnostics``,
+  ground truth; ``trace.edit_trace``, which needs the edit, in 40).
 * VisEdit's VEAD (Chen §3–4): the module-output attribution rises in the
   deep layers, which read the visual states; the adapter goes at the input
   of the first layer of the block of high-contribution layers (total

@@ -26,6 +26,7 @@ up to the first corrupted token once and reuses its key/value cache.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
@@ -263,11 +264,17 @@ def _select(rows: list[TraceRow], roles: Sequence[str] | None) -> list[TraceRow]
 
 def causal_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str] = TRACE_KINDS, window: int = 1,
                  replacement: str | None = None, candidates: Sequence[str] = (), image_block: int | None = None,
-                 roles: Sequence[str] | None = None, isolate: bool = False, mode: str = "batched",
-                 batch_size: int = 64, progress: Progress | None = None) -> TraceResult:
+                 roles: Sequence[str] | None = None, isolate: bool = False, clean_context=None,
+                 mode: str = "batched", batch_size: int = 64, progress: Progress | None = None) -> TraceResult:
     """MultiModalCausalTrace of one case (token replacement of the visual constraint).
 
     ``roles`` restricts the rows (e.g. ["constraint last"]); default: all.
+
+    ``clean_context``: a factory of a context manager under which the clean
+    run (P_clean and the states to restore) is computed, while the corrupted
+    runs are made without it; e.g. ``lambda: attach(vlm, edit_set)`` traces
+    *an edit*: which layer's state, taken from the edited model, carries the
+    new answer into the unedited model.
 
     ``isolate``: the MLP / attention output of the window is restored while the
     same module at every other layer keeps its corrupted output at those
@@ -281,9 +288,11 @@ def causal_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str]
     t0 = time.perf_counter()
     check_window(window, vlm.num_layers)
     kinds = check_kinds(kinds)
-    prep = case if isinstance(case, Prepared) else prepare(vlm, case)
-    phrase, new_q, corrupt = replace_constraint(vlm, prep, replacement, list(candidates) + list(prep.case.replacements))
-    clean = _clean_states(vlm, prep, kinds)
+    with clean_context() if clean_context is not None else contextlib.nullcontext():
+        prep = case if isinstance(case, Prepared) else prepare(vlm, case)
+        phrase, new_q, corrupt = replace_constraint(vlm, prep, replacement,
+                                                    list(candidates) + list(prep.case.replacements))
+        clean = _clean_states(vlm, prep, kinds)
     held = _clean_states(vlm, replace(prep, prompt=corrupt), kinds) if isolate else None
     rows = _select(trace_rows(prep, image_block), roles)
     runner = CellRunner(vlm, corrupt, prep.target_id, mode=mode, batch_size=batch_size)
@@ -295,6 +304,30 @@ def causal_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str]
                        question=prep.case.question, corrupted_question=new_q, replacement=phrase,
                        label=prep.case.label, cells=cells, forward_passes=passes,
                        seconds=time.perf_counter() - t0)
+
+
+def edit_trace(vlm: VLM, case: DiagnosticCase, edit_context, kinds: Sequence[str] = TRACE_KINDS, window: int = 1,
+               replacement: str | None = None, candidates: Sequence[str] = (), image_block: int | None = None,
+               roles: Sequence[str] | None = None, mode: str = "batched", batch_size: int = 64,
+               progress: Progress | None = None) -> TraceResult:
+    """Where does an edit act? The token-replacement trace with the clean states of the edited model
+    (``edit_context``, e.g. ``lambda: attach(vlm, edit_set)``) restored into the unedited model's
+    corrupted run, minus the same trace with the unedited model's clean states.
+
+    A state the edit does not change (every layer before the edited one) gets exactly 0, and
+    what the unedited model already knew about the answer cancels; what remains is the edit's
+    own indirect effect. P_clean is the edited model's, P_corrupt the unedited model's.
+    """
+    t0 = time.perf_counter()
+    edited = causal_trace(vlm, case, kinds=kinds, window=window, replacement=replacement, candidates=candidates,
+                          image_block=image_block, roles=roles, clean_context=edit_context, mode=mode,
+                          batch_size=batch_size, progress=progress)
+    base = causal_trace(vlm, case, kinds=kinds, window=window, replacement=edited.replacement,
+                        image_block=image_block, roles=roles, mode=mode, batch_size=batch_size, progress=progress)
+    effects = {k: [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(edited.effects[k], base.effects[k])]
+               for k in edited.kinds}
+    return replace(edited, method="edit (edited - unedited)", effects=effects, cells=edited.cells + base.cells,
+                   forward_passes=edited.forward_passes + base.forward_passes, seconds=time.perf_counter() - t0)
 
 
 def noise_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str] = TRACE_KINDS, window: int = 1,

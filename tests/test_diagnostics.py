@@ -9,9 +9,10 @@ from diagnostics.attribution import module_attribution, visual_attribution
 from diagnostics.cases import DiagnosticCase, load_cases, prepare, world_phrases
 from diagnostics.errors import DiagnosticError, ReplacementError
 from diagnostics.knockout import RELATIONS, knockout
-from diagnostics.trace import causal_trace, noise_trace
+from diagnostics.trace import causal_trace, edit_trace, noise_trace
 from editors.edit_set import EditSet, attach
 from editors.multedit import MultEdit, MultEditConfig
+from bench.diagnostics import new_facts
 from editors.request import EditRequest
 from vlm import ConstraintNotFoundError, Knockout, Patch, collate, encode, run_patched
 from vlm.patching import PrefixCache, run_suffix
@@ -106,9 +107,11 @@ def test_auroc():
     assert auroc([0.5, 0.5], [True, False]) == 0.5
 
 
-def test_isolated_trace_finds_the_layer_an_insertion_was_written_to(vlm, world_dir, test_cases):
-    """Ground truth: a fact inserted by MultEdit at layer k; the trace's MLP effect must peak at k."""
-    inserts = [c for c in test_cases if c["type"] == "insertion" and c["pred"] != c["alt"]][:3]
+def test_the_trace_of_an_insertion_peaks_at_the_layer_it_was_written_to(vlm, world_dir, test_cases):
+    """Ground truth: a new fact inserted by MultEdit at layer k. Its edit trace (the edited model's clean
+    states restored into the base model's corrupted run, minus the base model's own) must peak at k
+    in the MLP, and be exactly 0 before k."""
+    inserts = new_facts(vlm, world_dir, test_cases)[:3]
     phrases = world_phrases(world_dir)
     hits, total = 0, 0
     for k in range(4):
@@ -117,11 +120,11 @@ def test_isolated_trace_finds_the_layer_an_insertion_was_written_to(vlm, world_d
             es = editor.edit([EditRequest.from_case(rec, world_dir)])
             case = DiagnosticCase(rec["src"], rec["constraint"], image=world_dir / rec["image"], answer=rec["alt"],
                                   replacements=[p for p in phrases if rec["entity_name"] not in p])
-            with attach(vlm, es):
-                r = causal_trace(vlm, case, kinds=["mlp"], roles=["constraint last"], isolate=True)
+            r = edit_trace(vlm, case, lambda: attach(vlm, es), kinds=["mlp"], roles=["constraint last"])
             effect = r.effects["mlp"][0]
             hits += max(range(len(effect)), key=effect.__getitem__) == k
             total += 1
+            assert all(v == 0.0 for v in effect[:k])
     assert hits / total >= 0.9, f"{hits}/{total}"
 
 

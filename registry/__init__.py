@@ -1,1 +1,16 @@
-"""MLflow-backed adapter versions, aliases, rollback and safetensors IO (service issue)."""
+"""MLflow-backed adapter versions, aliases and rollback.
+
+``Registry`` keeps versioned edit sets ("adapters") in the MLflow Model Registry; see
+``registry/store.py`` for the layout. Importing this package does not import MLflow (a
+Registry's constructor does), so the CLI stays fast.
+"""
+
+from .errors import ConflictError, InvalidArgumentError, NotFoundError, RegistryError
+from .store import (LIVE, Registry, check_adapter_name, copy_database, default_data_dir,
+                    parse_ref)
+from .version_info import VersionInfo
+
+__all__ = [
+    "LIVE", "ConflictError", "InvalidArgumentError", "NotFoundError", "Registry", "RegistryError",
+    "VersionInfo", "check_adapter_name", "copy_database", "default_data_dir", "parse_ref",
+]

@@ -1,0 +1,84 @@
+"""VersionInfo: what the registry knows about one adapter version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class VersionInfo:
+    """One immutable version of an adapter (a registered model in MLflow).
+
+    ``manifest`` is loaded lazily: listing versions reads only MLflow metadata (tags); the
+    first access to ``manifest`` fetches ``manifest.json`` from the artifact store (or the
+    local download cache), verifies its sha256 against the version's recorded checksum and
+    caches it in the Registry. A VersionInfo returned by ``create_version`` carries its
+    manifest already. Pass ``manifest=`` to the constructor to give it directly.
+    """
+
+    adapter: str
+    version: int
+    aliases: list[str]
+    created: float                # unix seconds
+    base_fingerprint: str
+    editor: str                   # "multedit", "visedit", "multedit+visedit", ...
+    num_edits: int
+    parent: int | None            # the version this one was built on
+    description: str
+    files: list[str]              # artifact file names, manifest.json included
+    sha256: dict[str, str] = field(default_factory=dict, repr=False)   # file name -> hex digest
+    manifest_loader: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
+    _manifest: dict | None = field(default=None, repr=False, compare=False)
+
+    def __init__(self, adapter: str, version: int, aliases: list[str], created: float,
+                 base_fingerprint: str, editor: str, num_edits: int, parent: int | None,
+                 description: str, files: list[str], manifest: dict | None = None, *,
+                 sha256: dict[str, str] | None = None,
+                 manifest_loader: Callable[[], dict] | None = None):
+        self.adapter = adapter
+        self.version = int(version)
+        self.aliases = list(aliases)
+        self.created = float(created)
+        self.base_fingerprint = base_fingerprint
+        self.editor = editor
+        self.num_edits = int(num_edits)
+        self.parent = parent
+        self.description = description
+        self.files = list(files)
+        self.sha256 = dict(sha256 or {})
+        self.manifest_loader = manifest_loader
+        self._manifest = manifest
+
+    @property
+    def manifest(self) -> dict:
+        """The version's manifest.json content (loaded on first access, then kept)."""
+        if self._manifest is None:
+            if self.manifest_loader is None:
+                from .errors import RegistryError
+
+                raise RegistryError(f"adapter '{self.adapter}' version {self.version}: manifest not available")
+            self._manifest = self.manifest_loader()
+        return self._manifest
+
+    @property
+    def is_live(self) -> bool:
+        return "live" in self.aliases
+
+    def to_dict(self, include_manifest: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "adapter": self.adapter,
+            "version": self.version,
+            "aliases": list(self.aliases),
+            "created": self.created,
+            "base_fingerprint": self.base_fingerprint,
+            "editor": self.editor,
+            "num_edits": self.num_edits,
+            "parent": self.parent,
+            "description": self.description,
+            "files": list(self.files),
+            "sha256": dict(self.sha256),
+        }
+        if include_manifest:
+            d["manifest"] = self.manifest
+        return d

@@ -16,6 +16,7 @@ import typer
 
 from .cli_support import fail, load_model, progress_bar, world_and_model
 from .diagnose_cli import diagnose_app
+from . import service_cli
 
 app = typer.Typer(
     name="editlens",
@@ -31,6 +32,8 @@ bench_app = typer.Typer(help="Benchmarks: figures next to a baseline or naive re
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(diagnose_app, name="diagnose")
+service_cli.register(app)     # serve, generate, versions, promote, rollback, delete (the gRPC service)
+bench_app.command("serve")(service_cli.bench_serve_cmd)
 
 
 @world_app.command("build")
@@ -191,7 +194,7 @@ def edit_cmd(
     rephrase: Optional[str] = typer.Option(None, help="The question reworded: --layer auto averages over it too."),
     image_rephrase: Optional[Path] = typer.Option(None, help="Another image of the subject: --layer auto "
                                                             "averages over it too."),
-    out: Path = typer.Option(..., help="Where to write the edit set (.safetensors)."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the edit set (.safetensors; required locally)."),
     model: Optional[Path] = typer.Option(None, help="Model folder (default: the embedded world model)."),
     onto: Optional[Path] = typer.Option(None, help="An existing edit set: the new edit is computed on the model "
                                                    "with it applied, and --out holds both (sequential editing)."),
@@ -206,14 +209,35 @@ def edit_cmd(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    server: Optional[str] = typer.Option(None, help="Edit on this server (host:port) instead: the edit is a job "
+                                                    "there, registered as a new version of --adapter (live unless "
+                                                    "--no-promote); --out, --model, --onto, --peft do not apply."),
+    token: Optional[str] = service_cli.TOKEN,
+    adapter: Optional[str] = service_cli.ADAPTER,
+    promote: bool = typer.Option(True, "--promote/--no-promote", help="With --server: make the new version live."),
 ) -> None:
-    """Make one MultEdit edit on a local model and write it as an edit-set file.
+    """Make one MultEdit edit on a local model and write it as an edit-set file (or, with --server, on a
+    running server, which registers it as a new adapter version).
 
     The edit is a rank-one change of one MLP's down projection (Basu et al.
     2024). The file holds the factors, the base-model fingerprint, the
     hyperparameters and a record of the request with P(answer) before and
     after and the time the key, value and update took.
     """
+    if server is not None:
+        if not image.is_file():
+            fail(f"image not found: {image}")
+        if layer != "auto" and not layer.lstrip("-").isdigit():
+            fail(f"--layer must be a layer number or auto, not {layer!r}")
+        for name, given in (("--out", out), ("--model", model), ("--onto", onto), ("--peft", peft)):
+            if given is not None:
+                fail(f"{name} applies to local edits; with --server the version goes to the server's registry")
+        return service_cli.remote_edit(
+            server, token, adapter, image, question, constraint, answer, layer, rephrase, image_rephrase, promote,
+            {"steps": steps, "lr": lr, "lam": lam, "max_norm": max_norm, "target_prob": target_prob,
+             "lr_scale": lr_scale}, as_json)
+    if out is None:
+        fail("--out is required (where to write the edit set), unless --server is given")
     from rich.console import Console
 
     from editors.edit_set import EditSet, EditSetError, describe

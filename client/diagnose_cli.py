@@ -1,10 +1,14 @@
-"""``editlens diagnose ...``: the diagnostics on a local model, one case or averaged over a case file.
+"""``editlens diagnose ...``: the diagnostics on a local model, one case or averaged over a case file,
+or (``--server``) on a running server.
 
 A single case is ``--image --question --constraint`` (``--answer`` to follow
 another answer than the model's own); ``--cases FILE`` takes a JSON list in
 the world's edit-case format and averages over its records (``--limit``,
 ``--variant``). Every command prints a summary (or ``--json``) and renders a
-PNG with ``--out``.
+PNG with ``--out``. The work itself is ``diagnostics.report.run_diagnostic``,
+which the server's Diagnose call runs too; with ``--server HOST:PORT`` one
+case is diagnosed on the server's model with its live version (or
+``--adapter/--version/--base``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
 from .cli_support import default_model_dir, fail, load_model, progress_bar
+from .service_cli import remote_diagnose
 
 diagnose_app = typer.Typer(help="Causal traces, attention contributions and knockout, attributions and layer "
                                 "recommendation on a local model (one case, or averaged over a case file).",
@@ -38,6 +43,10 @@ OUT = typer.Option(None, help="Render the figure to this PNG file.")
 JSON = typer.Option(False, "--json", help="Print the numbers and labels as JSON on stdout.")
 ENGINE = typer.Option("batched", help="batched (cached prefix, many cells per pass) or naive (the reference).")
 BATCH = typer.Option(64, help="Cells per forward pass (batched engine).")
+SERVER = typer.Option(None, "--server", help="Diagnose one case on this server (host:port) instead of locally.")
+ADAPTER = typer.Option(None, "--adapter", help="With --server: the adapter whose live version is diagnosed.")
+VERSION = typer.Option(None, "--version", help="With --server: diagnose this version instead of the live one.")
+BASE = typer.Option(False, "--base", help="With --server: diagnose the base model, without edits.")
 
 
 def _cases(vlm, image, question, constraint, answer, cases, limit, variant):
@@ -75,20 +84,6 @@ def _run(console, what: str, n_cases: int):
         yield case_done, cells
 
 
-def _each(vlm, cases, fn: Callable, console, what: str):
-    from vlm import VLMError
-
-    out = []
-    with _run(console, what, len(cases)) as (case_done, cells):
-        for i, case in enumerate(cases):
-            try:
-                out.append(fn(case, cells))
-            except VLMError as exc:
-                fail(f"{case.label or 'case'}: {exc}")
-            case_done(i + 1, len(cases))
-    return out
-
-
 def _emit(result: dict, as_json: bool, lines: list[str]) -> None:
     if as_json:
         typer.echo(json.dumps(result, indent=1))
@@ -102,25 +97,58 @@ def _check_out(out: Optional[Path]) -> None:
         fail(f"--out must end in .png, not {out.name!r}")
 
 
-def _grid(values: list[float]) -> str:
-    return " ".join(f"{v:6.3f}" for v in values)
-
-
-def _trace_lines(r) -> list[str]:
-    lines = [f"{r.method} trace, {r.label}: P_clean {r.p_clean:.3f}, P_corrupt {r.p_corrupt:.3f}, window {r.window}"
-             + (f", replacement {r.replacement!r}" if r.replacement else "")]
-    for kind in r.kinds:
-        lines.append(f"  {kind} indirect effect per layer (rows: tokens; * constraint)")
-        for row, vals in zip(r.rows, r.effects[kind]):
-            lines.append(f"    {row.label[:22] + ('*' if row.constraint else ''):24s} {_grid(vals)}")
-    return lines
-
-
 def _setup(model, device, dtype, out):
     from rich.console import Console
 
     _check_out(out)
     return Console(stderr=True), load_model(model, device, dtype)
+
+
+def _diagnose(name: str, what: str, case_args: tuple, options: dict, model, device, dtype, out, as_json,
+              remote: tuple = (None, None, None, False), remote_options: dict | None = None,
+              wrote_line: bool = False, request_variants: tuple | None = None) -> None:
+    """Run ``name`` locally (one case or a case file) or, with ``--server``, remotely, and print it."""
+    from diagnostics.report import run_diagnostic
+    from vlm import VLMError
+
+    image, question, constraint, answer, cases, limit, variant = case_args
+    server, adapter, version, base = remote
+    if server is not None:
+        if cases is not None:
+            fail("--cases runs locally; a remote diagnostic (--server) takes one case (--image --question "
+                 "--constraint)")
+        if model is not None:
+            fail("--model applies to local diagnostics; the server diagnoses its own model")
+        _check_out(out)
+        rephrase, image_rephrase = request_variants or (None, None)
+        return remote_diagnose(server, name, image, question, constraint, answer, out, as_json, adapter=adapter,
+                               version=version, base=base, rephrase=rephrase, image_rephrase=image_rephrase,
+                               **(remote_options if remote_options is not None else options))
+    if adapter is not None or version is not None or base:
+        fail("--adapter, --version and --base apply to remote diagnostics (--server)")
+    console, vlm = _setup(model, device, dtype, out)
+    cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
+    if request_variants is not None and cases is None and any(request_variants):
+        from diagnostics.recommend import request_cases
+
+        rephrase, image_rephrase = request_variants
+        if image_rephrase is not None and not image_rephrase.is_file():
+            fail(f"image not found: {image_rephrase}")
+        cs = request_cases(question, constraint, image, rephrase=rephrase, image_rephrase=image_rephrase,
+                           replacements=cs[0].replacements)
+        for c in cs:
+            c.answer = answer
+    with _run(console, what, len(cs)) as (case_done, cells):
+        try:
+            report = run_diagnostic(vlm, name, cs, options, out, case_done, cells)
+        except VLMError as exc:
+            label = getattr(exc, "case_label", None)
+            fail(f"{label}: {exc}" if label else str(exc))
+    d = dict(report.data)
+    if out is not None and report.figures:
+        paths = [str(p) for p in report.figures]
+        d["png"] = paths if name == "contributions" else paths[0]
+    _emit(d, as_json, report.lines + ([f"wrote {out}"] if wrote_line and out is not None else []))
 
 
 @diagnose_app.command("trace")
@@ -137,18 +165,15 @@ def trace_cmd(
                                  "the other layers keeps its corrupted output (credits the module's own output)."),
     engine: str = ENGINE, batch_size: int = BATCH, model: Optional[Path] = MODEL, device: str = DEVICE,
     dtype: str = DTYPE, out: Optional[Path] = OUT, as_json: bool = JSON,
+    server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTER, version: Optional[int] = VERSION,
+    base: bool = BASE,
 ) -> None:
     """Causal trace by token replacement (MultiModalCausalTrace): restore clean states into the run whose
     constraint was replaced; indirect effect P_restored(O) - P_corrupt(O) per token/image block × layer."""
-    from diagnostics.trace import average_traces, causal_trace
-
-    console, vlm = _setup(model, device, dtype, out)
-    cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
-    results = _each(vlm, cs, lambda c, cells: causal_trace(
-        vlm, c, kinds=kind or ["hidden", "mlp", "attn"], window=window, replacement=replace,
-        image_block=image_block, isolate=isolate, mode=engine, batch_size=batch_size, progress=cells), console,
-        "trace")
-    _finish_trace(results, average_traces, out, as_json)
+    opts = {"kinds": kind, "window": window, "replacement": replace, "image_block": image_block, "isolate": isolate}
+    _diagnose("trace", "trace", (image, question, constraint, answer, cases, limit, variant),
+              {**opts, "engine": engine, "batch_size": batch_size}, model, device, dtype, out, as_json,
+              (server, adapter, version, base), opts, wrote_line=True)
 
 
 @diagnose_app.command("noise-trace")
@@ -164,28 +189,16 @@ def noise_trace_cmd(
     image_block: Optional[int] = typer.Option(None, help="Image tokens per block row (default: one patch-grid row)."),
     engine: str = ENGINE, batch_size: int = BATCH, model: Optional[Path] = MODEL, device: str = DEVICE,
     dtype: str = DTYPE, out: Optional[Path] = OUT, as_json: bool = JSON,
+    server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTER, version: Optional[int] = VERSION,
+    base: bool = BASE,
 ) -> None:
     """ROME's Gaussian-noise causal trace (the baseline): noise on the visual tokens' and the constraint's
     embeddings, clean states restored; the same grid as `trace`."""
-    from diagnostics.trace import average_traces, noise_trace
-
-    console, vlm = _setup(model, device, dtype, out)
-    cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
-    results = _each(vlm, cs, lambda c, cells: noise_trace(
-        vlm, c, kinds=kind or ["hidden", "mlp", "attn"], window=window, samples=samples, noise_scale=noise_scale,
-        seed=seed, image_block=image_block, mode=engine, batch_size=batch_size, progress=cells), console,
-        "noise trace")
-    _finish_trace(results, average_traces, out, as_json)
-
-
-def _finish_trace(results, average, out, as_json) -> None:
-    from diagnostics.render import render_trace
-
-    r = results[0] if len(results) == 1 else average(results)
-    d = r.to_dict()
-    if out is not None:
-        d["png"] = str(render_trace(r, out))
-    _emit(d, as_json, _trace_lines(r) + ([f"wrote {out}"] if out else []))
+    opts = {"kinds": kind, "window": window, "samples": samples, "noise_scale": noise_scale, "seed": seed,
+            "image_block": image_block}
+    _diagnose("noise-trace", "noise trace", (image, question, constraint, answer, cases, limit, variant),
+              {**opts, "engine": engine, "batch_size": batch_size}, model, device, dtype, out, as_json,
+              (server, adapter, version, base), opts, wrote_line=True)
 
 
 @diagnose_app.command("contributions")
@@ -197,41 +210,16 @@ def contributions_cmd(
                                                     "(default: the two at half depth)."),
     engine: str = ENGINE, model: Optional[Path] = MODEL, device: str = DEVICE, dtype: str = DTYPE,
     out: Optional[Path] = OUT, as_json: bool = JSON,
+    server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTER, version: Optional[int] = VERSION,
+    base: bool = BASE,
 ) -> None:
     """Attention contributions (Basu eq. 1-2): visual tokens -> the constraint's last token and constraint
     tokens -> the last position, per layer; the early-failure score beside the model's confidence, with
     their AUROC for correct vs incorrect answers over --cases. --out writes the visual view, and
     <out>-constraint.png and <out>-roc.png beside it."""
-    from diagnostics.attention import attention_contributions, average_contributions
-    from diagnostics.render import render_matrix, render_roc
-
-    console, vlm = _setup(model, device, dtype, out)
-    cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
-    results = _each(vlm, cs, lambda c, cells: attention_contributions(vlm, c, early_layer, mode=engine), console,
-                    "contributions")
-    r = results[0] if len(results) == 1 else average_contributions(results)
-    d = r.to_dict()
-    L = vlm.num_layers
-    if out is not None:
-        cols = [str(l) for l in range(L)]
-        d["png"] = [str(render_matrix(r.visual, [f"image {i}" for i in range(len(r.visual))], cols, out,
-                                      title=f"visual tokens -> constraint's last token ({r.label})",
-                                      colorbar_label="attention contribution")),
-                    str(render_matrix(r.constraint, r.constraint_tokens, cols, out.with_name(out.stem + "-constraint.png"),
-                                      title=f"constraint tokens -> last position ({r.label})",
-                                      colorbar_label="attention contribution", cmap="Reds"))]
-        if r.roc:
-            d["png"].append(str(render_roc({k: (*r.roc[k], r.auroc[k]) for k in r.roc},
-                                           out.with_name(out.stem + "-roc.png"), title="correct vs incorrect answers")))
-    lines = [f"attention contributions, {r.label}",
-             "  visual tokens -> constraint's last token, mean over tokens per layer: "
-             + _grid([sum(col) / len(col) for col in zip(*r.visual)]),
-             "  constraint's last token -> last position per layer: " + _grid(r.constraint[-1]),
-             f"  early-failure score (layers {r.early_layers}): {r.early_score:.3f}; confidence {r.confidence:.3f}"]
-    if r.auroc:
-        lines.append(f"  AUROC over {r.cases} cases: early-failure score {r.auroc['early_score']:.3f}, "
-                     f"confidence {r.auroc['confidence']:.3f}")
-    _emit(d, as_json, lines)
+    _diagnose("contributions", "contributions", (image, question, constraint, answer, cases, limit, variant),
+              {"early_layers": early_layer, "engine": engine}, model, device, dtype, out, as_json,
+              (server, adapter, version, base), {"layers": early_layer})
 
 
 @diagnose_app.command("knockout")
@@ -246,28 +234,21 @@ def knockout_cmd(
     window: int = typer.Option(3, help="Layers blocked around each layer."),
     engine: str = ENGINE, batch_size: int = BATCH, model: Optional[Path] = MODEL, device: str = DEVICE,
     dtype: str = DTYPE, out: Optional[Path] = OUT, as_json: bool = JSON,
+    server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTER, version: Optional[int] = VERSION,
+    base: bool = BASE,
 ) -> None:
     """Attention knockout (Zhang et al.): block target -> source attention in a window of layers around each
     layer; relative change of P(O) per layer and relation."""
-    from diagnostics.knockout import average_knockouts, knockout
-    from diagnostics.render import render_curves
-
     try:
         regions = [[int(x) for x in r.split(",") if x.strip()] for r in region] if region else None
     except ValueError:
         fail("--region takes comma-separated patch indices, e.g. '0,1,4,5'")
-    console, vlm = _setup(model, device, dtype, out)
-    cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
-    results = _each(vlm, cs, lambda c, cells: knockout(
-        vlm, c, relations=relation or ["image->question", "image->last", "question->last", "last->last"],
-        window=window, regions=regions, mode=engine, batch_size=batch_size, progress=cells), console, "knockout")
-    r = results[0] if len(results) == 1 else average_knockouts(results)
-    d = r.to_dict()
-    if out is not None:
-        d["png"] = str(render_curves(r.curves, out, title=f"attention knockout, window {r.window} ({r.label})",
-                                     ylabel="relative change of P(O)", hline=0.0))
-    _emit(d, as_json, [f"attention knockout, {r.label}, window {r.window}, P_clean {r.p_clean:.3f}"]
-          + [f"  {name:24s} {_grid(v)}" for name, v in r.curves.items()])
+    if regions and server is not None:
+        fail("--region is available locally only")
+    _diagnose("knockout", "knockout", (image, question, constraint, answer, cases, limit, variant),
+              {"relations": relation, "regions": regions, "window": window, "engine": engine,
+               "batch_size": batch_size}, model, device, dtype, out, as_json,
+              (server, adapter, version, base), {"relations": relation, "window": window})
 
 
 @diagnose_app.command("module-attribution")
@@ -276,23 +257,13 @@ def module_attribution_cmd(
     answer: Optional[str] = ANSWER, cases: Optional[Path] = CASES, limit: Optional[int] = LIMIT,
     variant: Optional[List[str]] = VARIANT, engine: str = ENGINE, model: Optional[Path] = MODEL,
     device: str = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT, as_json: bool = JSON,
+    server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTER, version: Optional[int] = VERSION,
+    base: bool = BASE,
 ) -> None:
     """Module-output attribution (VisEdit eq. 3-5): each layer's attention and MLP output at the last position
     read through the unembedding; C = sqrt(P(key token) x normalised logit)."""
-    from diagnostics.attribution import average_modules, module_attribution
-    from diagnostics.render import render_bars
-
-    console, vlm = _setup(model, device, dtype, out)
-    cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
-    results = _each(vlm, cs, lambda c, cells: module_attribution(vlm, c, mode=engine), console, "attribution")
-    r = results[0] if len(results) == 1 else average_modules(results)
-    d = r.to_dict()
-    if out is not None:
-        d["png"] = str(render_bars({"attention": r.attention, "MLP": r.mlp}, [str(l) for l in range(len(r.mlp))],
-                                   out, title=f"module-output contribution to the key token ({r.label})",
-                                   ylabel="contribution C"))
-    _emit(d, as_json, [f"module-output attribution, {r.label}", "  attention " + _grid(r.attention),
-                       "  MLP       " + _grid(r.mlp)])
+    _diagnose("module-attribution", "attribution", (image, question, constraint, answer, cases, limit, variant),
+              {"engine": engine}, model, device, dtype, out, as_json, (server, adapter, version, base), {})
 
 
 @diagnose_app.command("visual-attribution")
@@ -307,29 +278,16 @@ def visual_attribution_cmd(
     engine: str = ENGINE, batch_size: int = typer.Option(128, help="Cells per forward pass (batched engine)."),
     model: Optional[Path] = MODEL, device: str = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
     as_json: bool = JSON,
+    server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTER, version: Optional[int] = VERSION,
+    base: bool = BASE,
 ) -> None:
     """Visual-representation attribution (VisEdit eq. 6-8): noise on one visual state at a layer's input;
     (1 - cos) / 2 of the last position's attention output; a heatmap over the image's patch grid per layer."""
-    from PIL import Image
-
-    from diagnostics.attribution import average_visual, visual_attribution
-    from diagnostics.render import render_image_maps
-
-    console, vlm = _setup(model, device, dtype, out)
-    cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
-    results = _each(vlm, cs, lambda c, cells: visual_attribution(
-        vlm, c, layers=layer, samples=samples, noise_scale=noise_scale, seed=seed, mode=engine,
-        batch_size=batch_size, progress=cells), console, "visual attribution")
-    r = results[0] if len(results) == 1 else average_visual(results)
-    d = r.to_dict()
-    if out is not None:
-        img = Image.open(r.image).convert("RGB") if r.image else Image.new("RGB", (64, 64), "white")
-        d["png"] = str(render_image_maps(img, r.maps, [f"layer {l} (max {max(m):.3f})" for l, m in zip(r.layers, r.maps)],
-                                         out, tuple(r.grid),
-                                         title=f"visual-representation attribution ({r.label})"))
-    _emit(d, as_json, [f"visual-representation attribution, {r.label} (grid {r.grid[0]}x{r.grid[1]})"]
-          + [f"  layer {l}: mean {sum(m) / len(m):.4f}, max {max(m):.4f} at patch {m.index(max(m))}"
-             for l, m in zip(r.layers, r.maps)])
+    opts = {"layers": layer, "samples": samples, "noise_scale": noise_scale, "seed": seed}
+    _diagnose("visual-attribution", "visual attribution", (image, question, constraint, answer, cases, limit,
+                                                           variant),
+              {**opts, "engine": engine, "batch_size": batch_size}, model, device, dtype, out, as_json,
+              (server, adapter, version, base), opts)
 
 
 @diagnose_app.command("recommend")
@@ -342,40 +300,17 @@ def recommend_cmd(
     editor: str = typer.Option("both", help="multedit, visedit or both."),
     model: Optional[Path] = MODEL, device: str = DEVICE, dtype: str = DTYPE, out: Optional[Path] = OUT,
     as_json: bool = JSON,
+    server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTER, version: Optional[int] = VERSION,
+    base: bool = BASE,
 ) -> None:
     """The layer to edit, with the scores that chose it: MultEdit's (peak early MLP indirect effect at the
     constraint's last token, over the request's variants) and VisEdit's VEAD layer (before the high
     module-contribution layers)."""
-    from diagnostics.recommend import recommend_multedit_layer, recommend_vead_layer, request_cases
-    from diagnostics.render import render_bars
-    from vlm import VLMError
-
     if editor not in ("multedit", "visedit", "both"):
         fail(f"--editor must be multedit, visedit or both, not {editor!r}")
-    console, vlm = _setup(model, device, dtype, out)
-    cs = _cases(vlm, image, question, constraint, answer, cases, limit, variant)
-    if cases is None and (rephrase or image_rephrase):
-        if image_rephrase is not None and not image_rephrase.is_file():
-            fail(f"image not found: {image_rephrase}")
-        cs = request_cases(question, constraint, image, rephrase=rephrase, image_rephrase=image_rephrase,
-                           replacements=cs[0].replacements)
-        for c in cs:
-            c.answer = answer
-    recs = []
-    try:
-        with _run(console, "recommend", len(cs)) as (case_done, _):
-            if editor in ("multedit", "both"):
-                recs.append(recommend_multedit_layer(vlm, cs, progress=case_done))
-            if editor in ("visedit", "both"):
-                recs.append(recommend_vead_layer(vlm, cs, progress=case_done))
-    except VLMError as exc:
-        fail(str(exc))
-    d = {r.editor: r.to_dict() for r in recs}
-    if out is not None:
-        groups = {f"{r.editor} score": r.scores for r in recs}
-        d["png"] = str(render_bars(groups, [str(l) for l in range(vlm.num_layers)], out,
-                                   title="layer recommendation: " + ", ".join(f"{r.editor} -> {r.layer}" for r in recs)))
-    _emit(d, as_json, [f"{r.editor}: layer {r.layer}  ({r.criterion})\n  scores {_grid(r.scores)}" for r in recs])
+    _diagnose("recommend", "recommend", (image, question, constraint, answer, cases, limit, variant),
+              {"editor": editor}, model, device, dtype, out, as_json, (server, adapter, version, base),
+              {"editor": editor}, request_variants=(rephrase, image_rephrase))
 
 
 def default_world_cases() -> Path:

@@ -1,0 +1,575 @@
+"""The EditLens Python SDK: a typed client of the gRPC service (``editlens serve``).
+
+    from client.sdk import EditLensClient
+
+    with EditLensClient("127.0.0.1:50051", token="s3cret") as lens:
+        lens.wait_ready()
+        print(lens.generate("img.png", "which city is this landmark in ?").text)
+        d = lens.diagnose("trace", "img.png", "which city is this landmark in ?", "this landmark", png=True)
+        v = lens.edit("img.png", "which city is this landmark in ?", "this landmark", "paris",
+                      progress=lambda p: print(p.stage, p.step, p.steps))
+        lens.rollback()
+
+Images are a path, bytes or a PIL image. Every failure of a call raises an
+``EditLensError`` subclass that carries the gRPC status code (``.code``) and
+the server's message. This module needs only grpcio, the generated stubs and
+(for PIL images) Pillow: no torch, no model code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Union
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from editlens.v1 import editlens_pb2 as pb
+from editlens.v1 import editlens_pb2_grpc as pb_grpc
+
+ImageLike = Union[str, os.PathLike, bytes, bytearray, Any]   # Any: a PIL.Image.Image
+SERVICE = "editlens.v1.EditLens"
+DIAGNOSTICS = {
+    "trace": pb.DIAGNOSTIC_TRACE, "noise-trace": pb.DIAGNOSTIC_NOISE_TRACE, "knockout": pb.DIAGNOSTIC_KNOCKOUT,
+    "contributions": pb.DIAGNOSTIC_CONTRIBUTIONS, "module-attribution": pb.DIAGNOSTIC_MODULE_ATTRIBUTION,
+    "visual-attribution": pb.DIAGNOSTIC_VISUAL_ATTRIBUTION, "recommend": pb.DIAGNOSTIC_RECOMMEND,
+}
+DIAGNOSTIC_NAMES = {v: k for k, v in DIAGNOSTICS.items()}
+EDITORS = {"multedit": pb.EDITOR_MULTEDIT, "visedit": pb.EDITOR_VISEDIT}
+
+
+# ------------------------------------------------------------------- errors
+class EditLensError(Exception):
+    """A call failed; ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None):
+        super().__init__(details)
+        self.details = details
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.details}"
+
+
+class InvalidArgumentError(EditLensError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(EditLensError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPreconditionError(EditLensError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhaustedError(EditLensError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnauthenticatedError(EditLensError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(EditLensError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class UnavailableError(EditLensError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class UnimplementedError(EditLensError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class CancelledError(EditLensError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class DeadlineExceededError(EditLensError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class InternalError(EditLensError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_ERRORS = {cls.code: cls for cls in (
+    InvalidArgumentError, NotFoundError, FailedPreconditionError, ResourceExhaustedError, UnauthenticatedError,
+    PermissionDeniedError, UnavailableError, UnimplementedError, CancelledError, DeadlineExceededError,
+    InternalError)}
+
+
+def error_from_rpc(err: grpc.RpcError) -> EditLensError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    cls = _ERRORS.get(code, EditLensError)
+    return cls(details, code) if cls is EditLensError else cls(details)
+
+
+# -------------------------------------------------------------------- types
+@dataclass
+class Served:
+    """The version that served a request (version 0: the base model)."""
+
+    adapter: str
+    version: int
+    alias: str = ""
+
+    @classmethod
+    def from_pb(cls, m: pb.Served) -> "Served":
+        return cls(m.adapter, m.version, m.alias)
+
+
+@dataclass
+class Generation:
+    text: str
+    served: Served
+    prompt_tokens: int
+    answer_tokens: int
+    seconds: float
+
+
+@dataclass
+class Progress:
+    stage: str
+    step: int = 0
+    steps: int = 0
+    item: int = 0
+    items: int = 0
+    loss: float | None = None
+    message: str = ""
+    queue_position: int = 0
+    elapsed_seconds: float = 0.0
+
+    @classmethod
+    def from_pb(cls, m: pb.Progress) -> "Progress":
+        return cls(m.stage, m.step, m.steps, m.item, m.items, m.loss if m.HasField("loss") else None, m.message,
+                   m.queue_position, m.elapsed_seconds)
+
+
+@dataclass
+class LayerRecommendation:
+    editor: str
+    layer: int
+    scores: list[float]
+    candidates: list[int]
+    criterion: str
+    cases: int
+
+    @classmethod
+    def from_pb(cls, m: pb.LayerRecommendation) -> "LayerRecommendation":
+        return cls(m.editor, m.layer, list(m.scores), list(m.candidates), m.criterion, m.cases)
+
+
+@dataclass
+class EditRecord:
+    editor: str
+    layer: int
+    question: str
+    constraint: str
+    answer: str
+    metrics: dict[str, float]
+    layer_evidence: LayerRecommendation | None
+    version: int
+
+    @classmethod
+    def from_pb(cls, m: pb.EditRecord) -> "EditRecord":
+        ev = LayerRecommendation.from_pb(m.layer_evidence) if m.HasField("layer_evidence") else None
+        return cls(m.editor, m.layer, m.question, m.constraint, m.answer, dict(m.metrics), ev, m.version)
+
+
+@dataclass
+class Version:
+    adapter: str
+    version: int
+    aliases: list[str]
+    live: bool
+    parent: int | None
+    base_fingerprint: str
+    editors: list[str]
+    num_edits: int
+    created: float               # unix seconds
+    description: str
+    edits: list[EditRecord]
+    files: list[str]
+    manifest: dict[str, Any]
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def from_pb(cls, m: pb.Version) -> "Version":
+        try:
+            manifest = json.loads(m.manifest_json) if m.manifest_json else {}
+        except json.JSONDecodeError:
+            manifest = {}
+        return cls(m.adapter, m.version, list(m.aliases), m.live, m.parent or None, m.base_fingerprint,
+                   list(m.editors), m.num_edits, m.created_unix_ms / 1000.0, m.description,
+                   [EditRecord.from_pb(e) for e in m.edits], list(m.files), manifest,
+                   {f.name: f.png for f in m.figures})
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["figures"] = sorted(self.figures)
+        return d
+
+
+@dataclass
+class VersionList:
+    adapter: str
+    versions: list[Version]       # newest first
+    aliases: dict[str, int]
+    live_version: int | None
+
+
+@dataclass
+class AdapterSummary:
+    name: str
+    live_version: int | None
+    latest_version: int
+    num_versions: int
+
+
+@dataclass
+class Matrix:
+    """Numbers with labels; ``values`` is rows x cols."""
+
+    name: str
+    values: list[list[float]]
+    row_labels: list[str]
+    col_labels: list[str]
+
+    @classmethod
+    def from_pb(cls, m: pb.Matrix) -> "Matrix":
+        vals = list(m.values)
+        rows = [vals[i * m.cols:(i + 1) * m.cols] for i in range(m.rows)]
+        return cls(m.name, rows, list(m.row_labels), list(m.col_labels))
+
+
+@dataclass
+class Diagnosis:
+    diagnostic: str
+    served: Served
+    values: dict[str, Matrix]
+    scalars: dict[str, float]
+    recommended_layer: int | None
+    recommendations: list[LayerRecommendation]
+    lines: list[str]
+    data: dict[str, Any]
+    figures: dict[str, bytes]
+    seconds: float
+
+    @property
+    def png(self) -> bytes | None:
+        """The (first) figure as PNG bytes, or None when none was asked for."""
+        return next(iter(self.figures.values()), None)
+
+    @classmethod
+    def from_pb(cls, m: pb.DiagnoseResult) -> "Diagnosis":
+        try:
+            data = json.loads(m.data_json) if m.data_json else {}
+        except json.JSONDecodeError:
+            data = {}
+        return cls(DIAGNOSTIC_NAMES.get(m.diagnostic, str(m.diagnostic)), Served.from_pb(m.served),
+                   {x.name: Matrix.from_pb(x) for x in m.values}, dict(m.scalars),
+                   m.recommended_layer if m.HasField("recommended_layer") else None,
+                   [LayerRecommendation.from_pb(r) for r in m.recommendations], list(m.lines), data,
+                   {f.name: f.png for f in m.figures}, m.seconds)
+
+
+@dataclass
+class ServerInfo:
+    version: str
+    ready: bool
+    model_path: str
+    base_fingerprint: str
+    num_layers: int
+    device: str
+    dtype: str
+    default_adapter: str
+    auth_required: bool
+    limits: dict[str, int]
+    registry_uri: str
+    editors: list[str]
+    jobs_running: int
+    jobs_queued: int
+
+
+# ------------------------------------------------------------------ helpers
+def image_bytes(image: ImageLike | None) -> bytes:
+    """A path, bytes or PIL image as encoded image bytes (PIL images are sent as PNG)."""
+    if image is None:
+        return b""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise InvalidArgumentError(f"image file not found: {path}")
+        return path.read_bytes()
+    if hasattr(image, "save") and hasattr(image, "size"):   # PIL.Image.Image, without importing PIL
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    raise InvalidArgumentError(f"unsupported image type {type(image).__name__}; give a path, bytes or a PIL image")
+
+
+def adapter_ref(adapter: str | None = None, version: int | None = None, alias: str | None = None,
+                base: bool = False) -> pb.AdapterRef:
+    given = sum(x is not None and x is not False for x in (version, alias, base or None))
+    if given > 1:
+        raise InvalidArgumentError("give at most one of version, alias and base")
+    ref = pb.AdapterRef(adapter=adapter or "")
+    if version is not None:
+        ref.version = int(version)
+    elif alias is not None:
+        ref.alias = alias
+    elif base:
+        ref.base = True
+    return ref
+
+
+# ------------------------------------------------------------------- client
+class EditLensClient:
+    """A client of one EditLens server (``host:port``).
+
+    ``token``: sent as ``authorization: Bearer <token>`` (needed for edit,
+    promote, rollback and delete when the server has one). ``timeout``:
+    seconds per unary call (streaming jobs run until they finish unless
+    ``job_timeout`` is set).
+    """
+
+    def __init__(self, target: str, token: str | None = None, timeout: float | None = 60.0,
+                 job_timeout: float | None = None, max_message_bytes: int = 64 << 20):
+        self.target = target
+        self.token = token
+        self.timeout = timeout
+        self.job_timeout = job_timeout
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self._stub = pb_grpc.EditLensStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # context manager / lifetime
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "EditLensClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _metadata(self):
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+    def _unary(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout,
+                          metadata=self._metadata())
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+    def _stream(self, method, request, on_progress, result_field: str = "result"):
+        call = method(request, timeout=self.job_timeout, metadata=self._metadata())
+        result = None
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "progress":
+                    if on_progress is not None:
+                        on_progress(Progress.from_pb(event.progress))
+                elif kind == result_field:
+                    result = getattr(event, result_field)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        except BaseException:
+            call.cancel()
+            raise
+        if result is None:
+            raise InternalError("the server closed the stream without a result")
+        return result
+
+    # ------------------------------------------------------------ health
+    def health(self, service: str = "") -> str:
+        """The health status: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
+        try:
+            r = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def wait_ready(self, timeout: float = 600.0, interval: float = 0.2) -> "ServerInfo":
+        """Wait until the server reports SERVING (the model is loaded); returns its info."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if self.health() == "SERVING":
+                    return self.info()
+            except (UnavailableError, DeadlineExceededError) as exc:
+                last = exc
+            time.sleep(interval)
+        raise UnavailableError(f"the server at {self.target} was not ready within {timeout:g} s"
+                               + (f" ({last.details})" if isinstance(last, EditLensError) else ""))
+
+    def info(self) -> ServerInfo:
+        m = self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest())
+        lim = m.limits
+        return ServerInfo(m.version, m.ready, m.model_path, m.base_fingerprint, m.num_layers, m.device, m.dtype,
+                          m.default_adapter, m.auth_required,
+                          {f.name: getattr(lim, f.name) for f in lim.DESCRIPTOR.fields}, m.registry_uri,
+                          list(m.editors), m.jobs_running, m.jobs_queued)
+
+    # -------------------------------------------------------- generation
+    def _generate_request(self, image, prompt, adapter, version, alias, base, max_new_tokens):
+        return pb.GenerateRequest(image=image_bytes(image), prompt=prompt,
+                                  adapter=adapter_ref(adapter, version, alias, base),
+                                  max_new_tokens=max_new_tokens or 0)
+
+    def generate(self, image: ImageLike | None, prompt: str, adapter: str | None = None, version: int | None = None,
+                 alias: str | None = None, base: bool = False, max_new_tokens: int | None = None) -> Generation:
+        """Greedy answer to ``prompt`` about ``image`` with the adapter's live version (or the version,
+        alias or base model given)."""
+        m = self._unary(self._stub.Generate, self._generate_request(image, prompt, adapter, version, alias, base,
+                                                                    max_new_tokens))
+        return Generation(m.text, Served.from_pb(m.served), m.prompt_tokens, m.answer_tokens, m.seconds)
+
+    def generate_stream(self, image: ImageLike | None, prompt: str, adapter: str | None = None,
+                        version: int | None = None, alias: str | None = None, base: bool = False,
+                        max_new_tokens: int | None = None) -> Iterator[str]:
+        """The answer as it is generated, piece by piece."""
+        call = self._stub.GenerateStream(self._generate_request(image, prompt, adapter, version, alias, base,
+                                                                max_new_tokens),
+                                         timeout=self.job_timeout, metadata=self._metadata())
+        try:
+            for chunk in call:
+                if chunk.text:
+                    yield chunk.text
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        finally:
+            call.cancel()
+
+    # ------------------------------------------------------------- edits
+    def edit(self, image: ImageLike, question: str, constraint: str, answer: str, adapter: str | None = None,
+             editor: str = "multedit", layer: int | str = "auto", rephrase: str | None = None,
+             image_rephrase: ImageLike | None = None, promote: bool = True, description: str = "",
+             steps: int | None = None, lr: float | None = None, lam: float | None = None,
+             max_norm: float | None = None, target_prob: float | None = None, lr_scale: str | None = None,
+             visedit_adapter: str | None = None, visedit_version: int | None = None,
+             progress: Callable[[Progress], None] | None = None) -> Version:
+        """Edit the served model: the new version of ``adapter`` (registered; live unless ``promote=False``).
+
+        ``layer``: "auto" (the causal trace chooses; evidence in the manifest) or a decoder layer.
+        ``progress`` is called with every ``Progress`` event of the job.
+        """
+        if editor not in EDITORS:
+            raise InvalidArgumentError(f"editor must be one of {sorted(EDITORS)}, not {editor!r}")
+        opts = pb.MultEditOptions()
+        if layer != "auto":
+            try:
+                opts.layer = int(layer)
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(f"layer must be a layer number or 'auto', not {layer!r}") from None
+        for name, value in (("steps", steps), ("lr", lr), ("lam", lam), ("max_norm", max_norm),
+                            ("target_prob", target_prob), ("lr_scale", lr_scale)):
+            if value is not None:
+                setattr(opts, name, value)
+        req = pb.EditRequest(adapter=adapter or "", editor=EDITORS[editor], image=image_bytes(image),
+                             question=question, constraint=constraint, answer=answer, rephrase=rephrase or "",
+                             image_rephrase=image_bytes(image_rephrase), multedit=opts,
+                             visedit=pb.VisEditOptions(editor_adapter=visedit_adapter or "",
+                                                       editor_version=visedit_version or 0),
+                             no_promote=not promote, description=description)
+        return Version.from_pb(self._stream(self._stub.Edit, req, progress))
+
+    def train_visedit(self, adapter: str | None = None, cases_path: str = "", layer: int | None = None,
+                      steps: int = 0, options: dict[str, str] | None = None, promote: bool = True,
+                      progress: Callable[[Progress], None] | None = None) -> Version:
+        req = pb.TrainVisEditRequest(adapter=adapter or "", cases_path=cases_path, steps=steps,
+                                     options=dict(options or {}), no_promote=not promote)
+        if layer is not None:
+            req.layer = layer
+        return Version.from_pb(self._stream(self._stub.TrainVisEdit, req, progress))
+
+    # ---------------------------------------------------------- versions
+    def adapters(self) -> list[AdapterSummary]:
+        m = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest())
+        return [AdapterSummary(a.name, a.live_version or None, a.latest_version, a.num_versions) for a in m.adapters]
+
+    def versions(self, adapter: str | None = None) -> VersionList:
+        m = self._unary(self._stub.ListVersions, pb.ListVersionsRequest(adapter=adapter or ""))
+        return VersionList(m.adapter, [Version.from_pb(v) for v in m.versions], dict(m.aliases),
+                           m.live_version or None)
+
+    def version(self, version: int | None = None, adapter: str | None = None, alias: str | None = None,
+                figures: bool = False) -> Version:
+        req = pb.GetVersionRequest(adapter=adapter or "", include_figures=figures)
+        if version is not None:
+            req.version = int(version)
+        elif alias is not None:
+            req.alias = alias
+        return Version.from_pb(self._unary(self._stub.GetVersion, req))
+
+    def promote(self, version: int, adapter: str | None = None, alias: str = "live") -> Version:
+        """Point ``alias`` (default live) at ``version``."""
+        return Version.from_pb(self._unary(self._stub.SetAlias, pb.SetAliasRequest(
+            adapter=adapter or "", version=int(version), alias=alias)))
+
+    def rollback(self, adapter: str | None = None, to: int | None = None) -> Version | None:
+        """Move live back (to the version live before, or to ``to``); returns the version now live,
+        or None when the adapter's first version was rolled back (the base model answers again)."""
+        m = self._unary(self._stub.Rollback, pb.RollbackRequest(adapter=adapter or "", to_version=int(to or 0)))
+        return Version.from_pb(m.live) if m.HasField("live") else None
+
+    def delete(self, version: int, adapter: str | None = None) -> None:
+        self._unary(self._stub.DeleteVersion, pb.DeleteVersionRequest(adapter=adapter or "", version=int(version)))
+
+    # ------------------------------------------------------- diagnostics
+    def diagnose(self, diagnostic: str, image: ImageLike, question: str, constraint: str,
+                 answer: str | None = None, png: bool = False, adapter: str | None = None,
+                 version: int | None = None, alias: str | None = None, base: bool = False,
+                 rephrase: str | None = None, image_rephrase: ImageLike | None = None,
+                 progress: Callable[[Progress], None] | None = None, **options: Any) -> Diagnosis:
+        """Run one diagnostic (trace, noise-trace, knockout, contributions, module-attribution,
+        visual-attribution, recommend) on one case; numbers with labels, the recommended layer and,
+        with ``png=True``, the figure(s). ``options``: kinds, window, isolate, replacement, relations,
+        layers, samples, noise_scale, seed, editor, image_block."""
+        if diagnostic not in DIAGNOSTICS:
+            raise InvalidArgumentError(f"unknown diagnostic {diagnostic!r}; choose from {', '.join(DIAGNOSTICS)}")
+        opts = pb.DiagnoseOptions()
+        for name, value in options.items():
+            if value is None:
+                continue
+            if name not in pb.DiagnoseOptions.DESCRIPTOR.fields_by_name:
+                raise InvalidArgumentError(f"unknown diagnose option {name!r}")
+            if isinstance(value, (list, tuple)):
+                getattr(opts, name).extend(value)
+            else:
+                setattr(opts, name, value)
+        req = pb.DiagnoseRequest(diagnostic=DIAGNOSTICS[diagnostic], image=image_bytes(image), question=question,
+                                 constraint=constraint, answer=answer or "", rephrase=rephrase or "",
+                                 image_rephrase=image_bytes(image_rephrase),
+                                 adapter=adapter_ref(adapter, version, alias, base), options=opts, png=png)
+        return Diagnosis.from_pb(self._stream(self._stub.Diagnose, req, progress))
+
+
+__all__ = [
+    "EditLensClient", "EditLensError", "InvalidArgumentError", "NotFoundError", "FailedPreconditionError",
+    "ResourceExhaustedError", "UnauthenticatedError", "PermissionDeniedError", "UnavailableError",
+    "UnimplementedError", "CancelledError", "DeadlineExceededError", "InternalError", "Served", "Generation",
+    "Progress", "LayerRecommendation", "EditRecord", "Version", "VersionList", "AdapterSummary", "Matrix",
+    "Diagnosis", "ServerInfo", "image_bytes", "adapter_ref",
+]

@@ -1,0 +1,163 @@
+"""Starting and stopping the EditLens gRPC server.
+
+``EditLensServer(config).start()`` binds the port at once (health: NOT_SERVING),
+then loads the registry and the model in the background: the given model
+folder, or the embedded world's tiny model, built on the first start when
+absent. Once both are there the health service says SERVING; until then
+every EditLens call answers UNAVAILABLE. Tests pass an already loaded ``vlm``
+(and ``registry``) to skip the loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from editlens.v1 import editlens_pb2 as pb
+from editlens.v1 import editlens_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .service import EditLensService
+
+log = logging.getLogger("editlens.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditLens"].full_name     # "editlens.v1.EditLens"
+
+
+class EditLensServer:
+    def __init__(self, config: ServerConfig, vlm=None, registry=None, say: Callable[[str], None] | None = None):
+        config.check()
+        self.config = config
+        self._vlm, self._registry = vlm, registry
+        self.say = say or (lambda msg: log.info(msg))
+        self.service = EditLensService(config)
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.Server | None = None
+        self._loader: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._done = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def start(self) -> str:
+        """Bind and start serving (the model loads in the background); returns host:port."""
+        cfg = self.config
+        size = cfg.limits.max_message_bytes
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="editlens-rpc"),
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", 64 << 20),
+                     ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        pb_grpc.add_EditLensServicer_to_server(self.service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._server)
+        self._set_health(False)
+        try:
+            self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+        if not self.port:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (in use?)")
+        self._server.start()
+        self._loader = threading.Thread(target=self._load, name="editlens-loader", daemon=True)
+        self._loader.start()
+        return self.address
+
+    def _load(self) -> None:
+        try:
+            self.service.state, self.service.state_detail = "loading", "opening the registry"
+            registry = self._registry
+            if registry is None:
+                from registry import Registry
+
+                registry = Registry(tracking_uri=self.config.registry_uri, data_dir=self.config.registry_dir,
+                                    live_ttl=self.config.live_ttl)
+                registry.check()
+            vlm = self._vlm
+            if vlm is None:
+                vlm = self._load_model()
+            self.service.set_ready(vlm, registry)
+            self._set_health(True)
+            self._ready.set()
+            self.say(f"ready: model {vlm.path} (fingerprint {vlm.fingerprint}, {vlm.device}), "
+                     f"registry {registry.tracking_uri}")
+        except Exception as exc:  # noqa: BLE001 - reported through health/UNAVAILABLE and the log
+            log.error("loading failed: %s", exc, exc_info=not isinstance(exc, (OSError, ValueError)))
+            self.service.set_failed(str(exc))
+            self.say(f"error: the server cannot serve: {exc}")
+            self._ready.set()
+
+    def _load_model(self):
+        from vlm import load_vlm
+
+        model = self.config.model
+        if model is None:
+            from vlm.world import build_world, default_world_dir
+
+            folder = default_world_dir(self.config.seed)
+            if not (folder / "model" / "config.json").is_file():
+                self.service.state_detail = "building the embedded world model (first start: a few minutes)"
+                self.say(self.service.state_detail)
+            summary = build_world(seed=self.config.seed, stage=lambda m: self.say(f"world: {m}"))
+            model = Path(summary["path"]) / "model"
+        self.service.state_detail = f"loading the model {model}"
+        self.say(self.service.state_detail)
+        return load_vlm(model, device=self.config.device, dtype=self.config.dtype)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once the model is loaded (False if loading failed or timed out)."""
+        self._ready.wait(timeout)
+        return self.service.vlm is not None and self.service.registry is not None
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._set_health(False)
+        self.service.close()
+        try:
+            if self._server is not None:
+                self._server.stop(grace).wait()
+            # a job past its last cancellation point (registering a version) is let finish
+            deadline = time.monotonic() + 30
+            while self.service.jobs.running and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            self._done.set()
+
+    def wait_for_termination(self) -> None:
+        self._done.wait()
+
+
+def serve(config: ServerConfig, say: Callable[[str], None] = print) -> int:
+    """Run until SIGINT/SIGTERM. Prints ``listening on HOST:PORT`` (flushed) once bound."""
+    server = EditLensServer(config, say=say)
+    address = server.start()
+    say(f"listening on {address}")
+
+    def stop(signum, _frame):
+        say(f"stopping ({signal.Signals(signum).name})")
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    server.wait_for_termination()
+    return 0

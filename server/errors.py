@@ -1,0 +1,119 @@
+"""Every exception a request can raise, mapped to a gRPC status code in one place.
+
+The client sees a status code and a readable message, never a traceback;
+anything unexpected is logged here with its traceback and reaches the
+client as INTERNAL with the exception's message. The server keeps running.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+
+log = logging.getLogger("editlens.server")
+
+
+class ServiceError(Exception):
+    """A request the server refuses, with the status code to answer."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def precondition(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def exhausted(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+def unavailable(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+class JobCancelled(Exception):
+    """The client went away (or cancelled) before the job finished; nothing was registered."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message to answer for ``exc``."""
+    from diagnostics.errors import DiagnosticError
+    from editors.edit_set import EditSetError, FingerprintMismatchError
+    from registry.errors import ConflictError, InvalidArgumentError, NotFoundError, RegistryError
+    from vlm.errors import ImageDecodeError, ModelLoadError, PromptError, VLMError
+
+    from .bundles import BundleError
+
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message
+    if isinstance(exc, JobCancelled):
+        return grpc.StatusCode.CANCELLED, str(exc) or "the job was cancelled"
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, ConflictError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, InvalidArgumentError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, (FingerprintMismatchError, EditSetError, BundleError)):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, RegistryError):
+        msg = str(exc)
+        if "cannot reach" in msg:
+            return grpc.StatusCode.UNAVAILABLE, f"the registry is unavailable: {msg}"
+        return grpc.StatusCode.INTERNAL, f"registry error: {msg}"
+    if isinstance(exc, ModelLoadError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, (ImageDecodeError, PromptError, DiagnosticError, VLMError)):
+        label = getattr(exc, "case_label", None)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc) if not label or label == "request" else f"{label}: {exc}"
+    if isinstance(exc, ValueError):           # editor configuration checks (layer out of range, ...)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request"
+    log.error("internal error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc}"
+
+
+def _abort(context, exc: BaseException):
+    code, message = status_for(exc)
+    if code != grpc.StatusCode.INTERNAL:
+        log.info("%s: %s", code.name, message)
+    context.abort(code, message)
+
+
+def rpc(method):
+    """Wrap a servicer method (unary or a generator) so that every exception becomes a status."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortionError":
+                    raise
+                _abort(context, exc)
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortionError":
+                raise
+            _abort(context, exc)
+    return unary

@@ -1,0 +1,165 @@
+"""Long requests (edits, diagnostics, training) as jobs with streamed progress.
+
+A ``JobRunner`` owns ``workers`` threads and a bounded queue: a job submitted
+while ``max_queued`` jobs already wait is refused (RESOURCE_EXHAUSTED), so a
+flood of edits cannot pile up unbounded work. Generation is not a job: it
+runs in the RPC's own thread and keeps being served while a job runs (the
+job's hooks are thread-scoped, see ``vlm.hooks``). Mutating jobs of one
+adapter hold that adapter's lock, so they run one at a time per adapter.
+
+A job reports through ``emit`` (progress dicts) and ends with a result or an
+exception; the RPC thread reads ``events`` and streams them. When the client
+goes away the job is cancelled: a queued job never starts, a running one
+stops at its next progress report (``JobCancelled``) before it registers
+anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import JobCancelled, exhausted, unavailable
+
+log = logging.getLogger("editlens.server")
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str
+    fn: Callable[["Job"], Any]
+    adapter: str | None = None
+    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    accepted: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    state: str = "queued"          # queued | running | done | failed | cancelled
+
+    def emit(self, stage: str, step: int = 0, steps: int = 0, item: int = 0, items: int = 0,
+             loss: float | None = None, message: str = "") -> None:
+        """Report progress; raises JobCancelled once the client has gone."""
+        if self.cancelled.is_set():
+            raise JobCancelled(f"{self.kind} job {self.id} was cancelled")
+        self.events.put(("progress", {"stage": stage, "step": step, "steps": steps, "item": item, "items": items,
+                                      "loss": loss, "message": message,
+                                      "elapsed_seconds": time.monotonic() - self.accepted}))
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled(f"{self.kind} job {self.id} was cancelled")
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class JobRunner:
+    def __init__(self, workers: int = 1, max_queued: int = 8):
+        self.max_queued = max_queued
+        self._queue: "queue.Queue[Job | None]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting: list[Job] = []
+        self._running: set[int] = set()
+        self._ids = itertools.count(1)
+        self._adapter_locks: dict[str, threading.Lock] = {}
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"editlens-job-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------ status
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def adapter_lock(self, adapter: str) -> threading.Lock:
+        with self._lock:
+            return self._adapter_locks.setdefault(adapter, threading.Lock())
+
+    # ------------------------------------------------------------ submit
+    def submit(self, kind: str, fn: Callable[[Job], Any], adapter: str | None = None) -> tuple[Job, int]:
+        """Queue a job; returns it and how many jobs are ahead of it. RESOURCE_EXHAUSTED when full."""
+        with self._lock:
+            if self._closed:
+                raise unavailable("the server is shutting down")
+            busy = len(self._running) >= len(self._threads)
+            if busy and len(self._waiting) >= self.max_queued:
+                raise exhausted(f"the job queue is full ({len(self._waiting)} job(s) waiting, "
+                                f"{len(self._running)} running; limit {self.max_queued}); try again later")
+            job = Job(next(self._ids), kind, fn, adapter)
+            ahead = len(self._waiting) + len(self._running)
+            self._waiting.append(job)
+        self._queue.put(job)
+        return job, ahead
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                if job.cancelled.is_set():
+                    job.state = "cancelled"
+                    job.events.put(("error", JobCancelled(f"{job.kind} job {job.id} was cancelled before it ran")))
+                    continue
+                self._running.add(job.id)
+            job.state = "running"
+            try:
+                if job.adapter is not None:
+                    with self.adapter_lock(job.adapter):
+                        result = job.fn(job)
+                else:
+                    result = job.fn(job)
+                job.state = "done"
+                job.events.put(("result", result))
+            except BaseException as exc:  # noqa: BLE001 - reported to the RPC thread
+                job.state = "cancelled" if isinstance(exc, JobCancelled) else "failed"
+                if not isinstance(exc, Exception):
+                    exc = RuntimeError(f"the job stopped: {type(exc).__name__}")
+                job.events.put(("error", exc))
+            finally:
+                with self._lock:
+                    self._running.discard(job.id)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            waiting = list(self._waiting)
+        for job in waiting:
+            job.cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+def follow(job: Job, context, poll: float = 0.25):
+    """Yield ("progress", dict) events of ``job`` until its end; returns its result or raises its error.
+
+    Cancels the job when the RPC ends early (client cancelled or disconnected)."""
+    context.add_callback(job.cancel)    # runs when the RPC terminates, however it terminates
+    while True:
+        try:
+            kind, payload = job.events.get(timeout=poll)
+        except queue.Empty:
+            if not context.is_active():
+                job.cancel()
+                raise JobCancelled(f"the client went away; {job.kind} job {job.id} cancelled")
+            continue
+        if kind == "progress":
+            yield payload
+        elif kind == "result":
+            return payload
+        else:
+            raise payload

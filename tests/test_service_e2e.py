@@ -1,0 +1,197 @@
+"""End to end: `editlens serve` as a real subprocess driven only through the SDK, and the same flow
+through the CLI commands.
+
+The flow fixes a fact the model gets wrong: an insertion case of the world (an entity the model never saw,
+whose prediction differs from the ground truth) is answered wrongly, diagnosed, edited (MultEdit, layer
+auto) and then answered correctly for the question, its paraphrase and another rendering of the image,
+while an unrelated question keeps its answer; the version's manifest carries the layer evidence;
+rollback brings the old answer back; the live alias and its answers survive a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from client import sdk
+from client.cli import app
+
+TOKEN = "e2e-token"
+
+
+def _editlens_exe() -> str:
+    beside = Path(sys.executable).parent / "editlens"
+    return str(beside) if beside.exists() else "editlens"
+
+
+class ServeProcess:
+    """`editlens serve --port 0` in a subprocess; the bound address is parsed from its stdout."""
+
+    def __init__(self, registry_dir: Path, log: Path, token: str = TOKEN):
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [_editlens_exe(), "serve", "--port", "0", "--registry-dir", str(registry_dir), "--token", token],
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        self._bound = threading.Event()
+        self.address = None
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._bound.wait(120):
+            self.stop()
+            raise AssertionError(f"editlens serve printed no address: {self.lines}")
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            m = re.match(r"listening on (\S+:\d+)$", line.strip())
+            if m:
+                self.address = m.group(1)
+                self._bound.set()
+        self._bound.set()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def registry_dir(registry_template, tmp_path):
+    from registry import copy_database
+
+    folder = tmp_path / "registry"
+    copy_database(registry_template / "mlflow.db", folder / "mlflow.db")
+    return folder
+
+
+def _answers(lens, c, world_dir, **ref):
+    ask = lambda q, img: lens.generate(world_dir / img, q, **ref)   # noqa: E731
+    out = [ask(c["src"], c["image"]), ask(c["rephrase"], c["image"]), ask(c["src"], c["image_rephrase"]),
+           ask(c["m_loc_q"], c["m_loc"])]
+    return [g.text for g in out], out[0].served
+
+
+def test_serve_subprocess_end_to_end_with_the_sdk(insertion_case, world_dir, registry_dir, tmp_path):
+    c = insertion_case
+    img, img2 = world_dir / c["image"], world_dir / c["image_rephrase"]
+    fixed = [c["ground_truth"]] * 3 + [c["m_loc_answer"]]
+    server = ServeProcess(registry_dir, tmp_path / "serve.log")
+    try:
+        with sdk.EditLensClient(server.address, token=TOKEN) as lens:
+            info = lens.wait_ready(300)
+            assert info.ready and info.auth_required and info.num_layers == 8
+            # the question is answered wrongly
+            answers, served = _answers(lens, c, world_dir)
+            assert answers[0] == c["base_answer"] != c["ground_truth"] and served.version == 0
+            # diagnose: which layer holds the fact (what layer=auto will use), with its figure
+            d = lens.diagnose("recommend", img, c["src"], c["constraint"], rephrase=c["rephrase"],
+                              image_rephrase=img2, editor="multedit", png=True)
+            assert d.recommended_layer is not None and d.png[:4] == b"\x89PNG"
+            # edit, layer auto
+            events = []
+            v = lens.edit(img, c["src"], c["constraint"], c["ground_truth"], layer="auto", rephrase=c["rephrase"],
+                          image_rephrase=img2, description="insert a fact", progress=events.append)
+            assert "layer" in [e.stage for e in events] and v.version == 1 and v.live
+            rec = v.edits[0]
+            assert rec.layer_evidence is not None and rec.layer == rec.layer_evidence.layer == d.recommended_layer
+            answers, served = _answers(lens, c, world_dir)
+            assert answers == fixed and (served.version, served.alias) == (1, "live")
+            # [VisEdit edit: added with the VisEdit integration]
+            # versions: the manifest with the layer evidence
+            vl = lens.versions()
+            assert vl.live_version == 1 and [x.version for x in vl.versions] == [1]
+            man = vl.versions[0].manifest
+            assert man["edits"][0]["layer_evidence"]["layer"] == rec.layer
+            assert man["edits"][0]["request"]["answer"] == c["ground_truth"] and man["parent"] is None
+            assert lens.version(1, figures=True).figures["layer-evidence.png"][:4] == b"\x89PNG"
+            # rollback: the old answer again (the first version rolls back to the base model)
+            assert lens.rollback() is None
+            answers, served = _answers(lens, c, world_dir)
+            assert answers[0] == c["base_answer"] and served.version == 0
+            assert lens.promote(1).live                    # and forward again, to test the restart with it
+            assert _answers(lens, c, world_dir)[0] == fixed
+    finally:
+        assert server.stop() == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+    server = ServeProcess(registry_dir, tmp_path / "serve.log")      # restart on the same registry
+    try:
+        with sdk.EditLensClient(server.address, token=TOKEN) as lens:
+            lens.wait_ready(300)
+            vl = lens.versions()
+            assert vl.live_version == 1 and vl.aliases == {"live": 1}
+            answers, served = _answers(lens, c, world_dir)
+            assert answers == fixed and (served.version, served.alias) == (1, "live")
+            with sdk.EditLensClient(server.address) as anon, pytest.raises(sdk.UnauthenticatedError):
+                anon.rollback()
+    finally:
+        assert server.stop() == 0
+
+
+def _cli(*args, ok=True):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def test_the_same_flow_through_the_cli(start_service, insertion_case, world_dir, tmp_path):
+    c = insertion_case
+    img, img2 = world_dir / c["image"], world_dir / c["image_rephrase"]
+    svc = start_service(token=TOKEN)
+    srv = ["--server", svc.address]
+
+    def ask(q=c["src"], image=img, address=None):
+        return json.loads(_cli("generate", q, "--image", image, "--server", address or svc.address, "--json").stdout)
+
+    assert ask()["answer"] == c["base_answer"]
+    png = tmp_path / "trace.png"
+    d = json.loads(_cli("diagnose", "trace", *srv, "--image", img, "--question", c["src"], "--constraint",
+                        c["constraint"], "--kind", "mlp", "--isolate", "--out", png, "--json").stdout)
+    assert d["png"] == str(png) and png.read_bytes()[:4] == b"\x89PNG" and d["recommended_layer"] in range(4)
+    res = _cli("edit", *srv, "--token", TOKEN, "--image", img, "--question", c["src"], "--constraint",
+               c["constraint"], "--answer", c["ground_truth"], "--layer", "0", "--json")
+    v = json.loads(res.stdout)
+    assert v["version"] == 1 and v["live"] and v["edits"][0]["layer"] == 0
+    assert [ask()["answer"], ask(c["rephrase"])["answer"], ask(image=img2)["answer"]] == [c["ground_truth"]] * 3
+    assert ask(c["m_loc_q"], world_dir / c["m_loc"])["answer"] == c["m_loc_answer"]
+    vl = json.loads(_cli("versions", *srv, "--json").stdout)
+    assert vl["live_version"] == 1 and vl["versions"][0]["edits"][0]["answer"] == c["ground_truth"]
+    assert "version 1" in _cli("versions", *srv).stdout
+    bad = _cli("rollback", *srv, ok=False)
+    assert bad.exit_code == 2 and "UNAUTHENTICATED" in bad.stderr and "Traceback" not in bad.output
+    assert json.loads(_cli("rollback", *srv, "--token", TOKEN, "--json").stdout)["live_version"] is None
+    assert ask()["answer"] == c["base_answer"]
+    assert "live -> version 1" in _cli("promote", "1", *srv, "--token", TOKEN).stdout
+    svc.server.stop(0)                                   # restart on the same registry folder
+    again = start_service(token=TOKEN, data_dir=svc.data_dir)
+    out = ask(address=again.address)
+    assert out["answer"] == c["ground_truth"] and out["served"]["version"] == 1
+    assert json.loads(_cli("versions", "--server", again.address, "--json").stdout)["live_version"] == 1
+    res = _cli("generate", c["src"], "--image", img, "--server", again.address, "--stream")
+    assert res.stdout.strip() == c["ground_truth"]
+
+
+def test_bench_serve_prints_the_figures(world_dir):
+    res = _cli("bench", "serve", "--world", world_dir, "--edits", "1", "--edits", "2", "--requests", "2",
+               "--steps", "1", "--json")
+    r = json.loads(res.stdout)
+    assert set(r["generate"]) == {"in-process, no gRPC, no edit", "no edit", "1 live edit", "2 live edits"}
+    assert all(row["median_ms"] > 0 for row in r["generate"].values())
+    s = r["switch"]
+    assert s["base_model_reload_ms"] > 0 and s["reload_over_attach"] > 1 and s["rollback_and_first_answer_ms"] > 0
+    assert {"create_version_ms", "rollback_ms", "set_alias_ms", "live_lookup_uncached_ms"} <= set(r["registry"])

@@ -18,6 +18,14 @@
   attention + MLP contribution ≥ ``threshold`` × its maximum, the contiguous
   block that holds the maximum), so every one of them sees the edited
   visual states. On LLaVA-1.5-7B the paper's choice is layer 18 of 32.
+  An adapter on visual states can only act where the answer still depends
+  on them, so the image read-out (``image_readout``: the drop of P(O) when
+  text may not attend to the image from layer l on) is measured too; when it
+  has vanished by the block's start, the adapter moves down to the deepest
+  layer still read, and its signal stays at the block's start
+  (``details["signal_layer"]``). The world's model reads its image only in
+  layer 0 (read-out 0.88 at layer 0, 0.001 from layer 1 on), so its VEAD
+  goes to layer 0.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from vlm.loading import VLM
+from vlm.patching import Knockout
 
 from .attribution import module_attribution
 from .cases import DiagnosticCase, prepare
+from .engine import Cell, CellRunner
 from .errors import DiagnosticError
 from .trace import causal_trace
 
@@ -77,18 +87,41 @@ def recommend_multedit_layer(vlm: VLM, cases: Sequence[DiagnosticCase], early_fr
         cases=len(cases), details={"mlp_effect_plain": plain, "per_case": per_case})
 
 
+def image_readout(vlm: VLM, prep, mode: str = "batched") -> list[float]:
+    """Per layer l: the relative drop of P(O) when no text position may attend to the image tokens
+    in any layer from l on (1 − P_blocked / P_clean). How much the answer still depends on the
+    visual states at the input of layer l: an adapter that changes only those states can act
+    only where this is large."""
+    p = prep.prompt
+    image = p.image_positions
+    text = list(range(image[-1] + 1, p.length))
+    L = vlm.num_layers
+    cells = [Cell(knockouts=[Knockout(0, list(range(l, L)), text, image)]) for l in range(L)]
+    probs = CellRunner(vlm, p, prep.target_id, mode=mode).run(cells).probs.tolist()
+    return [1.0 - q / prep.p_clean if prep.p_clean > 0 else 0.0 for q in probs]
+
+
 def recommend_vead_layer(vlm: VLM, cases: Sequence[DiagnosticCase], threshold: float = 0.5,
+                         readout_fraction: float = 0.25,
                          progress: CaseProgress | None = None) -> LayerRecommendation:
+    """The paper's choice (input of the first layer of the high module-contribution block), moved down
+    to the deepest layer whose visual states the answer still depends on when the block starts after
+    the model has stopped reading the image (image read-out below ``readout_fraction`` × its value at
+    layer 0 there)."""
     if not cases:
         raise DiagnosticError("a layer recommendation needs at least one case")
     if not 0 < threshold <= 1:
         raise DiagnosticError("threshold must be in (0, 1]")
+    if not 0 < readout_fraction < 1:
+        raise DiagnosticError("readout_fraction must be in (0, 1)")
     L = vlm.num_layers
-    attn, mlp = [0.0] * L, [0.0] * L
+    attn, mlp, readout = [0.0] * L, [0.0] * L, [0.0] * L
     for i, case in enumerate(cases):
-        m = module_attribution(vlm, prepare(vlm, case))
+        prep = prepare(vlm, case)
+        m = module_attribution(vlm, prep)
         attn = [a + b / len(cases) for a, b in zip(attn, m.attention)]
         mlp = [a + b / len(cases) for a, b in zip(mlp, m.mlp)]
+        readout = [a + b / len(cases) for a, b in zip(readout, image_readout(vlm, prep))]
         if progress:
             progress(i + 1, len(cases))
     total = [a + b for a, b in zip(attn, mlp)]
@@ -99,12 +132,22 @@ def recommend_vead_layer(vlm: VLM, cases: Sequence[DiagnosticCase], threshold: f
     end = peak
     while end + 1 < L and total[end + 1] >= threshold * total[peak]:
         end += 1
+    floor = readout_fraction * readout[0]
+    reading = [l for l in range(start + 1) if readout[l] >= floor]
+    layer = reading[-1] if reading else 0
+    criterion = (f"input of the first layer of the high module-contribution block {start}-{end} "
+                 f"(attention + MLP contribution ≥ {threshold:g} × the peak at layer {peak})")
+    if layer != start:
+        criterion += (f"; the answer no longer depends on the visual states from layer {layer + 1} on "
+                      f"(image read-out {readout[layer + 1]:.3f} < {readout_fraction:g} × {readout[0]:.3f} at "
+                      f"layer 0), so the adapter "
+                      f"goes to layer {layer}, the deepest that is still read ({readout[layer]:.3f}), and "
+                      f"its signal is read at layer {start}")
     return LayerRecommendation(
-        editor="visedit", layer=start, scores=total, candidates=list(range(L)),
-        criterion=f"input of the first layer of the high module-contribution block {start}-{end} "
-                  f"(attention + MLP contribution ≥ {threshold:g} × the peak at layer {peak}), "
-                  f"mean over {len(cases)} case(s)",
-        cases=len(cases), details={"attention": attn, "mlp": mlp, "block": [start, end], "peak": peak})
+        editor="visedit", layer=layer, scores=total, candidates=list(range(L)),
+        criterion=criterion + f", mean over {len(cases)} case(s)", cases=len(cases),
+        details={"attention": attn, "mlp": mlp, "block": [start, end], "peak": peak, "paper_layer": start,
+                 "signal_layer": start, "image_readout": readout, "readout_fraction": readout_fraction})
 
 
 def request_cases(question: str, constraint: str, image, rephrase: str | None = None, image_rephrase=None,

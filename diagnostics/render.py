@@ -8,6 +8,7 @@
 * ``render_curves``: lines over layers, optionally with +/- standard-error bands.
 * ``render_bars``: grouped bars (e.g. attention vs MLP per layer).
 * ``render_image_maps``: per-patch scores overlaid on the image, one panel each.
+* ``render_overlays``: per-patch scores over several images on one absolute scale.
 * ``render_roc``: ROC curves with their AUROC.
 
 Every function takes the output ``path``, creates its folder, writes the
@@ -221,6 +222,36 @@ def render_image_maps(image: Image.Image, maps: Sequence[Sequence[float]], title
         ax.set_title(titles[i], fontsize=9)
     fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), "jet"), ax=axes.ravel().tolist(),
                  label="normalised score", shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def render_overlays(images: Sequence[Image.Image], maps: Sequence[Sequence[float]], titles: Sequence[str],
+                    path: PathLike, grid: tuple[int, int], title: str = "", colorbar_label: str = "",
+                    vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.55) -> Path:
+    """One panel per (image, patch scores) pair on one absolute colour scale [vmin, vmax]
+    (e.g. VisEdit's influence mapper over the edit image and an unrelated one)."""
+    rows, cols = grid
+    if rows <= 0 or cols <= 0:
+        raise ValueError(f"grid must be two positive ints, got {grid}")
+    if not maps or not (len(maps) == len(titles) == len(images)):
+        raise ValueError(f"need one image and one title per map, got {len(images)} images, {len(maps)} maps, "
+                         f"{len(titles)} titles")
+    fig, axes = plt.subplots(1, len(maps), squeeze=False, layout="constrained",
+                             figsize=(2.4 * len(maps) + 0.9, 2.7 + (0.4 if title else 0)))
+    for ax, image, scores, t in zip(axes.ravel(), images, maps, titles):
+        scores = np.asarray(scores, dtype=float)
+        if scores.size != rows * cols:
+            raise ValueError(f"a map has {scores.size} scores but grid {grid} has {rows * cols} patches")
+        picture = image.convert("RGB").resize((_IMAGE_SIDE, _IMAGE_SIDE), Image.Resampling.BICUBIC)
+        ax.set_axis_off()
+        ax.imshow(picture)
+        ax.imshow(scores.reshape(rows, cols), cmap="jet", alpha=alpha, vmin=vmin, vmax=vmax,
+                  extent=(0, _IMAGE_SIDE, _IMAGE_SIDE, 0), interpolation="nearest")
+        ax.set_title(t, fontsize=8)
+    fig.colorbar(ScalarMappable(Normalize(vmin, vmax), "jet"), ax=axes.ravel().tolist(), label=colorbar_label,
+                 shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

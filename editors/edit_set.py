@@ -231,9 +231,13 @@ def file_size_per_edit(size_bytes: int, num_edits: int) -> float:
 
 
 class AttachedEdits:
-    """Forward hooks that add the deltas' contributions; ``remove()`` restores the base model exactly."""
+    """Forward hooks that add the deltas' contributions; ``remove()`` restores the base model exactly.
 
-    def __init__(self, vlm: VLM, deltas: Sequence[Delta]):
+    ``others``: further attachments (anything with ``remove()``, e.g. a VisEdit edit set's hooks)
+    removed together with the deltas."""
+
+    def __init__(self, vlm: VLM, deltas: Sequence[Delta], others: Sequence[Any] = ()):
+        self._others = list(others)
         self._handles = []
         by_module: dict[str, list[Delta]] = {}
         for d in deltas:
@@ -254,6 +258,9 @@ class AttachedEdits:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for o in self._others:
+            o.remove()
+        self._others = []
 
     def __enter__(self) -> "AttachedEdits":
         return self
@@ -262,17 +269,26 @@ class AttachedEdits:
         self.remove()
 
 
-def attach(vlm: VLM, *edits: EditSet | Delta | Sequence[Delta]) -> AttachedEdits:
-    """Attach edit sets and/or deltas to ``vlm`` (usable as a context manager)."""
+def attach(vlm: VLM, *edits: EditSet | Delta | Sequence[Delta] | Any) -> AttachedEdits:
+    """Attach edit sets and/or deltas to ``vlm`` (usable as a context manager). Any other edit set
+    with an ``attach(vlm)`` method of its own (a VisEdit edit set) is attached through it."""
     deltas: list[Delta] = []
-    for e in edits:
-        if isinstance(e, EditSet):
-            deltas += e.deltas
-        elif isinstance(e, (list, tuple)):
-            deltas += list(e)
-        else:
-            deltas.append(e)
-    return AttachedEdits(vlm, deltas)
+    others: list[Any] = []
+    try:
+        for e in edits:
+            if isinstance(e, EditSet):
+                deltas += e.deltas
+            elif isinstance(e, (list, tuple)):
+                deltas += list(e)
+            elif hasattr(e, "attach") and not hasattr(e, "contribution"):
+                others.append(e.attach(vlm))
+            else:
+                deltas.append(e)
+    except Exception:
+        for o in others:
+            o.remove()
+        raise
+    return AttachedEdits(vlm, deltas, others)
 
 
 def describe(edit_set: EditSet, size_bytes: int | None = None) -> dict[str, Any]:

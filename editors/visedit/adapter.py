@@ -1,0 +1,235 @@
+"""The Visual Edit ADapter (VEAD) of VisEdit (Chen et al. §4.2), and how it sits in the model.
+
+VEAD sits at the input of decoder layer ``l_e`` and changes only the visual
+positions there. An edit is its *signal*: the hidden states h̄ (N_e × d) of
+the edit sample (image_e, prompt_e ⊕ answer_e) read at the input of layer
+``signal_layer`` of the unedited model, and h̄_last, the row of the edit
+prompt's last token (the one that predicts the answer). For an input whose
+visual states at l_e are h (N_v × d):
+
+    ḣ = softmax(h W1 (h̄ W2)ᵀ / √d_a) h̄ W3           (eq. 14, with biases)
+    C = sigmoid(f1(h) · f2(h̄_last)ᵀ)                  (eq. 15; f1, f2 two-layer MLPs to d_a)
+    h ← h + ḣ ⊙ C                                     (eq. 16)
+
+The 1/√d_a is the usual attention temperature (the paper omits it; it is a
+rescaling of W1, so the family of functions is the same, but training is
+steadier). Every input of the adapter (h, h̄, h̄_last) is scaled to unit RMS
+per row and ḣ is multiplied back by the RMS of each visual state: on the
+world's model the image embeddings have norm ≈ 100 and the text embeddings
+≈ 0.6, and an adapter that works in units of the state it changes trains in
+minutes instead of not at all (README, "VisEdit"). This too keeps the
+paper's function family, reparametrised. With several live edits every signal e adds its own ḣ_e ⊙ C_e:
+each edit is gated by its own influence mapper, so an input unrelated to
+every edit keeps its visual states.
+
+``signal_layer`` is the paper's l_e unless set. On LLaVA-1.5 the paper puts
+both at layer 18; on a model whose image is read only in its first layer
+(the embedded world model, see ``diagnostics.recommend``) the adapter must sit
+at layer 0, where the prompt's last token has not read anything yet, so its
+signal is taken deeper (README, "VisEdit").
+
+Attaching (``AttachedVEAD``) installs thread-scoped hooks (``vlm.hooks``):
+one on the base model that records which positions hold image tokens, one on
+decoder layer l_e that adds the adapter's output there. Removing them leaves
+the base model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from vlm.hooks import thread_scoped
+from vlm.loading import VLM
+
+
+@dataclass(frozen=True)
+class VEADConfig:
+    hidden_size: int          # d of the language model
+    layer: int                # l_e: the adapter changes the visual states at the input of this decoder layer
+    signal_layer: int         # the edit signal is read at the input of this decoder layer (paper: = layer)
+    width: int = 128          # d_a (paper: 1024 for 7B models)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VEADConfig":
+        return cls(**{k: int(d[k]) for k in ("hidden_size", "layer", "signal_layer", "width")})
+
+    def check(self, num_layers: int, hidden_size: int) -> None:
+        if self.hidden_size != hidden_size:
+            raise ValueError(f"the adapter is for hidden size {self.hidden_size}, the model has {hidden_size}")
+        for name in ("layer", "signal_layer"):
+            v = getattr(self, name)
+            if not 0 <= v < num_layers:
+                raise ValueError(f"VEAD {name} {v} is outside 0..{num_layers - 1}")
+        if self.width < 1:
+            raise ValueError("the adapter width d_a must be positive")
+
+
+@dataclass
+class EditSignal:
+    """One edit's signal: the edit sample's hidden states and its last prompt token's row."""
+
+    states: torch.Tensor      # (N_e, d)
+    last: torch.Tensor        # (d,)
+
+
+class SignalBatch:
+    """Signals padded into one tensor: (E, N, d) states, (E, N) mask, (E, d) last rows."""
+
+    def __init__(self, signals: Sequence[EditSignal], device: torch.device | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if not signals:
+            raise ValueError("no edit signals")
+        n = max(s.states.shape[0] for s in signals)
+        d = signals[0].states.shape[1]
+        self.states = torch.zeros(len(signals), n, d, dtype=dtype, device=device)
+        self.mask = torch.zeros(len(signals), n, dtype=torch.bool, device=device)
+        for i, s in enumerate(signals):
+            self.states[i, : s.states.shape[0]] = s.states.to(device, dtype)
+            self.mask[i, : s.states.shape[0]] = True
+        self.last = torch.stack([s.last.to(device, dtype) for s in signals])
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+
+def unit_rms(x: torch.Tensor) -> torch.Tensor:
+    """``x`` scaled to unit root-mean-square per row (the adapter's inputs differ in scale by 100×)."""
+    return x / rms(x)
+
+
+def _mlp(d_in: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+
+
+class VEAD(nn.Module):
+    """The adapter's parameters and its two computations (cross-attention, influence mapper)."""
+
+    def __init__(self, config: VEADConfig):
+        super().__init__()
+        d, a = config.hidden_size, config.width
+        self.config = config
+        self.w1 = nn.Linear(d, a)
+        self.w2 = nn.Linear(d, a)
+        self.w3 = nn.Linear(d, d)
+        self.f1 = _mlp(d, a)
+        self.f2 = _mlp(d, a)
+        nn.init.zeros_(self.w3.weight)   # starts as the identity map: h + 0
+        nn.init.zeros_(self.w3.bias)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def prepare(self, signals: SignalBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-edit keys (E, N, d_a), values (E, N, d), key mask (E, N) and mapper queries (E, d_a)."""
+        states = unit_rms(signals.states)
+        return self.w2(states), self.w3(states), signals.mask, self.f2(unit_rms(signals.last))
+
+    def influence_logits(self, h: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """f1(h) · f2(h̄_last)ᵀ: h (..., N_v, d), queries (..., d_a) → (..., N_v) (before the sigmoid)."""
+        return (self.f1(unit_rms(h)) * queries.unsqueeze(-2)).sum(-1)
+
+    def cross_attention(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+        """ḣ for rows h (..., N_v, d) against one signal per row: keys (..., N, d_a), values (..., N, d);
+        in units of each visual state's RMS."""
+        scores = self.w1(unit_rms(h)) @ keys.transpose(-1, -2) / math.sqrt(self.config.width)
+        scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
+        return (torch.softmax(scores, dim=-1) @ values) * rms(h)
+
+    def paired(self, h: torch.Tensor, signals: SignalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training form: row b of h (B, N_v, d) is edited by signal b. Returns (new h, influence logits)."""
+        keys, values, mask, q = self.prepare(signals)
+        logits = self.influence_logits(h, q)
+        return h + self.cross_attention(h, keys, values, mask) * torch.sigmoid(logits).unsqueeze(-1), logits
+
+    def all_edits(self, h: torch.Tensor, prepared) -> torch.Tensor:
+        """Serving form: every row of h (B, N_v, d) gets Σ_e ḣ_e ⊙ C_e over all E live edits."""
+        keys, values, mask, q = prepared
+        hv = h.unsqueeze(1)                                                  # (B, 1, N_v, d)
+        gate = torch.sigmoid(self.influence_logits(hv, q.unsqueeze(0)))     # (B, E, N_v)
+        dh = self.cross_attention(hv, keys.unsqueeze(0), values.unsqueeze(0), mask.unsqueeze(0))  # (B, E, N_v, d)
+        return h + (dh * gate.unsqueeze(-1)).sum(1)
+
+
+class VisualPositions:
+    """Records, per forward pass of the base model, which positions hold image tokens (thread-scoped)."""
+
+    def __init__(self, vlm: VLM):
+        self.mask: torch.Tensor | None = None
+        image_id = vlm.image_token_id
+
+        def record(_mod, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.mask = None if ids is None else ids == image_id
+        self.handle = vlm.arch.get(vlm.model, vlm.arch.base_model).register_forward_pre_hook(
+            thread_scoped(record), with_kwargs=True)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class AttachedVEAD:
+    """VEAD on ``vlm`` at its layer. ``mode="all"``: every row gets every signal (serving);
+    ``mode="paired"``: row b gets signal b (training), and the influence logits of the
+    last pass are kept in ``self.logits`` ((B, N_v)) with the visual states in ``self.inputs``."""
+
+    def __init__(self, vlm: VLM, vead: VEAD, signals: SignalBatch, mode: str = "all"):
+        if mode not in ("all", "paired"):
+            raise ValueError(f"mode must be 'all' or 'paired', not {mode!r}")
+        self.vead, self.mode = vead, mode
+        self.logits: torch.Tensor | None = None
+        self.inputs: torch.Tensor | None = None
+        self.positions = VisualPositions(vlm)
+        signals_on = signals
+        prepared = None if mode == "paired" else vead.prepare(signals_on)
+
+        def pre(_mod, args, kwargs):
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            mask = self.positions.mask
+            if mask is None or mask.shape != h.shape[:2] or not bool(mask.any()):
+                return None          # a decoding step (no image tokens) or a pass without input ids
+            counts = mask.sum(1)
+            rows = counts > 0                                   # text-only rows have nothing to change
+            n_v = int(counts[rows][0])
+            if not bool((counts[rows] == n_v).all()):
+                raise ValueError("every image row of a batch must hold the same number of image tokens")
+            if mode == "paired" and not bool(rows.all()):
+                raise ValueError("in the paired (training) form every row needs an image")
+            vis = h[mask].view(int(rows.sum()), n_v, h.shape[-1])
+            x = vis.to(vead.w1.weight.dtype)
+            if mode == "paired":
+                new, self.logits = vead.paired(x, signals_on)
+                self.inputs = x
+            else:
+                new = vead.all_edits(x, prepared)
+            h = h.clone()
+            h[mask] = new.to(h.dtype).reshape(-1, h.shape[-1])
+            if "hidden_states" in kwargs:
+                kwargs["hidden_states"] = h
+                return args, kwargs
+            return (h,) + tuple(args[1:]), kwargs
+
+        layer = vlm.module(vlm.arch.layer_path(vead.config.layer))
+        self.handle = layer.register_forward_pre_hook(thread_scoped(pre), with_kwargs=True)
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.positions.remove()
+
+    def __enter__(self) -> "AttachedVEAD":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,111 @@
+"""Training data for the VEAD: edit samples from the training split of a world's edit cases.
+
+A sample has the fields of an E-VQA edit case (``src, rephrase, alt, image,
+image_rephrase, loc, loc_ans, m_loc, m_loc_q, m_loc_a, constraint``). The
+training split's own records are used as they are; besides them, for the
+same entities (and only those: the test split's entities are never seen by
+the adapter), more edits are drawn from the world's description: every
+relation of the entity, every other value of the relation's vocabulary as the
+new answer, the question templates and renderings chosen at random with a
+fixed seed. A trained adapter has to write any value of a relation, so the
+new answers must cover the vocabularies; the split's 141 records do not.
+
+The entities of the training split are divided again (``validation_fraction``)
+into training and validation entities; the validation samples choose the
+best checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FIELDS = ("src", "rephrase", "alt", "image", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a",
+          "constraint")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Split:
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    train_entities: list[str]
+    validation_entities: list[str]
+
+    def describe(self) -> dict[str, Any]:
+        return {"train_samples": len(self.train), "validation_samples": len(self.validation),
+                "train_entities": len(self.train_entities), "validation_entities": len(self.validation_entities)}
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; is {path.parent.parent} a built world?") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def training_samples(world_dir: str | Path, per_entity: int = 60, validation_fraction: float = 0.2,
+                     seed: int = 0) -> Split:
+    """The training split's records plus ``per_entity`` drawn edits per entity, split by entity."""
+    world_dir = Path(world_dir)
+    if per_entity < 0:
+        raise DataError("per_entity must be >= 0")
+    if not 0 < validation_fraction < 1:
+        raise DataError("validation_fraction must be in (0, 1)")
+    records = _read(world_dir / "edit_cases" / "train.json")
+    world = _read(world_dir / "world.json")
+    text_facts = _read(world_dir / "questions" / "text_fact.json")
+    if not isinstance(records, list) or not records:
+        raise DataError(f"{world_dir}/edit_cases/train.json holds no edit cases")
+    entities = {e["id"]: e for e in world["entities"]}
+    relations = {r["name"]: r for r in world["relations"]}
+    pools = {"city": world["cities"], "country": world["countries"], "person_name": world["person_names"]}
+    for r in world["relations"]:   # the other vocabularies: every value some entity of the world has
+        if r["value_pool"] not in pools:
+            pools[r["value_pool"]] = sorted({e["facts"][r["name"]] for e in world["entities"] + world["text_only_entities"]
+                                             if r["name"] in e["facts"]})
+    train_renderings = int(world["config"]["train_renderings"])
+    constraint = world["kind_constraint"]
+    known = [e for e in world["entities"] if e["known"]]
+    rng = random.Random(f"visedit-data-{seed}")
+
+    ids = sorted({r["entity"] for r in records})
+    rng.shuffle(ids)
+    n_val = max(1, int(round(len(ids) * validation_fraction)))
+    val_ids, train_ids = set(ids[:n_val]), set(ids[n_val:])
+
+    def locality(ent_id: str) -> dict[str, Any]:
+        loc = rng.choice([q for q in text_facts if q.get("entity") != ent_id])
+        other = rng.choice([e for e in known if e["id"] != ent_id])
+        rel = relations[rng.choice(sorted(other["facts"]))]
+        return {"loc": loc["question"], "loc_ans": loc["answer"],
+                "m_loc": other["images"][rng.randrange(train_renderings)],
+                "m_loc_q": rng.choice(rel["train_templates"]).format(s=constraint[other["kind"]]),
+                "m_loc_a": other["facts"][rel["name"]]}
+
+    drawn = []
+    for ent_id in sorted(train_ids | val_ids):
+        ent = entities[ent_id]
+        for _ in range(per_entity):
+            rel = relations[rng.choice(sorted(ent["facts"]))]
+            alt = rng.choice([v for v in pools[rel["value_pool"]] if v != ent["facts"][rel["name"]]])
+            k, k2 = rng.sample(range(train_renderings), 2)
+            s = constraint[ent["kind"]]
+            drawn.append({"case_id": f"drawn-{len(drawn):05d}", "type": "drawn", "entity": ent_id,
+                          "relation": rel["name"], "constraint": s,
+                          "src": rng.choice(rel["train_templates"]).format(s=s),
+                          "rephrase": rng.choice(rel["heldout_templates"]).format(s=s),
+                          "alt": alt, "ground_truth": ent["facts"][rel["name"]],
+                          "image": ent["images"][k], "image_rephrase": ent["images"][k2], **locality(ent_id)})
+    every = [r for r in records if all(f in r for f in FIELDS)] + drawn
+    return Split(train=[r for r in every if r["entity"] in train_ids],
+                 validation=[r for r in every if r["entity"] in val_ids],
+                 train_entities=sorted(train_ids), validation_entities=sorted(val_ids))

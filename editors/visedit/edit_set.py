@@ -1,0 +1,244 @@
+"""The VisEdit edit-set format: one trained adapter plus one signal per edit, in one safetensors file.
+
+* tensors ``vead.<name>`` — the adapter's parameters (``VEAD.state_dict()``), once;
+* tensors ``signal.<i>.states`` (N_i × d) and ``signal.<i>.last`` (d) — edit i's signal;
+* metadata key ``editlens``: a JSON manifest with ``format`` ("editlens.visedit_set"),
+  ``format_version``, ``base_fingerprint`` (``vlm.loading``), ``editor`` ("visedit"),
+  ``adapter`` (its ``config``, ``parameter_count``, ``sha256`` of the weights, and
+  ``training``: how it was trained, the layer evidence, the validation loss) and
+  one ``records`` entry per edit (request, layers, metrics, timings).
+
+A trained adapter with no edits yet is an edit set with zero signals: the same
+file, validated the same way, is what ``editlens visedit train`` writes and
+what every later edit starts from. Loading checks the manifest, the base
+fingerprint, that every adapter tensor is present with the shape the config
+implies (and nothing else), that the signals fit the model's hidden size, and
+that every value is finite; any failure is an ``EditSetError`` naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editors.edit_set import EditSetError, FingerprintMismatchError
+from vlm.loading import VLM
+
+from .adapter import VEAD, AttachedVEAD, EditSignal, SignalBatch, VEADConfig
+
+FORMAT = "editlens.visedit_set"
+FORMAT_VERSION = 1
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def weights_digest(vead: VEAD) -> str:
+    """sha256 over the adapter's parameters (names, shapes and float32 bytes), to tell adapters apart."""
+    h = hashlib.sha256()
+    for name, t in sorted(vead.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class VisEditSet:
+    """A trained VEAD and the signals of the edits made with it."""
+
+    vead: VEAD
+    base_fingerprint: str
+    signals: list[EditSignal] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+    editor: str = "visedit"
+
+    @property
+    def config(self) -> VEADConfig:
+        return self.vead.config
+
+    @property
+    def num_edits(self) -> int:
+        return len(self.signals)
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """What an edit-set reader (e.g. the service's manifest) shows about how the edits were made."""
+        return {"adapter": self.config.to_dict(), "adapter_sha256": weights_digest(self.vead),
+                "layer_evidence": self.training.get("layer_evidence")}
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "base_fingerprint": self.base_fingerprint,
+            "editor": self.editor,
+            "adapter": {"config": self.config.to_dict(), "parameter_count": self.vead.parameter_count(),
+                        "sha256": weights_digest(self.vead), "training": self.training},
+            "signals": [{"rows": int(s.states.shape[0])} for s in self.signals],
+            "records": self.records,
+        }
+
+    def with_edits(self, signals: list[EditSignal], records: list[dict[str, Any]]) -> "VisEditSet":
+        """A new edit set: this one's adapter and edits, then ``signals`` (this one is not changed)."""
+        if len(signals) != len(records):
+            raise ValueError("one record per signal")
+        return VisEditSet(self.vead, self.base_fingerprint, self.signals + list(signals),
+                          self.records + list(records), dict(self.training), self.editor)
+
+    def without_edits(self) -> "VisEditSet":
+        return VisEditSet(self.vead, self.base_fingerprint, [], [], dict(self.training), self.editor)
+
+    def attach(self, vlm: VLM) -> AttachedVEAD | "_Nothing":
+        """Hooks that apply every edit's signal (thread-scoped; ``remove()`` restores the base model)."""
+        if not self.signals:
+            return _Nothing()
+        dev = vlm.input_device
+        self.vead.to(dev)
+        return AttachedVEAD(vlm, self.vead, SignalBatch(self.signals, device=dev), mode="all")
+
+    # ------------------------------------------------------------------ files
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"vead.{k}": v.detach().float().contiguous().cpu() for k, v in self.vead.state_dict().items()}
+        for i, s in enumerate(self.signals):
+            out[f"signal.{i}.states"] = s.states.detach().float().contiguous().cpu()
+            out[f"signal.{i}.last"] = s.last.detach().float().contiguous().cpu()
+        return out
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write atomically (temporary file, then rename); returns the size in bytes."""
+        from safetensors.torch import save_file
+
+        tensors = self.tensors()
+        bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise EditSetError(f"refusing to save non-finite values in {bad[:3]}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"editlens": json.dumps(self.manifest())})
+        os.replace(tmp, path)
+        return path.stat().st_size
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> "VisEditSet":
+        """Read and validate; with ``vlm``, also check that it was made for that model."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise EditSetError(f"VisEdit edit set not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types
+            raise EditSetError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+        out = cls.from_parts(meta, tensors, source=str(path))
+        if vlm is not None:
+            out.check_compatible(vlm)
+        return out
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set"
+                   ) -> "VisEditSet":
+        if "editlens" not in meta:
+            raise EditSetError(f"{source} has no EditLens manifest: it is not an edit set")
+        try:
+            man = json.loads(meta["editlens"])
+        except json.JSONDecodeError as exc:
+            raise EditSetError(f"{source}: the manifest is not valid JSON ({exc})") from None
+        if not isinstance(man, dict) or man.get("format") != FORMAT:
+            raise EditSetError(f"{source} is not a VisEdit edit set (format {man.get('format') if isinstance(man, dict) else None!r})")
+        if man.get("format_version") != FORMAT_VERSION:
+            raise EditSetError(f"{source} has format version {man.get('format_version')!r}; "
+                               f"this EditLens reads version {FORMAT_VERSION}")
+        for key in ("base_fingerprint", "adapter", "signals", "records"):
+            if key not in man:
+                raise EditSetError(f"{source}: the manifest has no {key!r}")
+        try:
+            config = VEADConfig.from_dict(man["adapter"]["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EditSetError(f"{source}: the adapter's config is malformed ({exc})") from None
+        for name, t in tensors.items():
+            if t.dtype not in _FLOAT_DTYPES:
+                raise EditSetError(f"{source}: {name} has dtype {t.dtype}; expected a floating point type")
+            if not bool(torch.isfinite(t).all()):
+                raise EditSetError(f"{source}: {name} holds NaN or infinite values")
+        vead = VEAD(config)
+        expected = {k: tuple(v.shape) for k, v in vead.state_dict().items()}
+        given = {k[len("vead."):]: t for k, t in tensors.items() if k.startswith("vead.")}
+        missing = sorted(set(expected) - set(given))
+        if missing:
+            raise EditSetError(f"{source}: adapter tensors {missing[:5]} are missing")
+        for k, t in given.items():
+            if k not in expected:
+                raise EditSetError(f"{source}: unexpected adapter tensor {k!r}")
+            if tuple(t.shape) != expected[k]:
+                raise EditSetError(f"{source}: adapter tensor {k} has shape {tuple(t.shape)}, "
+                                   f"the config implies {expected[k]}")
+        vead.load_state_dict({k: t.float() for k, t in given.items()})
+        vead.eval()
+        vead.requires_grad_(False)
+        n = len(man["signals"])
+        if len(man["records"]) != n:
+            raise EditSetError(f"{source}: {n} signals but {len(man['records'])} records")
+        signals = []
+        for i in range(n):
+            names = (f"signal.{i}.states", f"signal.{i}.last")
+            if any(x not in tensors for x in names):
+                raise EditSetError(f"{source}: signal {i} is missing")
+            states, last = tensors[names[0]].float(), tensors[names[1]].float()
+            if states.dim() != 2 or states.shape[1] != config.hidden_size or tuple(last.shape) != (config.hidden_size,):
+                raise EditSetError(f"{source}: signal {i} has shapes {tuple(states.shape)} / {tuple(last.shape)}; "
+                                   f"expected (N, {config.hidden_size}) / ({config.hidden_size},)")
+            signals.append(EditSignal(states, last))
+        known = {f"vead.{k}" for k in expected} | {f"signal.{i}.{p}" for i in range(n) for p in ("states", "last")}
+        extra = sorted(set(tensors) - known)
+        if extra:
+            raise EditSetError(f"{source}: unexpected tensors {extra[:5]}")
+        digest = man["adapter"].get("sha256")
+        if digest is not None and digest != weights_digest(vead):
+            raise EditSetError(f"{source}: the adapter's weights do not match the sha256 in its manifest")
+        return cls(vead, str(man["base_fingerprint"]), signals, list(man["records"]),
+                   dict(man["adapter"].get("training") or {}), str(man.get("editor", "visedit")))
+
+    def check_compatible(self, vlm: VLM) -> None:
+        if self.base_fingerprint != vlm.fingerprint:
+            raise FingerprintMismatchError(
+                f"this VisEdit adapter was trained for the base model with fingerprint {self.base_fingerprint}, "
+                f"but the loaded model ({vlm.path}) has fingerprint {vlm.fingerprint}")
+        try:
+            self.config.check(vlm.num_layers, vlm.hidden_size)
+        except ValueError as exc:
+            raise EditSetError(f"the adapter does not fit this model: {exc}") from None
+
+
+class _Nothing:
+    """What attaching an edit set without edits gives: nothing to remove."""
+
+    def remove(self) -> None:
+        pass
+
+    def __enter__(self) -> "_Nothing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def is_visedit_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file whose manifest says it is a VisEdit edit set."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            man = json.loads((f.metadata() or {}).get("editlens", "{}"))
+    except Exception:
+        return False
+    return isinstance(man, dict) and man.get("format") == FORMAT

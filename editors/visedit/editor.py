@@ -1,0 +1,121 @@
+"""Editing with a trained VEAD: an edit is its signal, one forward pass of the unedited model.
+
+``VisEdit(vlm, adapter).edit(requests, onto=...)`` computes each request's
+signal — the hidden states of (image, question ⊕ new answer) at the input of
+the adapter's ``signal_layer`` and the row of the question's last token —
+and returns a ``VisEditSet`` holding the adapter once and every signal
+(``onto``'s first). Each record carries the request, the layers, P(answer)
+before and after (the new edit set attached) and the time the signal took.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from editors.request import EditProgress, EditRequest, ProgressCallback
+from vlm.loading import VLM
+from vlm.patching import run_patched
+from vlm.prompts import EncodedPrompt, collate, encode
+from vlm.scoring import score_answers
+
+from .adapter import EditSignal
+from .edit_set import VisEditSet, weights_digest
+
+
+def signal_state(layer: int) -> tuple[str, int]:
+    """The captured state that is the input of decoder layer ``layer``."""
+    return ("embeds", -1) if layer == 0 else ("hidden", layer - 1)
+
+
+@torch.no_grad()
+def compute_signals(vlm: VLM, prompts: Sequence[EncodedPrompt], signal_layer: int,
+                    batch_size: int = 32) -> list[EditSignal]:
+    """Signals of edit prompts encoded with their answers (rows: every position of the prompt + answer)."""
+    key = signal_state(signal_layer)
+    out: list[EditSignal] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start: start + batch_size]
+        run = run_patched(vlm, collate(chunk, vlm.tokenizer.pad_token_id), capture=[key],
+                          stop_after_layer=max(signal_layer - 1, 0))
+        states = run.captured[key].float().cpu()
+        for i, p in enumerate(chunk):
+            out.append(EditSignal(states[i, : p.length].clone(), states[i, p.last_prompt_pos].clone()))
+    return out
+
+
+class VisEdit:
+    """The VisEdit editor around one trained adapter (a ``VisEditSet``; its own edits are kept)."""
+
+    name = "visedit"
+
+    def __init__(self, vlm: VLM, adapter: VisEditSet):
+        adapter.check_compatible(vlm)
+        self.vlm, self.adapter = vlm, adapter
+        adapter.vead.to(vlm.input_device)
+
+    def encode(self, request: EditRequest) -> EncodedPrompt:
+        return encode(self.vlm.processor, request.question, image=request.image, answer=request.answer,
+                      constraints=[request.constraint] if request.constraint else None,
+                      pixel_values=request.pixel_values)
+
+    def hyperparameters(self, mode: str) -> dict:
+        return {**self.adapter.hyperparameters, "mode": mode}
+
+    def _signals(self, requests: Sequence[EditRequest], progress: ProgressCallback | None, first: int = 0,
+                 total: int | None = None):
+        if not requests:
+            raise ValueError("no edit requests")
+        total = total or len(requests)
+        if progress:
+            progress(EditProgress("signal", first, total))
+        prompts = [self.encode(r) for r in requests]
+        t0 = time.perf_counter()
+        signals = compute_signals(self.vlm, prompts, self.adapter.config.signal_layer)
+        t_signal = (time.perf_counter() - t0) / len(requests)
+        p_before = [s.prob for s in score_answers(self.vlm, prompts)]
+        return prompts, signals, t_signal, p_before
+
+    def _record(self, request: EditRequest, p_before: float, p_after: float, t_signal: float) -> dict:
+        cfg = self.adapter.config
+        return {"request": request.describe(), "editor": self.name, "layer": cfg.layer,
+                "signal_layer": cfg.signal_layer, "metrics": {"p_before": p_before, "p_after": p_after},
+                "seconds": {"signal": t_signal}}
+
+    def edit(self, requests: Sequence[EditRequest], onto: VisEditSet | None = None,
+             progress: ProgressCallback | None = None) -> VisEditSet:
+        """Every request becomes one signal; returns ``onto`` (or the adapter alone) with them added.
+        P(answer) after is measured with all of the returned set's edits live."""
+        base = onto if onto is not None else self.adapter.without_edits()
+        if onto is not None and weights_digest(onto.vead) != weights_digest(self.adapter.vead):
+            raise ValueError("the edit set to extend was made with another VisEdit adapter")
+        prompts, signals, t_signal, p_before = self._signals(requests, progress)
+        new = base.with_edits(signals, [{} for _ in requests])
+        with new.attach(self.vlm):
+            p_after = [s.prob for s in score_answers(self.vlm, prompts)]
+        if progress:
+            progress(EditProgress("done", len(requests) - 1, len(requests)))
+        return base.with_edits(signals, [self._record(r, pb, pa, t_signal)
+                                         for r, pb, pa in zip(requests, p_before, p_after)])
+
+    def edit_each(self, requests: Sequence[EditRequest], batch_size: int = 32,
+                  progress: ProgressCallback | None = None) -> list[VisEditSet]:
+        """Independent single edits (one signal each, from the adapter alone); signals computed in batches."""
+        out: list[VisEditSet] = []
+        empty = self.adapter.without_edits()
+        for start in range(0, len(requests), batch_size):
+            chunk = list(requests[start: start + batch_size])
+            prompts, signals, t_signal, p_before = self._signals(chunk, progress, start, len(requests))
+            for r, p, sig, pb in zip(chunk, prompts, signals, p_before):
+                one = empty.with_edits([sig], [{}])
+                with one.attach(self.vlm):
+                    pa = score_answers(self.vlm, [p])[0].prob
+                out.append(empty.with_edits([sig], [self._record(r, pb, pa, t_signal)]))
+        return out
+
+    def edit_sequentially(self, requests: Sequence[EditRequest], onto: VisEditSet | None = None,
+                          progress: ProgressCallback | None = None) -> VisEditSet:
+        """Edits one after another: every signal is read from the unedited model, so this is ``edit``."""
+        return self.edit(requests, onto=onto, progress=progress)

@@ -1,4 +1,8 @@
-"""``editlens bench editing``: MultEdit against FT-L on the world's test edit cases.
+"""``editlens bench editing``: MultEdit, FT-L and VisEdit on the world's test edit cases.
+
+VisEdit needs a trained adapter (``editlens visedit train``; ``overrides["visedit"]["adapter"]``);
+its edits are signals, its "sequential" figure is N live edits at once, and the
+layer it acts on is the adapter's own (``--layer`` is MultEdit's and FT-L's).
 
 Three measurements per editor, all on the same cases and the same model:
 
@@ -31,7 +35,7 @@ from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest
 from vlm.loading import VLM
 
-EDITORS = ("multedit", "ft")
+EDITORS = ("multedit", "ft", "visedit")
 StageFn = Callable[[str], None]
 TickFn = Callable[[int, int], None]
 
@@ -42,6 +46,13 @@ def make_editor(name: str, vlm: VLM, layer: int, overrides: dict[str, Any] | Non
         return MultEdit(vlm, MultEditConfig(layer=layer, **overrides))
     if name == "ft":
         return FineTune(vlm, FineTuneConfig(layer=layer, **overrides))
+    if name == "visedit":
+        from editors.visedit import VisEdit, VisEditSet
+
+        path = overrides.get("adapter")
+        if path is None:
+            raise ValueError("the visedit editor needs a trained adapter (editlens visedit train; --adapter PATH)")
+        return VisEdit(vlm, VisEditSet.load(path, vlm))
     raise ValueError(f"unknown editor {name!r}; choose from {', '.join(EDITORS)}")
 
 
@@ -83,10 +94,10 @@ def _sequential(editor, vlm, world_dir, pixels, base_cases, n: int, panel, seed:
     t0 = time.perf_counter()
     for mark in marks:
         batch = requests[done:mark]
-        if isinstance(editor, MultEdit):
-            current = editor.edit_sequentially(batch, onto=current)
-        else:
+        if isinstance(editor, FineTune):
             current = editor.edit_sequentially(batch, onto=current or ())
+        else:
+            current = editor.edit_sequentially(batch, onto=current)
         done = mark
         rows = M.evaluate_together(vlm, cps[:mark], M.Baseline(base.text_locality[:mark], base.modal_locality[:mark],
                                                                 base.panel, base.panel_correct), current)
@@ -95,7 +106,7 @@ def _sequential(editor, vlm, world_dir, pixels, base_cases, n: int, panel, seed:
     seconds = time.perf_counter() - t0
     final = M.summarise(M.evaluate_together(vlm, cps, base, current))
     out = {"edits": len(chosen), "final": final, "curve": curve, "seconds": round(seconds, 1)}
-    if isinstance(editor, MultEdit):
+    if not isinstance(editor, FineTune):
         with tempfile.TemporaryDirectory() as d:
             size = current.save(Path(d) / "seq.safetensors")
         out["file_bytes"] = size
@@ -118,15 +129,20 @@ def _latency(editor, vlm, requests: list[EditRequest]) -> dict[str, Any]:
             if size is None:
                 with tempfile.TemporaryDirectory() as d:
                     size = es.save(Path(d) / "one.safetensors")
-        else:
+        elif isinstance(editor, FineTune):
             editor.edit_each([req], batch_size=1)
+        else:   # VisEdit: an edit is its signal
+            es = editor.edit([req])
+            keys.append(es.records[0]["seconds"]["signal"])
         totals.append(time.perf_counter() - t0)
 
     def ms(v):
         return round(1000 * sum(v) / len(v), 2) if v else None
 
     out = {"edits_timed": len(requests), "total_ms": ms(totals)}
-    if keys:
+    if keys and not values:
+        out["signal_ms"] = ms(keys)
+    elif keys:
         out.update({"key_ms": ms(keys), "value_ms": ms(values), "update_ms": ms(updates),
                     "single_edit_file_bytes": size})
     return out

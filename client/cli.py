@@ -16,6 +16,7 @@ import typer
 
 from .cli_support import fail, load_model, progress_bar, world_and_model
 from .diagnose_cli import diagnose_app
+from .visedit_cli import visedit_app
 from . import service_cli
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ bench_app = typer.Typer(help="Benchmarks: figures next to a baseline or naive re
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 app.add_typer(diagnose_app, name="diagnose")
+app.add_typer(visedit_app, name="visedit")
 service_cli.register(app)     # serve, generate, versions, promote, rollback, delete (the gRPC service)
 bench_app.command("serve")(service_cli.bench_serve_cmd)
 
@@ -331,7 +333,10 @@ def _fmt(v) -> str:
 
 @bench_app.command("editing")
 def bench_editing(
-    editor: Optional[List[str]] = typer.Option(None, help="multedit and/or ft (FT-L); default both."),
+    editor: Optional[List[str]] = typer.Option(None, help="multedit, ft (FT-L) and/or visedit; default: all three "
+                                                          "(visedit only when a trained adapter exists)."),
+    adapter: Optional[Path] = typer.Option(None, help="VisEdit: the trained adapter (default: the one "
+                                                      "`editlens visedit train` wrote for this world)."),
     cases: Optional[int] = typer.Option(None, help="How many test edit cases (default: all; a smaller number "
                                                    "keeps the file's mix of case types)."),
     sequential: int = typer.Option(50, help="Edits applied one after another for the sequential figure "
@@ -346,7 +351,7 @@ def bench_editing(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", help="Print all figures as JSON on stdout."),
 ) -> None:
-    """MultEdit against FT-L on the world's test edit cases: single, sequential, latency.
+    """MultEdit, FT-L and VisEdit on the world's test edit cases: single, sequential, latency.
 
     E-VQA metrics (teacher-forced token accuracy): reliability, text and modal
     generality, text and modal locality (agreement with the pre-edit model);
@@ -359,8 +364,19 @@ def bench_editing(
     from bench import editing
     from editors.metrics import CaseError
 
+    from editors.edit_set import EditSetError
+    from editors.visedit.train import default_adapter_path
+
     console = Console(stderr=True)
     folder, vlm = world_and_model(world, seed, device)
+    adapter = adapter or default_adapter_path(folder)
+    if editor is None:
+        editor = ["multedit", "ft"] + (["visedit"] if adapter.is_file() else [])
+        if not adapter.is_file():
+            console.print(f"[bold]·[/bold] no trained VisEdit adapter at {adapter}: VisEdit left out "
+                          "(run `editlens visedit train`)")
+    elif "visedit" in editor and not adapter.is_file():
+        fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
     try:
         with progress_bar(console) as bar:
             task = bar.add_task("", total=None, info="", visible=False)
@@ -373,8 +389,8 @@ def bench_editing(
 
             result = editing.run(vlm, folder, editors=editor, cases=cases, sequential=sequential, layer=layer,
                                  panel_size=panel, latency_edits=latency_edits, seed=seed, stage=stage, tick=tick,
-                                 overrides={"multedit": {"lr_scale": lr_scale}})
-    except (ValueError, CaseError) as exc:
+                                 overrides={"multedit": {"lr_scale": lr_scale}, "visedit": {"adapter": adapter}})
+    except (ValueError, CaseError, EditSetError) as exc:
         fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result, indent=1))
@@ -386,7 +402,8 @@ def _print_editing(result) -> None:
     from editors.metrics import EVQA, EXTRA, PAPER
 
     names = list(result["editors"])
-    typer.echo(f"single edits at layer {result['layer']}, each from the base model ({result['cases']} cases)")
+    typer.echo(f"single edits at layer {result['layer']} (VisEdit: its adapter's layer), each from the base model "
+               f"({result['cases']} cases)")
     cols = [(n, part) for n in names for part in result["editors"][n]["single"]]
     typer.echo(f"  {'':26s}" + "".join(f"{(n + ':' + p)[:17]:>18s}" for n, p in cols))
     typer.echo(f"  {'cases':26s}" + "".join(f"{result['editors'][n]['single'][p]['cases']:>18d}" for n, p in cols))
@@ -405,7 +422,7 @@ def _print_editing(result) -> None:
         lat = result["editors"][n].get("latency")
         if lat:
             split = (f" (key {lat['key_ms']} ms, value {lat['value_ms']} ms, update {lat['update_ms']} ms)"
-                     if "key_ms" in lat else "")
+                     if "key_ms" in lat else f" (signal {lat['signal_ms']} ms)" if "signal_ms" in lat else "")
             typer.echo(f"{n}: {lat['total_ms']} ms per edit, one at a time{split}")
     typer.echo(f"total {result['seconds']} s")
 
@@ -443,6 +460,43 @@ def bench_layers(
         bar = "#" * int(round(20 * row["efficacy"]))
         typer.echo(f"  {row['layer']:>5d}" + "".join(f"{_fmt(row[f]):>17s}" for f in fields) + f"  {bar}")
     typer.echo(f"best layer by efficacy: {result['best_layer']}")
+
+
+@bench_app.command("visedit-layers")
+def bench_visedit_layers(
+    cases: int = typer.Option(40, help="Test edit cases per layer."),
+    layer: Optional[List[int]] = typer.Option(None, help="VEAD layers (default: all)."),
+    steps: int = typer.Option(300, help="Training steps of each layer's adapter."),
+    world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
+    seed: int = typer.Option(0, help="Which built world (ignored with --world); also the training seed."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """VisEdit per VEAD layer: an adapter trained at each layer, E-VQA metrics of single edits (the
+    paper's Table 2 on this model), beside the image read-out at that layer."""
+    from rich.console import Console
+
+    from bench import visedit_layers
+    from editors.metrics import CaseError
+    from editors.visedit.train import TrainError
+
+    console = Console(stderr=True)
+    folder, vlm = world_and_model(world, seed, device)
+    try:
+        result = visedit_layers.run(vlm, folder, layers=layer, cases=cases, steps=steps, seed=seed,
+                                    stage=lambda m: console.print(f"[bold]·[/bold] {m}"))
+    except (ValueError, CaseError, TrainError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    from editors.metrics import EVQA
+
+    typer.echo(f"VisEdit per VEAD layer, {result['steps']} training steps each, {result['cases']} single edits "
+               f"({result['seconds']} s)")
+    typer.echo(f"  {'layer':>5s}" + "".join(f"{k[:16]:>17s}" for k in EVQA + ("evqa_mean", "image_readout")))
+    for lyr, row in result["layers"].items():
+        typer.echo(f"  {lyr:>5}" + "".join(f"{_fmt(row[k]):>17s}" for k in EVQA + ("evqa_mean", "image_readout")))
 
 
 @bench_app.command("update")

@@ -1,0 +1,173 @@
+"""``editlens visedit ...``: train a VEAD adapter, edit with it, and look at its influence mapper."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .cli_support import fail, load_model, world_and_model
+
+visedit_app = typer.Typer(help="VisEdit (Chen et al.): a trained Visual Edit ADapter that edits through the "
+                               "visual representations.", no_args_is_help=True)
+
+
+def _layer(value: str, name: str):
+    if value == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        fail(f"{name} must be a layer number or auto, not {value!r}")
+
+
+@visedit_app.command("train")
+def train_cmd(
+    out: Optional[Path] = typer.Option(None, help="Folder for checkpoints, the training log and the adapter "
+                                                  "(default: <world>/visedit). A run on a folder with a "
+                                                  "checkpoint resumes it."),
+    layer: str = typer.Option("auto", help="VEAD layer (the adapter changes the visual states at the input of "
+                                           "this decoder layer), or auto: the VEAD recommendation."),
+    signal_layer: str = typer.Option("auto", help="Layer at whose input the edit signal is read, or auto."),
+    steps: int = typer.Option(1500, help="Training steps."),
+    batch_size: int = typer.Option(8, help="Edit samples per step."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    width: int = typer.Option(128, help="The adapter's width d_a (paper: 1024 on 7B models)."),
+    seed: int = typer.Option(0, help="Seed of the sampling and the initialisation."),
+    eval_every: int = typer.Option(100, help="Validate (and keep the best adapter) every N steps."),
+    checkpoint_every: int = typer.Option(100, help="Write a resumable checkpoint every N steps."),
+    world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
+    world_seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON on stdout."),
+) -> None:
+    """Train a VEAD on the world's training split, the base model frozen (checkpoints, resume, best by
+    validation loss). Writes <out>/adapter.safetensors: the adapter, ready to edit with."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from editors.visedit.train import TrainError, VisEditTrainConfig, default_adapter_path, train_visedit
+
+    console = Console(stderr=True)
+    folder, vlm = world_and_model(world, world_seed, device)
+    out = out or default_adapter_path(folder).parent
+    try:
+        cfg = VisEditTrainConfig(layer=_layer(layer, "--layer"), signal_layer=_layer(signal_layer, "--signal-layer"),
+                                 steps=steps, batch_size=batch_size, lr=lr, width=width, seed=seed,
+                                 eval_every=eval_every, checkpoint_every=checkpoint_every)
+        cfg.check()
+    except TrainError as exc:
+        fail(str(exc))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("training", total=steps, info="", visible=False)
+
+        def progress(p) -> None:
+            if p.stage == "train":
+                info = f"loss {p.losses.get('loss', 0):.3f}" + (
+                    f"  best val {p.validation_loss:.3f} @ {p.best_step}" if p.validation_loss is not None else "")
+                bar.update(task, completed=p.step, info=info, visible=True)
+            elif p.stage == "validate":
+                console.print(f"[bold]·[/bold] step {p.step}: validation loss {p.validation_loss:.4f} "
+                              f"(best at step {p.best_step})")
+            elif p.message and p.stage != "checkpoint":
+                console.print(f"[bold]·[/bold] {p.message}")
+
+        try:
+            result = train_visedit(vlm, folder, out, cfg, progress)
+        except (TrainError, ValueError) as exc:
+            fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    a = result["adapter"]
+    typer.echo(f"trained VEAD at layer {a['layer']} (signal at layer {a['signal_layer']}, width {a['width']}, "
+               f"{result['parameter_count']} parameters) in {result['train_seconds']} s")
+    typer.echo(f"  best validation loss {result['best_validation_loss']:.4f} at step {result['best_step']} "
+               f"of {result['steps']}")
+    typer.echo(f"  adapter: {result['adapter_path']}")
+    if result.get("layer_evidence"):
+        typer.echo(f"  layer: {result['layer_evidence']['criterion']}")
+
+
+@visedit_app.command("edit")
+def edit_cmd(
+    image: Path = typer.Option(..., help="The edit image."),
+    question: str = typer.Option(..., help="The question, e.g. 'which city is this landmark in ?'"),
+    answer: str = typer.Option(..., help="The new answer."),
+    out: Path = typer.Option(..., help="Where to write the VisEdit edit set (.safetensors)."),
+    adapter: Optional[Path] = typer.Option(None, help="The trained adapter (default: the embedded world's), or "
+                                                      "a VisEdit edit set whose edits are kept."),
+    onto: Optional[Path] = typer.Option(None, help="An existing VisEdit edit set to add the edit to."),
+    model: Optional[Path] = typer.Option(None, help="Model folder (default: the embedded world model)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Make one VisEdit edit (its signal: one forward pass) and write the edit set."""
+    from editors.edit_set import EditSetError
+    from editors.request import EditRequest
+    from editors.visedit import VisEdit, VisEditSet
+    from editors.visedit.train import default_adapter_path
+    from vlm import VLMError
+    from vlm.world import default_world_dir
+
+    vlm = load_model(model, device, "auto")
+    adapter = adapter or default_adapter_path(default_world_dir(0))
+    if not adapter.is_file():
+        fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
+    if not image.is_file():
+        fail(f"image not found: {image}")
+    try:
+        trained = VisEditSet.load(adapter, vlm)
+        base = VisEditSet.load(onto, vlm) if onto is not None else None
+        es = VisEdit(vlm, trained).edit([EditRequest(question, "", answer, image=image)], onto=base)
+        size = es.save(out)
+    except (EditSetError, VLMError, ValueError) as exc:
+        fail(str(exc))
+    rec = es.records[-1]
+    result = {"out": str(out), "edits": es.num_edits, "file_bytes": size, "layer": rec["layer"],
+              "signal_layer": rec["signal_layer"], **rec["metrics"]}
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    typer.echo(f"wrote {out}: {es.num_edits} edit(s), {size} bytes; VEAD at layer {rec['layer']}")
+    typer.echo(f"  P({answer!r}) {rec['metrics']['p_before']:.4f} -> {rec['metrics']['p_after']:.4f}")
+
+
+@visedit_app.command("influence-map")
+def influence_map_cmd(
+    out: Path = typer.Option(..., help="PNG to write."),
+    case: Optional[str] = typer.Option(None, help="A test edit case id (default: the first)."),
+    adapter: Optional[Path] = typer.Option(None, help="The trained adapter (default: the world's)."),
+    world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
+    seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the mapper's values as JSON on stdout."),
+) -> None:
+    """The influence mapper C over the edit image, another image of the subject and an unrelated image,
+    after one edit (the paper's Fig. 3)."""
+    from editors.edit_set import EditSetError
+    from editors.visedit.figures import influence_maps
+    from editors.visedit.train import default_adapter_path
+
+    folder, vlm = world_and_model(world, seed, device)
+    cases = json.loads((folder / "edit_cases" / "test.json").read_text())
+    chosen = next((c for c in cases if c["case_id"] == case), None) if case else cases[0]
+    if chosen is None:
+        fail(f"no test case {case!r} in {folder}/edit_cases/test.json")
+    adapter = adapter or default_adapter_path(folder)
+    if not adapter.is_file():
+        fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
+    try:
+        result = influence_maps(vlm, adapter, folder, chosen, out)
+    except (EditSetError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    typer.echo(f"wrote {out}")
+    for p in result["panels"]:
+        typer.echo(f"  {p['title']}: mean C {p['mean']:.3f}, max {p['max']:.3f}")

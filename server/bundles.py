@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from editors.edit_set import EditSet, EditSetError, FingerprintMismatchError, attach
+from editors.visedit import VisEditSet
 from vlm.loading import VLM
 
 EDIT_SET_FILES = {"multedit": "multedit.safetensors", "visedit": "visedit.safetensors"}
@@ -56,11 +57,14 @@ class Bundle:
     @contextlib.contextmanager
     def attached(self, vlm: VLM) -> Iterator["Bundle"]:
         """All of this version's edits applied to ``vlm`` in the calling thread only."""
-        with contextlib.ExitStack() as stack:
-            if self.multedit is not None:
-                stack.enter_context(attach(vlm, self.multedit))
-            # VisEdit (later): stack.enter_context(<attach the VEAD adapter with its stored signals>)
+        with attach(vlm, *self.edit_sets.values()):
             yield self
+
+    def only(self, *editors: str) -> "Bundle":
+        """The same version restricted to some of its edit sets (e.g. to compute a new edit of one
+        editor on the model as the others leave it)."""
+        return Bundle(self.adapter, self.version, self.manifest,
+                      {k: v for k, v in self.edit_sets.items() if k in editors}, self.folder)
 
 
 def attached(vlm: VLM, bundle: Bundle | None):
@@ -86,9 +90,7 @@ def load_bundle(vlm: VLM, adapter: str, version: int, folder: Path, manifest: di
             if editor == "multedit":
                 edit_sets[editor] = EditSet.load(path, vlm)
             else:
-                # VisEdit edit sets are loaded by the VisEdit integration (later issue)
-                raise BundleError(f"{label} holds a VisEdit edit set ({name}), which this server cannot "
-                                  "apply yet")
+                edit_sets[editor] = VisEditSet.load(path, vlm)
         except FingerprintMismatchError as exc:
             raise FingerprintMismatchError(f"{label}: {exc}") from None
         except EditSetError as exc:

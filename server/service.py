@@ -349,10 +349,7 @@ class EditLensService(pb_grpc.EditLensServicer):
         self._auth(context)
         self._ready()
         adapter = self._adapter_name(request.adapter)
-        if request.editor == pb.EDITOR_VISEDIT:
-            # VisEdit integration (later): validate request.visedit, run the VEAD edit as a job like
-            # _run_edit, store visedit.safetensors in the new version beside the live multedit.safetensors
-            raise precondition("VisEdit edits are not available on this server yet; use the MultEdit editor")
+        visedit = request.editor == pb.EDITOR_VISEDIT
         image = self._image(request.image, "image", required=True)
         image2 = self._image(request.image_rephrase, "image_rephrase", required=False)
         question = self._text(request.question, "question")
@@ -362,7 +359,10 @@ class EditLensService(pb_grpc.EditLensServicer):
         self._encode(question, image=image, answer=answer, constraints=[constraint])
         if rephrase:
             self._encode(rephrase, image=image, answer=answer, constraints=[constraint])
-        config = self._multedit_config(request.multedit)
+        if visedit:
+            config = self._trained_visedit(request.visedit)
+        else:
+            config = self._multedit_config(request.multedit)
         args = dict(adapter=adapter, image=image, image2=image2, question=question, constraint=constraint,
                     answer=answer, rephrase=rephrase, config=config, promote=not request.no_promote,
                     description=request.description)
@@ -387,30 +387,68 @@ class EditLensService(pb_grpc.EditLensServicer):
         except NotFoundError:
             return None
 
+    def _trained_visedit(self, opts: pb.VisEditOptions):
+        """The trained VisEdit editor a VisEdit edit uses: the VisEdit edit set of ``editor_adapter``'s
+        version (0: live). Its adapter weights are what every signal of the new version is read with."""
+        name = opts.editor_adapter.strip()
+        if not name:
+            raise invalid("a VisEdit edit needs visedit.editor_adapter: the adapter that holds a trained VisEdit "
+                          "editor (TrainVisEdit, or `editlens visedit train` registered with `editlens register`)")
+        name = self._adapter_name(name)
+        if opts.editor_version:
+            version = opts.editor_version
+        else:
+            version = self._live_version(name)
+            if version is _MISSING:
+                raise not_found(f"adapter '{name}' not found (it should hold the trained VisEdit editor)")
+            if version is None:
+                raise not_found(f"adapter '{name}' has no live version; name visedit.editor_version")
+        bundle = self._bundle(name, version)
+        if bundle.visedit is None:
+            raise precondition(f"adapter '{name}' version {version} holds no VisEdit editor (no "
+                               f"{EDIT_SET_FILES['visedit']})")
+        return {"editor_adapter": name, "editor_version": version, "trained": bundle.visedit}
+
     def _run_edit(self, job, adapter, image, image2, question, constraint, answer, rephrase, config, promote,
                   description) -> pb.Version:
         from editors.multedit import MultEdit
         from editors.request import EditRequest
+        from editors.visedit import VisEdit
+        from editors.visedit.edit_set import weights_digest
         from vlm.scoring import score_answers
 
         vlm = self.vlm
+        name = "visedit" if isinstance(config, dict) else "multedit"
         live = self._live_info(adapter)              # fresh: the version this edit builds on
         base = self._bundle(adapter, live.version, live) if live is not None else None
-        onto = base.multedit if base is not None else None
-        editor = MultEdit(vlm, config)
+        onto = base.edit_sets.get(name) if base is not None else None
         req = EditRequest(question, constraint, answer, image=image, rephrase=rephrase, image_rephrase=image2,
                           replacements=self.phrases)
 
         def progress(e) -> None:
             job.emit(e.stage, e.step, e.steps, e.edit, e.edits, e.loss)
 
-        # VisEdit integration (later): attach the live version's VisEdit edits here too, so that the
-        # MultEdit edit is computed on the model as it is served
-        new = editor.edit_sequentially([req], onto=onto, progress=progress)
+        if name == "multedit":
+            # computed on the model as it is served: the live version's other edits (VisEdit) attached
+            with attached(vlm, base.only("visedit") if base is not None else None):
+                new = MultEdit(vlm, config).edit_sequentially([req], onto=onto, progress=progress)
+            evidence = new.hyperparameters.get("layer_evidence") if config.layer == "auto" else None
+            hp = {k: v for k, v in new.hyperparameters.items() if k != "layer_evidence"}
+        else:
+            trained = config["trained"]
+            if onto is not None and weights_digest(onto.vead) != weights_digest(trained.vead):
+                raise precondition(f"the live version of '{adapter}' holds VisEdit edits made with another VisEdit "
+                                   f"editor than '{config['editor_adapter']}' version {config['editor_version']}; "
+                                   "edit it with that editor, or start another adapter")
+            new = VisEdit(vlm, trained).edit([req], onto=onto, progress=progress)
+            evidence = trained.training.get("layer_evidence")
+            hp = {**{k: v for k, v in new.hyperparameters.items() if k != "layer_evidence"},
+                  "editor_adapter": config["editor_adapter"], "editor_version": config["editor_version"]}
         job.check_cancelled()
         job.emit("score")
         extra: dict[str, float] = {}
-        with attached(vlm, Bundle(adapter, 0, {}, {"multedit": new})):
+        served_sets = {**(base.edit_sets if base is not None else {}), name: new}
+        with attached(vlm, Bundle(adapter, 0, {}, served_sets)):
             for key, q, img in (("rephrase", rephrase, image), ("image_rephrase", question if image2 else None, image2)):
                 if q is None:
                     continue
@@ -418,8 +456,6 @@ class EditLensService(pb_grpc.EditLensServicer):
                 extra[f"p_{key}"] = s.prob
                 extra[f"{key}_exact"] = float(s.exact)
         n_old = onto.num_edits if onto is not None else 0
-        hp = {k: v for k, v in new.hyperparameters.items() if k != "layer_evidence"}
-        evidence = new.hyperparameters.get("layer_evidence") if config.layer == "auto" else None
         parent_manifest = live.manifest if live is not None else {}
         edits = []
         for rec in parent_manifest.get("edits", []):
@@ -431,16 +467,16 @@ class EditLensService(pb_grpc.EditLensServicer):
             rec["metrics"] = {**rec.get("metrics", {}), **extra}
             edits.append({**rec, "version": None, "hyperparameters": hp, "layer_evidence": evidence,
                           "description": description})
-        editors = ["multedit"] + [e for e in (parent_manifest.get("editors") or []) if e != "multedit"]
+        editors = [e for e in EDIT_SET_FILES if e in served_sets]
         job.emit("register", message=f"registering a new version of adapter '{adapter}'")
         with tempfile.TemporaryDirectory(prefix="editlens-edit-") as tmp:
             tmp = Path(tmp)
-            files = {EDIT_SET_FILES["multedit"]: tmp / EDIT_SET_FILES["multedit"]}
-            new.save(files[EDIT_SET_FILES["multedit"]])
+            files = {EDIT_SET_FILES[name]: tmp / EDIT_SET_FILES[name]}
+            new.save(files[EDIT_SET_FILES[name]])
             if base is not None and base.folder is not None:      # carry the other editors' files over
-                for editor_name, name in EDIT_SET_FILES.items():
-                    if editor_name != "multedit" and (base.folder / name).is_file():
-                        files[name] = base.folder / name
+                for editor_name, file_name in EDIT_SET_FILES.items():
+                    if editor_name != name and (base.folder / file_name).is_file():
+                        files[file_name] = base.folder / file_name
             if evidence is not None:
                 try:
                     files["layer-evidence.png"] = self._evidence_figure(evidence, tmp / "layer-evidence.png")
@@ -467,6 +503,14 @@ class EditLensService(pb_grpc.EditLensServicer):
     def _evidence_figure(self, evidence: dict, path: Path) -> Path:
         from diagnostics.render import render_bars
 
+        if evidence.get("editor") == "visedit":
+            details = evidence.get("details") or {}
+            groups = {"module contribution (attention + MLP)": evidence["scores"]}
+            if details.get("image_readout"):
+                groups["image read-out"] = details["image_readout"]
+            return render_bars(groups, [str(l) for l in range(len(evidence["scores"]))], path,
+                               title=f"VEAD layer {evidence['layer']} (signal at {details.get('signal_layer')})",
+                               ylabel="score")
         groups = {"isolated MLP effect": evidence["scores"]}
         plain = (evidence.get("details") or {}).get("mlp_effect_plain")
         if plain:
@@ -475,13 +519,81 @@ class EditLensService(pb_grpc.EditLensServicer):
                            title=f"MultEdit layer {evidence['layer']} (causal trace at the constraint's last token)",
                            ylabel="indirect effect")
 
+    _TRAIN_OPTIONS = {"signal_layer": int, "lr": float, "width": int, "batch_size": int, "seed": int,
+                      "per_entity": int, "eval_every": int, "checkpoint_every": int, "im_tokens": int}
+
     @rpc
     def TrainVisEdit(self, request, context):
+        from editors.visedit.train import TrainError, VisEditTrainConfig
+
         self._auth(context)
-        self._ready()
-        raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "training a VisEdit editor is not available on this "
-                                                          "server yet")
-        yield  # pragma: no cover - a generator method
+        vlm = self._ready()
+        adapter = self._adapter_name(request.adapter or "visedit")
+        world = Path(request.cases_path) if request.cases_path else Path(vlm.path).parent
+        if not (world / "world.json").is_file() or not (world / "edit_cases" / "train.json").is_file():
+            raise invalid(f"{world} is not a world folder (world.json and edit_cases/train.json): VisEdit trains on "
+                          "a world's training split; give cases_path = such a folder")
+        kw: dict[str, Any] = {"layer": request.layer if request.HasField("layer") else "auto"}
+        if request.steps:
+            kw["steps"] = int(request.steps)
+        for key, value in request.options.items():
+            if key not in self._TRAIN_OPTIONS:
+                raise invalid(f"unknown training option {key!r}; known: {', '.join(sorted(self._TRAIN_OPTIONS))}")
+            try:
+                kw[key] = self._TRAIN_OPTIONS[key](value)
+            except ValueError:
+                raise invalid(f"training option {key}={value!r} is not a {self._TRAIN_OPTIONS[key].__name__}") from None
+        try:
+            config = VisEditTrainConfig(**kw)
+            config.check()
+            if config.layer != "auto" and not 0 <= config.layer < vlm.num_layers:
+                raise TrainError(f"layer {config.layer} is outside 0..{vlm.num_layers - 1}")
+        except (TrainError, TypeError) as exc:
+            raise invalid(str(exc)) from None
+        job, ahead = self.jobs.submit(
+            "train", lambda job: self._run_training(job, adapter, world, config, not request.no_promote),
+            adapter=adapter)
+        yield pb.TrainEvent(progress=pb.Progress(
+            stage="queued", queue_position=ahead,
+            message=f"training job {job.id} accepted" + (f"; {ahead} job(s) ahead" if ahead else "")))
+        events = follow(job, context)
+        while True:
+            try:
+                ev = next(events)
+            except StopIteration as done:
+                yield pb.TrainEvent(result=done.value)
+                return
+            yield pb.TrainEvent(progress=convert.progress(ev))
+
+    def _run_training(self, job, adapter, world: Path, config, promote: bool) -> pb.Version:
+        from editors.visedit.train import train_visedit
+
+        def progress(p) -> None:
+            job.emit(p.stage, p.step, p.steps, loss=p.losses.get("loss", p.validation_loss), message=p.message)
+
+        with tempfile.TemporaryDirectory(prefix="editlens-visedit-") as tmp:
+            summary = train_visedit(self.vlm, world, tmp, config, progress)
+            job.check_cancelled()
+            files = {EDIT_SET_FILES["visedit"]: Path(summary["adapter_path"]),
+                     "training.json": Path(tmp) / "training.json"}
+            evidence = summary.get("layer_evidence")
+            if evidence is not None:
+                try:
+                    files["layer-evidence.png"] = self._evidence_figure(evidence, Path(tmp) / "layer-evidence.png")
+                except Exception as exc:  # noqa: BLE001 - a figure never fails a job
+                    log.warning("could not render the VEAD layer evidence: %s", exc)
+            manifest = {"format": "editlens.bundle", "format_version": 1, "adapter": adapter,
+                        "base_fingerprint": self.vlm.fingerprint, "base_model": str(self.vlm.path),
+                        "editors": ["visedit"], "parent": None, "description": "a trained VisEdit editor",
+                        "files": sorted(set(files) | {"manifest.json"}), "num_edits": 0, "edits": [],
+                        "visedit_training": {k: v for k, v in summary.items() if k != "adapter_path"}}
+            job.emit("register", message=f"registering the trained editor as a version of adapter '{adapter}'")
+            info = self.registry.create_version(
+                adapter, files, convert._json_safe(manifest), base_fingerprint=self.vlm.fingerprint,
+                editor="visedit", num_edits=0, parent=None, description="a trained VisEdit editor",
+                set_live=promote)
+        self._forget_live(adapter)
+        return convert.version(info)
 
     # ------------------------------------------------------------ versions
     @rpc

@@ -217,6 +217,10 @@ def edit_cmd(
     token: Optional[str] = service_cli.TOKEN,
     adapter: Optional[str] = service_cli.ADAPTER,
     promote: bool = typer.Option(True, "--promote/--no-promote", help="With --server: make the new version live."),
+    editor: str = typer.Option("multedit", help="With --server: multedit, or visedit (a signal of the trained "
+                                                "VisEdit editor named by --visedit-adapter)."),
+    visedit_adapter: Optional[str] = typer.Option(None, help="With --server --editor visedit: the adapter that holds "
+                                                             "the trained VisEdit editor (its live version)."),
 ) -> None:
     """Make one MultEdit edit on a local model and write it as an edit-set file (or, with --server, on a
     running server, which registers it as a new adapter version).
@@ -234,10 +238,19 @@ def edit_cmd(
         for name, given in (("--out", out), ("--model", model), ("--onto", onto), ("--peft", peft)):
             if given is not None:
                 fail(f"{name} applies to local edits; with --server the version goes to the server's registry")
+        if editor not in ("multedit", "visedit"):
+            fail(f"--editor must be multedit or visedit, not {editor!r}")
+        if editor == "visedit" and not visedit_adapter:
+            fail("--editor visedit needs --visedit-adapter: the adapter holding the trained VisEdit editor")
+        options = {"editor": editor, "visedit_adapter": visedit_adapter}
+        if editor == "multedit":
+            options.update({"steps": steps, "lr": lr, "lam": lam, "max_norm": max_norm, "target_prob": target_prob,
+                            "lr_scale": lr_scale})
         return service_cli.remote_edit(
             server, token, adapter, image, question, constraint, answer, layer, rephrase, image_rephrase, promote,
-            {"steps": steps, "lr": lr, "lam": lam, "max_norm": max_norm, "target_prob": target_prob,
-             "lr_scale": lr_scale}, as_json)
+            options, as_json)
+    if editor != "multedit" or visedit_adapter:
+        fail("--editor and --visedit-adapter apply with --server; locally, use `editlens visedit edit`")
     if out is None:
         fail("--out is required (where to write the edit set), unless --server is given")
     from rich.console import Console

@@ -186,7 +186,9 @@ def remote_edit(server: str, token: Optional[str], adapter: Optional[str], image
         m = e.metrics
         typer.echo(f"  P({answer!r}): {m.get('p_before', float('nan')):.4f} -> {m.get('p_after', float('nan')):.4f}"
                    f"   layer {e.layer}")
-        if e.layer_evidence is not None:
+        if e.layer_evidence is not None and e.editor == "visedit":
+            typer.echo(f"  VisEdit adapter at layer {e.layer_evidence.layer}: {e.layer_evidence.criterion}")
+        elif e.layer_evidence is not None:
             typer.echo(f"  layer {e.layer_evidence.layer} chosen by the causal trace: MLP indirect effect per layer "
                        + " ".join(f"{x:.3f}" for x in e.layer_evidence.scores))
 
@@ -348,3 +350,27 @@ def register(app: typer.Typer) -> None:
     app.command("promote")(promote_cmd)
     app.command("rollback")(rollback_cmd)
     app.command("delete")(delete_cmd)
+
+
+def remote_train(server: str, token: Optional[str], adapter: Optional[str], layer: Any, steps: int,
+                 options: dict[str, str], promote: bool, as_json: bool) -> None:
+    """``editlens visedit train --server``: train a VisEdit editor as a server job; prints its version."""
+    console = _console()
+    with connect(server, token) as lens, progress_bar(console) as bar:
+        task = bar.add_task("queued", total=None, info="")
+
+        def progress(p) -> None:
+            info = f"loss {p.loss:.3f}" if p.loss is not None else (p.message or "")
+            bar.update(task, description=p.stage, completed=p.step, total=p.steps or None, info=info)
+
+        v = lens.train_visedit(adapter=adapter or "visedit", layer=None if layer == "auto" else int(layer),
+                               steps=steps, options=options, promote=promote, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(v.to_dict(), indent=1))
+        return
+    t = v.manifest.get("visedit_training", {})
+    typer.echo(f"registered the trained VisEdit editor as adapter {v.adapter!r} version {v.version}"
+               + (" (live)" if v.live else " (not live)"))
+    if t:
+        typer.echo(f"  {t.get('steps')} steps, best validation loss {t.get('best_validation_loss')} at step "
+                   f"{t.get('best_step')}, VEAD at layer {t.get('adapter', {}).get('layer')}")

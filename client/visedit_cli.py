@@ -31,20 +31,40 @@ def train_cmd(
     layer: str = typer.Option("auto", help="VEAD layer (the adapter changes the visual states at the input of "
                                            "this decoder layer), or auto: the VEAD recommendation."),
     signal_layer: str = typer.Option("auto", help="Layer at whose input the edit signal is read, or auto."),
-    steps: int = typer.Option(1500, help="Training steps."),
+    steps: int = typer.Option(3000, help="Training steps."),
     batch_size: int = typer.Option(8, help="Edit samples per step."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    lr: float = typer.Option(1e-2, help="Adam learning rate."),
     width: int = typer.Option(128, help="The adapter's width d_a (paper: 1024 on 7B models)."),
+    heads: int = typer.Option(4, help="Cross-attention heads (paper: 1)."),
+    synthetic: int = typer.Option(1500, help="Extra training edits about synthetic entities drawn for the occasion "
+                                             "(never the test entities' looks)."),
     seed: int = typer.Option(0, help="Seed of the sampling and the initialisation."),
-    eval_every: int = typer.Option(100, help="Validate (and keep the best adapter) every N steps."),
-    checkpoint_every: int = typer.Option(100, help="Write a resumable checkpoint every N steps."),
+    eval_every: int = typer.Option(250, help="Validate (and keep the best adapter) every N steps."),
+    checkpoint_every: int = typer.Option(250, help="Write a resumable checkpoint every N steps."),
     world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
     world_seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    server: Optional[str] = typer.Option(None, help="Train on this server (host:port) instead: a job whose result "
+                                                    "is registered as a version of --adapter."),
+    token: Optional[str] = typer.Option(None, envvar="EDITLENS_TOKEN", help="With --server: the bearer token."),
+    adapter: Optional[str] = typer.Option(None, help="With --server: the adapter to register the editor under "
+                                                     "(default: visedit)."),
     as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON on stdout."),
 ) -> None:
     """Train a VEAD on the world's training split, the base model frozen (checkpoints, resume, best by
     validation loss). Writes <out>/adapter.safetensors: the adapter, ready to edit with."""
+    if server is not None:
+        from .service_cli import remote_train
+
+        if out is not None or world is not None:
+            fail("--out and --world apply to local training; the server trains on its own world")
+        _layer(layer, "--layer")
+        options = {"lr": str(lr), "width": str(width), "heads": str(heads), "batch_size": str(batch_size),
+                   "synthetic": str(synthetic),
+                   "seed": str(seed), "eval_every": str(eval_every), "checkpoint_every": str(checkpoint_every)}
+        if signal_layer != "auto":
+            options["signal_layer"] = str(_layer(signal_layer, "--signal-layer"))
+        return remote_train(server, token, adapter, layer, steps, options, True, as_json)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -55,7 +75,8 @@ def train_cmd(
     out = out or default_adapter_path(folder).parent
     try:
         cfg = VisEditTrainConfig(layer=_layer(layer, "--layer"), signal_layer=_layer(signal_layer, "--signal-layer"),
-                                 steps=steps, batch_size=batch_size, lr=lr, width=width, seed=seed,
+                                 steps=steps, batch_size=batch_size, lr=lr, width=width, heads=heads, seed=seed,
+                                 synthetic=synthetic,
                                  eval_every=eval_every, checkpoint_every=checkpoint_every)
         cfg.check()
     except TrainError as exc:

@@ -22,8 +22,8 @@
   on them, so the image read-out (``image_readout``: the drop of P(O) when
   text may not attend to the image from layer l on) is measured too; when it
   has vanished by the block's start, the adapter moves down to the deepest
-  layer still read, and its signal stays at the block's start
-  (``details["signal_layer"]``). The world's model reads its image only in
+  layer still read (``details["paper_layer"]`` keeps the paper's choice).
+  The world's model reads its image only in
   layer 0 (read-out 0.88 at layer 0, 0.001 from layer 1 on), so its VEAD
   goes to layer 0.
 """
@@ -141,13 +141,12 @@ def recommend_vead_layer(vlm: VLM, cases: Sequence[DiagnosticCase], threshold: f
         criterion += (f"; the answer no longer depends on the visual states from layer {layer + 1} on "
                       f"(image read-out {readout[layer + 1]:.3f} < {readout_fraction:g} × {readout[0]:.3f} at "
                       f"layer 0), so the adapter "
-                      f"goes to layer {layer}, the deepest that is still read ({readout[layer]:.3f}), and "
-                      f"its signal is read at layer {start}")
+                      f"goes to layer {layer}, the deepest that is still read ({readout[layer]:.3f})")
     return LayerRecommendation(
         editor="visedit", layer=layer, scores=total, candidates=list(range(L)),
         criterion=criterion + f", mean over {len(cases)} case(s)", cases=len(cases),
         details={"attention": attn, "mlp": mlp, "block": [start, end], "peak": peak, "paper_layer": start,
-                 "signal_layer": start, "image_readout": readout, "readout_fraction": readout_fraction})
+                 "image_readout": readout, "readout_fraction": readout_fraction})
 
 
 def request_cases(question: str, constraint: str, image, rephrase: str | None = None, image_rephrase=None,

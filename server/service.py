@@ -519,7 +519,8 @@ class EditLensService(pb_grpc.EditLensServicer):
                            title=f"MultEdit layer {evidence['layer']} (causal trace at the constraint's last token)",
                            ylabel="indirect effect")
 
-    _TRAIN_OPTIONS = {"signal_layer": int, "lr": float, "width": int, "batch_size": int, "seed": int,
+    _TRAIN_OPTIONS = {"signal_layer": int, "lr": float, "width": int, "heads": int, "synthetic": int,
+                      "batch_size": int, "seed": int,
                       "per_entity": int, "eval_every": int, "checkpoint_every": int, "im_tokens": int}
 
     @rpc

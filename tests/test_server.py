@@ -312,8 +312,12 @@ BAD = {
     "wrong token for a delete": lambda t: t.wrong.delete(1, adapter="known"),
     "delete the live version": lambda t: t.lens.delete(1, adapter="known"),
     "rollback of an unknown adapter": lambda t: t.lens.rollback(adapter="never-made"),
-    "visedit not available yet": lambda t: t.lens.edit(t.case["img"], t.case["src"], t.case["constraint"], "x",
-                                                       adapter="bad", editor="visedit"),
+    "visedit edit without a trained editor": lambda t: t.lens.edit(
+        t.case["img"], t.case["src"], t.case["constraint"], t.case["ground_truth"], adapter="bad", editor="visedit"),
+    "visedit editor adapter without an editor": lambda t: t.lens.edit(
+        t.case["img"], t.case["src"], t.case["constraint"], t.case["ground_truth"], adapter="bad", editor="visedit",
+        visedit_adapter="known"),
+    "unknown training option": lambda t: t.lens.train_visedit(adapter="bad", steps=1, options={"nope": "1"}),
 }
 EXPECTED = {
     "undecodable image": (sdk.InvalidArgumentError, "cannot decode"),
@@ -342,7 +346,9 @@ EXPECTED = {
     "wrong token for a delete": (sdk.PermissionDeniedError, "not valid"),
     "delete the live version": (sdk.FailedPreconditionError, "is live"),
     "rollback of an unknown adapter": (sdk.NotFoundError, "not found"),
-    "visedit not available yet": (sdk.FailedPreconditionError, "VisEdit"),
+    "visedit edit without a trained editor": (sdk.InvalidArgumentError, "needs visedit.editor_adapter"),
+    "visedit editor adapter without an editor": (sdk.FailedPreconditionError, "holds no VisEdit editor"),
+    "unknown training option": (sdk.InvalidArgumentError, "unknown training option"),
 }
 
 
@@ -406,3 +412,33 @@ def test_a_rollback_on_one_replica_reaches_another(svc, lens, start_service, vlm
             assert time.monotonic() - t0 < 2.0, "the other replica still serves version 2"
             time.sleep(0.05)
         assert lens.generate(case["img"], case["src"], adapter="replicated").served.version == 1
+
+
+def test_visedit_train_edit_serve_and_carry_over(lens, anon, case, vlm):
+    """TrainVisEdit registers a trained editor; a VisEdit edit adds its signal to an adapter's live version
+    beside the MultEdit deltas, and the version serves both."""
+    events = []
+    trained = lens.train_visedit(adapter="vis-editor", layer=0, steps=2,
+                                 options={"signal_layer": "4", "batch_size": "2", "per_entity": "2",
+                                          "eval_every": "2", "checkpoint_every": "2"}, progress=events.append)
+    assert {"queued", "train", "register"} <= {e.stage for e in events}
+    assert trained.editors == ["visedit"] and trained.num_edits == 0 and "visedit.safetensors" in trained.files
+    training = trained.manifest["visedit_training"]
+    assert training["steps"] == 2 and training["adapter"]["layer"] == 0
+    assert training["layer_evidence"]["editor"] == "visedit" and "image_readout" in training["layer_evidence"]["details"]
+
+    a = "mixed"
+    v1 = lens.edit(case["img"], case["src"], case["constraint"], case["ground_truth"], adapter=a, layer=0)
+    v2 = lens.edit(case["img"], case["src"], case["constraint"], case["ground_truth"], adapter=a,
+                   editor="visedit", visedit_adapter="vis-editor")
+    assert v2.parent == v1.version and v2.editors == ["multedit", "visedit"] and v2.num_edits == 2
+    assert {"multedit.safetensors", "visedit.safetensors"} <= set(v2.files)
+    rec = v2.edits[-1]
+    assert rec.editor == "visedit" and rec.layer == 0 and "p_after" in rec.metrics
+    full = v2.manifest["edits"][-1]
+    assert full["hyperparameters"]["editor_adapter"] == "vis-editor"
+    assert full["layer_evidence"]["editor"] == "visedit"
+    # the MultEdit edit of v1 still answers through v2 (the VisEdit set is added, not swapped in)
+    g = anon.generate(case["img"], case["src"], adapter=a)
+    assert g.served.version == v2.version and g.text == case["ground_truth"]
+    assert anon.generate(case["img"], case["src"], adapter=a, version=1).text == case["ground_truth"]

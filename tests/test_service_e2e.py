@@ -111,15 +111,30 @@ def test_serve_subprocess_end_to_end_with_the_sdk(insertion_case, world_dir, reg
             assert rec.layer_evidence is not None and rec.layer == rec.layer_evidence.layer == d.recommended_layer
             answers, served = _answers(lens, c, world_dir)
             assert answers == fixed and (served.version, served.alias) == (1, "live")
-            # [VisEdit edit: added with the VisEdit integration]
-            # versions: the manifest with the layer evidence
+            # VisEdit: a trained editor (a short training job, registered), then a VisEdit edit of the same
+            # fact on top of the MultEdit version: version 2 holds both edit sets
+            trained = lens.train_visedit(adapter="vis-editor", layer=0, steps=4,
+                                         options={"batch_size": "2", "per_entity": "2", "eval_every": "4",
+                                                  "checkpoint_every": "4"})
+            assert trained.editors == ["visedit"] and trained.manifest["visedit_training"]["steps"] == 4
+            v2 = lens.edit(img, c["src"], c["constraint"], c["ground_truth"], editor="visedit",
+                           visedit_adapter="vis-editor", rephrase=c["rephrase"], image_rephrase=img2)
+            assert (v2.version, v2.parent, v2.editors) == (2, 1, ["multedit", "visedit"]) and v2.live
+            vrec = v2.edits[-1]
+            assert vrec.editor == "visedit" and vrec.layer_evidence.editor == "visedit"
+            answers, served = _answers(lens, c, world_dir)
+            assert answers == fixed and served.version == 2
+            # versions: the manifest with the layer evidence of both edits
             vl = lens.versions()
-            assert vl.live_version == 1 and [x.version for x in vl.versions] == [1]
+            assert vl.live_version == 2 and [x.version for x in vl.versions] == [2, 1]
             man = vl.versions[0].manifest
             assert man["edits"][0]["layer_evidence"]["layer"] == rec.layer
-            assert man["edits"][0]["request"]["answer"] == c["ground_truth"] and man["parent"] is None
+            assert man["edits"][1]["layer_evidence"]["details"]["image_readout"]
+            assert man["edits"][0]["request"]["answer"] == c["ground_truth"] and man["parent"] == 1
             assert lens.version(1, figures=True).figures["layer-evidence.png"][:4] == b"\x89PNG"
-            # rollback: the old answer again (the first version rolls back to the base model)
+            # rollback: to version 1, then (the first version rolls back to the base model) the old answer
+            assert lens.rollback().version == 1
+            assert _answers(lens, c, world_dir)[0] == fixed
             assert lens.rollback() is None
             answers, served = _answers(lens, c, world_dir)
             assert answers[0] == c["base_answer"] and served.version == 0
@@ -133,7 +148,7 @@ def test_serve_subprocess_end_to_end_with_the_sdk(insertion_case, world_dir, reg
         with sdk.EditLensClient(server.address, token=TOKEN) as lens:
             lens.wait_ready(300)
             vl = lens.versions()
-            assert vl.live_version == 1 and vl.aliases == {"live": 1}
+            assert vl.live_version == 1 and vl.aliases == {"live": 1} and [x.version for x in vl.versions] == [2, 1]
             answers, served = _answers(lens, c, world_dir)
             assert answers == fixed and (served.version, served.alias) == (1, "live")
             with sdk.EditLensClient(server.address) as anon, pytest.raises(sdk.UnauthenticatedError):

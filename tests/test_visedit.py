@@ -63,12 +63,14 @@ def test_serving_form_is_the_sum_of_each_edits_gated_contribution(vlm):
 
 
 def test_influence_mapper_is_sigmoid_of_f1_dot_f2(vlm):
+    import math
+
     vead = _randomised(vlm)
     h = torch.randn(16, vlm.hidden_size) * 30
     last = torch.randn(vlm.hidden_size)
     with torch.no_grad():
         c = torch.sigmoid(vead.influence_logits(h, vead.f2(unit_rms(last))))
-        manual = torch.sigmoid(vead.f1(unit_rms(h)) @ vead.f2(unit_rms(last)))
+        manual = torch.sigmoid(vead.f1(unit_rms(h)) @ vead.f2(unit_rms(last)) / math.sqrt(vead.config.width))
     assert torch.allclose(c, manual, atol=1e-6) and c.shape == (16,)
 
 
@@ -204,3 +206,28 @@ def test_training_resumes_exactly_where_it_stopped(vlm, world_dir, tmp_path):
     assert {"rel", "gen", "loc", "im_up", "im_down", "im_attr"} <= set(log["curve"][0])
     with pytest.raises(ValueError, match="other settings"):
         Trainer(vlm, world_dir, tmp_path / "b", _tiny_config(lr=0.5, steps=6)).run()
+
+
+def test_the_trained_form_multi_head_image_key_round_trips_and_acts(vlm, world_dir, test_cases, tmp_path):
+    """The form `editlens visedit train` makes (4 heads, the mapper keyed by the edit image, f1 with the
+    image's mean state): a saved edit set loads back to the same outputs and removes exactly."""
+    torch.manual_seed(3)
+    cfg = VEADConfig(hidden_size=vlm.hidden_size, layer=0, signal_layer=0, width=32, heads=4, summary_token="image",
+                     mapper_context=True)
+    vead = VEAD(cfg)
+    with torch.no_grad():
+        vead.wo.weight.normal_(0, 0.5)
+    vead.eval()
+    es = VisEdit(vlm, VisEditSet(vead, vlm.fingerprint)).edit([EditRequest.from_case(test_cases[1], world_dir)])
+    assert es.signals[0].last.shape == (16, vlm.hidden_size)           # the edit image's rows are the key
+    es.save(tmp_path / "v.safetensors")
+    back = VisEditSet.load(tmp_path / "v.safetensors", vlm)
+    assert back.config == cfg
+    prompts = _prompts(vlm, world_dir, test_cases)
+    base = _logits(vlm, prompts)
+    with attach(vlm, es):
+        a = _logits(vlm, prompts)
+    with attach(vlm, back):
+        b = _logits(vlm, prompts)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.equal(a, base)
+    assert torch.equal(_logits(vlm, prompts), base)

@@ -47,37 +47,65 @@ from vlm.hooks import thread_scoped
 from vlm.loading import VLM
 
 
+SUMMARY_TOKENS = ("last", "constraint", "image")
+
+
 @dataclass(frozen=True)
 class VEADConfig:
     hidden_size: int          # d of the language model
     layer: int                # l_e: the adapter changes the visual states at the input of this decoder layer
     signal_layer: int         # the edit signal is read at the input of this decoder layer (paper: = layer)
     width: int = 128          # d_a (paper: 1024 for 7B models)
+    heads: int = 1            # cross-attention heads (paper: 1); more heads add an output projection
+    summary_layer: int | None = None   # where h̄_last (the mapper's key) is read; None: signal_layer (paper)
+    summary_token: str = "last"        # the mapper's key: the "last" prompt token's row (paper), the
+                                       # "constraint"'s last token's, or the mean of the "image" rows
+    mapper_context: bool = False       # f1 sees each visual state and the image's mean state (paper: the state)
+    mapper_tied: bool = False          # one MLP for both sides of the mapper (needs the image key and context):
+                                       # C = sigmoid(f([h_n, mean h]) · f([mean h̄, mean h̄]) / √d_a + b)
+
+    @property
+    def last_layer(self) -> int:
+        return self.signal_layer if self.summary_layer is None else self.summary_layer
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "VEADConfig":
-        return cls(**{k: int(d[k]) for k in ("hidden_size", "layer", "signal_layer", "width")})
+        summary = d.get("summary_layer")
+        return cls(**{k: int(d[k]) for k in ("hidden_size", "layer", "signal_layer", "width")},
+                   heads=int(d.get("heads", 1)), summary_layer=None if summary is None else int(summary),
+                   summary_token=str(d.get("summary_token", "last")),
+                   mapper_context=bool(d.get("mapper_context", False)),
+                   mapper_tied=bool(d.get("mapper_tied", False)))
 
     def check(self, num_layers: int, hidden_size: int) -> None:
         if self.hidden_size != hidden_size:
             raise ValueError(f"the adapter is for hidden size {self.hidden_size}, the model has {hidden_size}")
-        for name in ("layer", "signal_layer"):
+        for name in ("layer", "signal_layer", "last_layer"):
             v = getattr(self, name)
             if not 0 <= v < num_layers:
                 raise ValueError(f"VEAD {name} {v} is outside 0..{num_layers - 1}")
         if self.width < 1:
             raise ValueError("the adapter width d_a must be positive")
+        if self.mapper_tied and not (self.mapper_context and self.summary_token == "image"):
+            raise ValueError("a tied influence mapper compares images: it needs summary_token='image' and "
+                             "mapper_context")
+        if self.summary_token not in SUMMARY_TOKENS:
+            raise ValueError(f"summary_token must be one of {SUMMARY_TOKENS}, not {self.summary_token!r}")
+        if self.heads < 1 or self.width % self.heads or self.hidden_size % self.heads:
+            raise ValueError(f"{self.heads} heads must divide the width {self.width} and the hidden size "
+                             f"{self.hidden_size}")
 
 
 @dataclass
 class EditSignal:
-    """One edit's signal: the edit sample's hidden states and its last prompt token's row."""
+    """One edit's signal: the edit sample's hidden states and the influence mapper's key: the last prompt
+    token's row (d,), or with ``summary_token="image"`` the edit image's rows (N_v, d)."""
 
     states: torch.Tensor      # (N_e, d)
-    last: torch.Tensor        # (d,)
+    last: torch.Tensor        # (d,) or (N_v, d)
 
 
 class SignalBatch:
@@ -123,30 +151,56 @@ class VEAD(nn.Module):
         self.w1 = nn.Linear(d, a)
         self.w2 = nn.Linear(d, a)
         self.w3 = nn.Linear(d, d)
-        self.f1 = _mlp(d, a)
-        self.f2 = _mlp(d, a)
-        nn.init.zeros_(self.w3.weight)   # starts as the identity map: h + 0
-        nn.init.zeros_(self.w3.bias)
+        self.f1 = _mlp(2 * d if config.mapper_context else d, a)
+        if config.mapper_tied:
+            self.mapper_bias = nn.Parameter(torch.zeros(()))
+        else:
+            self.f2 = _mlp(d, a)
+        last = self.w3
+        if config.heads > 1:
+            self.wo = nn.Linear(d, d)    # joins the heads' outputs
+            last = self.wo
+        nn.init.zeros_(last.weight)      # starts as the identity map: h + 0
+        nn.init.zeros_(last.bias)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @staticmethod
+    def context(x: torch.Tensor) -> torch.Tensor:
+        """An image's visual states (..., n, d) summarised as their mean, scaled to unit RMS (..., d)."""
+        return unit_rms(x.mean(-2))
+
     def prepare(self, signals: SignalBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-edit keys (E, N, d_a), values (E, N, d), key mask (E, N) and mapper queries (E, d_a)."""
         states = unit_rms(signals.states)
-        return self.w2(states), self.w3(states), signals.mask, self.f2(unit_rms(signals.last))
+        key = self.context(signals.last) if self.config.summary_token == "image" else unit_rms(signals.last)
+        query = self.f1(torch.cat([key, key], -1)) if self.config.mapper_tied else self.f2(key)
+        return self.w2(states), self.w3(states), signals.mask, query
 
     def influence_logits(self, h: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """f1(h) · f2(h̄_last)ᵀ: h (..., N_v, d), queries (..., d_a) → (..., N_v) (before the sigmoid)."""
-        return (self.f1(unit_rms(h)) * queries.unsqueeze(-2)).sum(-1)
+        """f1(h) · f2(h̄_last)ᵀ / √d_a: h (..., N_v, d), queries (..., d_a) → (..., N_v) (before the sigmoid)."""
+        x = unit_rms(h)
+        if self.config.mapper_context:
+            x = torch.cat([x, self.context(h).unsqueeze(-2).expand_as(x)], -1)
+        logits = (self.f1(x) * queries.unsqueeze(-2)).sum(-1) / math.sqrt(self.config.width)
+        return logits + self.mapper_bias if self.config.mapper_tied else logits
 
     def cross_attention(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         mask: torch.Tensor) -> torch.Tensor:
         """ḣ for rows h (..., N_v, d) against one signal per row: keys (..., N, d_a), values (..., N, d);
         in units of each visual state's RMS."""
-        scores = self.w1(unit_rms(h)) @ keys.transpose(-1, -2) / math.sqrt(self.config.width)
-        scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
-        return (torch.softmax(scores, dim=-1) @ values) * rms(h)
+        H = self.config.heads
+        q = self.w1(unit_rms(h))
+        if H == 1:
+            scores = q @ keys.transpose(-1, -2) / math.sqrt(self.config.width)
+            scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
+            return (torch.softmax(scores, dim=-1) @ values) * rms(h)
+        split = lambda t: t.unflatten(-1, (H, -1)).transpose(-2, -3)          # (..., H, n, d/H)  # noqa: E731
+        scores = split(q) @ split(keys).transpose(-1, -2) / math.sqrt(self.config.width // H)
+        scores = scores.masked_fill(~mask.unsqueeze(-2).unsqueeze(-3), float("-inf"))
+        out = (torch.softmax(scores, dim=-1) @ split(values)).transpose(-2, -3).flatten(-2)
+        return self.wo(out) * rms(h)
 
     def paired(self, h: torch.Tensor, signals: SignalBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Training form: row b of h (B, N_v, d) is edited by signal b. Returns (new h, influence logits)."""

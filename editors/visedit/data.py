@@ -13,16 +13,28 @@ new answers must cover the vocabularies; the split's 141 records do not.
 The entities of the training split are divided again (``validation_fraction``)
 into training and validation entities; the validation samples choose the
 best checkpoint.
+
+``synthetic`` adds edits about entities drawn for the occasion: new looks
+(never those of any entity of the world, so never a test entity's), two
+renderings each (the edit image and "another image of the subject"), a
+relation of their kind and a value of its vocabulary as the answer: long-tail
+insertions, the way the world's unseen entities are. The influence mapper
+has to tell an edit's subject from every other one in images it has never
+seen; 24 training entities are too few to learn that, a few hundred are not
+(README, "VisEdit").
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+SYNTHETIC_RENDERINGS = 3      # renderings of each synthetic entity
+SYNTHETIC_EDITS = 3           # edits about each synthetic entity
 FIELDS = ("src", "rephrase", "alt", "image", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a",
           "constraint")
 
@@ -37,10 +49,12 @@ class Split:
     validation: list[dict[str, Any]]
     train_entities: list[str]
     validation_entities: list[str]
+    images: dict[str, Any] = field(default_factory=dict)     # rendered images of synthetic entities (PIL)
 
     def describe(self) -> dict[str, Any]:
         return {"train_samples": len(self.train), "validation_samples": len(self.validation),
-                "train_entities": len(self.train_entities), "validation_entities": len(self.validation_entities)}
+                "train_entities": len(self.train_entities), "validation_entities": len(self.validation_entities),
+                "synthetic_samples": sum(1 for s in self.train if s.get("type") == "synthetic")}
 
 
 def _read(path: Path) -> Any:
@@ -53,8 +67,9 @@ def _read(path: Path) -> Any:
 
 
 def training_samples(world_dir: str | Path, per_entity: int = 60, validation_fraction: float = 0.2,
-                     seed: int = 0) -> Split:
-    """The training split's records plus ``per_entity`` drawn edits per entity, split by entity."""
+                     seed: int = 0, synthetic: int = 0, synthetic_locality: bool = False) -> Split:
+    """The training split's records plus ``per_entity`` drawn edits per entity, split by entity;
+    plus ``synthetic`` edits about as many new entities drawn for the occasion (training only)."""
     world_dir = Path(world_dir)
     if per_entity < 0:
         raise DataError("per_entity must be >= 0")
@@ -106,6 +121,50 @@ def training_samples(world_dir: str | Path, per_entity: int = 60, validation_fra
                           "alt": alt, "ground_truth": ent["facts"][rel["name"]],
                           "image": ent["images"][k], "image_rephrase": ent["images"][k2], **locality(ent_id)})
     every = [r for r in records if all(f in r for f in FIELDS)] + drawn
+    images: dict[str, Any] = {}
+    if synthetic:
+        from vlm.world.render import render_entity, sample_looks
+
+        def identity(look: dict) -> str:       # what tells two looks apart (the accent is random)
+            return json.dumps({k: look[k] for k in ("shape", "colour", "pattern")}, sort_keys=True)
+
+        taken = {(e["kind"], identity(e["look"])) for e in world["entities"]}
+        srng = random.Random(f"visedit-synthetic-{seed}")
+        kinds = sorted(constraint)
+        by_kind = {k: [lk for lk in sample_looks(srng, k, 10_000) if (k, identity(lk)) not in taken] for k in kinds}
+        rels_of = {k: [r for r in world["relations"] if r["kind"] == k] for k in kinds}
+        n_entities = min(math.ceil(synthetic / SYNTHETIC_EDITS), sum(len(v) for v in by_kind.values()))
+        synthetic_seen: list[tuple[str, str, list[str]]] = []
+        for i in range(n_entities):
+            kind = kinds[i % len(kinds)]
+            if i // len(kinds) >= len(by_kind[kind]):
+                continue
+            look = by_kind[kind][i // len(kinds)]
+            ent_id = f"synthetic-{kind}-{i:05d}"
+            names = [f"{ent_id}-{k}" for k in range(SYNTHETIC_RENDERINGS)]
+            for k, name in enumerate(names):
+                images[name] = render_entity(kind, look, f"visedit-{seed}-{ent_id}-{k}")
+            s = constraint[kind]
+            for _ in range(SYNTHETIC_EDITS):
+                rel = srng.choice(rels_of[kind])
+                a, b = srng.sample(names, 2)
+                loc = locality(ent_id)
+                if synthetic_locality and synthetic_seen and srng.random() < 0.5:
+                    # the unrelated image is another synthetic entity half of the time, so that the mapper
+                    # cannot tell edits from unrelated images by whether the model knows the entity
+                    o_id, o_kind, o_names = srng.choice(synthetic_seen)
+                    o_rel = srng.choice(rels_of[o_kind])
+                    loc.update(m_loc=srng.choice(o_names),
+                               m_loc_q=srng.choice(o_rel["train_templates"]).format(s=constraint[o_kind]),
+                               m_loc_a=srng.choice(pools[o_rel["value_pool"]]))
+                every.append({"case_id": f"{ent_id}-{len(every)}", "type": "synthetic", "entity": ent_id,
+                              "relation": rel["name"], "constraint": s,
+                              "src": srng.choice(rel["train_templates"]).format(s=s),
+                              "rephrase": srng.choice(rel["heldout_templates"]).format(s=s),
+                              "alt": srng.choice(pools[rel["value_pool"]]), "ground_truth": None,
+                              "image": a, "image_rephrase": b, **loc})
+            synthetic_seen.append((ent_id, kind, names))
+            train_ids.add(ent_id)
     return Split(train=[r for r in every if r["entity"] in train_ids],
                  validation=[r for r in every if r["entity"] in val_ids],
-                 train_entities=sorted(train_ids), validation_entities=sorted(val_ids))
+                 train_entities=sorted(train_ids), validation_entities=sorted(val_ids), images=images)

@@ -194,9 +194,12 @@ class VisEditSet:
             if any(x not in tensors for x in names):
                 raise EditSetError(f"{source}: signal {i} is missing")
             states, last = tensors[names[0]].float(), tensors[names[1]].float()
-            if states.dim() != 2 or states.shape[1] != config.hidden_size or tuple(last.shape) != (config.hidden_size,):
+            key_ok = (last.dim() == 2 and last.shape[1] == config.hidden_size if config.summary_token == "image"
+                      else tuple(last.shape) == (config.hidden_size,))
+            if states.dim() != 2 or states.shape[1] != config.hidden_size or not key_ok:
+                want = "(N_v, d)" if config.summary_token == "image" else f"({config.hidden_size},)"
                 raise EditSetError(f"{source}: signal {i} has shapes {tuple(states.shape)} / {tuple(last.shape)}; "
-                                   f"expected (N, {config.hidden_size}) / ({config.hidden_size},)")
+                                   f"expected (N, {config.hidden_size}) / {want}")
             signals.append(EditSignal(states, last))
         known = {f"vead.{k}" for k in expected} | {f"signal.{i}.{p}" for i in range(n) for p in ("states", "last")}
         extra = sorted(set(tensors) - known)

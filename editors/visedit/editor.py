@@ -31,18 +31,30 @@ def signal_state(layer: int) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def compute_signals(vlm: VLM, prompts: Sequence[EncodedPrompt], signal_layer: int,
-                    batch_size: int = 32) -> list[EditSignal]:
-    """Signals of edit prompts encoded with their answers (rows: every position of the prompt + answer)."""
-    key = signal_state(signal_layer)
+def compute_signals(vlm: VLM, prompts: Sequence[EncodedPrompt], signal_layer: int, summary_layer: int | None = None,
+                    summary_token: str = "last", batch_size: int = 32) -> list[EditSignal]:
+    """Signals of edit prompts encoded with their answers: the rows (every position of the prompt and
+    answer) at the input of ``signal_layer``; the mapper's key, the row of the last prompt token (or
+    of the constraint's last token, ``summary_token="constraint"``, or the mean of the image rows,
+    ``"image"``) at the input of ``summary_layer`` (default: the same layer)."""
+    if summary_token == "constraint" and any(not p.constraint_spans for p in prompts):
+        raise ValueError("this VisEdit adapter reads its influence mapper's key at the visual constraint: "
+                         "every edit needs its constraint (e.g. 'this landmark')")
+    summary_layer = signal_layer if summary_layer is None else summary_layer
+    keys = [signal_state(signal_layer), signal_state(summary_layer)]
     out: list[EditSignal] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
-        run = run_patched(vlm, collate(chunk, vlm.tokenizer.pad_token_id), capture=[key],
-                          stop_after_layer=max(signal_layer - 1, 0))
-        states = run.captured[key].float().cpu()
+        run = run_patched(vlm, collate(chunk, vlm.tokenizer.pad_token_id), capture=set(keys),
+                          stop_after_layer=max(max(signal_layer, summary_layer) - 1, 0))
+        states = run.captured[keys[0]].float().cpu()
+        summary = run.captured[keys[1]].float().cpu()
         for i, p in enumerate(chunk):
-            out.append(EditSignal(states[i, : p.length].clone(), states[i, p.last_prompt_pos].clone()))
+            if summary_token == "image":
+                key = summary[i, p.image_positions]
+            else:
+                key = summary[i, p.constraint_last if summary_token == "constraint" else p.last_prompt_pos]
+            out.append(EditSignal(states[i, : p.length].clone(), key.clone()))
     return out
 
 
@@ -73,7 +85,8 @@ class VisEdit:
             progress(EditProgress("signal", first, total))
         prompts = [self.encode(r) for r in requests]
         t0 = time.perf_counter()
-        signals = compute_signals(self.vlm, prompts, self.adapter.config.signal_layer)
+        cfg = self.adapter.config
+        signals = compute_signals(self.vlm, prompts, cfg.signal_layer, cfg.last_layer, cfg.summary_token)
         t_signal = (time.perf_counter() - t0) / len(requests)
         p_before = [s.prob for s in score_answers(self.vlm, prompts)]
         return prompts, signals, t_signal, p_before

@@ -16,7 +16,7 @@ from vlm.loading import VLM
 from vlm.patching import run_patched
 from vlm.prompts import collate, encode
 
-from .adapter import SignalBatch, unit_rms
+from .adapter import SignalBatch
 from .edit_set import VisEditSet
 from .editor import VisEdit, signal_state
 
@@ -30,7 +30,7 @@ def influence(vlm: VLM, edit_set: VisEditSet, image: Any, question: str, edit: i
     run = run_patched(vlm, collate([p], vlm.tokenizer.pad_token_id), capture=[key],
                       stop_after_layer=max(vead.config.layer - 1, 0))
     h = run.captured[key][0, p.image_positions].float().to(next(vead.parameters()).device)
-    q = vead.f2(unit_rms(SignalBatch([edit_set.signals[edit]], device=h.device).last))[0]
+    q = vead.prepare(SignalBatch([edit_set.signals[edit]], device=h.device))[3][0]
     return torch.sigmoid(vead.influence_logits(h, q)).tolist()
 
 

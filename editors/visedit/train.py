@@ -66,18 +66,26 @@ class TrainError(ValueError):
 @dataclass
 class VisEditTrainConfig:
     layer: int | str = "auto"              # VEAD layer l_e, or "auto" (diagnostics.recommend_vead_layer)
-    signal_layer: int | str = "auto"       # where the signal is read; "auto": the recommendation's
+    signal_layer: int | str = "auto"       # where the signal is read; "auto": the VEAD layer (paper)
+    summary_layer: int | str | None = None  # where the mapper's key is read; None / "auto": the signal layer
+    summary_token: str = "image"           # the mapper's key: the "last" prompt token (paper), the "constraint",
+                                           # or the edit "image" (README: the world's last token never sees it)
+    mapper_context: bool = True            # f1 also sees the image's mean visual state (paper: each state alone)
+    mapper_tied: bool = False              # one MLP for both sides of the influence mapper (a learned similarity)
     attribution_layers: list[int] | str = "auto"   # L_h for ℓ_ima; "auto": the high-contribution block
     width: int = 128                       # d_a (paper: 1024 on 7B models)
-    steps: int = 1500
+    heads: int = 4                         # cross-attention heads (paper: 1; one head did not train here)
+    steps: int = 3000
     batch_size: int = 8
-    lr: float = 1e-3                       # Adam (paper: 1e-4 at batch 4 for 200K steps)
+    lr: float = 1e-2                       # Adam (paper: 1e-4 at batch 4 for 200K steps)
     seed: int = 0
     per_entity: int = 60                   # drawn edits per training entity (data.training_samples)
+    synthetic: int = 1500                  # edits about new synthetic entities (data.training_samples)
+    synthetic_locality: bool = False       # unrelated images of synthetic entities too (data.training_samples)
     validation_fraction: float = 0.2
     validation_samples: int = 48
-    eval_every: int = 100
-    checkpoint_every: int = 100
+    eval_every: int = 250
+    checkpoint_every: int = 250
     im_tokens: int = 8                     # |N_s|: visual tokens sampled per row for the mapper losses
     weights: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in LOSSES})
     recommend_cases: int = 8               # training cases the "auto" layers are chosen on
@@ -155,7 +163,7 @@ class Trainer:
         from vlm.images import load_image
 
         if rel not in self._pixels:
-            img = load_image(self.world_dir / rel)
+            img = self.split.images[rel] if rel in self.split.images else load_image(self.world_dir / rel)
             self._pixels[rel] = self.vlm.processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
         return self._pixels[rel]
 
@@ -169,7 +177,8 @@ class Trainer:
         if k not in self._rows:
             P = self.vlm.processor
             self._rows[k] = Rows(
-                rel=encode(P, s["src"], answer=s["alt"], pixel_values=self._pix(s["image"])),
+                rel=encode(P, s["src"], answer=s["alt"], constraints=[s["constraint"]],
+                           pixel_values=self._pix(s["image"])),
                 tgen=encode(P, s["rephrase"], answer=s["alt"], pixel_values=self._pix(s["image"])),
                 mgen=encode(P, s["src"], answer=s["alt"], pixel_values=self._pix(s["image_rephrase"])),
                 mloc=encode(P, s["m_loc_q"], answer=s["m_loc_a"], pixel_values=self._pix(s["m_loc"])),
@@ -179,7 +188,9 @@ class Trainer:
     def signals(self, samples: Sequence[dict[str, Any]]) -> list[EditSignal]:
         todo = [s for s in samples if self._key(s) not in self._signals]
         if todo:
-            sig = compute_signals(self.vlm, [self.rows(s).rel for s in todo], self.vead_config.signal_layer)
+            vc = self.vead_config
+            sig = compute_signals(self.vlm, [self.rows(s).rel for s in todo], vc.signal_layer, vc.last_layer,
+                                  vc.summary_token)
             for s, x in zip(todo, sig):
                 self._signals[self._key(s)] = x
         return [self._signals[self._key(s)] for s in samples]
@@ -238,7 +249,7 @@ class Trainer:
         from diagnostics.recommend import recommend_vead_layer
 
         cfg = self.config
-        auto = "auto" in (cfg.layer, cfg.signal_layer) or cfg.attribution_layers == "auto"
+        auto = cfg.layer == "auto" or cfg.attribution_layers == "auto"
         rec = None
         if auto:
             self.say(TrainProgress("layers", message="choosing the VEAD layer (module attribution, image read-out)"))
@@ -249,13 +260,17 @@ class Trainer:
             rec = recommend_vead_layer(self.vlm, cases)
             self.layer_evidence = rec.to_dict()
         layer = rec.layer if cfg.layer == "auto" else int(cfg.layer)
-        signal_layer = rec.details["signal_layer"] if cfg.signal_layer == "auto" else int(cfg.signal_layer)
+        signal_layer = layer if cfg.signal_layer == "auto" else int(cfg.signal_layer)
         if cfg.attribution_layers == "auto":
             start, end = rec.details["block"]
             self.attribution_layers = list(range(start, end + 1))
         else:
             self.attribution_layers = [int(l) for l in cfg.attribution_layers]
-        vc = VEADConfig(hidden_size=self.vlm.hidden_size, layer=layer, signal_layer=signal_layer, width=cfg.width)
+        summary = None if cfg.summary_layer == "auto" else cfg.summary_layer
+        vc = VEADConfig(hidden_size=self.vlm.hidden_size, layer=layer, signal_layer=signal_layer, width=cfg.width,
+                        heads=cfg.heads, summary_layer=None if summary is None else int(summary),
+                        summary_token=cfg.summary_token, mapper_context=cfg.mapper_context,
+                        mapper_tied=cfg.mapper_tied)
         try:
             vc.check(self.vlm.num_layers, self.vlm.hidden_size)
             bad = [l for l in self.attribution_layers if not 0 <= l < self.vlm.num_layers]
@@ -388,7 +403,8 @@ class Trainer:
         self.say(TrainProgress("prepare", message="drawing training samples"))
         try:
             self.split = training_samples(self.world_dir, per_entity=cfg.per_entity,
-                                          validation_fraction=cfg.validation_fraction, seed=cfg.seed)
+                                          validation_fraction=cfg.validation_fraction, seed=cfg.seed,
+                                          synthetic=cfg.synthetic, synthetic_locality=cfg.synthetic_locality)
         except ValueError as exc:
             raise TrainError(str(exc)) from None
         self.validation = random.Random(f"visedit-val-{cfg.seed}").sample(
@@ -445,9 +461,29 @@ class Trainer:
         result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
         (self.out / "training.json").write_text(json.dumps(
             {**result, "curve": state["curve"], "validation": state["validation"]}, indent=1))
+        try:
+            result["figure"] = str(render_training(state["curve"], state["validation"], self.out / "training.png"))
+        except ValueError:       # e.g. no validation yet: nothing to draw
+            pass
         self.say(TrainProgress("done", state["step"], cfg.steps, validation_loss=state["best_val"],
                                best_step=state["best_step"]))
         return result
+
+
+def render_training(curve: list[dict], validation: list[dict], path: str | Path) -> Path:
+    """Training loss (mean over each validation interval) and validation loss at every validation."""
+    from diagnostics.render import render_curves
+
+    if not validation:
+        raise ValueError("no validation point to draw")
+    steps = [v["step"] for v in validation]
+    train, start = [], 0
+    for step in steps:
+        window = [r["loss"] for r in curve if start < r["step"] <= step]
+        train.append(sum(window) / len(window) if window else float("nan"))
+        start = step
+    return render_curves({"training loss (interval mean)": train, "validation loss": [v["total"] for v in validation]},
+                         path, title="VisEdit training", xlabel="step", ylabel="loss", x=steps)
 
 
 def default_adapter_path(world_dir: str | Path) -> Path:

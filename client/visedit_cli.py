@@ -36,8 +36,12 @@ def train_cmd(
     lr: float = typer.Option(1e-2, help="Adam learning rate."),
     width: int = typer.Option(128, help="The adapter's width d_a (paper: 1024 on 7B models)."),
     heads: int = typer.Option(4, help="Cross-attention heads (paper: 1)."),
+    mapper: str = typer.Option("tied", help="The influence mapper: tied (one MLP on both sides, C compares the "
+                                            "input image with the edit image) or separate (the paper's f1, f2)."),
     synthetic: int = typer.Option(1500, help="Extra training edits about synthetic entities drawn for the occasion "
                                              "(never the test entities' looks)."),
+    synthetic_locality: bool = typer.Option(True, help="Half of the synthetic edits' unrelated images show "
+                                                       "another synthetic entity (else a world entity)."),
     seed: int = typer.Option(0, help="Seed of the sampling and the initialisation."),
     eval_every: int = typer.Option(250, help="Validate (and keep the best adapter) every N steps."),
     checkpoint_every: int = typer.Option(250, help="Write a resumable checkpoint every N steps."),
@@ -59,8 +63,11 @@ def train_cmd(
         if out is not None or world is not None:
             fail("--out and --world apply to local training; the server trains on its own world")
         _layer(layer, "--layer")
+        if mapper not in ("tied", "separate"):
+            fail(f"--mapper must be tied or separate, not {mapper!r}")
         options = {"lr": str(lr), "width": str(width), "heads": str(heads), "batch_size": str(batch_size),
-                   "synthetic": str(synthetic),
+                   "synthetic": str(synthetic), "mapper_tied": str(mapper == "tied").lower(),
+                   "synthetic_locality": str(synthetic_locality).lower(),
                    "seed": str(seed), "eval_every": str(eval_every), "checkpoint_every": str(checkpoint_every)}
         if signal_layer != "auto":
             options["signal_layer"] = str(_layer(signal_layer, "--signal-layer"))
@@ -71,12 +78,15 @@ def train_cmd(
     from editors.visedit.train import TrainError, VisEditTrainConfig, default_adapter_path, train_visedit
 
     console = Console(stderr=True)
+    if mapper not in ("tied", "separate"):
+        fail(f"--mapper must be tied or separate, not {mapper!r}")
     folder, vlm = world_and_model(world, world_seed, device)
     out = out or default_adapter_path(folder).parent
     try:
         cfg = VisEditTrainConfig(layer=_layer(layer, "--layer"), signal_layer=_layer(signal_layer, "--signal-layer"),
                                  steps=steps, batch_size=batch_size, lr=lr, width=width, heads=heads, seed=seed,
-                                 synthetic=synthetic,
+                                 synthetic=synthetic, mapper_tied=mapper == "tied",
+                                 synthetic_locality=synthetic_locality,
                                  eval_every=eval_every, checkpoint_every=checkpoint_every)
         cfg.check()
     except TrainError as exc:
@@ -166,24 +176,30 @@ def influence_map_cmd(
     world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
     seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    cases: int = typer.Option(0, help="Also summarise the mapper over the first N test cases (each edited "
+                                      "alone): mean C per image kind and how often it separates them."),
     as_json: bool = typer.Option(False, "--json", help="Print the mapper's values as JSON on stdout."),
 ) -> None:
     """The influence mapper C over the edit image, another image of the subject and an unrelated image,
-    after one edit (the paper's Fig. 3)."""
+    after one edit (the paper's Fig. 3); with --cases N, the same summarised over N test cases."""
     from editors.edit_set import EditSetError
-    from editors.visedit.figures import influence_maps
+    from editors.visedit.figures import influence_maps, mapper_separation
     from editors.visedit.train import default_adapter_path
 
     folder, vlm = world_and_model(world, seed, device)
-    cases = json.loads((folder / "edit_cases" / "test.json").read_text())
-    chosen = next((c for c in cases if c["case_id"] == case), None) if case else cases[0]
+    cases_all = json.loads((folder / "edit_cases" / "test.json").read_text())
+    chosen = next((c for c in cases_all if c["case_id"] == case), None) if case else cases_all[0]
     if chosen is None:
         fail(f"no test case {case!r} in {folder}/edit_cases/test.json")
     adapter = adapter or default_adapter_path(folder)
     if not adapter.is_file():
         fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
+    if cases < 0:
+        fail("--cases must be 0 or more")
     try:
         result = influence_maps(vlm, adapter, folder, chosen, out)
+        if cases:
+            result["summary"] = mapper_separation(vlm, adapter, folder, cases_all[:cases])
     except (EditSetError, ValueError) as exc:
         fail(str(exc))
     if as_json:
@@ -192,3 +208,10 @@ def influence_map_cmd(
     typer.echo(f"wrote {out}")
     for p in result["panels"]:
         typer.echo(f"  {p['title']}: mean C {p['mean']:.3f}, max {p['max']:.3f}")
+    if cases:
+        s = result["summary"]
+        typer.echo(f"over {s['cases']} test case(s): mean C {s['mean_c_edit_image']:.3f} (edit image), "
+                   f"{s['mean_c_other_image_of_subject']:.3f} (another image of the subject), "
+                   f"{s['mean_c_unrelated_image']:.3f} (unrelated image); unrelated below the edit image in "
+                   f"{s['separated_edit_image']:.0%} of cases, below the other image in "
+                   f"{s['separated_other_image']:.0%}")

@@ -123,34 +123,17 @@ class EditSet:
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> int:
         """Write the edit set atomically (temp file + rename); returns the size in bytes."""
-        from safetensors.torch import save_file
-
         check_finite(self.deltas)
-        path = Path(path)
         tensors = {}
         for i, d in enumerate(self.deltas):
             tensors[f"delta.{i}.U"] = d.U.detach().float().contiguous().cpu()
             tensors[f"delta.{i}.V"] = d.V.detach().float().contiguous().cpu()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"editlens": json.dumps(self.manifest())})
-        os.replace(tmp, path)
-        return path.stat().st_size
+        return write_safetensors(path, tensors, self.manifest())
 
     @classmethod
     def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> "EditSet":
         """Read and validate an edit set; with ``vlm``, also check it fits that model."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise EditSetError(f"edit set not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            raise EditSetError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+        meta, tensors = read_safetensors(path, "edit set")
         edit_set = cls.from_parts(meta, tensors, source=str(path))
         if vlm is not None:
             edit_set.check_compatible(vlm)
@@ -217,6 +200,33 @@ class EditSet:
             if tuple(w.shape) != (d.U.shape[0], d.V.shape[0]):
                 raise EditSetError(f"delta {i} has shape {(int(d.U.shape[0]), int(d.V.shape[0]))} but "
                                    f"{d.module} has weight shape {tuple(w.shape)}")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> int:
+    """Write ``tensors`` with ``manifest`` as the ``editlens`` metadata, atomically (a temp file, then a
+    rename); returns the file's size in bytes."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"editlens": json.dumps(manifest)})
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file, or an ``EditSetError`` that says what is wrong."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise EditSetError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise EditSetError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
 
 
 def check_finite(deltas: Iterable[LowRankDelta], source: str = "edit set") -> None:

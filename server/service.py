@@ -45,6 +45,16 @@ MUTATING = ("Edit", "TrainVisEdit", "SetAlias", "Rollback", "DeleteVersion")
 _MISSING = object()   # the adapter does not exist (cached like a version number)
 
 
+def boolean(value: str) -> bool:
+    """A training option's text as a bool: true/false, yes/no, 1/0."""
+    v = value.strip().lower()
+    if v in ("true", "yes", "1"):
+        return True
+    if v in ("false", "no", "0"):
+        return False
+    raise ValueError(value)
+
+
 def _version_string() -> str:
     try:
         from importlib.metadata import version
@@ -520,7 +530,7 @@ class EditLensService(pb_grpc.EditLensServicer):
                            ylabel="indirect effect")
 
     _TRAIN_OPTIONS = {"signal_layer": int, "lr": float, "width": int, "heads": int, "synthetic": int,
-                      "batch_size": int, "seed": int,
+                      "batch_size": int, "seed": int, "mapper_tied": boolean, "synthetic_locality": boolean,
                       "per_entity": int, "eval_every": int, "checkpoint_every": int, "im_tokens": int}
 
     @rpc

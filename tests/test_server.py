@@ -318,6 +318,8 @@ BAD = {
         t.case["img"], t.case["src"], t.case["constraint"], t.case["ground_truth"], adapter="bad", editor="visedit",
         visedit_adapter="known"),
     "unknown training option": lambda t: t.lens.train_visedit(adapter="bad", steps=1, options={"nope": "1"}),
+    "bad training option value": lambda t: t.lens.train_visedit(adapter="bad", steps=1,
+                                                                options={"mapper_tied": "maybe"}),
 }
 EXPECTED = {
     "undecodable image": (sdk.InvalidArgumentError, "cannot decode"),
@@ -349,6 +351,7 @@ EXPECTED = {
     "visedit edit without a trained editor": (sdk.InvalidArgumentError, "needs visedit.editor_adapter"),
     "visedit editor adapter without an editor": (sdk.FailedPreconditionError, "holds no VisEdit editor"),
     "unknown training option": (sdk.InvalidArgumentError, "unknown training option"),
+    "bad training option value": (sdk.InvalidArgumentError, "mapper_tied='maybe' is not a boolean"),
 }
 
 

@@ -22,12 +22,11 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from editors.edit_set import EditSetError, FingerprintMismatchError
+from editors.edit_set import EditSetError, FingerprintMismatchError, read_safetensors, write_safetensors
 from vlm.loading import VLM
 
 from .adapter import VEAD, AttachedVEAD, EditSignal, SignalBatch, VEADConfig
@@ -112,33 +111,16 @@ class VisEditSet:
 
     def save(self, path: str | os.PathLike) -> int:
         """Write atomically (temporary file, then rename); returns the size in bytes."""
-        from safetensors.torch import save_file
-
         tensors = self.tensors()
         bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
         if bad:
             raise EditSetError(f"refusing to save non-finite values in {bad[:3]}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"editlens": json.dumps(self.manifest())})
-        os.replace(tmp, path)
-        return path.stat().st_size
+        return write_safetensors(path, tensors, self.manifest())
 
     @classmethod
     def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> "VisEditSet":
         """Read and validate; with ``vlm``, also check that it was made for that model."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise EditSetError(f"VisEdit edit set not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            raise EditSetError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+        meta, tensors = read_safetensors(path, "VisEdit edit set")
         out = cls.from_parts(meta, tensors, source=str(path))
         if vlm is not None:
             out.check_compatible(vlm)

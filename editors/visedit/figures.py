@@ -53,3 +53,31 @@ def influence_maps(vlm: VLM, adapter_path: str | Path, world_dir: str | Path, ca
                     title=f"VisEdit influence mapper after editing {case['case_id']}: "
                           f"{case['src']} -> {case['alt']}", colorbar_label="edit intensity C")
     return {"case": case["case_id"], "out": str(out), "panels": panels}
+
+
+def mapper_separation(vlm: VLM, adapter_path: str | Path, world_dir: str | Path,
+                      cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """How well the influence mapper tells the edit's subject from other images, over ``cases``: each case
+    edited alone from its edit image, then the mean C over the edit image, another image of the subject
+    and an unrelated image, and the share of cases whose unrelated image gets a lower mean C than each of
+    the subject's images (1.0: the mapper always separates them; 0.5: chance)."""
+    if not cases:
+        raise ValueError("mapper_separation needs at least one case")
+    world_dir = Path(world_dir)
+    trained = VisEditSet.load(adapter_path, vlm)
+    editor = VisEdit(vlm, trained)
+    rows = []
+    for case in cases:
+        es = editor.edit([EditRequest.from_case(case, world_dir)])
+        m = {}
+        for field, question in (("image", case["src"]), ("image_rephrase", case["src"]), ("m_loc", case["m_loc_q"])):
+            scores = influence(vlm, es, world_dir / case[field], question)
+            m[field] = sum(scores) / len(scores)
+        rows.append(m)
+    n = len(rows)
+    return {"cases": n,
+            "mean_c_edit_image": sum(r["image"] for r in rows) / n,
+            "mean_c_other_image_of_subject": sum(r["image_rephrase"] for r in rows) / n,
+            "mean_c_unrelated_image": sum(r["m_loc"] for r in rows) / n,
+            "separated_edit_image": sum(r["image"] > r["m_loc"] for r in rows) / n,
+            "separated_other_image": sum(r["image_rephrase"] > r["m_loc"] for r in rows) / n}

@@ -34,6 +34,7 @@ steps and a run started on the same folder resumes from it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -59,6 +60,11 @@ LOSSES = ("rel", "gen", "loc", "im_up", "im_down", "im_attr")
 ATTRIBUTION_FLOOR = 1e-4   # summed attribution over the sampled tokens below which ℓ_ima is left out
 
 
+def stable_seed(key: Any) -> int:
+    """A seed from ``repr(key)`` that is the same in every process (Python's hash() of a str is not)."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:4], "little")
+
+
 class TrainError(ValueError):
     pass
 
@@ -71,7 +77,8 @@ class VisEditTrainConfig:
     summary_token: str = "image"           # the mapper's key: the "last" prompt token (paper), the "constraint",
                                            # or the edit "image" (README: the world's last token never sees it)
     mapper_context: bool = True            # f1 also sees the image's mean visual state (paper: each state alone)
-    mapper_tied: bool = False              # one MLP for both sides of the influence mapper (a learned similarity)
+    mapper_tied: bool = True               # one MLP for both sides of the influence mapper: C compares the input
+                                           # image with the edit image (paper: f1 and f2 separate; README)
     attribution_layers: list[int] | str = "auto"   # L_h for ℓ_ima; "auto": the high-contribution block
     width: int = 128                       # d_a (paper: 1024 on 7B models)
     heads: int = 4                         # cross-attention heads (paper: 1; one head did not train here)
@@ -81,7 +88,7 @@ class VisEditTrainConfig:
     seed: int = 0
     per_entity: int = 60                   # drawn edits per training entity (data.training_samples)
     synthetic: int = 1500                  # edits about new synthetic entities (data.training_samples)
-    synthetic_locality: bool = False       # unrelated images of synthetic entities too (data.training_samples)
+    synthetic_locality: bool = True        # unrelated images of synthetic entities too (data.training_samples)
     validation_fraction: float = 0.2
     validation_samples: int = 48
     eval_every: int = 250
@@ -97,6 +104,9 @@ class VisEditTrainConfig:
                 raise TrainError(f"{name} must be at least 1")
         if self.lr <= 0:
             raise TrainError("lr must be positive")
+        if self.mapper_tied and not (self.mapper_context and self.summary_token == "image"):
+            raise TrainError("the tied influence mapper compares images: it needs summary_token='image' and "
+                             "mapper_context; set mapper_tied=False (--mapper separate) for the paper's form")
         unknown = set(self.weights) - set(LOSSES)
         if unknown:
             raise TrainError(f"unknown loss weight(s) {sorted(unknown)}; the losses are {LOSSES}")
@@ -222,7 +232,7 @@ class Trainer:
         inputs = collate([p], vlm.tokenizer.pad_token_id)
         caps = [("embeds", -1)] + [("hidden", l - 1) for l in layers if l > 0] + [("attn", l) for l in layers]
         clean = run_patched(vlm, inputs, capture=caps).captured
-        g = torch.Generator().manual_seed(hash(key) % (2 ** 31))
+        g = torch.Generator().manual_seed(stable_seed(key))
         rows, index = [], []
         for l in layers:
             states = clean[signal_state(l)][0, img].float()
@@ -410,6 +420,7 @@ class Trainer:
         self.validation = random.Random(f"visedit-val-{cfg.seed}").sample(
             self.split.validation, min(cfg.validation_samples, len(self.split.validation)))
         self.vead_config = self.choose_layers()
+        torch.manual_seed(cfg.seed)          # the initialisation does not depend on what choosing the layers drew
         vead = VEAD(self.vead_config).to(self.vlm.input_device)
         vead.train()
         opt = torch.optim.Adam(vead.parameters(), lr=cfg.lr)

@@ -141,20 +141,8 @@ class EditSet:
 
     @classmethod
     def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set") -> "EditSet":
-        if "editlens" not in meta:
-            raise EditSetError(f"{source} has no EditLens manifest: it is not an edit set")
-        try:
-            man = json.loads(meta["editlens"])
-        except json.JSONDecodeError as exc:
-            raise EditSetError(f"{source}: the manifest is not valid JSON ({exc})") from None
-        if not isinstance(man, dict) or man.get("format") != FORMAT:
-            raise EditSetError(f"{source} is not an EditLens edit set (format {man.get('format')!r})")
-        if man.get("format_version") != FORMAT_VERSION:
-            raise EditSetError(f"{source} has format version {man.get('format_version')!r}; "
-                               f"this EditLens reads version {FORMAT_VERSION}")
-        for key in ("base_fingerprint", "editor", "deltas", "records"):
-            if key not in man:
-                raise EditSetError(f"{source}: the manifest has no {key!r}")
+        man = read_manifest(meta, source, FORMAT, FORMAT_VERSION, "an EditLens edit set",
+                            ("base_fingerprint", "editor", "deltas", "records"))
         deltas = []
         expected = set()
         for i, info in enumerate(man["deltas"]):
@@ -227,6 +215,27 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str]
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types
         raise EditSetError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+
+
+def read_manifest(meta: dict[str, str], source: str, fmt: str, version: int, what: str,
+                  required: Sequence[str]) -> dict[str, Any]:
+    """The ``editlens`` manifest of a file's metadata, checked for its format, version and ``required`` keys;
+    an ``EditSetError`` naming ``source`` and what is wrong otherwise."""
+    if "editlens" not in meta:
+        raise EditSetError(f"{source} has no EditLens manifest: it is not an edit set")
+    try:
+        man = json.loads(meta["editlens"])
+    except json.JSONDecodeError as exc:
+        raise EditSetError(f"{source}: the manifest is not valid JSON ({exc})") from None
+    if not isinstance(man, dict) or man.get("format") != fmt:
+        raise EditSetError(f"{source} is not {what} (format {man.get('format') if isinstance(man, dict) else None!r})")
+    if man.get("format_version") != version:
+        raise EditSetError(f"{source} has format version {man.get('format_version')!r}; "
+                           f"this EditLens reads version {version}")
+    for key in required:
+        if key not in man:
+            raise EditSetError(f"{source}: the manifest has no {key!r}")
+    return man
 
 
 def check_finite(deltas: Iterable[LowRankDelta], source: str = "edit set") -> None:

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from editors.edit_set import EditSetError, FingerprintMismatchError, read_safetensors, write_safetensors
+from editors.edit_set import (EditSetError, FingerprintMismatchError, read_manifest, read_safetensors,
+                               write_safetensors)
 from vlm.loading import VLM
 
 from .adapter import VEAD, AttachedVEAD, EditSignal, SignalBatch, VEADConfig
@@ -129,20 +130,8 @@ class VisEditSet:
     @classmethod
     def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set"
                    ) -> "VisEditSet":
-        if "editlens" not in meta:
-            raise EditSetError(f"{source} has no EditLens manifest: it is not an edit set")
-        try:
-            man = json.loads(meta["editlens"])
-        except json.JSONDecodeError as exc:
-            raise EditSetError(f"{source}: the manifest is not valid JSON ({exc})") from None
-        if not isinstance(man, dict) or man.get("format") != FORMAT:
-            raise EditSetError(f"{source} is not a VisEdit edit set (format {man.get('format') if isinstance(man, dict) else None!r})")
-        if man.get("format_version") != FORMAT_VERSION:
-            raise EditSetError(f"{source} has format version {man.get('format_version')!r}; "
-                               f"this EditLens reads version {FORMAT_VERSION}")
-        for key in ("base_fingerprint", "adapter", "signals", "records"):
-            if key not in man:
-                raise EditSetError(f"{source}: the manifest has no {key!r}")
+        man = read_manifest(meta, source, FORMAT, FORMAT_VERSION, "a VisEdit edit set",
+                            ("base_fingerprint", "adapter", "signals", "records"))
         try:
             config = VEADConfig.from_dict(man["adapter"]["config"])
         except (KeyError, TypeError, ValueError) as exc:

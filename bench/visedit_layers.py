@@ -26,7 +26,7 @@ from .editing import _spread
 StageFn = Callable[[str], None]
 
 
-def run(vlm: VLM, world_dir: str | Path, layers: list[int] | None = None, cases: int = 40, steps: int = 300,
+def run(vlm: VLM, world_dir: str | Path, layers: list[int] | None = None, cases: int = 40, steps: int = 500,
         signal_layer: int | str = "auto", seed: int = 0, stage: StageFn | None = None) -> dict[str, Any]:
     say = stage or (lambda s: None)
     world_dir = Path(world_dir)

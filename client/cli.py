@@ -479,7 +479,7 @@ def bench_layers(
 def bench_visedit_layers(
     cases: int = typer.Option(40, help="Test edit cases per layer."),
     layer: Optional[List[int]] = typer.Option(None, help="VEAD layers (default: all)."),
-    steps: int = typer.Option(300, help="Training steps of each layer's adapter."),
+    steps: int = typer.Option(500, help="Training steps of each layer's adapter."),
     world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
     seed: int = typer.Option(0, help="Which built world (ignored with --world); also the training seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

@@ -305,7 +305,7 @@ def recommend_cmd(
 ) -> None:
     """The layer to edit, with the scores that chose it: MultEdit's (peak early MLP indirect effect at the
     constraint's last token, over the request's variants) and VisEdit's VEAD layer (before the high
-    module-contribution layers)."""
+    module-contribution layers, or the deepest layer whose visual states the answer still reads)."""
     if editor not in ("multedit", "visedit", "both"):
         fail(f"--editor must be multedit, visedit or both, not {editor!r}")
     _diagnose("recommend", "recommend", (image, question, constraint, answer, cases, limit, variant),

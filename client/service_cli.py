@@ -162,17 +162,24 @@ def generate_cmd(
 
 
 # ------------------------------------------------------------------- edit
+def _job_progress(bar):
+    """A progress callback for a server job that drives one task of ``bar``."""
+    task = bar.add_task("queued", total=None, info="")
+
+    def progress(p) -> None:
+        info = f"loss {p.loss:.3f}" if p.loss is not None else (p.message or "")
+        bar.update(task, description=p.stage, completed=p.step, total=p.steps or None, info=info)
+
+    return progress
+
+
 def remote_edit(server: str, token: Optional[str], adapter: Optional[str], image: Path, question: str,
                 constraint: str, answer: str, layer: str, rephrase: Optional[str], image_rephrase: Optional[Path],
                 promote: bool, options: dict[str, Any], as_json: bool) -> None:
     """``editlens edit --server``: the edit as a server job with a progress bar; prints the new version."""
     console = _console()
     with connect(server, token) as lens, progress_bar(console) as bar:
-        task = bar.add_task("queued", total=None, info="")
-
-        def progress(p) -> None:
-            info = f"loss {p.loss:.3f}" if p.loss is not None else (p.message or "")
-            bar.update(task, description=p.stage, completed=p.step, total=p.steps or None, info=info)
+        progress = _job_progress(bar)
 
         v = lens.edit(image, question, constraint, answer, adapter=adapter, layer=layer, rephrase=rephrase,
                       image_rephrase=image_rephrase, promote=promote, progress=progress,
@@ -357,11 +364,7 @@ def remote_train(server: str, token: Optional[str], adapter: Optional[str], laye
     """``editlens visedit train --server``: train a VisEdit editor as a server job; prints its version."""
     console = _console()
     with connect(server, token) as lens, progress_bar(console) as bar:
-        task = bar.add_task("queued", total=None, info="")
-
-        def progress(p) -> None:
-            info = f"loss {p.loss:.3f}" if p.loss is not None else (p.message or "")
-            bar.update(task, description=p.stage, completed=p.step, total=p.steps or None, info=info)
+        progress = _job_progress(bar)
 
         v = lens.train_visedit(adapter=adapter or "visedit", layer=None if layer == "auto" else int(layer),
                                steps=steps, options=options, promote=promote, progress=progress)

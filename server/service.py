@@ -55,6 +55,21 @@ def boolean(value: str) -> bool:
     raise ValueError(value)
 
 
+def _job_stream(job, ahead: int, context, event, what: str):
+    """The events of a submitted job as ``event`` messages: queued, its progress, then its result."""
+    yield event(progress=pb.Progress(
+        stage="queued", queue_position=ahead,
+        message=f"{what} job {job.id} accepted" + (f"; {ahead} job(s) ahead" if ahead else "")))
+    events = follow(job, context)
+    while True:
+        try:
+            ev = next(events)
+        except StopIteration as done:
+            yield event(result=done.value)
+            return
+        yield event(progress=convert.progress(ev))
+
+
 def _version_string() -> str:
     try:
         from importlib.metadata import version
@@ -377,17 +392,7 @@ class EditLensService(pb_grpc.EditLensServicer):
                     answer=answer, rephrase=rephrase, config=config, promote=not request.no_promote,
                     description=request.description)
         job, ahead = self.jobs.submit("edit", lambda job: self._run_edit(job, **args), adapter=adapter)
-        yield pb.EditEvent(progress=pb.Progress(
-            stage="queued", queue_position=ahead,
-            message=f"edit job {job.id} accepted" + (f"; {ahead} job(s) ahead" if ahead else "")))
-        events = follow(job, context)
-        while True:
-            try:
-                ev = next(events)
-            except StopIteration as done:
-                yield pb.EditEvent(result=done.value)
-                return
-            yield pb.EditEvent(progress=convert.progress(ev))
+        yield from _job_stream(job, ahead, context, pb.EditEvent, "edit")
 
     def _live_info(self, adapter: str):
         from registry import NotFoundError
@@ -564,17 +569,7 @@ class EditLensService(pb_grpc.EditLensServicer):
         job, ahead = self.jobs.submit(
             "train", lambda job: self._run_training(job, adapter, world, config, not request.no_promote),
             adapter=adapter)
-        yield pb.TrainEvent(progress=pb.Progress(
-            stage="queued", queue_position=ahead,
-            message=f"training job {job.id} accepted" + (f"; {ahead} job(s) ahead" if ahead else "")))
-        events = follow(job, context)
-        while True:
-            try:
-                ev = next(events)
-            except StopIteration as done:
-                yield pb.TrainEvent(result=done.value)
-                return
-            yield pb.TrainEvent(progress=convert.progress(ev))
+        yield from _job_stream(job, ahead, context, pb.TrainEvent, "training")
 
     def _run_training(self, job, adapter, world: Path, config, promote: bool) -> pb.Version:
         from editors.visedit.train import train_visedit

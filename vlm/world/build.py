@@ -43,7 +43,7 @@ from .train import (Example, ModelConfig, TrainConfig, config_dict, encode_items
 VISION_PRETRAIN_RENDERINGS = 16  # extra renderings per entity, used only to pretrain the vision tower
 
 # Bump when anything that changes the built world or model changes.
-RECIPE_VERSION = "4"
+RECIPE_VERSION = "5"  # 5: deterministic training (vlm.reproducible)
 
 StageFn = Callable[[str], None]
 ProgressFn = Callable[[int, int, float], None]

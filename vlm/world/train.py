@@ -22,6 +22,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from ..prompts import EncodedPrompt, encode
+from ..reproducible import deterministic
 from .render import IMAGE_SIZE
 from .routing import RoutePlan, constraint_routing, plan_batch
 
@@ -136,6 +137,7 @@ def _plan(examples: Sequence[Example], seq_len: int, prob: float, rng: random.Ra
                       [e.prompt.image_span for e in examples], seq_len, prob, rng)
 
 
+@deterministic()
 def train_model(model: LlavaForConditionalGeneration, examples: list[Example], pad_id: int,
                 cfg: TrainConfig, seed: int, progress: ProgressFn | None = None) -> list[dict[str, float]]:
     """Train in place; returns the loss curve (every 50 steps)."""
@@ -218,6 +220,7 @@ def _enrichment_loss(model, hidden: torch.Tensor, batch: Sequence[Example]) -> t
     return torch.nn.functional.cross_entropy(model.lm_head(h), torch.tensor(tgt))
 
 
+@deterministic()
 def pretrain_vision(model: LlavaForConditionalGeneration, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
                     cfg: TrainConfig, seed: int, progress: ProgressFn | None = None) -> list[dict[str, float]]:
     """Stage 0, the stand-in for CLIP pretraining: teach the vision tower to see.

@@ -24,8 +24,9 @@ the edited model.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -35,11 +36,10 @@ from diagnostics.cases import DiagnosticCase, load_cases, prepare, world_phrases
 from diagnostics.knockout import RELATIONS, knockout
 from diagnostics.trace import causal_trace, edit_trace, noise_trace
 from editors.edit_set import attach
+from editors.metrics import spread_cases
 from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest
 from vlm.loading import VLM
-
-from .editing import _spread
 
 
 def _flat(result: Any) -> torch.Tensor:
@@ -61,35 +61,48 @@ DIAGNOSTICS: dict[str, Callable] = {
     "trace": lambda vlm, c, mode, bs: causal_trace(vlm, c, mode=mode, batch_size=bs),
     "noise-trace": lambda vlm, c, mode, bs: noise_trace(vlm, c, samples=3, mode=mode, batch_size=bs),
     "knockout": lambda vlm, c, mode, bs: knockout(vlm, c, relations=RELATIONS, mode=mode, batch_size=bs),
-    "visual-attribution": lambda vlm, c, mode, bs: visual_attribution(vlm, c, samples=1, mode=mode,
-                                                                      batch_size=bs),
+    "visual-attribution": lambda vlm, c, mode, bs: visual_attribution(vlm, c, samples=1, mode=mode, batch_size=bs),
     "contributions": lambda vlm, c, mode, bs: attention_contributions(vlm, c, mode=mode),
     "module-attribution": lambda vlm, c, mode, bs: module_attribution(vlm, c, mode=mode),
 }
 
 
-def speed(vlm: VLM, cases: list[DiagnosticCase], which: list[str], batch_size: int = 256,
-          say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def speed(
+    vlm: VLM,
+    cases: list[DiagnosticCase],
+    which: list[str],
+    batch_size: int = 256,
+    say: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in which:
         fn = DIAGNOSTICS[name]
-        times = {m: 0.0 for m in ("naive", "uncached", "batched")}
-        diff, cells, passes = 0.0, 0, {m: 0 for m in times}
+        times = dict.fromkeys(("naive", "uncached", "batched"), 0.0)
+        diff, cells, passes = 0.0, 0, dict.fromkeys(times, 0)
         for i, case in enumerate(cases):
             say(f"{name}: case {i + 1}/{len(cases)}")
             results = {}
-            for mode in ("batched", "uncached", "naive"):   # batched first: warm-up costs fall on it
+            for mode in ("batched", "uncached", "naive"):  # batched first: warm-up costs fall on it
                 t0 = time.perf_counter()
                 results[mode] = fn(vlm, case, mode, batch_size)
                 times[mode] += time.perf_counter() - t0
                 passes[mode] += getattr(results[mode], "forward_passes", 0)
             ref = _flat(results["naive"])
-            diff = max(diff, float((_flat(results["batched"]) - ref).abs().max()),
-                       float((_flat(results["uncached"]) - ref).abs().max()))
+            diff = max(
+                diff,
+                float((_flat(results["batched"]) - ref).abs().max()),
+                float((_flat(results["uncached"]) - ref).abs().max()),
+            )
             cells += getattr(results["batched"], "cells", 0)
-        out[name] = {"cases": len(cases), "cells": cells, "forward_passes": passes,
-                     "seconds": times, "speedup": times["naive"] / times["batched"],
-                     "speedup_uncached": times["naive"] / times["uncached"], "max_abs_diff": diff}
+        out[name] = {
+            "cases": len(cases),
+            "cells": cells,
+            "forward_passes": passes,
+            "seconds": times,
+            "speedup": times["naive"] / times["batched"],
+            "speedup_uncached": times["naive"] / times["uncached"],
+            "max_abs_diff": diff,
+        }
     return out
 
 
@@ -109,13 +122,14 @@ def new_facts(vlm: VLM, world_dir: Path, records: list[dict], max_prob: float = 
     return out
 
 
-def ground_truth(vlm: VLM, world_dir: Path, layers: list[int], cases: int,
-                 say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def ground_truth(
+    vlm: VLM, world_dir: Path, layers: list[int], cases: int, say: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
     """Insert each insertion case at each layer k; does the MLP indirect effect peak at k?"""
     import json
 
     records = new_facts(vlm, world_dir, json.loads((world_dir / "edit_cases" / "test.json").read_text()))
-    chosen = _spread(records, cases) if cases < len(records) else records
+    chosen = spread_cases(records, cases) if cases < len(records) else records
     phrases = world_phrases(world_dir)
     per_layer: dict[int, dict[str, Any]] = {}
     for k in layers:
@@ -128,16 +142,24 @@ def ground_truth(vlm: VLM, world_dir: Path, layers: list[int], cases: int,
             say(f"ground truth: layer {k}, case {i + 1}/{len(chosen)}")
             req = EditRequest.from_case(rec, world_dir)
             es = editor.edit([req])
-            case = DiagnosticCase(rec["src"], rec["constraint"], image=world_dir / rec["image"], answer=rec["alt"],
-                                  label=rec["case_id"], replacements=[p for p in phrases if rec["entity_name"] not in p])
+            case = DiagnosticCase(
+                rec["src"],
+                rec["constraint"],
+                image=world_dir / rec["image"],
+                answer=rec["alt"],
+                label=rec["case_id"],
+                replacements=[p for p in phrases if rec["entity_name"] not in p],
+            )
             # the edit's trace: clean states from the edited model, corrupted runs on the base model;
             # and, for comparison, both runs on the edited model (plain and isolated)
             for name in ("edit", "plain", "isolated"):
                 if name == "edit":
-                    r = edit_trace(vlm, case, lambda: attach(vlm, es), kinds=["mlp"], roles=["constraint last"])
+                    r = edit_trace(vlm, case, lambda es=es: attach(vlm, es), kinds=["mlp"], roles=["constraint last"])
                 else:
                     with attach(vlm, es):
-                        r = causal_trace(vlm, case, kinds=["mlp"], roles=["constraint last"], isolate=name == "isolated")
+                        r = causal_trace(
+                            vlm, case, kinds=["mlp"], roles=["constraint last"], isolate=name == "isolated"
+                        )
                 effect = r.effects["mlp"][0]
                 curves[name] = [c + e / len(chosen) for c, e in zip(curves[name], effect)]
                 peak = max(range(len(effect)), key=lambda l: effect[l])
@@ -146,20 +168,34 @@ def ground_truth(vlm: VLM, world_dir: Path, layers: list[int], cases: int,
             took = es.records[0]["metrics"]["p_after"] > 0.5
             edited += took
             took_hits += took and peaks["edit"][-1] == k
-        per_layer[k] = {"cases": len(chosen), "edits_that_took": edited / len(chosen),
-                        "peak_at_k_of_edits_that_took": took_hits / max(1, edited),
-                        **{f"peak_at_k_{name}": hits[name] / len(chosen) for name in hits},
-                        **{f"peaks_{name}": peaks[name] for name in peaks},
-                        **{f"mean_effect_{name}": curves[name] for name in curves}}
+        per_layer[k] = {
+            "cases": len(chosen),
+            "edits_that_took": edited / len(chosen),
+            "peak_at_k_of_edits_that_took": took_hits / max(1, edited),
+            **{f"peak_at_k_{name}": hits[name] / len(chosen) for name in hits},
+            **{f"peaks_{name}": peaks[name] for name in peaks},
+            **{f"mean_effect_{name}": curves[name] for name in curves},
+        }
     n = sum(v["cases"] for v in per_layer.values())
-    return {"layers": per_layer,
-            **{f"peak_at_k_{name}": sum(v[f"peak_at_k_{name}"] * v["cases"] for v in per_layer.values()) / n
-               for name in ("edit", "plain", "isolated")}}
+    return {
+        "layers": per_layer,
+        **{
+            f"peak_at_k_{name}": sum(v[f"peak_at_k_{name}"] * v["cases"] for v in per_layer.values()) / n
+            for name in ("edit", "plain", "isolated")
+        },
+    }
 
 
-def run(vlm: VLM, world_dir: str | Path, cases: int = 5, which: list[str] | None = None, batch_size: int = 256,
-        ground_truth_cases: int = 10, ground_truth_layers: list[int] | None = None,
-        stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(
+    vlm: VLM,
+    world_dir: str | Path,
+    cases: int = 5,
+    which: list[str] | None = None,
+    batch_size: int = 256,
+    ground_truth_cases: int = 10,
+    ground_truth_layers: list[int] | None = None,
+    stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     say = stage or (lambda s: None)
     world_dir = Path(world_dir)
     which = which or list(DIAGNOSTICS)
@@ -170,9 +206,14 @@ def run(vlm: VLM, world_dir: str | Path, cases: int = 5, which: list[str] | None
         raise ValueError("--cases must be at least 1")
     t0 = time.time()
     all_cases = load_cases(world_dir / "edit_cases" / "test.json", vlm=vlm)
-    chosen = all_cases[:: max(1, len(all_cases) // cases)][:cases]   # spread over the file
-    out: dict[str, Any] = {"model": str(vlm.path), "device": str(vlm.input_device), "dtype": str(vlm.dtype),
-                           "batch_size": batch_size, "speed": speed(vlm, chosen, which, batch_size, say)}
+    chosen = all_cases[:: max(1, len(all_cases) // cases)][:cases]  # spread over the file
+    out: dict[str, Any] = {
+        "model": str(vlm.path),
+        "device": str(vlm.input_device),
+        "dtype": str(vlm.dtype),
+        "batch_size": batch_size,
+        "speed": speed(vlm, chosen, which, batch_size, say),
+    }
     if ground_truth_cases > 0:
         layers = ground_truth_layers if ground_truth_layers is not None else [0, 1, 2, 3]
         out["ground_truth"] = ground_truth(vlm, world_dir, layers, ground_truth_cases, say)
@@ -193,7 +234,12 @@ def render_ground_truth(gt: dict[str, Any], path: str | Path) -> Path:
             top = curve[peak] if curve[peak] > 0 else 1.0
             rows.append([c / top for c in curve])
             labels.append(f"{name} trace, edited at {k}: peak {peak} ({curve[peak]:.3f})")
-    return render_matrix(rows, labels, [str(l) for l in range(len(rows[0]))], path,
-                         title="ground truth: MLP indirect effect at the constraint's last token\n"
-                               "after a MultEdit insertion at layer k (mean over cases, each row / its peak)",
-                         colorbar_label="effect / row peak")
+    return render_matrix(
+        rows,
+        labels,
+        [str(l) for l in range(len(rows[0]))],
+        path,
+        title="ground truth: MLP indirect effect at the constraint's last token\n"
+        "after a MultEdit insertion at layer k (mean over cases, each row / its peak)",
+        colorbar_label="effect / row peak",
+    )

@@ -1,8 +1,13 @@
-"""``editlens bench editing``: MultEdit, FT-L and VisEdit on the world's test edit cases.
+"""``editlens bench editing``: every registered editor (MultEdit, FT-L, VisEdit, ...) on the world's test
+edit cases.
 
-VisEdit needs a trained adapter (``editlens visedit train``; ``overrides["visedit"]["adapter"]``);
-its edits are signals, its "sequential" figure is N live edits at once, and the
-layer it acts on is the adapter's own (``--layer`` is MultEdit's and FT-L's).
+Editors come from the editor registry, configured with ``layer`` where their
+config has one, the world's defaults (``EditorSpec.world_options``: VisEdit's
+trained adapter, ``editlens visedit train``) and the run's ``overrides``. An
+editor that cannot be configured for the world (VisEdit before any training)
+is left out with a message unless it was named. VisEdit's edits are signals,
+its "sequential" figure is N live edits at once, and the layer it acts on is
+the adapter's own.
 
 Three measurements per editor, all on the same cases and the same model:
 
@@ -23,37 +28,34 @@ base model before any edit.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from editors import editor_names, get_editor
 from editors import metrics as M
-from editors.finetune import FineTune, FineTuneConfig
-from editors.multedit import MultEdit, MultEditConfig
+from editors.files import EditSetError
 from editors.request import EditRequest
 from vlm.loading import VLM
+from vlm.options import ConfigError
 
-EDITORS = ("multedit", "ft", "visedit")
 StageFn = Callable[[str], None]
 TickFn = Callable[[int, int], None]
 
 
-def make_editor(name: str, vlm: VLM, layer: int, overrides: dict[str, Any] | None = None):
-    overrides = overrides or {}
-    if name == "multedit":
-        return MultEdit(vlm, MultEditConfig(layer=layer, **overrides))
-    if name == "ft":
-        return FineTune(vlm, FineTuneConfig(layer=layer, **overrides))
-    if name == "visedit":
-        from editors.visedit import VisEdit, VisEditSet
-
-        path = overrides.get("adapter")
-        if path is None:
-            raise ValueError("the visedit editor needs a trained adapter (editlens visedit train; --adapter PATH)")
-        return VisEdit(vlm, VisEditSet.load(path, vlm))
-    raise ValueError(f"unknown editor {name!r}; choose from {', '.join(EDITORS)}")
+def make_editor(name: str, vlm: VLM, layer: int, world_dir: Path, options: dict[str, Any] | None = None):
+    """Editor ``name`` of the editor registry, configured for this run: ``layer`` where its config has one,
+    the world's defaults (``EditorSpec.world_options``: e.g. VisEdit's trained adapter) and ``options``."""
+    spec = get_editor(name)
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    settings = {"layer": layer} if "layer" in fields else {}
+    settings.update(spec.world_options(world_dir) if spec.world_options else {})
+    settings.update(options or {})
+    return spec.create(vlm, spec.config(vlm, **settings))
 
 
 def distinct_facts(cases: list[dict[str, Any]], n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -93,89 +95,104 @@ def _sequential(editor, vlm, world_dir, pixels, base_cases, n: int, panel, seed:
     curve, current, done = [], None, 0
     t0 = time.perf_counter()
     for mark in marks:
-        batch = requests[done:mark]
-        if isinstance(editor, FineTune):
-            current = editor.edit_sequentially(batch, onto=current or ())
-        else:
-            current = editor.edit_sequentially(batch, onto=current)
+        current = editor.edit_sequentially(requests[done:mark], onto=current)
         done = mark
-        rows = M.evaluate_together(vlm, cps[:mark], M.Baseline(base.text_locality[:mark], base.modal_locality[:mark],
-                                                                base.panel, base.panel_correct), current)
+        rows = M.evaluate_together(
+            vlm,
+            cps[:mark],
+            M.Baseline(base.text_locality[:mark], base.modal_locality[:mark], base.panel, base.panel_correct),
+            current,
+        )
         s = M.summarise(rows)["all"]
         curve.append({"edits": mark, **{k: s[k] for k in M.EVQA + ("evqa_mean",)}})
     seconds = time.perf_counter() - t0
     final = M.summarise(M.evaluate_together(vlm, cps, base, current))
     out = {"edits": len(chosen), "final": final, "curve": curve, "seconds": round(seconds, 1)}
-    if not isinstance(editor, FineTune):
-        with tempfile.TemporaryDirectory() as d:
-            size = current.save(Path(d) / "seq.safetensors")
-        out["file_bytes"] = size
-        out["file_bytes_per_edit"] = round(size / current.num_edits, 1)
+    with tempfile.TemporaryDirectory() as d:
+        size = current.save(Path(d) / "seq.safetensors")
+    out["file_bytes"] = size
+    out["file_bytes_per_edit"] = round(size / current.num_edits, 1)
     return out
 
 
 def _latency(editor, vlm, requests: list[EditRequest]) -> dict[str, Any]:
-    """Edits one at a time, unbatched; MultEdit's split comes from its records."""
-    keys, values, updates, totals = [], [], [], []
+    """Edits one at a time, unbatched; the split of each edit's time is its record's (``seconds``: key, value
+    and update for MultEdit, the signal for VisEdit, the training for FT-L)."""
+    parts: dict[str, list[float]] = {}
+    totals = []
     size = None
     for req in requests:
         t0 = time.perf_counter()
-        if isinstance(editor, MultEdit):
-            es = editor.edit([req])
-            sec = es.records[0]["seconds"]
-            keys.append(sec["key"])
-            values.append(sec["value"])
-            updates.append(sec["update"])
-            if size is None:
-                with tempfile.TemporaryDirectory() as d:
-                    size = es.save(Path(d) / "one.safetensors")
-        elif isinstance(editor, FineTune):
-            editor.edit_each([req], batch_size=1)
-        else:   # VisEdit: an edit is its signal
-            es = editor.edit([req])
-            keys.append(es.records[0]["seconds"]["signal"])
+        es = editor.edit([req])
         totals.append(time.perf_counter() - t0)
+        for key, sec in es.records[-1].get("seconds", {}).items():
+            parts.setdefault(key, []).append(sec)
+        if size is None:
+            with tempfile.TemporaryDirectory() as d:
+                size = es.save(Path(d) / "one.safetensors")
 
     def ms(v):
         return round(1000 * sum(v) / len(v), 2) if v else None
 
-    out = {"edits_timed": len(requests), "total_ms": ms(totals)}
-    if keys and not values:
-        out["signal_ms"] = ms(keys)
-    elif keys:
-        out.update({"key_ms": ms(keys), "value_ms": ms(values), "update_ms": ms(updates),
-                    "single_edit_file_bytes": size})
-    return out
+    return {
+        "edits_timed": len(requests),
+        "total_ms": ms(totals),
+        **{f"{key}_ms": ms(v) for key, v in parts.items()},
+        "single_edit_file_bytes": size,
+    }
 
 
-def run(vlm: VLM, world_dir: str | Path, editors: list[str] | None = None, cases: int | None = None,
-        sequential: int = 50, layer: int = 0, panel_size: int = 40, latency_edits: int = 10, seed: int = 0,
-        overrides: dict[str, dict[str, Any]] | None = None, stage: StageFn | None = None,
-        tick: TickFn | None = None) -> dict[str, Any]:
+def run(
+    vlm: VLM,
+    world_dir: str | Path,
+    editors: list[str] | None = None,
+    cases: int | None = None,
+    sequential: int = 50,
+    layer: int = 0,
+    panel_size: int = 40,
+    latency_edits: int = 10,
+    seed: int = 0,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    stage: StageFn | None = None,
+    tick: TickFn | None = None,
+) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-ready dict (see the module docstring)."""
     say = stage or (lambda s: None)
     world_dir = Path(world_dir)
-    editors = list(dict.fromkeys(editors or list(EDITORS)))
+    named = editors is not None
+    editors = list(dict.fromkeys(editors or editor_names()))
     for e in editors:
-        if e not in EDITORS:
-            raise ValueError(f"unknown editor {e!r}; choose from {', '.join(EDITORS)}")
+        get_editor(e)  # an unknown name fails here, before any work
     if not 0 <= layer < vlm.num_layers:
         raise ValueError(f"layer {layer} is outside 0..{vlm.num_layers - 1}")
     if (cases is not None and cases < 1) or sequential < 0 or panel_size < 1 or latency_edits < 0:
         raise ValueError("--cases and --panel must be at least 1; --sequential and --latency-edits at least 0")
+    built = {}
+    for name in editors:
+        try:
+            built[name] = make_editor(name, vlm, layer, world_dir, (overrides or {}).get(name))
+        except (ConfigError, EditSetError) as exc:
+            if named:
+                raise
+            say(f"{name} left out: {exc}")
     t_start = time.time()
     all_cases = M.load_cases(world_dir / "edit_cases" / "test.json")
-    chosen = all_cases if cases is None or cases >= len(all_cases) else _spread(all_cases, cases)
+    chosen = all_cases if cases is None else M.spread_cases(all_cases, cases)
     pixels = M.PixelCache(vlm, world_dir)
     say(f"scoring the base model on {len(chosen)} cases")
     cps = [M.case_prompts(vlm, c, pixels) for c in chosen]
     panel = M.specificity_panel(vlm, world_dir, pixels, panel_size, seed)
     base = M.baseline(vlm, cps, panel)
     requests = _requests(chosen, world_dir, pixels)
-    result: dict[str, Any] = {"world": str(world_dir), "fingerprint": vlm.fingerprint, "layer": layer,
-                              "cases": len(chosen), "specificity_panel": len(panel), "editors": {}}
-    for name in editors:
-        editor = make_editor(name, vlm, layer, (overrides or {}).get(name))
+    result: dict[str, Any] = {
+        "world": str(world_dir),
+        "fingerprint": vlm.fingerprint,
+        "layer": layer,
+        "cases": len(chosen),
+        "specificity_panel": len(panel),
+        "editors": {},
+    }
+    for name, editor in built.items():
         entry: dict[str, Any] = {"hyperparameters": editor.hyperparameters("single")}
         say(f"{name}: {len(chosen)} single edits")
         single = _single(editor, vlm, cps, base, requests, tick)
@@ -191,14 +208,3 @@ def run(vlm: VLM, world_dir: str | Path, editors: list[str] | None = None, cases
         result["editors"][name] = entry
     result["seconds"] = round(time.time() - t_start, 1)
     return result
-
-
-def _spread(cases: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """``n`` cases keeping the file's mix of case types (first of each type, in proportion)."""
-    by_type: dict[str, list[dict[str, Any]]] = {}
-    for c in cases:
-        by_type.setdefault(c.get("type", ""), []).append(c)
-    out = []
-    for items in by_type.values():
-        out += items[:max(1, round(n * len(items) / len(cases)))]
-    return out[:n]

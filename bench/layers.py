@@ -9,22 +9,35 @@ the early causal layers best and later layers still non-trivial.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from editors import metrics as M
 from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest
 from vlm.loading import VLM
 
-from .editing import _spread
+FIELDS = (
+    "efficacy",
+    "generalisation",
+    "modal_generalisation",
+    "reliability",
+    "text_generality",
+    "modal_generality",
+    "text_locality",
+    "modal_locality",
+)
 
-FIELDS = ("efficacy", "generalisation", "modal_generalisation", "reliability", "text_generality",
-          "modal_generality", "text_locality", "modal_locality")
 
-
-def run(vlm: VLM, world_dir: str | Path, cases: int = 40, layers: list[int] | None = None,
-        overrides: dict[str, Any] | None = None, stage: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(
+    vlm: VLM,
+    world_dir: str | Path,
+    cases: int = 40,
+    layers: list[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     say = stage or (lambda s: None)
     world_dir = Path(world_dir)
     layers = list(range(vlm.num_layers)) if not layers else layers
@@ -35,7 +48,7 @@ def run(vlm: VLM, world_dir: str | Path, cases: int = 40, layers: list[int] | No
         raise ValueError("--cases must be at least 1")
     t0 = time.time()
     all_cases = M.load_cases(world_dir / "edit_cases" / "test.json")
-    chosen = _spread(all_cases, cases) if cases < len(all_cases) else all_cases
+    chosen = M.spread_cases(all_cases, cases) if cases < len(all_cases) else all_cases
     pixels = M.PixelCache(vlm, world_dir)
     cps = [M.case_prompts(vlm, c, pixels) for c in chosen]
     base = M.baseline(vlm, cps, M.specificity_panel(vlm, world_dir, pixels, 20))
@@ -48,5 +61,10 @@ def run(vlm: VLM, world_dir: str | Path, cases: int = 40, layers: list[int] | No
         s = M.summarise(M.evaluate_single_edits(vlm, cps, base, edits))["all"]
         rows.append({"layer": layer, **{k: s[k] for k in FIELDS}})
     best = max(rows, key=lambda r: r["efficacy"])
-    return {"cases": len(chosen), "hyperparameters": editor.hyperparameters("single"), "layers": rows,
-            "best_layer": best["layer"], "seconds": round(time.time() - t0, 1)}
+    return {
+        "cases": len(chosen),
+        "hyperparameters": editor.hyperparameters("single"),
+        "layers": rows,
+        "best_layer": best["layer"],
+        "seconds": round(time.time() - t0, 1),
+    }

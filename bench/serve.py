@@ -11,7 +11,8 @@
   reloading the base model from disk (what a server without per-request versions would do); the
   ratios are reload / switch. On the tiny model a reload takes tens of milliseconds; on a 7B model
   it takes tens of seconds, while the switch stays the same.
-* Registry operation times (MLflow on sqlite in a temporary folder).
+* Registry operation times (MLflow on sqlite in a temporary folder); ``publish_ms`` is what registering a
+  version costs the server (the edit set written, the manifest built, the version created).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def _ms(seconds: float) -> float:
@@ -51,8 +52,12 @@ def _latencies(fns: dict[str, Callable], requests: int, warmup: int = 2) -> dict
     out = {}
     for name, ts in times.items():
         ts.sort()
-        out[name] = {"median_ms": _ms(statistics.median(ts)), "mean_ms": _ms(statistics.fmean(ts)),
-                     "p90_ms": _ms(ts[min(len(ts) - 1, int(0.9 * len(ts)))]), "requests": requests}
+        out[name] = {
+            "median_ms": _ms(statistics.median(ts)),
+            "mean_ms": _ms(statistics.fmean(ts)),
+            "p90_ms": _ms(ts[min(len(ts) - 1, int(0.9 * len(ts)))]),
+            "requests": requests,
+        }
     return out
 
 
@@ -68,8 +73,14 @@ def _in_thread(fn: Callable):
     return box["out"]
 
 
-def run(vlm, world_dir: Path, edit_counts=(1, 10, 100), requests: int = 20, steps: int = 25,
-        stage: Callable[[str], None] = lambda m: None) -> dict:
+def run(
+    vlm,
+    world_dir: Path,
+    edit_counts=(1, 10, 100),
+    requests: int = 20,
+    steps: int = 25,
+    stage: Callable[[str], None] = lambda m: None,
+) -> dict:
     import json
 
     import torch
@@ -79,7 +90,9 @@ def run(vlm, world_dir: Path, edit_counts=(1, 10, 100), requests: int = 20, step
     from editors.request import EditRequest
     from registry import Registry
     from server.app import EditLensServer
+    from server.bundles import publish
     from server.config import ServerConfig
+    from server.versions import Versions
     from vlm import encode, generate, load_vlm
 
     if not edit_counts or min(edit_counts) < 1:
@@ -90,8 +103,12 @@ def run(vlm, world_dir: Path, edit_counts=(1, 10, 100), requests: int = 20, step
     n_max = max(edit_counts)
     if n_max > len(cases):
         raise ValueError(f"at most {len(cases)} edits (the world's test cases)")
-    result: dict = {"device": str(vlm.device), "dtype": str(vlm.dtype).replace("torch.", ""),
-                    "torch_threads": torch.get_num_threads(), "requests": requests}
+    result: dict = {
+        "device": str(vlm.device),
+        "dtype": str(vlm.dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+        "requests": requests,
+    }
     probe = cases[0]
     image, question = world_dir / probe["image"], probe["src"]
 
@@ -116,17 +133,12 @@ def run(vlm, world_dir: Path, edit_counts=(1, 10, 100), requests: int = 20, step
 
         stage("registering the versions")
         ops: dict = {"open_ms": _ms(t_open + t_check)}
-        versions = {}
+        versions, sizes = {}, {}
         for n, s in sets.items():
-            path = tmp / f"edits-{n}.safetensors"
-            s.save(path)
-            t, info = _timed(lambda: registry.create_version(
-                "bench", {"multedit.safetensors": path},
-                {"base_fingerprint": vlm.fingerprint, "editors": ["multedit"], "edits": s.records},
-                base_fingerprint=vlm.fingerprint, editor="multedit", num_edits=s.num_edits, parent=None,
-                set_live=False))
+            t, info = _timed(lambda s=s: publish(registry, vlm, "bench", {s.editor: s}, edits=s.records, promote=False))
             versions[n] = info.version
-            ops.setdefault("create_version_ms", {})[str(n)] = _ms(t)
+            ops.setdefault("publish_ms", {})[str(n)] = _ms(t)
+            sizes[str(n)] = s.save(tmp / f"edits-{n}.safetensors")
 
         server = EditLensServer(ServerConfig(port=0, bundle_cache=len(edit_counts) + 2), vlm=vlm, registry=registry)
         address = server.start()
@@ -135,11 +147,14 @@ def run(vlm, world_dir: Path, edit_counts=(1, 10, 100), requests: int = 20, step
             with EditLensClient(address) as lens:
                 stage(f"Generate latency, {requests} requests per row")
                 prompt = encode(vlm.processor, question, image=image)
-                fns: dict[str, Callable] = {"in-process, no gRPC, no edit": lambda: generate(vlm, [prompt]),
-                                            "no edit": lambda: lens.generate(image, question, base=True)}
+                fns: dict[str, Callable] = {
+                    "in-process, no gRPC, no edit": lambda: generate(vlm, [prompt]),
+                    "no edit": lambda: lens.generate(image, question, base=True),
+                }
                 for n, v in versions.items():
-                    fns[f"{n} live edit{'s' if n > 1 else ''}"] = \
-                        lambda v=v: lens.generate(image, question, adapter="bench", version=v)
+                    fns[f"{n} live edit{'s' if n > 1 else ''}"] = lambda v=v: lens.generate(
+                        image, question, adapter="bench", version=v
+                    )
                 # in a thread of its own, as the server runs every request (torch's intra-op threading
                 # differs between the main thread and others)
                 result["generate"] = _in_thread(lambda: _latencies(fns, requests))
@@ -161,7 +176,7 @@ def run(vlm, world_dir: Path, edit_counts=(1, 10, 100), requests: int = 20, step
                     lens.generate(image, question, adapter="bench")
                 cold = []
                 for _ in range(3):
-                    server.service.bundles.drop("bench", lo)
+                    server.service.host.versions.bundles.drop("bench", lo)
                     registry.clear_cache("bench", lo)
                     t0 = time.perf_counter()
                     lens.rollback(adapter="bench")
@@ -172,17 +187,21 @@ def run(vlm, world_dir: Path, edit_counts=(1, 10, 100), requests: int = 20, step
                 t_roll, _ = _timed(lambda: lens.rollback(adapter="bench"), 1)
                 lens.promote(hi, adapter="bench")
                 stage("reloading the base model from disk")
-                reload = [_in_thread(lambda: _timed(lambda: load_vlm(vlm.path, device=vlm.device, dtype=vlm.dtype))[0])
-                          for _ in range(2)]
-                bundle = server.service.bundles.peek("bench", hi) or server.service._bundle("bench", hi)
+                reload = [
+                    _in_thread(lambda: _timed(lambda: load_vlm(vlm.path, device=vlm.device, dtype=vlm.dtype))[0])
+                    for _ in range(2)
+                ]
+                bundle = server.service.host.versions.bundle("bench", hi)
 
                 def attach_detach():
                     with bundle.attached(vlm):
                         pass
+
                 t_attach = min(_timed(attach_detach, 1)[0] for _ in range(20))
                 sw_warm, sw_cold, rl = min(warm), min(cold), min(reload)
                 result["switch"] = {
-                    "from_edits": order[-1], "to_edits": order[0],
+                    "from_edits": order[-1],
+                    "to_edits": order[0],
                     "attach_and_detach_ms": round(1000 * t_attach, 4),
                     "rollback_call_ms": _ms(t_roll),
                     "rollback_and_first_answer_ms": _ms(sw_warm),
@@ -200,18 +219,22 @@ def run(vlm, world_dir: Path, edit_counts=(1, 10, 100), requests: int = 20, step
         ops["versions_ms"] = _ms(_timed(lambda: registry.versions(a), 3)[0])
         ops["get_version_ms"] = _ms(_timed(lambda: registry.version(a, v), 3)[0])
         ops["manifest_ms"] = _ms(_timed(lambda: registry.version(a, v).manifest, 3)[0])
-        ops["live_lookup_uncached_ms"] = _ms(_timed(lambda: registry.live_version_number(a, max_age=0), 5)[0])
-        ops["live_lookup_cached_ms"] = _ms(_timed(lambda: registry.live_version_number(a, max_age=60), 5)[0])
+        ops["live_lookup_uncached_ms"] = _ms(_timed(lambda: registry.live_version_number(a), 5)[0])
+        cache = Versions(registry, vlm, a, live_ttl=60, cache_size=1)
+        cache.live_version(a)
+        ops["live_lookup_cached_ms"] = _ms(_timed(lambda: cache.live_version(a), 5)[0])
         ops["set_alias_ms"] = _ms(_timed(lambda: registry.set_alias(a, "live", v), 3)[0])
-        ops["rollback_ms"] = _ms(_timed(lambda: (registry.set_alias(a, "live", versions[order[-1]]),
-                                                 registry.rollback(a))[1], 1)[0])
+        ops["rollback_ms"] = _ms(
+            _timed(lambda: (registry.set_alias(a, "live", versions[order[-1]]), registry.rollback(a))[1], 1)[0]
+        )
 
         def cold_download():
             registry.clear_cache(a, v)
             return registry.download(a, v)
+
         ops["download_cold_ms"] = _ms(_timed(cold_download, 3)[0])
         ops["download_cached_ms"] = _ms(_timed(lambda: registry.download(a, v), 3)[0])
         ops["delete_version_ms"] = _ms(_timed(lambda: registry.delete_version(a, versions[order[-1]]), 1)[0])
         result["registry"] = ops
-        result["edit_set_bytes"] = {str(n): (tmp / f"edits-{n}.safetensors").stat().st_size for n in sets}
+        result["edit_set_bytes"] = sizes
     return result

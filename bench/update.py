@@ -35,8 +35,17 @@ def _timed(fn, device: torch.device, repeats: int) -> tuple[float, Any]:
     return (time.perf_counter() - t0) / repeats, out
 
 
-def run(d: int = 4096, d_ff: int = 11008, edits: int = 1, lam: float = 0.01, device: str = "cpu",
-        dtype: str = "float32", naive_repeats: int = 1, fast_repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+def run(
+    d: int = 4096,
+    d_ff: int = 11008,
+    edits: int = 1,
+    lam: float = 0.01,
+    device: str = "cpu",
+    dtype: str = "float32",
+    naive_repeats: int = 1,
+    fast_repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
     if d < 1 or d_ff < 1 or edits < 1:
         raise ValueError("d, d_ff and edits must be positive")
     if edits > d_ff:
@@ -57,15 +66,23 @@ def run(d: int = 4096, d_ff: int = 11008, edits: int = 1, lam: float = 0.01, dev
 
     t_ours, W_ours = _timed(ours, dev, fast_repeats)
     t_naive, W_naive = _timed(naive, dev, naive_repeats)
-    exact = (solve_update((K @ W.T).double(), K.double(), Z.double(), lam).double() @ K.double())
+    exact = solve_update((K @ W.T).double(), K.double(), Z.double(), lam).double() @ K.double()
 
     def rel_error(W_new):
         return float(((W_new - W).double() - exact).norm() / exact.norm())
 
-    return {"d": d, "d_ff": d_ff, "edits": edits, "device": str(dev), "dtype": dtype,
-            "torch_threads": torch.get_num_threads(),
-            "naive_seconds": round(t_naive, 4), "rank_one_seconds": round(t_ours, 5),
-            "speedup": round(t_naive / t_ours, 1),
-            "naive_relative_error": rel_error(W_naive), "rank_one_relative_error": rel_error(W_ours),
-            "naive_peak_extra_bytes": 2 * d_ff * d_ff * W.element_size(),
-            "rank_one_extra_bytes": (edits * (d + d_ff) + edits * edits) * W.element_size()}
+    return {
+        "d": d,
+        "d_ff": d_ff,
+        "edits": edits,
+        "device": str(dev),
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+        "naive_seconds": round(t_naive, 4),
+        "rank_one_seconds": round(t_ours, 5),
+        "speedup": round(t_naive / t_ours, 1),
+        "naive_relative_error": rel_error(W_naive),
+        "rank_one_relative_error": rel_error(W_ours),
+        "naive_peak_extra_bytes": 2 * d_ff * d_ff * W.element_size(),
+        "rank_one_extra_bytes": (edits * (d + d_ff) + edits * edits) * W.element_size(),
+    }

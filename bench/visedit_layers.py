@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from editors import metrics as M
 from editors.request import EditRequest
@@ -21,13 +22,19 @@ from editors.visedit import VisEdit, VisEditSet
 from editors.visedit.train import VisEditTrainConfig, train_visedit
 from vlm.loading import VLM
 
-from .editing import _spread
-
 StageFn = Callable[[str], None]
 
 
-def run(vlm: VLM, world_dir: str | Path, layers: list[int] | None = None, cases: int = 40, steps: int = 500,
-        signal_layer: int | str = "auto", seed: int = 0, stage: StageFn | None = None) -> dict[str, Any]:
+def run(
+    vlm: VLM,
+    world_dir: str | Path,
+    layers: list[int] | None = None,
+    cases: int = 40,
+    steps: int = 500,
+    signal_layer: int | str = "auto",
+    seed: int = 0,
+    stage: StageFn | None = None,
+) -> dict[str, Any]:
     say = stage or (lambda s: None)
     world_dir = Path(world_dir)
     layers = list(range(vlm.num_layers)) if not layers else list(dict.fromkeys(layers))
@@ -37,7 +44,7 @@ def run(vlm: VLM, world_dir: str | Path, layers: list[int] | None = None, cases:
     if cases < 1 or steps < 1:
         raise ValueError("--cases and --steps must be at least 1")
     t0 = time.time()
-    chosen = _spread(M.load_cases(world_dir / "edit_cases" / "test.json"), cases)
+    chosen = M.spread_cases(M.load_cases(world_dir / "edit_cases" / "test.json"), cases)
     pixels = M.PixelCache(vlm, world_dir)
     cps = [M.case_prompts(vlm, c, pixels) for c in chosen]
     base = M.baseline(vlm, cps, M.specificity_panel(vlm, world_dir, pixels, 1, seed))
@@ -46,18 +53,30 @@ def run(vlm: VLM, world_dir: str | Path, layers: list[int] | None = None, cases:
     with tempfile.TemporaryDirectory() as tmp:
         for layer in layers:
             say(f"layer {layer}: training {steps} steps")
-            summary = train_visedit(vlm, world_dir, Path(tmp) / f"layer-{layer}",
-                                    VisEditTrainConfig(layer=layer, signal_layer=signal_layer, steps=steps,
-                                                       seed=seed, eval_every=steps, checkpoint_every=steps))
+            summary = train_visedit(
+                vlm,
+                world_dir,
+                Path(tmp) / f"layer-{layer}",
+                VisEditTrainConfig(
+                    layer=layer,
+                    signal_layer=signal_layer,
+                    steps=steps,
+                    seed=seed,
+                    eval_every=steps,
+                    checkpoint_every=steps,
+                ),
+            )
             adapter = VisEditSet.load(summary["adapter_path"], vlm)
             say(f"layer {layer}: {len(chosen)} single edits")
             edits = VisEdit(vlm, adapter).edit_each(requests)
             s = M.summarise(M.evaluate_single_edits(vlm, cps, base, edits))["all"]
             readout = (summary.get("layer_evidence") or {}).get("details", {}).get("image_readout")
-            out["layers"][layer] = {**{k: s[k] for k in M.EVQA + ("evqa_mean",)},
-                                    "signal_layer": summary["adapter"]["signal_layer"],
-                                    "best_validation_loss": summary["best_validation_loss"],
-                                    "train_seconds": summary["train_seconds"],
-                                    "image_readout": readout[layer] if readout else None}
+            out["layers"][layer] = {
+                **{k: s[k] for k in M.EVQA + ("evqa_mean",)},
+                "signal_layer": summary["adapter"]["signal_layer"],
+                "best_validation_loss": summary["best_validation_loss"],
+                "train_seconds": summary["train_seconds"],
+                "image_readout": readout[layer] if readout else None,
+            }
     out["seconds"] = round(time.time() - t0, 1)
     return out

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn
 
 import typer
 
 
-def fail(message: str, code: int = 2) -> None:
+def console():
+    """A rich console on stderr (progress and stage lines; stdout stays for results and --json)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def stage_printer(con) -> Callable[[str], None]:
+    """A callback that prints a stage of long work as a bullet line on ``con``."""
+    return lambda message: con.print(f"[bold]·[/bold] {message}")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -19,13 +32,15 @@ def default_model_dir() -> Path:
     return default_world_dir(0) / "model"
 
 
-def load_model(model: Optional[Path], device: str, dtype: str):
+def load_model(model: Path | None, device: str, dtype: str):
     from vlm import ModelLoadError, load_vlm
 
     path = model or default_model_dir()
     if model is None and not path.exists():
-        fail(f"no model given and the embedded default is not built yet ({path}); "
-              "run `editlens world build` or pass --model PATH")
+        fail(
+            f"no model given and the embedded default is not built yet ({path}); "
+            "run `editlens world build` or pass --model PATH"
+        )
     try:
         return load_vlm(path, device=device, dtype=dtype)
     except ModelLoadError as exc:
@@ -35,11 +50,18 @@ def load_model(model: Optional[Path], device: str, dtype: str):
 def progress_bar(console):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
-def world_and_model(world: Optional[Path], seed: int, device: str):
+def world_and_model(world: Path | None, seed: int, device: str):
     from vlm import ModelLoadError, load_vlm
     from vlm.world import default_world_dir
 

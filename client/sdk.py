@@ -22,25 +22,24 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from editlens.v1 import editlens_pb2 as pb
 from editlens.v1 import editlens_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ImageLike = Union[str, os.PathLike, bytes, bytearray, Any]   # Any: a PIL.Image.Image
-SERVICE = "editlens.v1.EditLens"
+ImageLike = str | os.PathLike | bytes | bytearray | Any  # Any: a PIL.Image.Image
+#: the diagnostics by name ("noise-trace") -> the contract's enum value (DIAGNOSTIC_NOISE_TRACE)
 DIAGNOSTICS = {
-    "trace": pb.DIAGNOSTIC_TRACE, "noise-trace": pb.DIAGNOSTIC_NOISE_TRACE, "knockout": pb.DIAGNOSTIC_KNOCKOUT,
-    "contributions": pb.DIAGNOSTIC_CONTRIBUTIONS, "module-attribution": pb.DIAGNOSTIC_MODULE_ATTRIBUTION,
-    "visual-attribution": pb.DIAGNOSTIC_VISUAL_ATTRIBUTION, "recommend": pb.DIAGNOSTIC_RECOMMEND,
+    v.name.removeprefix("DIAGNOSTIC_").lower().replace("_", "-"): v.number
+    for v in pb.Diagnostic.DESCRIPTOR.values
+    if v.number
 }
 DIAGNOSTIC_NAMES = {v: k for k, v in DIAGNOSTICS.items()}
-EDITORS = {"multedit": pb.EDITOR_MULTEDIT, "visedit": pb.EDITOR_VISEDIT}
 
 
 # ------------------------------------------------------------------- errors
@@ -103,10 +102,22 @@ class InternalError(EditLensError):
     code = grpc.StatusCode.INTERNAL
 
 
-_ERRORS = {cls.code: cls for cls in (
-    InvalidArgumentError, NotFoundError, FailedPreconditionError, ResourceExhaustedError, UnauthenticatedError,
-    PermissionDeniedError, UnavailableError, UnimplementedError, CancelledError, DeadlineExceededError,
-    InternalError)}
+_ERRORS = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        FailedPreconditionError,
+        ResourceExhaustedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        UnavailableError,
+        UnimplementedError,
+        CancelledError,
+        DeadlineExceededError,
+        InternalError,
+    )
+}
 
 
 def error_from_rpc(err: grpc.RpcError) -> EditLensError:
@@ -126,7 +137,7 @@ class Served:
     alias: str = ""
 
     @classmethod
-    def from_pb(cls, m: pb.Served) -> "Served":
+    def from_pb(cls, m: pb.Served) -> Served:
         return cls(m.adapter, m.version, m.alias)
 
 
@@ -152,9 +163,18 @@ class Progress:
     elapsed_seconds: float = 0.0
 
     @classmethod
-    def from_pb(cls, m: pb.Progress) -> "Progress":
-        return cls(m.stage, m.step, m.steps, m.item, m.items, m.loss if m.HasField("loss") else None, m.message,
-                   m.queue_position, m.elapsed_seconds)
+    def from_pb(cls, m: pb.Progress) -> Progress:
+        return cls(
+            m.stage,
+            m.step,
+            m.steps,
+            m.item,
+            m.items,
+            m.loss if m.HasField("loss") else None,
+            m.message,
+            m.queue_position,
+            m.elapsed_seconds,
+        )
 
 
 @dataclass
@@ -167,7 +187,7 @@ class LayerRecommendation:
     cases: int
 
     @classmethod
-    def from_pb(cls, m: pb.LayerRecommendation) -> "LayerRecommendation":
+    def from_pb(cls, m: pb.LayerRecommendation) -> LayerRecommendation:
         return cls(m.editor, m.layer, list(m.scores), list(m.candidates), m.criterion, m.cases)
 
 
@@ -183,7 +203,7 @@ class EditRecord:
     version: int
 
     @classmethod
-    def from_pb(cls, m: pb.EditRecord) -> "EditRecord":
+    def from_pb(cls, m: pb.EditRecord) -> EditRecord:
         ev = LayerRecommendation.from_pb(m.layer_evidence) if m.HasField("layer_evidence") else None
         return cls(m.editor, m.layer, m.question, m.constraint, m.answer, dict(m.metrics), ev, m.version)
 
@@ -198,7 +218,7 @@ class Version:
     base_fingerprint: str
     editors: list[str]
     num_edits: int
-    created: float               # unix seconds
+    created: float  # unix seconds
     description: str
     edits: list[EditRecord]
     files: list[str]
@@ -206,15 +226,27 @@ class Version:
     figures: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
-    def from_pb(cls, m: pb.Version) -> "Version":
+    def from_pb(cls, m: pb.Version) -> Version:
         try:
             manifest = json.loads(m.manifest_json) if m.manifest_json else {}
         except json.JSONDecodeError:
             manifest = {}
-        return cls(m.adapter, m.version, list(m.aliases), m.live, m.parent or None, m.base_fingerprint,
-                   list(m.editors), m.num_edits, m.created_unix_ms / 1000.0, m.description,
-                   [EditRecord.from_pb(e) for e in m.edits], list(m.files), manifest,
-                   {f.name: f.png for f in m.figures})
+        return cls(
+            m.adapter,
+            m.version,
+            list(m.aliases),
+            m.live,
+            m.parent or None,
+            m.base_fingerprint,
+            list(m.editors),
+            m.num_edits,
+            m.created_unix_ms / 1000.0,
+            m.description,
+            [EditRecord.from_pb(e) for e in m.edits],
+            list(m.files),
+            manifest,
+            {f.name: f.png for f in m.figures},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -227,7 +259,7 @@ class Version:
 @dataclass
 class VersionList:
     adapter: str
-    versions: list[Version]       # newest first
+    versions: list[Version]  # newest first
     aliases: dict[str, int]
     live_version: int | None
 
@@ -250,9 +282,9 @@ class Matrix:
     col_labels: list[str]
 
     @classmethod
-    def from_pb(cls, m: pb.Matrix) -> "Matrix":
+    def from_pb(cls, m: pb.Matrix) -> Matrix:
         vals = list(m.values)
-        rows = [vals[i * m.cols:(i + 1) * m.cols] for i in range(m.rows)]
+        rows = [vals[i * m.cols : (i + 1) * m.cols] for i in range(m.rows)]
         return cls(m.name, rows, list(m.row_labels), list(m.col_labels))
 
 
@@ -275,16 +307,23 @@ class Diagnosis:
         return next(iter(self.figures.values()), None)
 
     @classmethod
-    def from_pb(cls, m: pb.DiagnoseResult) -> "Diagnosis":
+    def from_pb(cls, m: pb.DiagnoseResult) -> Diagnosis:
         try:
             data = json.loads(m.data_json) if m.data_json else {}
         except json.JSONDecodeError:
             data = {}
-        return cls(DIAGNOSTIC_NAMES.get(m.diagnostic, str(m.diagnostic)), Served.from_pb(m.served),
-                   {x.name: Matrix.from_pb(x) for x in m.values}, dict(m.scalars),
-                   m.recommended_layer if m.HasField("recommended_layer") else None,
-                   [LayerRecommendation.from_pb(r) for r in m.recommendations], list(m.lines), data,
-                   {f.name: f.png for f in m.figures}, m.seconds)
+        return cls(
+            DIAGNOSTIC_NAMES.get(m.diagnostic, str(m.diagnostic)),
+            Served.from_pb(m.served),
+            {x.name: Matrix.from_pb(x) for x in m.values},
+            dict(m.scalars),
+            m.recommended_layer if m.HasField("recommended_layer") else None,
+            [LayerRecommendation.from_pb(r) for r in m.recommendations],
+            list(m.lines),
+            data,
+            {f.name: f.png for f in m.figures},
+            m.seconds,
+        )
 
 
 @dataclass
@@ -317,15 +356,16 @@ def image_bytes(image: ImageLike | None) -> bytes:
         if not path.is_file():
             raise InvalidArgumentError(f"image file not found: {path}")
         return path.read_bytes()
-    if hasattr(image, "save") and hasattr(image, "size"):   # PIL.Image.Image, without importing PIL
+    if hasattr(image, "save") and hasattr(image, "size"):  # PIL.Image.Image, without importing PIL
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return buf.getvalue()
     raise InvalidArgumentError(f"unsupported image type {type(image).__name__}; give a path, bytes or a PIL image")
 
 
-def adapter_ref(adapter: str | None = None, version: int | None = None, alias: str | None = None,
-                base: bool = False) -> pb.AdapterRef:
+def adapter_ref(
+    adapter: str | None = None, version: int | None = None, alias: str | None = None, base: bool = False
+) -> pb.AdapterRef:
     given = sum(x is not None and x is not False for x in (version, alias, base or None))
     if given > 1:
         raise InvalidArgumentError("give at most one of version, alias and base")
@@ -339,6 +379,28 @@ def adapter_ref(adapter: str | None = None, version: int | None = None, alias: s
     return ref
 
 
+def _set_fields(message, values: dict[str, Any], what: str) -> None:
+    """Set ``message``'s fields by name; an unknown name is an ``InvalidArgumentError`` that lists the known."""
+    fields = message.DESCRIPTOR.fields_by_name
+    for name, value in values.items():
+        if name not in fields:
+            raise InvalidArgumentError(f"unknown {what} {name!r}; known: {', '.join(sorted(fields))}")
+        try:
+            setattr(message, name, value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"{what} {name}={value!r}: {exc}") from None
+
+
+def _fill_options(req: pb.EditRequest, editor: str, options: dict[str, Any]) -> None:
+    """Put an editor's options into the request's options message named after the editor, or (an editor the
+    contract has no message for) into ``editor_options``, where the server checks them."""
+    field = pb.EditRequest.DESCRIPTOR.fields_by_name.get(editor)
+    if field is None or field.message_type is None or editor == "editor_options":
+        req.editor_options.update(options)
+        return
+    _set_fields(getattr(req, editor), options, f"{editor} option")
+
+
 # ------------------------------------------------------------------- client
 class EditLensClient:
     """A client of one EditLens server (``host:port``).
@@ -349,15 +411,25 @@ class EditLensClient:
     ``job_timeout`` is set).
     """
 
-    def __init__(self, target: str, token: str | None = None, timeout: float | None = 60.0,
-                 job_timeout: float | None = None, max_message_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        job_timeout: float | None = None,
+        max_message_bytes: int = 64 << 20,
+    ):
         self.target = target
         self.token = token
         self.timeout = timeout
         self.job_timeout = job_timeout
-        self._channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
         self._stub = pb_grpc.EditLensStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -365,7 +437,7 @@ class EditLensClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "EditLensClient":
+    def __enter__(self) -> EditLensClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -376,8 +448,7 @@ class EditLensClient:
 
     def _unary(self, method, request, timeout: float | None = None):
         try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout,
-                          metadata=self._metadata())
+            return method(request, timeout=timeout if timeout is not None else self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 
@@ -410,7 +481,7 @@ class EditLensClient:
             raise error_from_rpc(err) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
-    def wait_ready(self, timeout: float = 600.0, interval: float = 0.2) -> "ServerInfo":
+    def wait_ready(self, timeout: float = 600.0, interval: float = 0.2) -> ServerInfo:
         """Wait until the server reports SERVING (the model is loaded); returns its info."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -421,38 +492,73 @@ class EditLensClient:
             except (UnavailableError, DeadlineExceededError) as exc:
                 last = exc
             time.sleep(interval)
-        raise UnavailableError(f"the server at {self.target} was not ready within {timeout:g} s"
-                               + (f" ({last.details})" if isinstance(last, EditLensError) else ""))
+        raise UnavailableError(
+            f"the server at {self.target} was not ready within {timeout:g} s"
+            + (f" ({last.details})" if isinstance(last, EditLensError) else "")
+        )
 
     def info(self) -> ServerInfo:
         m = self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest())
         lim = m.limits
-        return ServerInfo(m.version, m.ready, m.model_path, m.base_fingerprint, m.num_layers, m.device, m.dtype,
-                          m.default_adapter, m.auth_required,
-                          {f.name: getattr(lim, f.name) for f in lim.DESCRIPTOR.fields}, m.registry_uri,
-                          list(m.editors), m.jobs_running, m.jobs_queued)
+        return ServerInfo(
+            m.version,
+            m.ready,
+            m.model_path,
+            m.base_fingerprint,
+            m.num_layers,
+            m.device,
+            m.dtype,
+            m.default_adapter,
+            m.auth_required,
+            {f.name: getattr(lim, f.name) for f in lim.DESCRIPTOR.fields},
+            m.registry_uri,
+            list(m.editors),
+            m.jobs_running,
+            m.jobs_queued,
+        )
 
     # -------------------------------------------------------- generation
     def _generate_request(self, image, prompt, adapter, version, alias, base, max_new_tokens):
-        return pb.GenerateRequest(image=image_bytes(image), prompt=prompt,
-                                  adapter=adapter_ref(adapter, version, alias, base),
-                                  max_new_tokens=max_new_tokens or 0)
+        return pb.GenerateRequest(
+            image=image_bytes(image),
+            prompt=prompt,
+            adapter=adapter_ref(adapter, version, alias, base),
+            max_new_tokens=max_new_tokens or 0,
+        )
 
-    def generate(self, image: ImageLike | None, prompt: str, adapter: str | None = None, version: int | None = None,
-                 alias: str | None = None, base: bool = False, max_new_tokens: int | None = None) -> Generation:
+    def generate(
+        self,
+        image: ImageLike | None,
+        prompt: str,
+        adapter: str | None = None,
+        version: int | None = None,
+        alias: str | None = None,
+        base: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> Generation:
         """Greedy answer to ``prompt`` about ``image`` with the adapter's live version (or the version,
         alias or base model given)."""
-        m = self._unary(self._stub.Generate, self._generate_request(image, prompt, adapter, version, alias, base,
-                                                                    max_new_tokens))
+        m = self._unary(
+            self._stub.Generate, self._generate_request(image, prompt, adapter, version, alias, base, max_new_tokens)
+        )
         return Generation(m.text, Served.from_pb(m.served), m.prompt_tokens, m.answer_tokens, m.seconds)
 
-    def generate_stream(self, image: ImageLike | None, prompt: str, adapter: str | None = None,
-                        version: int | None = None, alias: str | None = None, base: bool = False,
-                        max_new_tokens: int | None = None) -> Iterator[str]:
+    def generate_stream(
+        self,
+        image: ImageLike | None,
+        prompt: str,
+        adapter: str | None = None,
+        version: int | None = None,
+        alias: str | None = None,
+        base: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> Iterator[str]:
         """The answer as it is generated, piece by piece."""
-        call = self._stub.GenerateStream(self._generate_request(image, prompt, adapter, version, alias, base,
-                                                                max_new_tokens),
-                                         timeout=self.job_timeout, metadata=self._metadata())
+        call = self._stub.GenerateStream(
+            self._generate_request(image, prompt, adapter, version, alias, base, max_new_tokens),
+            timeout=self.job_timeout,
+            metadata=self._metadata(),
+        )
         try:
             for chunk in call:
                 if chunk.text:
@@ -463,45 +569,75 @@ class EditLensClient:
             call.cancel()
 
     # ------------------------------------------------------------- edits
-    def edit(self, image: ImageLike, question: str, constraint: str, answer: str, adapter: str | None = None,
-             editor: str = "multedit", layer: int | str = "auto", rephrase: str | None = None,
-             image_rephrase: ImageLike | None = None, promote: bool = True, description: str = "",
-             steps: int | None = None, lr: float | None = None, lam: float | None = None,
-             max_norm: float | None = None, target_prob: float | None = None, lr_scale: str | None = None,
-             visedit_adapter: str | None = None, visedit_version: int | None = None,
-             progress: Callable[[Progress], None] | None = None) -> Version:
+    def edit(
+        self,
+        image: ImageLike,
+        question: str,
+        constraint: str,
+        answer: str,
+        adapter: str | None = None,
+        editor: str = "multedit",
+        layer: int | str = "auto",
+        rephrase: str | None = None,
+        image_rephrase: ImageLike | None = None,
+        promote: bool = True,
+        description: str = "",
+        visedit_adapter: str | None = None,
+        visedit_version: int | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        **options: Any,
+    ) -> Version:
         """Edit the served model: the new version of ``adapter`` (registered; live unless ``promote=False``).
 
+        ``editor``: any editor the server runs (``info().editors``: multedit, visedit, ft, ...).
         ``layer``: "auto" (the causal trace chooses; evidence in the manifest) or a decoder layer.
+        ``options``: the editor's settings by name, e.g. MultEdit's steps, lr, lam, max_norm, target_prob,
+        lr_scale, or FT-L's steps, lr, max_change, target_prob (the fields of the contract's options message
+        named after the editor; unset ones take the server's defaults). A VisEdit edit names the trained
+        editor with ``visedit_adapter`` (and ``visedit_version``; default its live version).
         ``progress`` is called with every ``Progress`` event of the job.
         """
-        if editor not in EDITORS:
-            raise InvalidArgumentError(f"editor must be one of {sorted(EDITORS)}, not {editor!r}")
-        opts = pb.MultEditOptions()
+        req = pb.EditRequest(
+            adapter=adapter or "",
+            editor_name=editor,
+            image=image_bytes(image),
+            question=question,
+            constraint=constraint,
+            answer=answer,
+            rephrase=rephrase or "",
+            image_rephrase=image_bytes(image_rephrase),
+            no_promote=not promote,
+            description=description,
+        )
+        if f"EDITOR_{editor.upper()}" in pb.Editor.keys():  # servers that predate editor_name read the enum
+            req.editor = pb.Editor.Value(f"EDITOR_{editor.upper()}")
         if layer != "auto":
             try:
-                opts.layer = int(layer)
+                options["layer"] = int(layer)
             except (TypeError, ValueError):
                 raise InvalidArgumentError(f"layer must be a layer number or 'auto', not {layer!r}") from None
-        for name, value in (("steps", steps), ("lr", lr), ("lam", lam), ("max_norm", max_norm),
-                            ("target_prob", target_prob), ("lr_scale", lr_scale)):
-            if value is not None:
-                setattr(opts, name, value)
-        req = pb.EditRequest(adapter=adapter or "", editor=EDITORS[editor], image=image_bytes(image),
-                             question=question, constraint=constraint, answer=answer, rephrase=rephrase or "",
-                             image_rephrase=image_bytes(image_rephrase), multedit=opts,
-                             visedit=pb.VisEditOptions(editor_adapter=visedit_adapter or "",
-                                                       editor_version=visedit_version or 0),
-                             no_promote=not promote, description=description)
+        options.update(editor_adapter=visedit_adapter, editor_version=visedit_version)
+        _fill_options(req, editor, {k: v for k, v in options.items() if v is not None})
         return Version.from_pb(self._stream(self._stub.Edit, req, progress))
 
-    def train_visedit(self, adapter: str | None = None, cases_path: str = "", layer: int | None = None,
-                      steps: int = 0, options: dict[str, str] | None = None, promote: bool = True,
-                      progress: Callable[[Progress], None] | None = None) -> Version:
-        req = pb.TrainVisEditRequest(adapter=adapter or "", cases_path=cases_path, steps=steps,
-                                     options=dict(options or {}), no_promote=not promote)
+    def train_visedit(
+        self,
+        adapter: str | None = None,
+        cases_path: str = "",
+        layer: int | None = None,
+        steps: int = 0,
+        promote: bool = True,
+        progress: Callable[[Progress], None] | None = None,
+        **options: Any,
+    ) -> Version:
+        """Train a VisEdit editor on the server (a job) and register it as a version of ``adapter`` (default
+        "visedit"). ``options``: the trainer's settings by name (the fields of ``VisEditTrainOptions``: lr,
+        width, heads, synthetic, batch_size, seed, mapper_tied, synthetic_locality, per_entity, eval_every,
+        checkpoint_every, im_tokens, signal_layer)."""
+        req = pb.TrainVisEditRequest(adapter=adapter or "", cases_path=cases_path, steps=steps, no_promote=not promote)
         if layer is not None:
             req.layer = layer
+        _set_fields(req.train, {k: v for k, v in options.items() if v is not None}, "training option")
         return Version.from_pb(self._stream(self._stub.TrainVisEdit, req, progress))
 
     # ---------------------------------------------------------- versions
@@ -511,11 +647,11 @@ class EditLensClient:
 
     def versions(self, adapter: str | None = None) -> VersionList:
         m = self._unary(self._stub.ListVersions, pb.ListVersionsRequest(adapter=adapter or ""))
-        return VersionList(m.adapter, [Version.from_pb(v) for v in m.versions], dict(m.aliases),
-                           m.live_version or None)
+        return VersionList(m.adapter, [Version.from_pb(v) for v in m.versions], dict(m.aliases), m.live_version or None)
 
-    def version(self, version: int | None = None, adapter: str | None = None, alias: str | None = None,
-                figures: bool = False) -> Version:
+    def version(
+        self, version: int | None = None, adapter: str | None = None, alias: str | None = None, figures: bool = False
+    ) -> Version:
         req = pb.GetVersionRequest(adapter=adapter or "", include_figures=figures)
         if version is not None:
             req.version = int(version)
@@ -525,8 +661,11 @@ class EditLensClient:
 
     def promote(self, version: int, adapter: str | None = None, alias: str = "live") -> Version:
         """Point ``alias`` (default live) at ``version``."""
-        return Version.from_pb(self._unary(self._stub.SetAlias, pb.SetAliasRequest(
-            adapter=adapter or "", version=int(version), alias=alias)))
+        return Version.from_pb(
+            self._unary(
+                self._stub.SetAlias, pb.SetAliasRequest(adapter=adapter or "", version=int(version), alias=alias)
+            )
+        )
 
     def rollback(self, adapter: str | None = None, to: int | None = None) -> Version | None:
         """Move live back (to the version live before, or to ``to``); returns the version now live,
@@ -538,11 +677,23 @@ class EditLensClient:
         self._unary(self._stub.DeleteVersion, pb.DeleteVersionRequest(adapter=adapter or "", version=int(version)))
 
     # ------------------------------------------------------- diagnostics
-    def diagnose(self, diagnostic: str, image: ImageLike, question: str, constraint: str,
-                 answer: str | None = None, png: bool = False, adapter: str | None = None,
-                 version: int | None = None, alias: str | None = None, base: bool = False,
-                 rephrase: str | None = None, image_rephrase: ImageLike | None = None,
-                 progress: Callable[[Progress], None] | None = None, **options: Any) -> Diagnosis:
+    def diagnose(
+        self,
+        diagnostic: str,
+        image: ImageLike,
+        question: str,
+        constraint: str,
+        answer: str | None = None,
+        png: bool = False,
+        adapter: str | None = None,
+        version: int | None = None,
+        alias: str | None = None,
+        base: bool = False,
+        rephrase: str | None = None,
+        image_rephrase: ImageLike | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        **options: Any,
+    ) -> Diagnosis:
         """Run one diagnostic (trace, noise-trace, knockout, contributions, module-attribution,
         visual-attribution, recommend) on one case; numbers with labels, the recommended layer and,
         with ``png=True``, the figure(s). ``options``: kinds, window, isolate, replacement, relations,
@@ -559,17 +710,46 @@ class EditLensClient:
                 getattr(opts, name).extend(value)
             else:
                 setattr(opts, name, value)
-        req = pb.DiagnoseRequest(diagnostic=DIAGNOSTICS[diagnostic], image=image_bytes(image), question=question,
-                                 constraint=constraint, answer=answer or "", rephrase=rephrase or "",
-                                 image_rephrase=image_bytes(image_rephrase),
-                                 adapter=adapter_ref(adapter, version, alias, base), options=opts, png=png)
+        req = pb.DiagnoseRequest(
+            diagnostic=DIAGNOSTICS[diagnostic],
+            image=image_bytes(image),
+            question=question,
+            constraint=constraint,
+            answer=answer or "",
+            rephrase=rephrase or "",
+            image_rephrase=image_bytes(image_rephrase),
+            adapter=adapter_ref(adapter, version, alias, base),
+            options=opts,
+            png=png,
+        )
         return Diagnosis.from_pb(self._stream(self._stub.Diagnose, req, progress))
 
 
 __all__ = [
-    "EditLensClient", "EditLensError", "InvalidArgumentError", "NotFoundError", "FailedPreconditionError",
-    "ResourceExhaustedError", "UnauthenticatedError", "PermissionDeniedError", "UnavailableError",
-    "UnimplementedError", "CancelledError", "DeadlineExceededError", "InternalError", "Served", "Generation",
-    "Progress", "LayerRecommendation", "EditRecord", "Version", "VersionList", "AdapterSummary", "Matrix",
-    "Diagnosis", "ServerInfo", "image_bytes", "adapter_ref",
+    "EditLensClient",
+    "EditLensError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "FailedPreconditionError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "PermissionDeniedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "CancelledError",
+    "DeadlineExceededError",
+    "InternalError",
+    "Served",
+    "Generation",
+    "Progress",
+    "LayerRecommendation",
+    "EditRecord",
+    "Version",
+    "VersionList",
+    "AdapterSummary",
+    "Matrix",
+    "Diagnosis",
+    "ServerInfo",
+    "image_bytes",
+    "adapter_ref",
 ]

@@ -14,23 +14,36 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
-from .cli_support import fail, progress_bar
+from server.config import Limits, ServerConfig
 
-DEFAULT_SERVER = "127.0.0.1:50051"
-SERVER = typer.Option(None, "--server", envvar="EDITLENS_SERVER",
-                      help=f"The server's host:port (default: $EDITLENS_SERVER, else {DEFAULT_SERVER}).")
-TOKEN = typer.Option(None, "--token", envvar="EDITLENS_TOKEN",
-                     help="Bearer token for calls that change the registry (default: $EDITLENS_TOKEN).")
-ADAPTER = typer.Option(None, "--adapter", help="The adapter (default: the server's default adapter).")
-JSON = typer.Option(False, "--json", help="Print JSON on stdout.")
+from .cli_support import console, fail, progress_bar
+from .options import ADAPTER, DEFAULT_SERVER, JSON, SERVER, TOKEN, config_options
+
+#: the flags of `editlens serve`: fields of ServerConfig and of its Limits (default and help there)
+SERVE_FLAGS = (
+    "host",
+    "port",
+    "model",
+    "seed",
+    "device",
+    "dtype",
+    "registry_dir",
+    "registry_uri",
+    "default_adapter",
+    "token",
+    "live_ttl",
+    "bundle_cache",
+    "job_workers",
+)
+LIMIT_FLAGS = ("max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_new_tokens", "max_queued_jobs")
 
 
 @contextmanager
-def connect(server: Optional[str], token: Optional[str] = None):
+def connect(server: str | None, token: str | None = None):
     """An SDK client; every SDK error becomes ``error: CODE: message`` and exit code 2."""
     from .sdk import EditLensClient, EditLensError
 
@@ -43,59 +56,39 @@ def connect(server: Optional[str], token: Optional[str] = None):
         client.close()
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
 def _served(s) -> str:
-    return "the base model" if not s.version else f"adapter {s.adapter!r} version {s.version}" + (
-        f" ({s.alias})" if s.alias else "")
+    return (
+        "the base model"
+        if not s.version
+        else f"adapter {s.adapter!r} version {s.version}" + (f" ({s.alias})" if s.alias else "")
+    )
 
 
 def _version_lines(v) -> list[str]:
-    lines = [f"adapter {v.adapter!r} version {v.version}" + (f"  [{', '.join(v.aliases)}]" if v.aliases else "")
-             + f"  {v.num_edits} edit(s), editors {'+'.join(v.editors) or '-'}, parent {v.parent or '-'}"]
+    lines = [
+        f"adapter {v.adapter!r} version {v.version}"
+        + (f"  [{', '.join(v.aliases)}]" if v.aliases else "")
+        + f"  {v.num_edits} edit(s), editors {'+'.join(v.editors) or '-'}, parent {v.parent or '-'}"
+    ]
     for e in v.edits:
         m = e.metrics
         p = f", P {m['p_before']:.3f} -> {m['p_after']:.3f}" if "p_before" in m and "p_after" in m else ""
         lines.append(f"    v{e.version} {e.editor} layer {e.layer}: {e.question!r} ({e.constraint}) -> {e.answer!r}{p}")
         if e.layer_evidence is not None:
             ev = e.layer_evidence
-            lines.append(f"      layer {ev.layer} chosen: {ev.criterion}; scores "
-                         + " ".join(f"{x:.3f}" for x in ev.scores))
+            lines.append(
+                f"      layer {ev.layer} chosen: {ev.criterion}; scores " + " ".join(f"{x:.3f}" for x in ev.scores)
+            )
     return lines
 
 
 # ------------------------------------------------------------------ serve
+@config_options(ServerConfig, SERVE_FLAGS, "settings", defaults={"token": None})
+@config_options(Limits, LIMIT_FLAGS, "limits")
 def serve_cmd(
-    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0: every interface)."),
-    port: int = typer.Option(50051, help="Port (0: any free port; the bound address is printed)."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the embedded world's tiny model, "
-                                                    "built on the first start)."),
-    seed: int = typer.Option(0, help="Which embedded world (without --model)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    registry_dir: Optional[Path] = typer.Option(None, help="Registry folder: sqlite database, artifacts, cache "
-                                                           "(default: $EDITLENS_HOME/registry)."),
-    registry_uri: Optional[str] = typer.Option(None, help="An MLflow tracking URI instead of the embedded sqlite "
-                                                          "(e.g. http://mlflow:5000 shared by replicas)."),
-    adapter: str = typer.Option("default", help="The adapter served when a request names none."),
-    token: Optional[str] = typer.Option(None, envvar="EDITLENS_TOKEN",
-                                        help="Require 'authorization: Bearer <token>' on edit, promote, rollback "
-                                             "and delete (default: $EDITLENS_TOKEN; none: no auth)."),
-    max_image_bytes: int = typer.Option(10 * 1024 * 1024, help="Largest image accepted (bytes)."),
-    max_image_pixels: int = typer.Option(4096 * 4096, help="Largest image accepted (width x height)."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longest prompt, image tokens included (default: "
-                                                               "the model's context minus --max-new-tokens)."),
-    max_new_tokens: int = typer.Option(32, help="Most answer tokens a request may ask for."),
-    max_queue: int = typer.Option(8, help="Edit/diagnose jobs that may wait (RESOURCE_EXHAUSTED beyond)."),
-    job_workers: int = typer.Option(1, help="Jobs run at once."),
-    live_ttl: float = typer.Option(0.5, help="Seconds a lookup of an adapter's live version is reused (how soon "
-                                             "a rollback made on another replica reaches this one)."),
-    bundle_cache: int = typer.Option(8, help="Loaded versions kept in memory."),
     log_level: str = typer.Option("WARNING", help="Python log level of the server's log (stderr)."),
+    settings: dict | None = None,
+    limits: dict | None = None,
 ) -> None:
     """Start the EditLens gRPC server: one model, every adapter version per request, edits and diagnostics
     as jobs. Prints 'listening on HOST:PORT', then 'ready: ...' once the model is loaded."""
@@ -103,17 +96,14 @@ def serve_cmd(
     import sys
 
     from server.app import serve
-    from server.config import Limits, ServerConfig
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.WARNING), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(host=host, port=port, model=model, seed=seed, device=device, dtype=dtype,
-                          registry_uri=registry_uri, registry_dir=registry_dir, default_adapter=adapter, token=token,
-                          limits=Limits(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-                                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                                        max_queued_jobs=max_queue),
-                          live_ttl=live_ttl, bundle_cache=bundle_cache, job_workers=job_workers)
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
+        config = ServerConfig(**settings, limits=Limits(**limits))
         config.check()
     except ValueError as exc:
         fail(str(exc))
@@ -131,12 +121,13 @@ def serve_cmd(
 # --------------------------------------------------------------- generate
 def generate_cmd(
     question: str = typer.Argument(..., help="The question, e.g. 'which city is this landmark in ?'"),
-    image: Optional[Path] = typer.Option(None, help="Image file (omit for a text-only question)."),
-    server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTER,
-    version: Optional[int] = typer.Option(None, help="Answer with this version (default: the live one)."),
-    alias: Optional[str] = typer.Option(None, help="Answer with the version this alias points at."),
+    image: Path | None = typer.Option(None, help="Image file (omit for a text-only question)."),
+    server: str | None = SERVER,
+    adapter: str | None = ADAPTER,
+    version: int | None = typer.Option(None, help="Answer with this version (default: the live one)."),
+    alias: str | None = typer.Option(None, help="Answer with the version this alias points at."),
     base: bool = typer.Option(False, "--base", help="Answer with the base model, without edits."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Most answer tokens (default: the server's)."),
+    max_new_tokens: int | None = typer.Option(None, help="Most answer tokens (default: the server's)."),
     stream: bool = typer.Option(False, help="Print the answer as it is generated."),
     as_json: bool = JSON,
 ) -> None:
@@ -145,17 +136,29 @@ def generate_cmd(
         fail(f"image not found: {image}")
     with connect(server) as lens:
         if stream and not as_json:
-            for piece in lens.generate_stream(image, question, adapter=adapter, version=version, alias=alias,
-                                              base=base, max_new_tokens=max_new_tokens):
+            for piece in lens.generate_stream(
+                image, question, adapter=adapter, version=version, alias=alias, base=base, max_new_tokens=max_new_tokens
+            ):
                 typer.echo(piece, nl=False)
             typer.echo("")
             return
-        g = lens.generate(image, question, adapter=adapter, version=version, alias=alias, base=base,
-                          max_new_tokens=max_new_tokens)
+        g = lens.generate(
+            image, question, adapter=adapter, version=version, alias=alias, base=base, max_new_tokens=max_new_tokens
+        )
     if as_json:
-        typer.echo(json.dumps({"question": question, "answer": g.text, "served": vars(g.served),
-                               "prompt_tokens": g.prompt_tokens, "answer_tokens": g.answer_tokens,
-                               "seconds": g.seconds}, indent=1))
+        typer.echo(
+            json.dumps(
+                {
+                    "question": question,
+                    "answer": g.text,
+                    "served": vars(g.served),
+                    "prompt_tokens": g.prompt_tokens,
+                    "answer_tokens": g.answer_tokens,
+                    "seconds": g.seconds,
+                },
+                indent=1,
+            )
+        )
         return
     typer.echo(g.text)
     typer.echo(f"  ({_served(g.served)}, {1000 * g.seconds:.0f} ms)", err=True)
@@ -173,17 +176,41 @@ def _job_progress(bar):
     return progress
 
 
-def remote_edit(server: str, token: Optional[str], adapter: Optional[str], image: Path, question: str,
-                constraint: str, answer: str, layer: str, rephrase: Optional[str], image_rephrase: Optional[Path],
-                promote: bool, options: dict[str, Any], as_json: bool) -> None:
-    """``editlens edit --server``: the edit as a server job with a progress bar; prints the new version."""
-    console = _console()
-    with connect(server, token) as lens, progress_bar(console) as bar:
+def remote_edit(
+    server: str,
+    token: str | None,
+    adapter: str | None,
+    image: Path,
+    question: str,
+    constraint: str,
+    answer: str,
+    editor: str,
+    layer: Any,
+    rephrase: str | None,
+    image_rephrase: Path | None,
+    promote: bool,
+    options: dict[str, Any],
+    as_json: bool,
+) -> None:
+    """``editlens edit --server``: the edit as a server job with a progress bar; prints the new version.
+    ``options``: the editor's settings by name (``EditLensClient.edit``)."""
+    with connect(server, token) as lens, progress_bar(console()) as bar:
         progress = _job_progress(bar)
 
-        v = lens.edit(image, question, constraint, answer, adapter=adapter, layer=layer, rephrase=rephrase,
-                      image_rephrase=image_rephrase, promote=promote, progress=progress,
-                      **{k: val for k, val in options.items() if val is not None})
+        v = lens.edit(
+            image,
+            question,
+            constraint,
+            answer,
+            adapter=adapter,
+            editor=editor,
+            layer=layer,
+            rephrase=rephrase,
+            image_rephrase=image_rephrase,
+            promote=promote,
+            progress=progress,
+            **{k: val for k, val in options.items() if val is not None},
+        )
     if as_json:
         typer.echo(json.dumps(v.to_dict(), indent=1))
         return
@@ -191,26 +218,37 @@ def remote_edit(server: str, token: Optional[str], adapter: Optional[str], image
     typer.echo(f"registered adapter {v.adapter!r} version {v.version}" + (" (live)" if v.live else " (not live)"))
     if e is not None:
         m = e.metrics
-        typer.echo(f"  P({answer!r}): {m.get('p_before', float('nan')):.4f} -> {m.get('p_after', float('nan')):.4f}"
-                   f"   layer {e.layer}")
-        if e.layer_evidence is not None and e.editor == "visedit":
-            typer.echo(f"  VisEdit adapter at layer {e.layer_evidence.layer}: {e.layer_evidence.criterion}")
-        elif e.layer_evidence is not None:
-            typer.echo(f"  layer {e.layer_evidence.layer} chosen by the causal trace: MLP indirect effect per layer "
-                       + " ".join(f"{x:.3f}" for x in e.layer_evidence.scores))
+        typer.echo(
+            f"  P({answer!r}): {m.get('p_before', float('nan')):.4f} -> {m.get('p_after', float('nan')):.4f}"
+            f"   layer {e.layer}"
+        )
+        ev = e.layer_evidence
+        if ev is not None:
+            typer.echo(f"  layer {ev.layer} chosen: {ev.criterion}; scores " + " ".join(f"{x:.3f}" for x in ev.scores))
 
 
 # --------------------------------------------------------------- versions
-def versions_cmd(server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTER, as_json: bool = JSON) -> None:
+def versions_cmd(server: str | None = SERVER, adapter: str | None = ADAPTER, as_json: bool = JSON) -> None:
     """The adapter's versions, newest first, with their aliases and every edit's manifest record."""
     with connect(server) as lens:
         vl = lens.versions(adapter)
     if as_json:
-        typer.echo(json.dumps({"adapter": vl.adapter, "live_version": vl.live_version, "aliases": vl.aliases,
-                               "versions": [v.to_dict() for v in vl.versions]}, indent=1))
+        typer.echo(
+            json.dumps(
+                {
+                    "adapter": vl.adapter,
+                    "live_version": vl.live_version,
+                    "aliases": vl.aliases,
+                    "versions": [v.to_dict() for v in vl.versions],
+                },
+                indent=1,
+            )
+        )
         return
-    typer.echo(f"adapter {vl.adapter!r}: {len(vl.versions)} version(s), live: "
-               + (f"version {vl.live_version}" if vl.live_version else "none (the base model answers)"))
+    typer.echo(
+        f"adapter {vl.adapter!r}: {len(vl.versions)} version(s), live: "
+        + (f"version {vl.live_version}" if vl.live_version else "none (the base model answers)")
+    )
     for v in vl.versions:
         for line in _version_lines(v):
             typer.echo("  " + line)
@@ -219,7 +257,9 @@ def versions_cmd(server: Optional[str] = SERVER, adapter: Optional[str] = ADAPTE
 def promote_cmd(
     version: int = typer.Argument(..., help="The version to point the alias at."),
     alias: str = typer.Option("live", help="The alias (live: served by default)."),
-    server: Optional[str] = SERVER, token: Optional[str] = TOKEN, adapter: Optional[str] = ADAPTER,
+    server: str | None = SERVER,
+    token: str | None = TOKEN,
+    adapter: str | None = ADAPTER,
     as_json: bool = JSON,
 ) -> None:
     """Point an alias (default live) at a version."""
@@ -232,8 +272,10 @@ def promote_cmd(
 
 
 def rollback_cmd(
-    to: Optional[int] = typer.Option(None, "--to", help="Make this version live (default: the one live before)."),
-    server: Optional[str] = SERVER, token: Optional[str] = TOKEN, adapter: Optional[str] = ADAPTER,
+    to: int | None = typer.Option(None, "--to", help="Make this version live (default: the one live before)."),
+    server: str | None = SERVER,
+    token: str | None = TOKEN,
+    adapter: str | None = ADAPTER,
     as_json: bool = JSON,
 ) -> None:
     """Move live back to the version live before (or --to N); the first version rolls back to the base model."""
@@ -241,15 +283,21 @@ def rollback_cmd(
         v = lens.rollback(adapter=adapter, to=to)
         name = adapter or lens.info().default_adapter
     if as_json:
-        typer.echo(json.dumps({"adapter": name, "live_version": v.version if v else None,
-                               "live": v.to_dict() if v else None}, indent=1))
+        typer.echo(
+            json.dumps(
+                {"adapter": name, "live_version": v.version if v else None, "live": v.to_dict() if v else None},
+                indent=1,
+            )
+        )
         return
     typer.echo(f"adapter {name!r}: live -> " + (f"version {v.version}" if v else "none (the base model answers)"))
 
 
 def delete_cmd(
     version: int = typer.Argument(..., help="The version to delete (not the live one)."),
-    server: Optional[str] = SERVER, token: Optional[str] = TOKEN, adapter: Optional[str] = ADAPTER,
+    server: str | None = SERVER,
+    token: str | None = TOKEN,
+    adapter: str | None = ADAPTER,
     as_json: bool = JSON,
 ) -> None:
     """Delete a version and its files from the registry."""
@@ -262,10 +310,22 @@ def delete_cmd(
 
 
 # -------------------------------------------------------------- diagnose
-def remote_diagnose(server: str, name: str, image: Optional[Path], question: Optional[str],
-                    constraint: Optional[str], answer: Optional[str], out: Optional[Path], as_json: bool,
-                    adapter: Optional[str] = None, version: Optional[int] = None, base: bool = False,
-                    rephrase: Optional[str] = None, image_rephrase: Optional[Path] = None, **options: Any) -> None:
+def remote_diagnose(
+    server: str,
+    name: str,
+    image: Path | None,
+    question: str | None,
+    constraint: str | None,
+    answer: str | None,
+    out: Path | None,
+    as_json: bool,
+    adapter: str | None = None,
+    version: int | None = None,
+    base: bool = False,
+    rephrase: str | None = None,
+    image_rephrase: Path | None = None,
+    **options: Any,
+) -> None:
     """``editlens diagnose NAME --server``: one case on the server; the same summary/JSON and --out figures."""
     missing = [n for n, v in (("--image", image), ("--question", question), ("--constraint", constraint)) if v is None]
     if missing:
@@ -273,16 +333,27 @@ def remote_diagnose(server: str, name: str, image: Optional[Path], question: Opt
     for img in (image, image_rephrase):
         if img is not None and not img.is_file():
             fail(f"image not found: {img}")
-    console = _console()
-    with connect(server) as lens, progress_bar(console) as bar:
+    with connect(server) as lens, progress_bar(console()) as bar:
         task = bar.add_task(name, total=None, info="")
 
         def progress(p) -> None:
             bar.update(task, description=p.stage, completed=p.step, total=p.steps or None, info=p.message)
 
-        d = lens.diagnose(name, image, question, constraint, answer=answer, png=out is not None, adapter=adapter,
-                          version=version, base=base, rephrase=rephrase, image_rephrase=image_rephrase,
-                          progress=progress, **{k: v for k, v in options.items() if v is not None and v != []})
+        d = lens.diagnose(
+            name,
+            image,
+            question,
+            constraint,
+            answer=answer,
+            png=out is not None,
+            adapter=adapter,
+            version=version,
+            base=base,
+            rephrase=rephrase,
+            image_rephrase=image_rephrase,
+            progress=progress,
+            **{k: v for k, v in options.items() if v is not None and v != []},
+        )
     data = dict(d.data)
     data["served"] = vars(d.served)
     if d.recommended_layer is not None:
@@ -290,7 +361,7 @@ def remote_diagnose(server: str, name: str, image: Optional[Path], question: Opt
     if out is not None and d.figures:
         written = []
         for fname, png in d.figures.items():
-            suffix = Path(fname).stem[len(name):] if Path(fname).stem.startswith(name) else "-" + Path(fname).stem
+            suffix = Path(fname).stem[len(name) :] if Path(fname).stem.startswith(name) else "-" + Path(fname).stem
             path = out if not suffix else out.with_name(out.stem + suffix + ".png")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(png)
@@ -306,49 +377,6 @@ def remote_diagnose(server: str, name: str, image: Optional[Path], question: Opt
         typer.echo(f"wrote {out}")
 
 
-# ------------------------------------------------------------------ bench
-def bench_serve_cmd(
-    edits: Optional[list[int]] = typer.Option(None, "--edits", help="Live-edit counts to time (default: 1 10 100)."),
-    requests: int = typer.Option(20, help="Generate requests timed per row."),
-    steps: int = typer.Option(25, help="Value-optimisation steps of the benchmark's edits (their quality does "
-                                       "not matter here, their number does)."),
-    world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
-    seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    as_json: bool = JSON,
-) -> None:
-    """Service latencies on the tiny model through gRPC: Generate with 0, 1, 10, 100 live edits; a version
-    switch (rollback) next to a base-model reload; registry operation times."""
-    from bench import serve as serve_bench
-
-    from .cli_support import world_and_model
-
-    console = _console()
-    folder, vlm = world_and_model(world, seed, device)
-    try:
-        r = serve_bench.run(vlm, folder, edit_counts=tuple(edits or (1, 10, 100)), requests=requests, steps=steps,
-                            stage=lambda m: console.print(f"[bold]·[/bold] {m}"))
-    except ValueError as exc:
-        fail(str(exc))
-    if as_json:
-        typer.echo(json.dumps(r, indent=1))
-        return
-    typer.echo(f"Generate latency ({r['device']} {r['dtype']}, {r['torch_threads']} threads, "
-               f"{r['requests']} requests per row, one at a time)")
-    typer.echo(f"  {'':34s} {'median ms':>10s} {'mean ms':>10s} {'p90 ms':>10s}")
-    for name, row in r["generate"].items():
-        typer.echo(f"  {name:34s} {row['median_ms']:10.2f} {row['mean_ms']:10.2f} {row['p90_ms']:10.2f}")
-    s = r["switch"]
-    typer.echo(f"version switch ({s['from_edits']} -> {s['to_edits']} live edits): attach + detach "
-               f"{s['attach_and_detach_ms']:.3f} ms; rollback call + first answer "
-               f"{s['rollback_and_first_answer_ms']:.1f} ms (bundle cold: {s['rollback_and_first_answer_cold_ms']:.1f} ms)")
-    typer.echo(f"  base-model reload {s['base_model_reload_ms']:.1f} ms: {s['reload_over_attach']}x the attach, "
-               f"{s['reload_over_switch']}x the rollback ({s['reload_over_cold_switch']}x cold)")
-    typer.echo("registry operations (ms): " + ", ".join(
-        f"{k.removesuffix('_ms')} {v}" for k, v in r["registry"].items() if not isinstance(v, dict))
-        + "; create_version " + ", ".join(f"{n} edit(s) {v}" for n, v in r["registry"]["create_version_ms"].items()))
-
-
 def register(app: typer.Typer) -> None:
     """Add the service commands to the ``editlens`` app."""
     app.command("serve")(serve_cmd)
@@ -359,21 +387,39 @@ def register(app: typer.Typer) -> None:
     app.command("delete")(delete_cmd)
 
 
-def remote_train(server: str, token: Optional[str], adapter: Optional[str], layer: Any, steps: int,
-                 options: dict[str, str], promote: bool, as_json: bool) -> None:
-    """``editlens visedit train --server``: train a VisEdit editor as a server job; prints its version."""
-    console = _console()
-    with connect(server, token) as lens, progress_bar(console) as bar:
+def remote_train(
+    server: str,
+    token: str | None,
+    adapter: str | None,
+    options: dict[str, Any],
+    promote: bool,
+    as_json: bool,
+) -> None:
+    """``editlens visedit train --server``: train a VisEdit editor as a server job; prints its version.
+    ``options``: the trainer's settings by name (layer and steps, and the fields of ``VisEditTrainOptions``)."""
+    options = dict(options)
+    layer, steps = options.pop("layer", "auto"), options.pop("steps", 0)
+    with connect(server, token) as lens, progress_bar(console()) as bar:
         progress = _job_progress(bar)
 
-        v = lens.train_visedit(adapter=adapter or "visedit", layer=None if layer == "auto" else int(layer),
-                               steps=steps, options=options, promote=promote, progress=progress)
+        v = lens.train_visedit(
+            adapter=adapter or "visedit",
+            layer=None if layer == "auto" else int(layer),
+            steps=steps,
+            promote=promote,
+            progress=progress,
+            **options,
+        )
     if as_json:
         typer.echo(json.dumps(v.to_dict(), indent=1))
         return
-    t = v.manifest.get("visedit_training", {})
-    typer.echo(f"registered the trained VisEdit editor as adapter {v.adapter!r} version {v.version}"
-               + (" (live)" if v.live else " (not live)"))
+    t = v.manifest.get("training", {})
+    typer.echo(
+        f"registered the trained VisEdit editor as adapter {v.adapter!r} version {v.version}"
+        + (" (live)" if v.live else " (not live)")
+    )
     if t:
-        typer.echo(f"  {t.get('steps')} steps, best validation loss {t.get('best_validation_loss')} at step "
-                   f"{t.get('best_step')}, VEAD at layer {t.get('adapter', {}).get('layer')}")
+        typer.echo(
+            f"  {t.get('steps')} steps, best validation loss {t.get('best_validation_loss')} at step "
+            f"{t.get('best_step')}, VEAD at layer {t.get('adapter', {}).get('layer')}"
+        )

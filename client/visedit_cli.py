@@ -4,108 +4,113 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from .cli_support import fail, load_model, world_and_model
+from editors.configs import VisEditTrainConfig
 
-visedit_app = typer.Typer(help="VisEdit (Chen et al.): a trained Visual Edit ADapter that edits through the "
-                               "visual representations.", no_args_is_help=True)
+from .cli_support import console, fail, load_model, world_and_model
+from .options import DEVICE, JSON, SEED, TOKEN, WORLD, config_options
+
+visedit_app = typer.Typer(
+    help="VisEdit (Chen et al.): a trained Visual Edit ADapter that edits through the visual representations.",
+    no_args_is_help=True,
+)
 
 
-def _layer(value: str, name: str):
-    if value == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        fail(f"{name} must be a layer number or auto, not {value!r}")
+#: the trainer's settings offered as flags (from VisEditTrainConfig: default and help in one place)
+TRAIN_FLAGS = (
+    "layer",
+    "signal_layer",
+    "steps",
+    "batch_size",
+    "lr",
+    "width",
+    "heads",
+    "mapper_tied",
+    "synthetic",
+    "synthetic_locality",
+    "seed",
+    "per_entity",
+    "eval_every",
+    "checkpoint_every",
+    "im_tokens",
+)
 
 
 @visedit_app.command("train")
+@config_options(VisEditTrainConfig, TRAIN_FLAGS, "settings", only_given=True)
 def train_cmd(
-    out: Optional[Path] = typer.Option(None, help="Folder for checkpoints, the training log and the adapter "
-                                                  "(default: <world>/visedit). A run on a folder with a "
-                                                  "checkpoint resumes it."),
-    layer: str = typer.Option("auto", help="VEAD layer (the adapter changes the visual states at the input of "
-                                           "this decoder layer), or auto: the VEAD recommendation."),
-    signal_layer: str = typer.Option("auto", help="Layer at whose input the edit signal is read, or auto."),
-    steps: int = typer.Option(3000, help="Training steps."),
-    batch_size: int = typer.Option(8, help="Edit samples per step."),
-    lr: float = typer.Option(1e-2, help="Adam learning rate."),
-    width: int = typer.Option(128, help="The adapter's width d_a (paper: 1024 on 7B models)."),
-    heads: int = typer.Option(4, help="Cross-attention heads (paper: 1)."),
-    mapper: str = typer.Option("tied", help="The influence mapper: tied (one MLP on both sides, C compares the "
-                                            "input image with the edit image) or separate (the paper's f1, f2)."),
-    synthetic: int = typer.Option(1500, help="Extra training edits about synthetic entities drawn for the occasion "
-                                             "(never the test entities' looks)."),
-    synthetic_locality: bool = typer.Option(True, help="Half of the synthetic edits' unrelated images show "
-                                                       "another synthetic entity (else a world entity)."),
-    seed: int = typer.Option(0, help="Seed of the sampling and the initialisation."),
-    eval_every: int = typer.Option(250, help="Validate (and keep the best adapter) every N steps."),
-    checkpoint_every: int = typer.Option(250, help="Write a resumable checkpoint every N steps."),
-    world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
+    out: Path | None = typer.Option(
+        None,
+        help="Folder for checkpoints, the training log and the adapter (default: <world>/visedit). A run on a "
+        "folder with a checkpoint resumes it.",
+    ),
+    world: Path | None = WORLD,
     world_seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    server: Optional[str] = typer.Option(None, help="Train on this server (host:port) instead: a job whose result "
-                                                    "is registered as a version of --adapter."),
-    token: Optional[str] = typer.Option(None, envvar="EDITLENS_TOKEN", help="With --server: the bearer token."),
-    adapter: Optional[str] = typer.Option(None, help="With --server: the adapter to register the editor under "
-                                                     "(default: visedit)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the training summary as JSON on stdout."),
+    device: str = DEVICE,
+    server: str | None = typer.Option(
+        None,
+        help="Train on this server (host:port) instead: a job whose result is registered as a version of --adapter.",
+    ),
+    token: str | None = TOKEN,
+    adapter: str | None = typer.Option(
+        None, help="With --server: the adapter to register the editor under (default: visedit)."
+    ),
+    as_json: bool = JSON,
+    settings: dict | None = None,
 ) -> None:
     """Train a VEAD on the world's training split, the base model frozen (checkpoints, resume, best by
     validation loss). Writes <out>/adapter.safetensors: the adapter, ready to edit with."""
+    from editors.configs import TrainError
+
+    settings = dict(settings or {})
+    try:
+        VisEditTrainConfig(**settings).check()
+    except TrainError as exc:
+        fail(str(exc))
     if server is not None:
         from .service_cli import remote_train
 
         if out is not None or world is not None:
             fail("--out and --world apply to local training; the server trains on its own world")
-        _layer(layer, "--layer")
-        if mapper not in ("tied", "separate"):
-            fail(f"--mapper must be tied or separate, not {mapper!r}")
-        options = {"lr": str(lr), "width": str(width), "heads": str(heads), "batch_size": str(batch_size),
-                   "synthetic": str(synthetic), "mapper_tied": str(mapper == "tied").lower(),
-                   "synthetic_locality": str(synthetic_locality).lower(),
-                   "seed": str(seed), "eval_every": str(eval_every), "checkpoint_every": str(checkpoint_every)}
-        if signal_layer != "auto":
-            options["signal_layer"] = str(_layer(signal_layer, "--signal-layer"))
-        return remote_train(server, token, adapter, layer, steps, options, True, as_json)
-    from rich.console import Console
+        return remote_train(server, token, adapter, settings, True, as_json)
+    _train_locally(out, world, world_seed, device, VisEditTrainConfig(**settings), as_json)
+
+
+def _train_locally(out, world, world_seed, device, cfg, as_json) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from editors.visedit.train import TrainError, VisEditTrainConfig, default_adapter_path, train_visedit
+    from editors.configs import TrainError
+    from editors.visedit.train import default_adapter_path, train_visedit
 
-    console = Console(stderr=True)
-    if mapper not in ("tied", "separate"):
-        fail(f"--mapper must be tied or separate, not {mapper!r}")
+    con = console()
     folder, vlm = world_and_model(world, world_seed, device)
     out = out or default_adapter_path(folder).parent
-    try:
-        cfg = VisEditTrainConfig(layer=_layer(layer, "--layer"), signal_layer=_layer(signal_layer, "--signal-layer"),
-                                 steps=steps, batch_size=batch_size, lr=lr, width=width, heads=heads, seed=seed,
-                                 synthetic=synthetic, mapper_tied=mapper == "tied",
-                                 synthetic_locality=synthetic_locality,
-                                 eval_every=eval_every, checkpoint_every=checkpoint_every)
-        cfg.check()
-    except TrainError as exc:
-        fail(str(exc))
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("training", total=steps, info="", visible=False)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=con, transient=True) as bar:
+        task = bar.add_task("training", total=cfg.steps, info="", visible=False)
 
         def progress(p) -> None:
             if p.stage == "train":
                 info = f"loss {p.losses.get('loss', 0):.3f}" + (
-                    f"  best val {p.validation_loss:.3f} @ {p.best_step}" if p.validation_loss is not None else "")
+                    f"  best val {p.validation_loss:.3f} @ {p.best_step}" if p.validation_loss is not None else ""
+                )
                 bar.update(task, completed=p.step, info=info, visible=True)
             elif p.stage == "validate":
-                console.print(f"[bold]·[/bold] step {p.step}: validation loss {p.validation_loss:.4f} "
-                              f"(best at step {p.best_step})")
+                con.print(
+                    f"[bold]·[/bold] step {p.step}: validation loss {p.validation_loss:.4f} "
+                    f"(best at step {p.best_step})"
+                )
             elif p.message and p.stage != "checkpoint":
-                console.print(f"[bold]·[/bold] {p.message}")
+                con.print(f"[bold]·[/bold] {p.message}")
 
         try:
             result = train_visedit(vlm, folder, out, cfg, progress)
@@ -115,10 +120,14 @@ def train_cmd(
         typer.echo(json.dumps(result, indent=1))
         return
     a = result["adapter"]
-    typer.echo(f"trained VEAD at layer {a['layer']} (signal at layer {a['signal_layer']}, width {a['width']}, "
-               f"{result['parameter_count']} parameters) in {result['train_seconds']} s")
-    typer.echo(f"  best validation loss {result['best_validation_loss']:.4f} at step {result['best_step']} "
-               f"of {result['steps']}")
+    typer.echo(
+        f"trained VEAD at layer {a['layer']} (signal at layer {a['signal_layer']}, width {a['width']}, "
+        f"{result['parameter_count']} parameters) in {result['train_seconds']} s"
+    )
+    typer.echo(
+        f"  best validation loss {result['best_validation_loss']:.4f} at step {result['best_step']} "
+        f"of {result['steps']}"
+    )
     typer.echo(f"  adapter: {result['adapter_path']}")
     if result.get("layer_evidence"):
         typer.echo(f"  layer: {result['layer_evidence']['criterion']}")
@@ -130,12 +139,13 @@ def edit_cmd(
     question: str = typer.Option(..., help="The question, e.g. 'which city is this landmark in ?'"),
     answer: str = typer.Option(..., help="The new answer."),
     out: Path = typer.Option(..., help="Where to write the VisEdit edit set (.safetensors)."),
-    adapter: Optional[Path] = typer.Option(None, help="The trained adapter (default: the embedded world's), or "
-                                                      "a VisEdit edit set whose edits are kept."),
-    onto: Optional[Path] = typer.Option(None, help="An existing VisEdit edit set to add the edit to."),
-    model: Optional[Path] = typer.Option(None, help="Model folder (default: the embedded world model)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    adapter: Path | None = typer.Option(
+        None, help="The trained adapter (default: the embedded world's), or a VisEdit edit set whose edits are kept."
+    ),
+    onto: Path | None = typer.Option(None, help="An existing VisEdit edit set to add the edit to."),
+    model: Path | None = typer.Option(None, help="Model folder (default: the embedded world model)."),
+    device: str = DEVICE,
+    as_json: bool = JSON,
 ) -> None:
     """Make one VisEdit edit (its signal: one forward pass) and write the edit set."""
     from editors.edit_set import EditSetError
@@ -159,8 +169,14 @@ def edit_cmd(
     except (EditSetError, VLMError, ValueError) as exc:
         fail(str(exc))
     rec = es.records[-1]
-    result = {"out": str(out), "edits": es.num_edits, "file_bytes": size, "layer": rec["layer"],
-              "signal_layer": rec["signal_layer"], **rec["metrics"]}
+    result = {
+        "out": str(out),
+        "edits": es.num_edits,
+        "file_bytes": size,
+        "layer": rec["layer"],
+        "signal_layer": rec["signal_layer"],
+        **rec["metrics"],
+    }
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -171,14 +187,17 @@ def edit_cmd(
 @visedit_app.command("influence-map")
 def influence_map_cmd(
     out: Path = typer.Option(..., help="PNG to write."),
-    case: Optional[str] = typer.Option(None, help="A test edit case id (default: the first)."),
-    adapter: Optional[Path] = typer.Option(None, help="The trained adapter (default: the world's)."),
-    world: Optional[Path] = typer.Option(None, help="World folder (default: $EDITLENS_HOME/worlds/seed-N)."),
-    seed: int = typer.Option(0, help="Which built world (ignored with --world)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    cases: int = typer.Option(0, help="Also summarise the mapper over the first N test cases (each edited "
-                                      "alone): mean C per image kind and how often it separates them."),
-    as_json: bool = typer.Option(False, "--json", help="Print the mapper's values as JSON on stdout."),
+    case: str | None = typer.Option(None, help="A test edit case id (default: the first)."),
+    adapter: Path | None = typer.Option(None, help="The trained adapter (default: the world's)."),
+    world: Path | None = WORLD,
+    seed: int = SEED,
+    device: str = DEVICE,
+    cases: int = typer.Option(
+        0,
+        help="Also summarise the mapper over the first N test cases (each edited "
+        "alone): mean C per image kind and how often it separates them.",
+    ),
+    as_json: bool = JSON,
 ) -> None:
     """The influence mapper C over the edit image, another image of the subject and an unrelated image,
     after one edit (the paper's Fig. 3); with --cases N, the same summarised over N test cases."""
@@ -210,8 +229,10 @@ def influence_map_cmd(
         typer.echo(f"  {p['title']}: mean C {p['mean']:.3f}, max {p['max']:.3f}")
     if cases:
         s = result["summary"]
-        typer.echo(f"over {s['cases']} test case(s): mean C {s['mean_c_edit_image']:.3f} (edit image), "
-                   f"{s['mean_c_other_image_of_subject']:.3f} (another image of the subject), "
-                   f"{s['mean_c_unrelated_image']:.3f} (unrelated image); unrelated below the edit image in "
-                   f"{s['separated_edit_image']:.0%} of cases, below the other image in "
-                   f"{s['separated_other_image']:.0%}")
+        typer.echo(
+            f"over {s['cases']} test case(s): mean C {s['mean_c_edit_image']:.3f} (edit image), "
+            f"{s['mean_c_other_image_of_subject']:.3f} (another image of the subject), "
+            f"{s['mean_c_unrelated_image']:.3f} (unrelated image); unrelated below the edit image in "
+            f"{s['separated_edit_image']:.0%} of cases, below the other image in "
+            f"{s['separated_other_image']:.0%}"
+        )

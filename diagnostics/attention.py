@@ -23,8 +23,8 @@ Views:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -39,20 +39,20 @@ from .errors import DiagnosticError
 
 @dataclass
 class ContributionResult:
-    visual: list[list[float]]            # image tokens × layers: → constraint's last token
-    constraint: list[list[float]]        # constraint tokens × layers: → last position
+    visual: list[list[float]]  # image tokens × layers: → constraint's last token
+    constraint: list[list[float]]  # constraint tokens × layers: → last position
     constraint_tokens: list[str]
     early_layers: list[int]
-    early_score: float                   # mean of constraint-last → last over early_layers
-    confidence: float                    # P(predicted token)
-    correct: bool | None                 # prediction starts the ground truth
+    early_score: float  # mean of constraint-last → last over early_layers
+    confidence: float  # P(predicted token)
+    correct: bool | None  # prediction starts the ground truth
     answer: str
     question: str
     image_grid: tuple[int, int]
     label: str = ""
     cases: int = 1
     seconds: float = 0.0
-    auroc: dict[str, float] = field(default_factory=dict)   # over a set: early_score / confidence
+    auroc: dict[str, float] = field(default_factory=dict)  # over a set: early_score / confidence
     roc: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -74,17 +74,18 @@ def _layer_weights(vlm: VLM, layer: int):
 def _value_out(vlm: VLM, layer: int, x: torch.Tensor, heads: int) -> torch.Tensor:
     """(H, T, d): what each position j writes through each head, (x_j W_v^h) W_o^h."""
     v, o = _layer_weights(vlm, layer)
-    vals = v(x)                                   # (T, H_kv * dh)
+    vals = v(x)  # (T, H_kv * dh)
     T = x.shape[0]
     dh = o.weight.shape[1] // heads
     kv = vals.shape[-1] // dh
-    vals = vals.view(T, kv, dh).repeat_interleave(heads // kv, dim=1)        # (T, H, dh)
-    wo = o.weight.view(o.weight.shape[0], heads, dh)                          # (d, H, dh)
+    vals = vals.view(T, kv, dh).repeat_interleave(heads // kv, dim=1)  # (T, H, dh)
+    wo = o.weight.view(o.weight.shape[0], heads, dh)  # (d, H, dh)
     return torch.einsum("thk,dhk->htd", vals, wo)
 
 
-def contributions_matrix(vlm: VLM, prep: Prepared, targets: Sequence[int], sources: Sequence[int],
-                         mode: str = "batched") -> torch.Tensor:
+def contributions_matrix(
+    vlm: VLM, prep: Prepared, targets: Sequence[int], sources: Sequence[int], mode: str = "batched"
+) -> torch.Tensor:
     """(len(targets), len(sources), L) contribution norms a_ij^ℓ."""
     if mode not in MODES:
         raise DiagnosticError(f"engine mode must be one of {MODES}, not {mode!r}")
@@ -92,18 +93,18 @@ def contributions_matrix(vlm: VLM, prep: Prepared, targets: Sequence[int], sourc
     heads = vlm.text_config.num_attention_heads
     inputs = collate([prep.prompt], vlm.tokenizer.pad_token_id)
     out = torch.zeros(len(targets), len(sources), L)
-    if mode != "naive":   # one eager pass captures every layer's input and probabilities
+    if mode != "naive":  # one eager pass captures every layer's input and probabilities
         caps = [(k, l) for l in range(L) for k in ("attn_in", "attn_probs")]
         with eager_attention(vlm):
             run = run_patched(vlm, inputs, capture=caps)
         with torch.no_grad():
             for l in range(L):
                 x = run.captured[("attn_in", l)][0]
-                A = run.captured[("attn_probs", l)][0].float()                # (H, T, T)
-                vo = _value_out(vlm, l, x, heads).float()                       # (H, T, d)
+                A = run.captured[("attn_probs", l)][0].float()  # (H, T, T)
+                vo = _value_out(vlm, l, x, heads).float()  # (H, T, d)
                 t = torch.as_tensor(list(targets))
                 s = torch.as_tensor(list(sources))
-                w = A[:, t][:, :, s]                                            # (H, nt, ns)
+                w = A[:, t][:, :, s]  # (H, nt, ns)
                 vec = torch.einsum("hij,hjd->ijd", w, vo[:, s])
                 out[:, :, l] = vec.norm(dim=-1)
         return out
@@ -118,18 +119,21 @@ def contributions_matrix(vlm: VLM, prep: Prepared, targets: Sequence[int], sourc
             dh = o.weight.shape[1] // heads
             for a, i in enumerate(targets):
                 for b, j in enumerate(sources):
-                    vj = v(x[j:j + 1])[0]
+                    vj = v(x[j : j + 1])[0]
                     kv = vj.shape[0] // dh
                     total = torch.zeros(o.weight.shape[0])
                     for h in range(heads):
                         g = h // (heads // kv)
-                        total += A[h, i, j] * (o.weight[:, h * dh:(h + 1) * dh].float() @ vj[g * dh:(g + 1) * dh].float())
+                        total += A[h, i, j] * (
+                            o.weight[:, h * dh : (h + 1) * dh].float() @ vj[g * dh : (g + 1) * dh].float()
+                        )
                     out[a, b, l] = total.norm()
     return out
 
 
-def attention_contributions(vlm: VLM, case: DiagnosticCase | Prepared, early_layers: Sequence[int] | None = None,
-                            mode: str = "batched") -> ContributionResult:
+def attention_contributions(
+    vlm: VLM, case: DiagnosticCase | Prepared, early_layers: Sequence[int] | None = None, mode: str = "batched"
+) -> ContributionResult:
     t0 = time.perf_counter()
     L = vlm.num_layers
     early = list(early_layers) if early_layers is not None else default_early_layers(L)
@@ -143,17 +147,26 @@ def attention_contributions(vlm: VLM, case: DiagnosticCase | Prepared, early_lay
     img = p.image_positions
     constraint = list(range(c0, c1))
     m = contributions_matrix(vlm, prep, [cl, last], img + constraint, mode)
-    visual = m[0, : len(img)]                       # image → constraint last
-    to_last = m[1, len(img):]                       # constraint → last
+    visual = m[0, : len(img)]  # image → constraint last
+    to_last = m[1, len(img) :]  # constraint → last
     early_score = float(to_last[-1, early].mean())
     n = len(img)
-    side = int(round(n ** 0.5))
+    side = int(round(n**0.5))
     grid = (side, n // side) if side * (n // side) == n else (1, n)
     return ContributionResult(
-        visual=visual.tolist(), constraint=to_last.tolist(), constraint_tokens=[prep.tokens[i] for i in constraint],
-        early_layers=early, early_score=early_score, confidence=float(_confidence(vlm, prep)), correct=prep.correct,
-        answer=prep.target_token, question=p.question, image_grid=grid, label=prep.case.label,
-        seconds=time.perf_counter() - t0)
+        visual=visual.tolist(),
+        constraint=to_last.tolist(),
+        constraint_tokens=[prep.tokens[i] for i in constraint],
+        early_layers=early,
+        early_score=early_score,
+        confidence=float(_confidence(vlm, prep)),
+        correct=prep.correct,
+        answer=prep.target_token,
+        question=p.question,
+        image_grid=grid,
+        label=prep.case.label,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _confidence(vlm: VLM, prep: Prepared) -> float:
@@ -201,9 +214,19 @@ def average_contributions(results: Sequence[ContributionResult]) -> Contribution
         rocs[name] = roc_curve(s, labels)
     first = results[0]
     return ContributionResult(
-        visual=visual.tolist(), constraint=constraint.tolist(),
+        visual=visual.tolist(),
+        constraint=constraint.tolist(),
         constraint_tokens=[f"constraint[{i - k}]" for i in range(k)],
-        early_layers=first.early_layers, early_score=sum(r.early_score for r in results) / n,
+        early_layers=first.early_layers,
+        early_score=sum(r.early_score for r in results) / n,
         confidence=sum(r.confidence for r in results) / n,
-        correct=None, answer="", question="", image_grid=first.image_grid, label=f"mean of {n} cases", cases=n,
-        seconds=sum(r.seconds for r in results), auroc=aucs, roc=rocs)
+        correct=None,
+        answer="",
+        question="",
+        image_grid=first.image_grid,
+        label=f"mean of {n} cases",
+        cases=n,
+        seconds=sum(r.seconds for r in results),
+        auroc=aucs,
+        roc=rocs,
+    )

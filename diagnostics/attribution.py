@@ -20,8 +20,8 @@ heatmap over the image's patch grid per layer.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 
@@ -36,8 +36,8 @@ from .errors import DiagnosticError
 
 @dataclass
 class ModuleAttribution:
-    attention: list[float]      # C(a_N^ℓ) per layer
-    mlp: list[float]            # C(m_N^ℓ) per layer
+    attention: list[float]  # C(a_N^ℓ) per layer
+    mlp: list[float]  # C(m_N^ℓ) per layer
     answer: str
     question: str
     label: str = ""
@@ -51,14 +51,14 @@ class ModuleAttribution:
 @dataclass
 class VisualAttribution:
     layers: list[int]
-    maps: list[list[float]]     # per layer: one score per visual token (row-major patch grid)
+    maps: list[list[float]]  # per layer: one score per visual token (row-major patch grid)
     grid: tuple[int, int]
     samples: int
     noise_scale: float
     seed: int
     answer: str
     question: str
-    image: str | None = None    # path of the image (for overlays)
+    image: str | None = None  # path of the image (for overlays)
     label: str = ""
     cases: int = 1
     cells: int = 0
@@ -90,12 +90,18 @@ def module_attribution(vlm: VLM, case: DiagnosticCase | Prepared, mode: str = "b
         if mode != "naive":
             run = run_patched(vlm, inputs, capture=keys)
             vecs = torch.stack([run.captured[key][0, last] for key in keys])
-        else:   # naive: one forward pass per (module, layer)
+        else:  # naive: one forward pass per (module, layer)
             vecs = torch.stack([run_patched(vlm, inputs, capture=[key]).captured[key][0, last] for key in keys])
         logit = lm_head(vecs.to(lm_head.weight.dtype)).float()[:, prep.target_id]
         c = _contribution(vecs, lm_head, prep.target_id, float(logit.abs().max()))
-    return ModuleAttribution(attention=c[:L].tolist(), mlp=c[L:].tolist(), answer=prep.target_token,
-                             question=prep.case.question, label=prep.case.label, seconds=time.perf_counter() - t0)
+    return ModuleAttribution(
+        attention=c[:L].tolist(),
+        mlp=c[L:].tolist(),
+        answer=prep.target_token,
+        question=prep.case.question,
+        label=prep.case.label,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def average_modules(results: Sequence[ModuleAttribution]) -> ModuleAttribution:
@@ -103,19 +109,33 @@ def average_modules(results: Sequence[ModuleAttribution]) -> ModuleAttribution:
         raise DiagnosticError("nothing to average")
     n = len(results)
     L = len(results[0].attention)
-    return ModuleAttribution(attention=[sum(r.attention[l] for r in results) / n for l in range(L)],
-                             mlp=[sum(r.mlp[l] for r in results) / n for l in range(L)], answer="", question="",
-                             label=f"mean of {n} cases", cases=n, seconds=sum(r.seconds for r in results))
+    return ModuleAttribution(
+        attention=[sum(r.attention[l] for r in results) / n for l in range(L)],
+        mlp=[sum(r.mlp[l] for r in results) / n for l in range(L)],
+        answer="",
+        question="",
+        label=f"mean of {n} cases",
+        cases=n,
+        seconds=sum(r.seconds for r in results),
+    )
 
 
 def image_grid(n: int) -> tuple[int, int]:
-    side = int(round(n ** 0.5))
+    side = int(round(n**0.5))
     return (side, n // side) if side * (n // side) == n else (1, n)
 
 
-def visual_attribution(vlm: VLM, case: DiagnosticCase | Prepared, layers: Sequence[int] | None = None,
-                       samples: int = 3, noise_scale: float = 3.0, seed: int = 0, mode: str = "batched",
-                       batch_size: int = 128, progress: Progress | None = None) -> VisualAttribution:
+def visual_attribution(
+    vlm: VLM,
+    case: DiagnosticCase | Prepared,
+    layers: Sequence[int] | None = None,
+    samples: int = 3,
+    noise_scale: float = 3.0,
+    seed: int = 0,
+    mode: str = "batched",
+    batch_size: int = 128,
+    progress: Progress | None = None,
+) -> VisualAttribution:
     t0 = time.perf_counter()
     L = vlm.num_layers
     layers = list(range(L)) if layers is None else list(dict.fromkeys(layers))
@@ -137,7 +157,7 @@ def visual_attribution(vlm: VLM, case: DiagnosticCase | Prepared, layers: Sequen
         std = float(states.std()) * noise_scale
         kind, at = ("embeds", []) if l == 0 else ("hidden", [l - 1])
         for n, pos in enumerate(img):
-            for s in range(samples):
+            for _s in range(samples):
                 eps = (torch.randn(1, states.shape[1], generator=g) * std).to(states.dtype)
                 cells.append(Cell(patches=[Patch(0, kind, [pos], eps, at, mode="add")], read=("attn", l, last)))
                 index.append((l, n))
@@ -148,11 +168,21 @@ def visual_attribution(vlm: VLM, case: DiagnosticCase | Prepared, layers: Sequen
         a = clean[("attn", l)][0, last].float()
         cos = torch.nn.functional.cosine_similarity(a_tilde.float(), a, dim=0)
         maps[l][n] += float((1 - cos) / 2) / samples
-    return VisualAttribution(layers=layers, maps=[maps[l].tolist() for l in layers], grid=image_grid(len(img)),
-                             samples=samples, noise_scale=noise_scale, seed=seed, answer=prep.target_token,
-                             question=p.question, image=str(prep.case.image) if prep.case.image is not None else None,
-                             label=prep.case.label, cells=len(cells), forward_passes=res.forward_passes,
-                             seconds=time.perf_counter() - t0)
+    return VisualAttribution(
+        layers=layers,
+        maps=[maps[l].tolist() for l in layers],
+        grid=image_grid(len(img)),
+        samples=samples,
+        noise_scale=noise_scale,
+        seed=seed,
+        answer=prep.target_token,
+        question=p.question,
+        image=str(prep.case.image) if prep.case.image is not None else None,
+        label=prep.case.label,
+        cells=len(cells),
+        forward_passes=res.forward_passes,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def average_visual(results: Sequence[VisualAttribution]) -> VisualAttribution:
@@ -161,8 +191,19 @@ def average_visual(results: Sequence[VisualAttribution]) -> VisualAttribution:
     n = len(results)
     first = results[0]
     maps = torch.stack([torch.tensor(r.maps) for r in results]).mean(0)
-    return VisualAttribution(layers=first.layers, maps=maps.tolist(), grid=first.grid, samples=first.samples,
-                             noise_scale=first.noise_scale, seed=first.seed, answer="", question="",
-                             image=None, label=f"mean of {n} cases", cases=n, cells=sum(r.cells for r in results),
-                             forward_passes=sum(r.forward_passes for r in results),
-                             seconds=sum(r.seconds for r in results))
+    return VisualAttribution(
+        layers=first.layers,
+        maps=maps.tolist(),
+        grid=first.grid,
+        samples=first.samples,
+        noise_scale=first.noise_scale,
+        seed=first.seed,
+        answer="",
+        question="",
+        image=None,
+        label=f"mean of {n} cases",
+        cases=n,
+        cells=sum(r.cells for r in results),
+        forward_passes=sum(r.forward_passes for r in results),
+        seconds=sum(r.seconds for r in results),
+    )

@@ -16,16 +16,17 @@ requested variant.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from vlm.images import ImageInput, load_image
 from vlm.loading import VLM
-from vlm.prompts import EncodedPrompt, collate, encode
 from vlm.patching import run_patched
+from vlm.prompts import EncodedPrompt, collate, encode
 
 from .errors import DiagnosticError
 
@@ -43,10 +44,10 @@ class DiagnosticCase:
     question: str
     constraint: str
     image: ImageInput | None = None
-    answer: str | None = None            # the answer to follow; None: the model's own prediction
-    ground_truth: str | None = None      # the correct answer, for correctness labels
+    answer: str | None = None  # the answer to follow; None: the model's own prediction
+    ground_truth: str | None = None  # the correct answer, for correctness labels
     label: str = ""
-    replacements: list[str] = field(default_factory=list)   # candidate phrases for token replacement
+    replacements: list[str] = field(default_factory=list)  # candidate phrases for token replacement
     pixel_values: torch.Tensor | None = field(default=None, repr=False)
 
 
@@ -55,13 +56,13 @@ class Prepared:
     """A case encoded and run once clean: what every diagnostic starts from."""
 
     case: DiagnosticCase
-    prompt: EncodedPrompt          # without answer tokens; last_prompt_pos predicts O
-    target_id: int                 # O's first token
+    prompt: EncodedPrompt  # without answer tokens; last_prompt_pos predicts O
+    target_id: int  # O's first token
     target_token: str
     p_clean: float
-    predicted_id: int              # the model's argmax at the last prompt position
+    predicted_id: int  # the model's argmax at the last prompt position
     tokens: list[str]
-    gt_id: int | None = None       # first token of the ground truth
+    gt_id: int | None = None  # first token of the ground truth
 
     @property
     def last(self) -> int:
@@ -82,8 +83,9 @@ def first_token(vlm: VLM, text: str) -> int:
 
 def prepare(vlm: VLM, case: DiagnosticCase) -> Prepared:
     """Encode the case (checking the constraint) and run it once clean."""
-    prompt = encode(vlm.processor, case.question, image=case.image, constraints=[case.constraint],
-                    pixel_values=case.pixel_values)
+    prompt = encode(
+        vlm.processor, case.question, image=case.image, constraints=[case.constraint], pixel_values=case.pixel_values
+    )
     if prompt.image_span is None:
         raise DiagnosticError("the diagnostics study visual questions: the case needs an image")
     run = run_patched(vlm, collate([prompt], vlm.tokenizer.pad_token_id))
@@ -91,10 +93,16 @@ def prepare(vlm: VLM, case: DiagnosticCase) -> Prepared:
     predicted = int(probs.argmax())
     target = predicted if case.answer is None else first_token(vlm, case.answer)
     gt = first_token(vlm, case.ground_truth) if case.ground_truth else None
-    return Prepared(case=case, prompt=prompt, target_id=target,
-                    target_token=vlm.tokenizer.convert_ids_to_tokens(target),
-                    p_clean=float(probs[target]), predicted_id=predicted,
-                    tokens=vlm.tokenizer.convert_ids_to_tokens(prompt.input_ids.tolist()), gt_id=gt)
+    return Prepared(
+        case=case,
+        prompt=prompt,
+        target_id=target,
+        target_token=vlm.tokenizer.convert_ids_to_tokens(target),
+        p_clean=float(probs[target]),
+        predicted_id=predicted,
+        tokens=vlm.tokenizer.convert_ids_to_tokens(prompt.input_ids.tolist()),
+        gt_id=gt,
+    )
 
 
 def world_phrases(where: Path) -> list[str]:
@@ -120,8 +128,13 @@ def _resolve(folder: Path, rel: str) -> Path:
     raise DiagnosticError(f"image {rel!r} not found next to the case file ({folder}) or in its parent")
 
 
-def load_cases(path: str | Path, variants: Sequence[str] = ("src",), limit: int | None = None,
-               vlm: VLM | None = None, answer: str = "model") -> list[DiagnosticCase]:
+def load_cases(
+    path: str | Path,
+    variants: Sequence[str] = ("src",),
+    limit: int | None = None,
+    vlm: VLM | None = None,
+    answer: str = "model",
+) -> list[DiagnosticCase]:
     """Cases from a JSON list of edit-case records (or {"cases": [...]}).
 
     ``answer``: "model" follows the model's prediction, "ground_truth" or
@@ -162,9 +175,16 @@ def load_cases(path: str | Path, variants: Sequence[str] = ("src",), limit: int 
                 if img not in pixels:
                     pixels[img] = vlm.processor.image_processor(load_image(img), return_tensors="pt")["pixel_values"][0]
                 pv = pixels[img]
-            out.append(DiagnosticCase(
-                question=rec[q_field], constraint=rec["constraint"], image=img, pixel_values=pv,
-                answer=None if answer == "model" else rec.get(answer),
-                ground_truth=rec.get("ground_truth"), label=f"{rec.get('case_id', i)}/{v}",
-                replacements=[n for n in names if rec.get("entity_name") not in n]))
+            out.append(
+                DiagnosticCase(
+                    question=rec[q_field],
+                    constraint=rec["constraint"],
+                    image=img,
+                    pixel_values=pv,
+                    answer=None if answer == "model" else rec.get(answer),
+                    ground_truth=rec.get("ground_truth"),
+                    label=f"{rec.get('case_id', i)}/{v}",
+                    replacements=[n for n in names if rec.get("entity_name") not in n],
+                )
+            )
     return out

@@ -25,8 +25,8 @@ per cell, no cache, no batching. Both give the same numbers (tests, to
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import torch
 
@@ -37,26 +37,26 @@ from vlm.prompts import EncodedPrompt, collate
 from .errors import DiagnosticError
 
 MODES = ("batched", "uncached", "naive")
-Progress = Callable[[int, int], None]   # (cells done, cells total)
+Progress = Callable[[int, int], None]  # (cells done, cells total)
 
 
 @dataclass
 class Cell:
-    patches: Sequence[Patch] = ()          # their ``row`` is ignored
-    knockouts: Sequence[Knockout] = ()     # their ``row`` is ignored
-    read: tuple[str, int, int] | None = None   # (kind, layer, position) to return
+    patches: Sequence[Patch] = ()  # their ``row`` is ignored
+    knockouts: Sequence[Knockout] = ()  # their ``row`` is ignored
+    read: tuple[str, int, int] | None = None  # (kind, layer, position) to return
 
     def first_position(self) -> int | None:
         pos = [int(q) for p in self.patches for q in p.positions]
         pos += [int(t) for k in self.knockouts for t in k.targets]
-        if self.read:   # a read state must be computed in the pass, not taken from the prefix
+        if self.read:  # a read state must be computed in the pass, not taken from the prefix
             pos.append(int(self.read[2]))
         return min(pos) if pos else None
 
 
 @dataclass
 class CellResults:
-    probs: torch.Tensor                                   # (n,) P(O) per cell (empty if not asked)
+    probs: torch.Tensor  # (n,) P(O) per cell (empty if not asked)
     reads: list[torch.Tensor] = field(default_factory=list)
     forward_passes: int = 0
 
@@ -64,8 +64,15 @@ class CellResults:
 class CellRunner:
     """Runs cells of one prompt: batched over a cached prefix, or naively one by one."""
 
-    def __init__(self, vlm: VLM, prompt: EncodedPrompt, target_id: int | None, mode: str = "batched",
-                 batch_size: int = 64, embeds: torch.Tensor | None = None):
+    def __init__(
+        self,
+        vlm: VLM,
+        prompt: EncodedPrompt,
+        target_id: int | None,
+        mode: str = "batched",
+        batch_size: int = 64,
+        embeds: torch.Tensor | None = None,
+    ):
         if mode not in MODES:
             raise DiagnosticError(f"engine mode must be one of {MODES}, not {mode!r}")
         if batch_size < 1:
@@ -98,16 +105,20 @@ class CellRunner:
         probs, reads = [], []
         for i, c in enumerate(cells):
             capture = [c.read[:2]] if c.read else []
-            run = run_patched(self.vlm, self.inputs, patches=[replace(p, row=0) for p in c.patches],
-                              knockouts=[replace(k, row=0) for k in c.knockouts], capture=capture)
+            run = run_patched(
+                self.vlm,
+                self.inputs,
+                patches=[replace(p, row=0) for p in c.patches],
+                knockouts=[replace(k, row=0) for k in c.knockouts],
+                capture=capture,
+            )
             if self.target_id is not None:
                 probs.append(self._prob(run, 1))
             if c.read:
                 reads.append(run.captured[c.read[:2]][0, c.read[2]])
             if progress:
                 progress(i + 1, len(cells))
-        return CellResults(probs=torch.cat(probs) if probs else torch.zeros(0), reads=reads,
-                           forward_passes=len(cells))
+        return CellResults(probs=torch.cat(probs) if probs else torch.zeros(0), reads=reads, forward_passes=len(cells))
 
     def _run_batched(self, cells: Sequence[Cell], progress: Progress | None) -> CellResults:
         firsts = [c.first_position() for c in cells]
@@ -116,7 +127,7 @@ class CellRunner:
         prefix = PrefixCache.build(self.vlm, self.embeds, P) if P > 0 and self.mode == "batched" else None
         probs, reads, passes = [], [], 0
         for start in range(0, len(cells), self.batch_size):
-            chunk = cells[start: start + self.batch_size]
+            chunk = cells[start : start + self.batch_size]
             n = len(chunk)
             patches = [replace(p, row=r) for r, c in enumerate(chunk) for p in c.patches]
             knockouts = [replace(k, row=r) for r, c in enumerate(chunk) for k in c.knockouts]
@@ -125,8 +136,9 @@ class CellRunner:
             if self.target_id is None and capture:
                 stop = max(layer for _, layer in capture)
             embeds = self.embeds.expand(n, -1, -1)
-            run = run_suffix(self.vlm, embeds, prefix, patches=patches, capture=capture,
-                             knockouts=knockouts, stop_after_layer=stop)
+            run = run_suffix(
+                self.vlm, embeds, prefix, patches=patches, capture=capture, knockouts=knockouts, stop_after_layer=stop
+            )
             passes += 1
             if self.target_id is not None:
                 probs.append(self._prob(run, n))
@@ -136,6 +148,4 @@ class CellRunner:
                     reads.append(t[r, c.read[2] - (P if prefix is not None else 0)])
             if progress:
                 progress(start + n, len(cells))
-        return CellResults(probs=torch.cat(probs) if probs else torch.zeros(0), reads=reads,
-                           forward_passes=passes)
-
+        return CellResults(probs=torch.cat(probs) if probs else torch.zeros(0), reads=reads, forward_passes=passes)

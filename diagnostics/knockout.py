@@ -21,8 +21,8 @@ last prompt position (the chat template's tokens included).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 from vlm.loading import VLM
 from vlm.patching import Knockout
@@ -38,7 +38,7 @@ RELATIONS = ("image->question", "image->last", "question->last", "last->last", "
 @dataclass
 class KnockoutResult:
     window: int
-    curves: dict[str, list[float]]      # relation → relative change of P(O) per layer
+    curves: dict[str, list[float]]  # relation → relative change of P(O) per layer
     p_clean: float
     answer: str
     question: str
@@ -52,8 +52,12 @@ class KnockoutResult:
         return asdict(self)
 
 
-def relation_sets(prep: Prepared, relations: Sequence[str], regions: Sequence[Sequence[int]] | None = None,
-                  image_block: int | None = None) -> dict[str, tuple[list[int], list[int]]]:
+def relation_sets(
+    prep: Prepared,
+    relations: Sequence[str],
+    regions: Sequence[Sequence[int]] | None = None,
+    image_block: int | None = None,
+) -> dict[str, tuple[list[int], list[int]]]:
     """relation name → (targets, sources) positions."""
     p = prep.prompt
     i0, i1 = p.image_span
@@ -76,7 +80,7 @@ def relation_sets(prep: Prepared, relations: Sequence[str], regions: Sequence[Se
         else:
             if regions is None:
                 n = len(image)
-                block = image_block or max(1, int(round(n ** 0.5)))
+                block = image_block or max(1, int(round(n**0.5)))
                 regions = [list(range(s, min(s + block, n))) for s in range(0, n, block)]
             for reg in regions:
                 bad_idx = [k for k in reg if not 0 <= k < len(image)]
@@ -88,9 +92,17 @@ def relation_sets(prep: Prepared, relations: Sequence[str], regions: Sequence[Se
     return out
 
 
-def knockout(vlm: VLM, case: DiagnosticCase | Prepared, relations: Sequence[str] = RELATIONS[:4], window: int = 3,
-             regions: Sequence[Sequence[int]] | None = None, image_block: int | None = None, mode: str = "batched",
-             batch_size: int = 64, progress: Progress | None = None) -> KnockoutResult:
+def knockout(
+    vlm: VLM,
+    case: DiagnosticCase | Prepared,
+    relations: Sequence[str] = RELATIONS[:4],
+    window: int = 3,
+    regions: Sequence[Sequence[int]] | None = None,
+    image_block: int | None = None,
+    mode: str = "batched",
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> KnockoutResult:
     t0 = time.perf_counter()
     check_window(window, vlm.num_layers)
     prep = case if isinstance(case, Prepared) else prepare(vlm, case)
@@ -106,9 +118,17 @@ def knockout(vlm: VLM, case: DiagnosticCase | Prepared, relations: Sequence[str]
     curves: dict[str, list[float]] = {name: [] for name in sets}
     for name, pr in zip(index, res.probs.tolist()):
         curves[name].append((pr - prep.p_clean) / prep.p_clean)
-    return KnockoutResult(window=window, curves=curves, p_clean=prep.p_clean, answer=prep.target_token,
-                          question=prep.case.question, label=prep.case.label, cells=len(cells),
-                          forward_passes=res.forward_passes, seconds=time.perf_counter() - t0)
+    return KnockoutResult(
+        window=window,
+        curves=curves,
+        p_clean=prep.p_clean,
+        answer=prep.target_token,
+        question=prep.case.question,
+        label=prep.case.label,
+        cells=len(cells),
+        forward_passes=res.forward_passes,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def average_knockouts(results: Sequence[KnockoutResult]) -> KnockoutResult:
@@ -116,9 +136,19 @@ def average_knockouts(results: Sequence[KnockoutResult]) -> KnockoutResult:
         raise DiagnosticError("nothing to average")
     names = [n for n in results[0].curves if all(n in r.curves for r in results)]
     n = len(results)
-    curves = {name: [sum(r.curves[name][l] for r in results) / n for l in range(len(results[0].curves[name]))]
-              for name in names}
-    return KnockoutResult(window=results[0].window, curves=curves, p_clean=sum(r.p_clean for r in results) / n,
-                          answer="", question="", label=f"mean of {n} cases", cases=n,
-                          cells=sum(r.cells for r in results), forward_passes=sum(r.forward_passes for r in results),
-                          seconds=sum(r.seconds for r in results))
+    curves = {
+        name: [sum(r.curves[name][l] for r in results) / n for l in range(len(results[0].curves[name]))]
+        for name in names
+    }
+    return KnockoutResult(
+        window=results[0].window,
+        curves=curves,
+        p_clean=sum(r.p_clean for r in results) / n,
+        answer="",
+        question="",
+        label=f"mean of {n} cases",
+        cases=n,
+        cells=sum(r.cells for r in results),
+        forward_passes=sum(r.forward_passes for r in results),
+        seconds=sum(r.seconds for r in results),
+    )

@@ -30,9 +30,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from pathlib import Path
 
+from vlm.architecture import early_layers
 from vlm.loading import VLM
 from vlm.patching import Knockout
 
@@ -42,49 +44,92 @@ from .engine import Cell, CellRunner
 from .errors import DiagnosticError
 from .trace import causal_trace
 
-CaseProgress = Callable[[int, int], None]   # (cases done, cases total)
+CaseProgress = Callable[[int, int], None]  # (cases done, cases total)
 
 
 @dataclass
 class LayerRecommendation:
-    editor: str                    # "multedit" | "visedit"
+    editor: str  # "multedit" | "visedit"
     layer: int
-    scores: list[float]            # the per-layer score that chose it
-    candidates: list[int]          # the layers it was chosen from
+    scores: list[float]  # the per-layer score that chose it
+    candidates: list[int]  # the layers it was chosen from
     criterion: str
     cases: int
     details: dict = field(default_factory=dict)
+    score_name: str = "score"  # what ``scores`` are, in words (the figure's legend)
+    plotted: dict[str, str] = field(default_factory=dict)  # per-layer series in ``details`` -> their legend
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def recommend_multedit_layer(vlm: VLM, cases: Sequence[DiagnosticCase], early_fraction: float = 0.5,
-                             window: int = 1, progress: CaseProgress | None = None) -> LayerRecommendation:
+def render_evidence(evidence: dict, path) -> Path:
+    """The bar chart of a recommendation (``LayerRecommendation.to_dict()``): its scores per layer and the
+    series it names in ``plotted``, titled with the chosen layer."""
+    from .render import render_bars
+
+    scores = evidence["scores"]
+    groups = {evidence.get("score_name", "score"): scores}
+    details = evidence.get("details") or {}
+    for key, label in (evidence.get("plotted") or {}).items():
+        if len(details.get(key) or []) == len(scores):
+            groups[label] = details[key]
+    return render_bars(
+        groups,
+        [str(l) for l in range(len(scores))],
+        path,
+        title=f"{evidence.get('editor', '')} layer {evidence['layer']}".strip(),
+        ylabel="score",
+    )
+
+
+def recommend_multedit_layer(
+    vlm: VLM,
+    cases: Sequence[DiagnosticCase],
+    early_fraction: float = 0.5,
+    window: int = 1,
+    progress: CaseProgress | None = None,
+) -> LayerRecommendation:
     if not cases:
         raise DiagnosticError("a layer recommendation needs at least one case")
     if not 0 < early_fraction <= 1:
         raise DiagnosticError("early_fraction must be in (0, 1]")
     L = vlm.num_layers
-    early = list(range(max(1, int(round(L * early_fraction)))))
+    early = early_layers(L, early_fraction)
     per_case = []
     for i, case in enumerate(cases):
         iso = causal_trace(vlm, case, kinds=["mlp"], window=window, roles=["constraint last"], isolate=True)
-        plain = causal_trace(vlm, case, kinds=["mlp"], window=window, roles=["constraint last"],
-                             replacement=iso.replacement)
-        per_case.append({"label": case.label, "question": case.question, "p_clean": iso.p_clean,
-                         "p_corrupt": iso.p_corrupt, "replacement": iso.replacement,
-                         "mlp_effect_isolated": iso.effects["mlp"][0], "mlp_effect": plain.effects["mlp"][0]})
+        plain = causal_trace(
+            vlm, case, kinds=["mlp"], window=window, roles=["constraint last"], replacement=iso.replacement
+        )
+        per_case.append(
+            {
+                "label": case.label,
+                "question": case.question,
+                "p_clean": iso.p_clean,
+                "p_corrupt": iso.p_corrupt,
+                "replacement": iso.replacement,
+                "mlp_effect_isolated": iso.effects["mlp"][0],
+                "mlp_effect": plain.effects["mlp"][0],
+            }
+        )
         if progress:
             progress(i + 1, len(cases))
     scores = [sum(c["mlp_effect_isolated"][l] for c in per_case) / len(per_case) for l in range(L)]
     plain = [sum(c["mlp_effect"][l] for c in per_case) / len(per_case) for l in range(L)]
     layer = max(early, key=lambda l: scores[l])
     return LayerRecommendation(
-        editor="multedit", layer=layer, scores=scores, candidates=early,
+        editor="multedit",
+        layer=layer,
+        scores=scores,
+        candidates=early,
         criterion=f"peak isolated MLP indirect effect at the constraint's last token (token replacement, "
-                  f"window {window}), mean over {len(cases)} case(s), among layers {early[0]}-{early[-1]}",
-        cases=len(cases), details={"mlp_effect_plain": plain, "per_case": per_case})
+        f"window {window}), mean over {len(cases)} case(s), among layers {early[0]}-{early[-1]}",
+        cases=len(cases),
+        details={"mlp_effect_plain": plain, "per_case": per_case},
+        score_name="isolated MLP effect",
+        plotted={"mlp_effect_plain": "plain MLP effect"},
+    )
 
 
 def image_readout(vlm: VLM, prep, mode: str = "batched") -> list[float]:
@@ -101,9 +146,13 @@ def image_readout(vlm: VLM, prep, mode: str = "batched") -> list[float]:
     return [1.0 - q / prep.p_clean if prep.p_clean > 0 else 0.0 for q in probs]
 
 
-def recommend_vead_layer(vlm: VLM, cases: Sequence[DiagnosticCase], threshold: float = 0.5,
-                         readout_fraction: float = 0.25,
-                         progress: CaseProgress | None = None) -> LayerRecommendation:
+def recommend_vead_layer(
+    vlm: VLM,
+    cases: Sequence[DiagnosticCase],
+    threshold: float = 0.5,
+    readout_fraction: float = 0.25,
+    progress: CaseProgress | None = None,
+) -> LayerRecommendation:
     """The paper's choice (input of the first layer of the high module-contribution block), moved down
     to the deepest layer whose visual states the answer still depends on when the block starts after
     the model has stopped reading the image (image read-out below ``readout_fraction`` × its value at
@@ -135,29 +184,73 @@ def recommend_vead_layer(vlm: VLM, cases: Sequence[DiagnosticCase], threshold: f
     floor = readout_fraction * readout[0]
     reading = [l for l in range(start + 1) if readout[l] >= floor]
     layer = reading[-1] if reading else 0
-    criterion = (f"input of the first layer of the high module-contribution block {start}-{end} "
-                 f"(attention + MLP contribution ≥ {threshold:g} × the peak at layer {peak})")
+    criterion = (
+        f"input of the first layer of the high module-contribution block {start}-{end} "
+        f"(attention + MLP contribution ≥ {threshold:g} × the peak at layer {peak})"
+    )
     if layer != start:
-        criterion += (f"; the answer no longer depends on the visual states from layer {layer + 1} on "
-                      f"(image read-out {readout[layer + 1]:.3f} < {readout_fraction:g} × {readout[0]:.3f} at "
-                      f"layer 0), so the adapter "
-                      f"goes to layer {layer}, the deepest that is still read ({readout[layer]:.3f})")
+        criterion += (
+            f"; the answer no longer depends on the visual states from layer {layer + 1} on "
+            f"(image read-out {readout[layer + 1]:.3f} < {readout_fraction:g} × {readout[0]:.3f} at "
+            f"layer 0), so the adapter "
+            f"goes to layer {layer}, the deepest that is still read ({readout[layer]:.3f})"
+        )
     return LayerRecommendation(
-        editor="visedit", layer=layer, scores=total, candidates=list(range(L)),
-        criterion=criterion + f", mean over {len(cases)} case(s)", cases=len(cases),
-        details={"attention": attn, "mlp": mlp, "block": [start, end], "peak": peak, "paper_layer": start,
-                 "image_readout": readout, "readout_fraction": readout_fraction})
+        editor="visedit",
+        layer=layer,
+        scores=total,
+        candidates=list(range(L)),
+        criterion=criterion + f", mean over {len(cases)} case(s)",
+        cases=len(cases),
+        details={
+            "attention": attn,
+            "mlp": mlp,
+            "block": [start, end],
+            "peak": peak,
+            "paper_layer": start,
+            "image_readout": readout,
+            "readout_fraction": readout_fraction,
+        },
+        score_name="module contribution (attention + MLP)",
+        plotted={"image_readout": "image read-out"},
+    )
 
 
-def request_cases(question: str, constraint: str, image, rephrase: str | None = None, image_rephrase=None,
-                  pixel_values=None, replacements: Sequence[str] = ()) -> list[DiagnosticCase]:
+def request_cases(
+    question: str,
+    constraint: str,
+    image,
+    rephrase: str | None = None,
+    image_rephrase=None,
+    pixel_values=None,
+    replacements: Sequence[str] = (),
+) -> list[DiagnosticCase]:
     """The variants of one edit request that a recommendation averages over."""
-    out = [DiagnosticCase(question, constraint, image=image, pixel_values=pixel_values, label="request",
-                          replacements=list(replacements))]
+    out = [
+        DiagnosticCase(
+            question,
+            constraint,
+            image=image,
+            pixel_values=pixel_values,
+            label="request",
+            replacements=list(replacements),
+        )
+    ]
     if rephrase:
-        out.append(DiagnosticCase(rephrase, constraint, image=image, pixel_values=pixel_values, label="rephrase",
-                                  replacements=list(replacements)))
+        out.append(
+            DiagnosticCase(
+                rephrase,
+                constraint,
+                image=image,
+                pixel_values=pixel_values,
+                label="rephrase",
+                replacements=list(replacements),
+            )
+        )
     if image_rephrase is not None:
-        out.append(DiagnosticCase(question, constraint, image=image_rephrase, label="image_rephrase",
-                                  replacements=list(replacements)))
+        out.append(
+            DiagnosticCase(
+                question, constraint, image=image_rephrase, label="image_rephrase", replacements=list(replacements)
+            )
+        )
     return out

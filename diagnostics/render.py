@@ -21,20 +21,21 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.cm import ScalarMappable  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from PIL import Image
 
 PathLike = str | os.PathLike[str]
 
@@ -107,12 +108,24 @@ def render_trace(result: Any, path: PathLike) -> Path:
     if len(n_layers) != 1:
         raise ValueError(f"trace kinds disagree on the number of layers: {sorted(n_layers)}")
     width = 0.13 * n_layers.pop() + 2.5
-    fig, axes = plt.subplots(1, len(mats), sharey=True, squeeze=False, layout="constrained",
-                             figsize=(width * len(mats), 0.3 * len(labels) + 1.8))
+    fig, axes = plt.subplots(
+        1,
+        len(mats),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+        figsize=(width * len(mats), 0.3 * len(labels) + 1.8),
+    )
     for ax, (kind, m) in zip(axes[0], mats.items()):
         cmap, name = _TRACE_STYLE[kind]
-        im = ax.imshow(m, cmap=cmap, vmin=min(0.0, float(m.min())), vmax=max(float(m.max()), 1e-6),
-                       aspect="auto", interpolation="nearest")
+        im = ax.imshow(
+            m,
+            cmap=cmap,
+            vmin=min(0.0, float(m.min())),
+            vmax=max(float(m.max()), 1e-6),
+            aspect="auto",
+            interpolation="nearest",
+        )
         ax.set_title(f"{name}, window {result.window}", fontsize=10)
         ax.set_xlabel("layer")
         _column_ticks(ax, [str(i) for i in range(m.shape[1])])
@@ -130,15 +143,21 @@ def render_trace(result: Any, path: PathLike) -> Path:
     return _save(fig, path)
 
 
-def render_matrix(values: Any, row_labels: Sequence[str], col_labels: Sequence[str], path: PathLike,
-                  title: str = "", colorbar_label: str = "", marked_rows: Collection[int] = (),
-                  cmap: str = "Blues") -> Path:
+def render_matrix(
+    values: Any,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    path: PathLike,
+    title: str = "",
+    colorbar_label: str = "",
+    marked_rows: Collection[int] = (),
+    cmap: str = "Blues",
+) -> Path:
     """Heatmap of a rows x columns matrix; ``marked_rows`` get bold, starred labels."""
     m = _matrix(values, len(row_labels), "values")
     if m.shape[1] != len(col_labels):
         raise ValueError(f"values has {m.shape[1]} columns but there are {len(col_labels)} column labels")
-    fig, ax = plt.subplots(layout="constrained",
-                           figsize=(0.16 * m.shape[1] + 3.0, 0.3 * m.shape[0] + 1.5))
+    fig, ax = plt.subplots(layout="constrained", figsize=(0.16 * m.shape[1] + 3.0, 0.3 * m.shape[0] + 1.5))
     im = ax.imshow(m, cmap=cmap, aspect="auto", interpolation="nearest")
     _row_ticks(ax, [str(s) for s in row_labels], set(marked_rows))
     _column_ticks(ax, [str(s) for s in col_labels])
@@ -147,9 +166,16 @@ def render_matrix(values: Any, row_labels: Sequence[str], col_labels: Sequence[s
     return _save(fig, path)
 
 
-def render_curves(series: Mapping[str, Sequence[float]], path: PathLike, title: str = "",
-                  xlabel: str = "layer", ylabel: str = "", x: Sequence[float] | None = None,
-                  hline: float | None = None, bands: Mapping[str, Sequence[float]] | None = None) -> Path:
+def render_curves(
+    series: Mapping[str, Sequence[float]],
+    path: PathLike,
+    title: str = "",
+    xlabel: str = "layer",
+    ylabel: str = "",
+    x: Sequence[float] | None = None,
+    hline: float | None = None,
+    bands: Mapping[str, Sequence[float]] | None = None,
+) -> Path:
     """One line per series (with markers); ``bands`` adds a +/- band for the keys it has."""
     if not series:
         raise ValueError("render_curves needs at least one series")
@@ -172,15 +198,15 @@ def render_curves(series: Mapping[str, Sequence[float]], path: PathLike, title: 
     return _save(fig, path)
 
 
-def render_bars(groups: Mapping[str, Sequence[float]], labels: Sequence[str], path: PathLike,
-                title: str = "", ylabel: str = "") -> Path:
+def render_bars(
+    groups: Mapping[str, Sequence[float]], labels: Sequence[str], path: PathLike, title: str = "", ylabel: str = ""
+) -> Path:
     """Grouped bar chart: one bar per group within each category of ``labels``."""
     if not groups or not labels:
         raise ValueError("render_bars needs at least one group and one label")
     width = 0.8 / len(groups)
     centres = np.arange(len(labels))
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.25 * len(labels) * len(groups) + 1.5), 4.0),
-                           layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.25 * len(labels) * len(groups) + 1.5), 4.0), layout="constrained")
     for k, (name, ys) in enumerate(groups.items()):
         if len(ys) != len(labels):
             raise ValueError(f"group {name!r} has {len(ys)} values but there are {len(labels)} labels")
@@ -192,8 +218,15 @@ def render_bars(groups: Mapping[str, Sequence[float]], labels: Sequence[str], pa
     return _save(fig, path)
 
 
-def render_image_maps(image: Image.Image, maps: Sequence[Sequence[float]], titles: Sequence[str],
-                      path: PathLike, grid: tuple[int, int], title: str = "", alpha: float = 0.55) -> Path:
+def render_image_maps(
+    image: Image.Image,
+    maps: Sequence[Sequence[float]],
+    titles: Sequence[str],
+    path: PathLike,
+    grid: tuple[int, int],
+    title: str = "",
+    alpha: float = 0.55,
+) -> Path:
     """Patch scores (row-major, ``grid`` = (rows, cols)) overlaid on the image, one panel each."""
     rows, cols = grid
     if rows <= 0 or cols <= 0:
@@ -202,11 +235,17 @@ def render_image_maps(image: Image.Image, maps: Sequence[Sequence[float]], title
         raise ValueError(f"need one title per map and at least one map, got {len(maps)} maps, {len(titles)} titles")
     small = min(image.size) < _IMAGE_SIDE
     picture = image.convert("RGB").resize(
-        (_IMAGE_SIDE, _IMAGE_SIDE), Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC)
+        (_IMAGE_SIDE, _IMAGE_SIDE), Image.Resampling.NEAREST if small else Image.Resampling.BICUBIC
+    )
     per_row = min(len(maps), _MAPS_PER_ROW)
     n_lines = math.ceil(len(maps) / per_row)
-    fig, axes = plt.subplots(n_lines, per_row, squeeze=False, layout="constrained",
-                             figsize=(2.3 * per_row + 0.8, 2.5 * n_lines + (0.4 if title else 0)))
+    fig, axes = plt.subplots(
+        n_lines,
+        per_row,
+        squeeze=False,
+        layout="constrained",
+        figsize=(2.3 * per_row + 0.8, 2.5 * n_lines + (0.4 if title else 0)),
+    )
     for i, ax in enumerate(axes.ravel()):
         ax.set_axis_off()
         if i >= len(maps):
@@ -217,29 +256,48 @@ def render_image_maps(image: Image.Image, maps: Sequence[Sequence[float]], title
         low, high = float(scores.min()), float(scores.max())
         norm = (scores - low) / (high - low) if high > low else np.zeros_like(scores)
         ax.imshow(picture)
-        ax.imshow(norm.reshape(rows, cols), cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0,
-                  extent=(0, _IMAGE_SIDE, _IMAGE_SIDE, 0), interpolation="nearest")
+        ax.imshow(
+            norm.reshape(rows, cols),
+            cmap="jet",
+            alpha=alpha,
+            vmin=0.0,
+            vmax=1.0,
+            extent=(0, _IMAGE_SIDE, _IMAGE_SIDE, 0),
+            interpolation="nearest",
+        )
         ax.set_title(titles[i], fontsize=9)
-    fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), "jet"), ax=axes.ravel().tolist(),
-                 label="normalised score", shrink=0.8)
+    fig.colorbar(
+        ScalarMappable(Normalize(0.0, 1.0), "jet"), ax=axes.ravel().tolist(), label="normalised score", shrink=0.8
+    )
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
-def render_overlays(images: Sequence[Image.Image], maps: Sequence[Sequence[float]], titles: Sequence[str],
-                    path: PathLike, grid: tuple[int, int], title: str = "", colorbar_label: str = "",
-                    vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.55) -> Path:
+def render_overlays(
+    images: Sequence[Image.Image],
+    maps: Sequence[Sequence[float]],
+    titles: Sequence[str],
+    path: PathLike,
+    grid: tuple[int, int],
+    title: str = "",
+    colorbar_label: str = "",
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    alpha: float = 0.55,
+) -> Path:
     """One panel per (image, patch scores) pair on one absolute colour scale [vmin, vmax]
     (e.g. VisEdit's influence mapper over the edit image and an unrelated one)."""
     rows, cols = grid
     if rows <= 0 or cols <= 0:
         raise ValueError(f"grid must be two positive ints, got {grid}")
     if not maps or not (len(maps) == len(titles) == len(images)):
-        raise ValueError(f"need one image and one title per map, got {len(images)} images, {len(maps)} maps, "
-                         f"{len(titles)} titles")
-    fig, axes = plt.subplots(1, len(maps), squeeze=False, layout="constrained",
-                             figsize=(2.4 * len(maps) + 0.9, 2.7 + (0.4 if title else 0)))
+        raise ValueError(
+            f"need one image and one title per map, got {len(images)} images, {len(maps)} maps, {len(titles)} titles"
+        )
+    fig, axes = plt.subplots(
+        1, len(maps), squeeze=False, layout="constrained", figsize=(2.4 * len(maps) + 0.9, 2.7 + (0.4 if title else 0))
+    )
     for ax, image, scores, t in zip(axes.ravel(), images, maps, titles):
         scores = np.asarray(scores, dtype=float)
         if scores.size != rows * cols:
@@ -247,18 +305,27 @@ def render_overlays(images: Sequence[Image.Image], maps: Sequence[Sequence[float
         picture = image.convert("RGB").resize((_IMAGE_SIDE, _IMAGE_SIDE), Image.Resampling.BICUBIC)
         ax.set_axis_off()
         ax.imshow(picture)
-        ax.imshow(scores.reshape(rows, cols), cmap="jet", alpha=alpha, vmin=vmin, vmax=vmax,
-                  extent=(0, _IMAGE_SIDE, _IMAGE_SIDE, 0), interpolation="nearest")
+        ax.imshow(
+            scores.reshape(rows, cols),
+            cmap="jet",
+            alpha=alpha,
+            vmin=vmin,
+            vmax=vmax,
+            extent=(0, _IMAGE_SIDE, _IMAGE_SIDE, 0),
+            interpolation="nearest",
+        )
         ax.set_title(t, fontsize=8)
-    fig.colorbar(ScalarMappable(Normalize(vmin, vmax), "jet"), ax=axes.ravel().tolist(), label=colorbar_label,
-                 shrink=0.8)
+    fig.colorbar(
+        ScalarMappable(Normalize(vmin, vmax), "jet"), ax=axes.ravel().tolist(), label=colorbar_label, shrink=0.8
+    )
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
-def render_roc(scores: Mapping[str, tuple[Sequence[float], Sequence[float], float]], path: PathLike,
-               title: str = "") -> Path:
+def render_roc(
+    scores: Mapping[str, tuple[Sequence[float], Sequence[float], float]], path: PathLike, title: str = ""
+) -> Path:
     """ROC curves, one per name, with the chance diagonal dashed."""
     if not scores:
         raise ValueError("render_roc needs at least one curve")
@@ -268,7 +335,13 @@ def render_roc(scores: Mapping[str, tuple[Sequence[float], Sequence[float], floa
             raise ValueError(f"ROC {name!r} has {len(fpr)} false-positive rates but {len(tpr)} true-positive rates")
         ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.2f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    ax.set(title=title, xlabel="false positive rate", ylabel="true positive rate",
-           xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
+    ax.set(
+        title=title,
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        aspect="equal",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)

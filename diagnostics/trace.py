@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
 
 import torch
 
@@ -43,12 +43,31 @@ from .errors import DiagnosticError, ReplacementError
 
 TRACE_KINDS = ("hidden", "mlp", "attn")
 # used when neither a replacement nor candidates are given: named entities a real LLaVA knows
-GENERIC_REPLACEMENTS = ("paris", "london", "the eiffel tower", "the taj mahal", "barack obama",
-                        "albert einstein", "new york city", "the statue of liberty", "mount everest")
+GENERIC_REPLACEMENTS = (
+    "paris",
+    "london",
+    "the eiffel tower",
+    "the taj mahal",
+    "barack obama",
+    "albert einstein",
+    "new york city",
+    "the statue of liberty",
+    "mount everest",
+)
 
 # roles used to align rows of different prompts when averaging over cases
-ROLES = ("prompt start", "image (all)", "image block", "question before constraint", "constraint first",
-         "constraint middle", "constraint last", "first after constraint", "further tokens", "last token")
+ROLES = (
+    "prompt start",
+    "image (all)",
+    "image block",
+    "question before constraint",
+    "constraint first",
+    "constraint middle",
+    "constraint last",
+    "first after constraint",
+    "further tokens",
+    "last token",
+)
 
 
 @dataclass
@@ -61,18 +80,18 @@ class TraceRow:
 
 @dataclass
 class TraceResult:
-    method: str                              # "token-replacement" | "gaussian-noise"
+    method: str  # "token-replacement" | "gaussian-noise"
     kinds: list[str]
     window: int
     rows: list[TraceRow]
-    effects: dict[str, list[list[float]]]    # kind → rows × layers, P_restored − P_corrupt
+    effects: dict[str, list[list[float]]]  # kind → rows × layers, P_restored − P_corrupt
     p_clean: float
     p_corrupt: float
-    answer: str                              # O's first token
+    answer: str  # O's first token
     question: str
-    corrupted_question: str | None = None    # token replacement: the question as corrupted
+    corrupted_question: str | None = None  # token replacement: the question as corrupted
     replacement: str | None = None
-    noise: dict | None = None                # gaussian noise: std, scale, samples, seed
+    noise: dict | None = None  # gaussian noise: std, scale, samples, seed
     label: str = ""
     cases: int = 1
     cells: int = 0
@@ -121,8 +140,8 @@ def trace_rows(prep: Prepared, image_block: int | None = None) -> list[TraceRow]
     p = prep.prompt
     i0, i1 = p.image_span
     n_img = i1 - i0
-    if image_block is None:   # one row of the patch grid
-        image_block = max(1, int(round(n_img ** 0.5)))
+    if image_block is None:  # one row of the patch grid
+        image_block = max(1, int(round(n_img**0.5)))
     if image_block < 1:
         raise DiagnosticError("an image block must hold at least one token")
     c0, c1 = p.constraint_spans[0]
@@ -130,7 +149,7 @@ def trace_rows(prep: Prepared, image_block: int | None = None) -> list[TraceRow]
     for pos in range(p.last_prompt_pos + 1):
         if pos == i0:
             rows.append(TraceRow("image (all)", list(range(i0, i1)), "image (all)"))
-            for b, s in enumerate(range(i0, i1, image_block)):
+            for _b, s in enumerate(range(i0, i1, image_block)):
                 blk = list(range(s, min(s + image_block, i1)))
                 rows.append(TraceRow(f"image {blk[0] - i0}-{blk[-1] - i0}", blk, "image block"))
         if i0 <= pos < i1:
@@ -163,8 +182,9 @@ def _restore_patch(clean, kind: str, layers: list[int], positions: list[int]) ->
 
 
 # ------------------------------------------------------- token replacement
-def replace_constraint(vlm: VLM, prep: Prepared, replacement: str | None = None,
-                       candidates: Sequence[str] = (), max_candidates: int = 32) -> tuple[str, str, object]:
+def replace_constraint(
+    vlm: VLM, prep: Prepared, replacement: str | None = None, candidates: Sequence[str] = (), max_candidates: int = 32
+) -> tuple[str, str, object]:
     """(replacement, corrupted question, corrupted prompt) with the same token length and layout.
 
     A given ``replacement`` must fit exactly. Otherwise, of ``candidates``
@@ -184,14 +204,17 @@ def replace_constraint(vlm: VLM, prep: Prepared, replacement: str | None = None,
         phrase = phrase.strip()
         if not phrase or phrase.lower() == case.constraint.lower():
             return None
-        new_q = q[:at] + phrase + q[at + len(case.constraint):]
+        new_q = q[:at] + phrase + q[at + len(case.constraint) :]
         cp = encode(vlm.processor, new_q, pixel_values=p.pixel_values, constraints=[phrase])
         n = cp.constraint_spans[0][1] - cp.constraint_spans[0][0]
         tried.append(f"{phrase!r} ({n} tokens)")
-        same = (cp.length == p.length and cp.constraint_spans[0] == (c0, c1)
-                and torch.equal(cp.input_ids[:c0], p.input_ids[:c0])
-                and torch.equal(cp.input_ids[c1:], p.input_ids[c1:])
-                and not torch.equal(cp.input_ids[c0:c1], p.input_ids[c0:c1]))
+        same = (
+            cp.length == p.length
+            and cp.constraint_spans[0] == (c0, c1)
+            and torch.equal(cp.input_ids[:c0], p.input_ids[:c0])
+            and torch.equal(cp.input_ids[c1:], p.input_ids[c1:])
+            and not torch.equal(cp.input_ids[c0:c1], p.input_ids[c0:c1])
+        )
         return (phrase, new_q, cp) if same else None
 
     if replacement is not None:
@@ -201,7 +224,9 @@ def replace_constraint(vlm: VLM, prep: Prepared, replacement: str | None = None,
         if got is None:
             raise ReplacementError(
                 f"the replacement {replacement!r} cannot stand in for the constraint {case.constraint!r} "
-                f"({c1 - c0} tokens) without changing the prompt's length or other tokens: tried {tried[-1:] or [replacement]}")
+                f"({c1 - c0} tokens) without changing the prompt's length or other tokens: "
+                f"tried {tried[-1:] or [replacement]}"
+            )
         return got
     fitting = []
     for phrase in dict.fromkeys(list(candidates) + list(GENERIC_REPLACEMENTS)):
@@ -213,15 +238,27 @@ def replace_constraint(vlm: VLM, prep: Prepared, replacement: str | None = None,
     if not fitting:
         raise ReplacementError(
             f"no replacement phrase encodes to the {c1 - c0} tokens of the constraint {case.constraint!r}; "
-            f"tried {', '.join(tried[:8])}{' ...' if len(tried) > 8 else ''}. Give one with --replace.")
+            f"tried {', '.join(tried[:8])}{' ...' if len(tried) > 8 else ''}. Give one with --replace."
+        )
     # of the phrases that fit, the one that removes the answer most: lowest P_corrupt(O)
     run = run_patched(vlm, collate([f[2] for f in fitting], vlm.tokenizer.pad_token_id))
     probs = torch.softmax(run.logits_at(list(range(len(fitting))), [p.last_prompt_pos] * len(fitting)), dim=-1)
     return fitting[int(probs[:, prep.target_id].argmin())]
 
 
-def _trace(vlm: VLM, prep: Prepared, runner: CellRunner, clean, kinds, window, rows, first_corrupt: int,
-           base_patches: Sequence[Sequence[Patch]], progress: Progress | None, corrupt=None):
+def _trace(
+    vlm: VLM,
+    prep: Prepared,
+    runner: CellRunner,
+    clean,
+    kinds,
+    window,
+    rows,
+    first_corrupt: int,
+    base_patches: Sequence[Sequence[Patch]],
+    progress: Progress | None,
+    corrupt=None,
+):
     """Cells for every (row, kind, layer) × base patch set (noise samples); effects averaged over sets.
 
     With ``corrupt`` states (isolated trace) the same kind at every other layer is held at its
@@ -262,10 +299,21 @@ def _select(rows: list[TraceRow], roles: Sequence[str] | None) -> list[TraceRow]
     return [r for r in rows if r.role in roles]
 
 
-def causal_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str] = TRACE_KINDS, window: int = 1,
-                 replacement: str | None = None, candidates: Sequence[str] = (), image_block: int | None = None,
-                 roles: Sequence[str] | None = None, isolate: bool = False, clean_context=None,
-                 mode: str = "batched", batch_size: int = 64, progress: Progress | None = None) -> TraceResult:
+def causal_trace(
+    vlm: VLM,
+    case: DiagnosticCase | Prepared,
+    kinds: Sequence[str] = TRACE_KINDS,
+    window: int = 1,
+    replacement: str | None = None,
+    candidates: Sequence[str] = (),
+    image_block: int | None = None,
+    roles: Sequence[str] | None = None,
+    isolate: bool = False,
+    clean_context=None,
+    mode: str = "batched",
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> TraceResult:
     """MultiModalCausalTrace of one case (token replacement of the visual constraint).
 
     ``roles`` restricts the rows (e.g. ["constraint last"]); default: all.
@@ -290,26 +338,50 @@ def causal_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str]
     kinds = check_kinds(kinds)
     with clean_context() if clean_context is not None else contextlib.nullcontext():
         prep = case if isinstance(case, Prepared) else prepare(vlm, case)
-        phrase, new_q, corrupt = replace_constraint(vlm, prep, replacement,
-                                                    list(candidates) + list(prep.case.replacements))
+        phrase, new_q, corrupt = replace_constraint(
+            vlm, prep, replacement, list(candidates) + list(prep.case.replacements)
+        )
         clean = _clean_states(vlm, prep, kinds)
     held = _clean_states(vlm, replace(prep, prompt=corrupt), kinds) if isolate else None
     rows = _select(trace_rows(prep, image_block), roles)
     runner = CellRunner(vlm, corrupt, prep.target_id, mode=mode, batch_size=batch_size)
     first = prep.prompt.constraint_spans[0][0]
-    effects, p_corrupt, cells, passes = _trace(vlm, prep, runner, clean, kinds, window, rows, first, [[]], progress,
-                                               corrupt=held)
-    return TraceResult(method="token-replacement, isolated" if isolate else "token-replacement", kinds=kinds, window=window, rows=rows, effects=effects,
-                       p_clean=prep.p_clean, p_corrupt=p_corrupt, answer=prep.target_token,
-                       question=prep.case.question, corrupted_question=new_q, replacement=phrase,
-                       label=prep.case.label, cells=cells, forward_passes=passes,
-                       seconds=time.perf_counter() - t0)
+    effects, p_corrupt, cells, passes = _trace(
+        vlm, prep, runner, clean, kinds, window, rows, first, [[]], progress, corrupt=held
+    )
+    return TraceResult(
+        method="token-replacement, isolated" if isolate else "token-replacement",
+        kinds=kinds,
+        window=window,
+        rows=rows,
+        effects=effects,
+        p_clean=prep.p_clean,
+        p_corrupt=p_corrupt,
+        answer=prep.target_token,
+        question=prep.case.question,
+        corrupted_question=new_q,
+        replacement=phrase,
+        label=prep.case.label,
+        cells=cells,
+        forward_passes=passes,
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def edit_trace(vlm: VLM, case: DiagnosticCase, edit_context, kinds: Sequence[str] = TRACE_KINDS, window: int = 1,
-               replacement: str | None = None, candidates: Sequence[str] = (), image_block: int | None = None,
-               roles: Sequence[str] | None = None, mode: str = "batched", batch_size: int = 64,
-               progress: Progress | None = None) -> TraceResult:
+def edit_trace(
+    vlm: VLM,
+    case: DiagnosticCase,
+    edit_context,
+    kinds: Sequence[str] = TRACE_KINDS,
+    window: int = 1,
+    replacement: str | None = None,
+    candidates: Sequence[str] = (),
+    image_block: int | None = None,
+    roles: Sequence[str] | None = None,
+    mode: str = "batched",
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> TraceResult:
     """Where does an edit act? The token-replacement trace with the clean states of the edited model
     (``edit_context``, e.g. ``lambda: attach(vlm, edit_set)``) restored into the unedited model's
     corrupted run, minus the same trace with the unedited model's clean states.
@@ -319,20 +391,59 @@ def edit_trace(vlm: VLM, case: DiagnosticCase, edit_context, kinds: Sequence[str
     own indirect effect. P_clean is the edited model's, P_corrupt the unedited model's.
     """
     t0 = time.perf_counter()
-    edited = causal_trace(vlm, case, kinds=kinds, window=window, replacement=replacement, candidates=candidates,
-                          image_block=image_block, roles=roles, clean_context=edit_context, mode=mode,
-                          batch_size=batch_size, progress=progress)
-    base = causal_trace(vlm, case, kinds=kinds, window=window, replacement=edited.replacement,
-                        image_block=image_block, roles=roles, mode=mode, batch_size=batch_size, progress=progress)
-    effects = {k: [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(edited.effects[k], base.effects[k])]
-               for k in edited.kinds}
-    return replace(edited, method="edit (edited - unedited)", effects=effects, cells=edited.cells + base.cells,
-                   forward_passes=edited.forward_passes + base.forward_passes, seconds=time.perf_counter() - t0)
+    edited = causal_trace(
+        vlm,
+        case,
+        kinds=kinds,
+        window=window,
+        replacement=replacement,
+        candidates=candidates,
+        image_block=image_block,
+        roles=roles,
+        clean_context=edit_context,
+        mode=mode,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    base = causal_trace(
+        vlm,
+        case,
+        kinds=kinds,
+        window=window,
+        replacement=edited.replacement,
+        image_block=image_block,
+        roles=roles,
+        mode=mode,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    effects = {
+        k: [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(edited.effects[k], base.effects[k])] for k in edited.kinds
+    }
+    return replace(
+        edited,
+        method="edit (edited - unedited)",
+        effects=effects,
+        cells=edited.cells + base.cells,
+        forward_passes=edited.forward_passes + base.forward_passes,
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def noise_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str] = TRACE_KINDS, window: int = 1,
-                samples: int = 5, noise_scale: float = 3.0, seed: int = 0, image_block: int | None = None,
-                roles: Sequence[str] | None = None, mode: str = "batched", batch_size: int = 64, progress: Progress | None = None) -> TraceResult:
+def noise_trace(
+    vlm: VLM,
+    case: DiagnosticCase | Prepared,
+    kinds: Sequence[str] = TRACE_KINDS,
+    window: int = 1,
+    samples: int = 5,
+    noise_scale: float = 3.0,
+    seed: int = 0,
+    image_block: int | None = None,
+    roles: Sequence[str] | None = None,
+    mode: str = "batched",
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> TraceResult:
     """ROME's Gaussian-noise trace: noise on the visual tokens' and the constraint's embeddings."""
     t0 = time.perf_counter()
     check_window(window, vlm.num_layers)
@@ -349,17 +460,38 @@ def noise_trace(vlm: VLM, case: DiagnosticCase | Prepared, kinds: Sequence[str] 
     emb = runner.embeds[0, noised].float()
     std = float(emb.std()) * noise_scale
     g = torch.Generator().manual_seed(seed)
-    base = [[Patch(row=0, kind="embeds", positions=noised, mode="add",
-                   values=(torch.randn(len(noised), emb.shape[1], generator=g) * std).to(emb.dtype))]
-            for _ in range(samples)]
+    base = [
+        [
+            Patch(
+                row=0,
+                kind="embeds",
+                positions=noised,
+                mode="add",
+                values=(torch.randn(len(noised), emb.shape[1], generator=g) * std).to(emb.dtype),
+            )
+        ]
+        for _ in range(samples)
+    ]
     rows = _select(trace_rows(prep, image_block), roles)
-    effects, p_corrupt, cells, passes = _trace(vlm, prep, runner, clean, kinds, window, rows, min(noised), base,
-                                               progress)
-    return TraceResult(method="gaussian-noise", kinds=kinds, window=window, rows=rows, effects=effects,
-                       p_clean=prep.p_clean, p_corrupt=p_corrupt, answer=prep.target_token,
-                       question=p.question, noise={"std": std, "scale": noise_scale, "samples": samples, "seed": seed},
-                       label=prep.case.label, cells=cells, forward_passes=passes,
-                       seconds=time.perf_counter() - t0)
+    effects, p_corrupt, cells, passes = _trace(
+        vlm, prep, runner, clean, kinds, window, rows, min(noised), base, progress
+    )
+    return TraceResult(
+        method="gaussian-noise",
+        kinds=kinds,
+        window=window,
+        rows=rows,
+        effects=effects,
+        p_clean=prep.p_clean,
+        p_corrupt=p_corrupt,
+        answer=prep.target_token,
+        question=p.question,
+        noise={"std": std, "scale": noise_scale, "samples": samples, "seed": seed},
+        label=prep.case.label,
+        cells=cells,
+        forward_passes=passes,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def average_traces(results: Sequence[TraceResult]) -> TraceResult:
@@ -384,9 +516,20 @@ def average_traces(results: Sequence[TraceResult]) -> TraceResult:
     rows = [TraceRow(role, [], role, role.startswith("constraint")) for role in roles]
     effects = {k: [(sums[k][role] / counts[role]).tolist() for role in roles] for k in kinds}
     n = len(results)
-    return TraceResult(method=results[0].method, kinds=kinds, window=results[0].window, rows=rows, effects=effects,
-                       p_clean=sum(r.p_clean for r in results) / n, p_corrupt=sum(r.p_corrupt for r in results) / n,
-                       answer="", question="", label=f"mean of {n} cases", cases=n,
-                       noise=results[0].noise, cells=sum(r.cells for r in results),
-                       forward_passes=sum(r.forward_passes for r in results),
-                       seconds=sum(r.seconds for r in results))
+    return TraceResult(
+        method=results[0].method,
+        kinds=kinds,
+        window=results[0].window,
+        rows=rows,
+        effects=effects,
+        p_clean=sum(r.p_clean for r in results) / n,
+        p_corrupt=sum(r.p_corrupt for r in results) / n,
+        answer="",
+        question="",
+        label=f"mean of {n} cases",
+        cases=n,
+        noise=results[0].noise,
+        cells=sum(r.cells for r in results),
+        forward_passes=sum(r.forward_passes for r in results),
+        seconds=sum(r.seconds for r in results),
+    )

@@ -1,7 +1,7 @@
-"""The edit-set format and how edits are attached to a live model.
+"""MultEdit's edit-set format (low-rank deltas), and how any edits are attached to a live model.
 
 An edit set is a list of low-rank deltas ΔW = U Vᵀ on linear modules of one
-base model, saved as one ``.safetensors`` file:
+base model, saved as one ``.safetensors`` file (``editors.files``):
 
 * tensors ``delta.<i>.U`` (d_out × r) and ``delta.<i>.V`` (d_in × r);
 * metadata key ``editlens`` holding a JSON manifest: ``format`` and
@@ -16,34 +16,38 @@ is also how it exports to a PEFT LoRA adapter.
 Attaching never touches the base weights: a forward hook on each edited
 module adds (x V) Uᵀ to its output. Removing the hooks therefore gives back
 the base model's outputs bit for bit, and switching between edit sets needs
-no copy or reload of the base model.
+no copy or reload of the base model. ``attach(vlm, *edits)`` attaches any
+number of edit sets (of any editor) and delta lists at once.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import contextlib
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from vlm.hooks import thread_scoped
+from vlm.hooks import Hooks
 from vlm.loading import VLM
+
+from .base import EditSetBase
+from .files import (
+    EditSetError,
+    FingerprintMismatchError,
+    IncompatibleEditSetError,
+    check_fingerprint,
+    check_no_extra,
+    check_tensor,
+    read_manifest,
+    read_safetensors,
+    write_safetensors,
+)
 
 FORMAT = "editlens.edit_set"
 FORMAT_VERSION = 1
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-class EditSetError(ValueError):
-    """The file is not a usable edit set (corrupt, malformed, non-finite...)."""
-
-
-class FingerprintMismatchError(EditSetError):
-    """The edit set was made for another base model."""
 
 
 class Delta(Protocol):
@@ -77,7 +81,7 @@ class LowRankDelta:
 
 
 @dataclass
-class EditSet:
+class EditSet(EditSetBase):
     """Low-rank deltas plus everything needed to trust and explain them."""
 
     deltas: list[LowRankDelta]
@@ -86,10 +90,6 @@ class EditSet:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def num_edits(self) -> int:
-        return len(self.records)
-
     def manifest(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -97,28 +97,47 @@ class EditSet:
             "base_fingerprint": self.base_fingerprint,
             "editor": self.editor,
             "hyperparameters": self.hyperparameters,
-            "deltas": [{"layer": d.layer, "module": d.module, "rank": d.rank,
-                        "shape": [int(d.U.shape[0]), int(d.V.shape[0])]} for d in self.deltas],
+            "deltas": [
+                {"layer": d.layer, "module": d.module, "rank": d.rank, "shape": [int(d.U.shape[0]), int(d.V.shape[0])]}
+                for d in self.deltas
+            ],
             "records": self.records,
         }
 
-    def merged(self) -> "EditSet":
+    def merged(self) -> EditSet:
         """The same edits with the deltas of each module concatenated into one (ranks add up)."""
         by_module: dict[str, list[LowRankDelta]] = {}
         for d in self.deltas:
             by_module.setdefault(d.module, []).append(d)
-        deltas = [LowRankDelta(ds[0].layer, m, torch.cat([d.U for d in ds], 1), torch.cat([d.V for d in ds], 1))
-                  for m, ds in by_module.items()]
+        deltas = [
+            LowRankDelta(ds[0].layer, m, torch.cat([d.U for d in ds], 1), torch.cat([d.V for d in ds], 1))
+            for m, ds in by_module.items()
+        ]
         return EditSet(deltas, self.base_fingerprint, self.editor, dict(self.hyperparameters), list(self.records))
 
-    def extended(self, other: "EditSet") -> "EditSet":
+    def extended(self, other: EditSet) -> EditSet:
         """This edit set followed by ``other`` (same base model and editor)."""
         if other.base_fingerprint != self.base_fingerprint:
             raise FingerprintMismatchError("cannot combine edit sets made for different base models")
         if other.editor != self.editor:
-            raise EditSetError(f"cannot combine a {self.editor} edit set with a {other.editor} one")
-        return EditSet(self.deltas + other.deltas, self.base_fingerprint, self.editor,
-                       dict(self.hyperparameters), self.records + other.records)
+            raise IncompatibleEditSetError(f"cannot combine a {self.editor} edit set with a {other.editor} one")
+        return EditSet(
+            self.deltas + other.deltas,
+            self.base_fingerprint,
+            self.editor,
+            dict(self.hyperparameters),
+            self.records + other.records,
+        )
+
+    def attach(self, vlm: VLM) -> AttachedDeltas:
+        return AttachedDeltas(vlm, self.deltas)
+
+    def describe(self, size_bytes: int | None = None) -> dict[str, Any]:
+        return {
+            **super().describe(size_bytes),
+            "deltas": [{"layer": d.layer, "module": d.module, "rank": d.rank} for d in self.deltas],
+            "hyperparameters": self.hyperparameters,
+        }
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> int:
@@ -131,7 +150,7 @@ class EditSet:
         return write_safetensors(path, tensors, self.manifest())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> "EditSet":
+    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> EditSet:
         """Read and validate an edit set; with ``vlm``, also check it fits that model."""
         meta, tensors = read_safetensors(path, "edit set")
         edit_set = cls.from_parts(meta, tensors, source=str(path))
@@ -140,9 +159,15 @@ class EditSet:
         return edit_set
 
     @classmethod
-    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set") -> "EditSet":
-        man = read_manifest(meta, source, FORMAT, FORMAT_VERSION, "an EditLens edit set",
-                            ("base_fingerprint", "editor", "deltas", "records"))
+    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set") -> EditSet:
+        man = read_manifest(
+            meta,
+            source,
+            FORMAT,
+            FORMAT_VERSION,
+            "an EditLens edit set",
+            ("base_fingerprint", "editor", "deltas", "records"),
+        )
         deltas = []
         expected = set()
         for i, info in enumerate(man["deltas"]):
@@ -151,91 +176,45 @@ class EditSet:
             missing = [n for n in names if n not in tensors]
             if missing:
                 raise EditSetError(f"{source}: tensors {missing} are missing")
-            U, V = tensors[names[0]], tensors[names[1]]
-            for n, t in zip(names, (U, V)):
-                if t.dtype not in _FLOAT_DTYPES:
-                    raise EditSetError(f"{source}: {n} has dtype {t.dtype}; expected a floating point type")
-                if t.dim() != 2:
-                    raise EditSetError(f"{source}: {n} has shape {tuple(t.shape)}; expected a matrix")
+            U, V = (check_tensor(tensors[n], n, source, dim=2) for n in names)
             if U.shape[1] != V.shape[1] or U.shape[1] != info.get("rank"):
-                raise EditSetError(f"{source}: delta {i} has U {tuple(U.shape)} and V {tuple(V.shape)}, "
-                                   f"but the manifest says rank {info.get('rank')}")
+                raise EditSetError(
+                    f"{source}: delta {i} has U {tuple(U.shape)} and V {tuple(V.shape)}, "
+                    f"but the manifest says rank {info.get('rank')}"
+                )
             if [int(U.shape[0]), int(V.shape[0])] != info.get("shape"):
-                raise EditSetError(f"{source}: delta {i} has shape {[int(U.shape[0]), int(V.shape[0])]}, "
-                                   f"but the manifest says {info.get('shape')}")
-            deltas.append(LowRankDelta(int(info["layer"]), str(info["module"]), U.float(), V.float()))
-        extra = sorted(set(tensors) - expected)
-        if extra:
-            raise EditSetError(f"{source}: unexpected tensors {extra[:5]}")
-        check_finite(deltas, source)
-        return cls(deltas, str(man["base_fingerprint"]), str(man["editor"]),
-                   dict(man.get("hyperparameters") or {}), list(man["records"]))
+                raise EditSetError(
+                    f"{source}: delta {i} has shape {[int(U.shape[0]), int(V.shape[0])]}, "
+                    f"but the manifest says {info.get('shape')}"
+                )
+            deltas.append(LowRankDelta(int(info["layer"]), str(info["module"]), U, V))
+        check_no_extra(tensors, expected, source)
+        return cls(
+            deltas,
+            str(man["base_fingerprint"]),
+            str(man["editor"]),
+            dict(man.get("hyperparameters") or {}),
+            list(man["records"]),
+        )
 
     def check_compatible(self, vlm: VLM) -> None:
         """Raise unless every delta fits a module of ``vlm`` and the base fingerprints agree."""
-        if self.base_fingerprint != vlm.fingerprint:
-            raise FingerprintMismatchError(
-                f"this edit set was made for the base model with fingerprint {self.base_fingerprint}, "
-                f"but the loaded model ({vlm.path}) has fingerprint {vlm.fingerprint}")
-        for i, d in enumerate(self.deltas):
-            try:
-                mod = vlm.module(d.module)
-            except AttributeError:
-                raise EditSetError(f"delta {i} targets {d.module!r}, which this model does not have") from None
-            w = getattr(mod, "weight", None)
-            if not isinstance(mod, torch.nn.Linear) or w is None:
-                raise EditSetError(f"delta {i} targets {d.module!r}, which is not a linear layer")
-            if tuple(w.shape) != (d.U.shape[0], d.V.shape[0]):
-                raise EditSetError(f"delta {i} has shape {(int(d.U.shape[0]), int(d.V.shape[0]))} but "
-                                   f"{d.module} has weight shape {tuple(w.shape)}")
+        check_fingerprint(self.base_fingerprint, vlm, "this edit set")
+        check_linear_shapes(vlm, [(d.module, (int(d.U.shape[0]), int(d.V.shape[0]))) for d in self.deltas])
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> int:
-    """Write ``tensors`` with ``manifest`` as the ``editlens`` metadata, atomically (a temp file, then a
-    rename); returns the file's size in bytes."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"editlens": json.dumps(manifest)})
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors of a safetensors file, or an ``EditSetError`` that says what is wrong."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise EditSetError(f"{what} not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types
-        raise EditSetError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
-
-
-def read_manifest(meta: dict[str, str], source: str, fmt: str, version: int, what: str,
-                  required: Sequence[str]) -> dict[str, Any]:
-    """The ``editlens`` manifest of a file's metadata, checked for its format, version and ``required`` keys;
-    an ``EditSetError`` naming ``source`` and what is wrong otherwise."""
-    if "editlens" not in meta:
-        raise EditSetError(f"{source} has no EditLens manifest: it is not an edit set")
-    try:
-        man = json.loads(meta["editlens"])
-    except json.JSONDecodeError as exc:
-        raise EditSetError(f"{source}: the manifest is not valid JSON ({exc})") from None
-    if not isinstance(man, dict) or man.get("format") != fmt:
-        raise EditSetError(f"{source} is not {what} (format {man.get('format') if isinstance(man, dict) else None!r})")
-    if man.get("format_version") != version:
-        raise EditSetError(f"{source} has format version {man.get('format_version')!r}; "
-                           f"this EditLens reads version {version}")
-    for key in required:
-        if key not in man:
-            raise EditSetError(f"{source}: the manifest has no {key!r}")
-    return man
+def check_linear_shapes(vlm: VLM, targets: Iterable[tuple[str, tuple[int, int]]]) -> None:
+    """Raise ``EditSetError`` unless each (module path, (d_out, d_in)) is a linear layer of that shape."""
+    for i, (path, shape) in enumerate(targets):
+        try:
+            mod = vlm.module(path)
+        except AttributeError:
+            raise EditSetError(f"delta {i} targets {path!r}, which this model does not have") from None
+        w = getattr(mod, "weight", None)
+        if not isinstance(mod, torch.nn.Linear) or w is None:
+            raise EditSetError(f"delta {i} targets {path!r}, which is not a linear layer")
+        if tuple(w.shape) != tuple(shape):
+            raise EditSetError(f"delta {i} has shape {tuple(shape)} but {path} has weight shape {tuple(w.shape)}")
 
 
 def check_finite(deltas: Iterable[LowRankDelta], source: str = "edit set") -> None:
@@ -245,76 +224,65 @@ def check_finite(deltas: Iterable[LowRankDelta], source: str = "edit set") -> No
                 raise EditSetError(f"{source}: delta {i} ({name}) holds NaN or infinite values")
 
 
-def file_size_per_edit(size_bytes: int, num_edits: int) -> float:
-    return size_bytes / max(1, num_edits)
+class AttachedDeltas:
+    """Forward hooks that add the deltas' contributions; ``remove()`` restores the base model exactly."""
 
-
-class AttachedEdits:
-    """Forward hooks that add the deltas' contributions; ``remove()`` restores the base model exactly.
-
-    ``others``: further attachments (anything with ``remove()``, e.g. a VisEdit edit set's hooks)
-    removed together with the deltas."""
-
-    def __init__(self, vlm: VLM, deltas: Sequence[Delta], others: Sequence[Any] = ()):
-        self._others = list(others)
-        self._handles = []
+    def __init__(self, vlm: VLM, deltas: Sequence[Delta]):
         by_module: dict[str, list[Delta]] = {}
         for d in deltas:
             by_module.setdefault(d.module, []).append(d)
-        for path, ds in by_module.items():
-            mod = vlm.module(path)
-
-            def hook(_mod, args, out, ds=tuple(ds)):
-                x = args[0]
-                add = ds[0].contribution(x)
-                for d in ds[1:]:
-                    add = add + d.contribution(x)
-                return (out.float() + add).to(out.dtype)
-
-            self._handles.append(mod.register_forward_hook(thread_scoped(hook)))
+        self._hooks = Hooks()
+        with self._hooks.installing():
+            for path, ds in by_module.items():
+                self._hooks.add(vlm.module(path), _adding_hook(tuple(ds)))
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        for o in self._others:
-            o.remove()
-        self._others = []
+        self._hooks.remove()
 
-    def __enter__(self) -> "AttachedEdits":
+    def __enter__(self) -> AttachedDeltas:
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
 
 
-def attach(vlm: VLM, *edits: EditSet | Delta | Sequence[Delta] | Any) -> AttachedEdits:
-    """Attach edit sets and/or deltas to ``vlm`` (usable as a context manager). Any other edit set
-    with an ``attach(vlm)`` method of its own (a VisEdit edit set) is attached through it."""
-    deltas: list[Delta] = []
-    others: list[Any] = []
+def _adding_hook(deltas: tuple[Delta, ...]):
+    def hook(_mod, args, out):
+        x = args[0]
+        add = deltas[0].contribution(x)
+        for d in deltas[1:]:
+            add = add + d.contribution(x)
+        return (out.float() + add).to(out.dtype)
+
+    return hook
+
+
+class Attached:
+    """Several attachments removed together (the result of ``attach``)."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self._stack = stack
+
+    def remove(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Attached:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def attach(vlm: VLM, *edits: EditSetBase | Sequence[Delta] | None) -> Attached:
+    """Attach edit sets (of any editor) and/or lists of deltas to ``vlm`` for the calling thread; ``None``
+    is skipped. Usable as a context manager; if attaching one of them fails, none stays attached."""
+    stack = contextlib.ExitStack()
     try:
         for e in edits:
-            if isinstance(e, EditSet):
-                deltas += e.deltas
-            elif isinstance(e, (list, tuple)):
-                deltas += list(e)
-            elif hasattr(e, "attach") and not hasattr(e, "contribution"):
-                others.append(e.attach(vlm))
-            else:
-                deltas.append(e)
-    except Exception:
-        for o in others:
-            o.remove()
+            if e is None:
+                continue
+            stack.enter_context(AttachedDeltas(vlm, e) if isinstance(e, (list, tuple)) else e.attach(vlm))
+    except BaseException:
+        stack.close()
         raise
-    return AttachedEdits(vlm, deltas, others)
-
-
-def describe(edit_set: EditSet, size_bytes: int | None = None) -> dict[str, Any]:
-    out = {"editor": edit_set.editor, "edits": edit_set.num_edits, "base_fingerprint": edit_set.base_fingerprint,
-           "deltas": [{"layer": d.layer, "module": d.module, "rank": d.rank} for d in edit_set.deltas],
-           "hyperparameters": edit_set.hyperparameters}
-    if size_bytes is not None:
-        out["file_bytes"] = size_bytes
-        out["bytes_per_edit"] = math.ceil(file_size_per_edit(size_bytes, edit_set.num_edits))
-    return out
+    return Attached(stack)

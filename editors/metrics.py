@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -46,8 +47,19 @@ from .edit_set import attach
 EVQA = ("reliability", "text_generality", "modal_generality", "text_locality", "modal_locality")
 PAPER = ("efficacy", "generalisation", "modal_generalisation", "specificity_before", "specificity_after")
 EXTRA = ("modal_generality_heldout",)
-CASE_FIELDS = ("src", "rephrase", "alt", "constraint", "image", "image_rephrase", "loc", "loc_ans",
-               "m_loc", "m_loc_q", "m_loc_a")
+CASE_FIELDS = (
+    "src",
+    "rephrase",
+    "alt",
+    "constraint",
+    "image",
+    "image_rephrase",
+    "loc",
+    "loc_ans",
+    "m_loc",
+    "m_loc_q",
+    "m_loc_a",
+)
 
 
 class CaseError(ValueError):
@@ -78,8 +90,13 @@ class CasePrompts:
     modal_heldout: EncodedPrompt | None = None
 
     def all(self) -> list[EncodedPrompt]:
-        return [self.reliability, self.text_generality, self.modal_generality, self.text_locality,
-                self.modal_locality] + ([self.modal_heldout] if self.modal_heldout is not None else [])
+        return [
+            self.reliability,
+            self.text_generality,
+            self.modal_generality,
+            self.text_locality,
+            self.modal_locality,
+        ] + ([self.modal_heldout] if self.modal_heldout is not None else [])
 
 
 def load_cases(path: str | Path) -> list[dict[str, Any]]:
@@ -103,8 +120,9 @@ def case_prompts(vlm: VLM, case: dict[str, Any], pixels: PixelCache) -> CaseProm
     proc = vlm.processor
 
     def visual(question: str, image: str, answer: str, constraint: str | None = None) -> EncodedPrompt:
-        return encode(proc, question, answer=answer, constraints=[constraint] if constraint else None,
-                      pixel_values=pixels(image))
+        return encode(
+            proc, question, answer=answer, constraints=[constraint] if constraint else None, pixel_values=pixels(image)
+        )
 
     c = case
     return CasePrompts(
@@ -114,20 +132,24 @@ def case_prompts(vlm: VLM, case: dict[str, Any], pixels: PixelCache) -> CaseProm
         modal_generality=visual(c["src"], c["image_rephrase"], c["alt"], c["constraint"]),
         text_locality=encode(proc, c["loc"], answer=c["loc_ans"]),
         modal_locality=visual(c["m_loc_q"], c["m_loc"], c["m_loc_a"]),
-        modal_heldout=visual(c["src"], c["image_heldout"], c["alt"], c["constraint"]) if c.get("image_heldout")
+        modal_heldout=visual(c["src"], c["image_heldout"], c["alt"], c["constraint"])
+        if c.get("image_heldout")
         else None,
     )
 
 
-def specificity_panel(vlm: VLM, world_dir: Path, pixels: PixelCache, size: int, seed: int = 0
-                      ) -> list[tuple[str | None, EncodedPrompt]]:
+def specificity_panel(
+    vlm: VLM, world_dir: Path, pixels: PixelCache, size: int, seed: int = 0
+) -> list[tuple[str | None, EncodedPrompt]]:
     """(entity, prompt) pairs: held-out visual questions sampled with a fixed seed."""
     items = json.loads((Path(world_dir) / "questions" / "heldout_paraphrase.json").read_text())
     items = [q for q in items if q.get("image")]
     rng = random.Random(f"specificity-{seed}")
     sample = rng.sample(items, min(size, len(items)))
-    return [(q.get("entity"), encode(vlm.processor, q["question"], answer=q["answer"],
-                                     pixel_values=pixels(q["image"]))) for q in sample]
+    return [
+        (q.get("entity"), encode(vlm.processor, q["question"], answer=q["answer"], pixel_values=pixels(q["image"])))
+        for q in sample
+    ]
 
 
 def _agreement(before: AnswerScore, after: AnswerScore) -> float:
@@ -161,7 +183,7 @@ def score_case(vlm: VLM, cp: CasePrompts, i: int, base: Baseline) -> dict[str, f
     own = cp.all()
     scores = score_answers(vlm, own + [base.panel[j][1] for j in panel_idx], batch_size=64)
     rel, tgen, mgen, tloc, mloc = scores[:5]
-    panel_after = scores[len(own):]
+    panel_after = scores[len(own) :]
     out = {
         "reliability": rel.token_accuracy,
         "text_generality": tgen.token_accuracy,
@@ -182,6 +204,7 @@ def score_case(vlm: VLM, cp: CasePrompts, i: int, base: Baseline) -> dict[str, f
 
 def summarise(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Means over cases, overall and per case type (counterfactual / insertion)."""
+
     def mean(rows, key):
         vals = [r[key] for r in rows if key in r]
         return sum(vals) / len(vals) if vals else None
@@ -201,9 +224,13 @@ def summarise(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def evaluate_single_edits(vlm: VLM, prompts: Sequence[CasePrompts], base: Baseline,
-                          edits: Sequence[Any], progress: Callable[[int, int], None] | None = None
-                          ) -> list[dict[str, Any]]:
+def evaluate_single_edits(
+    vlm: VLM,
+    prompts: Sequence[CasePrompts],
+    base: Baseline,
+    edits: Sequence[Any],
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
     """Each case scored with its own edit attached (``edits[i]``: an EditSet or deltas)."""
     rows = []
     for i, (cp, e) in enumerate(zip(prompts, edits)):
@@ -215,8 +242,7 @@ def evaluate_single_edits(vlm: VLM, prompts: Sequence[CasePrompts], base: Baseli
     return rows
 
 
-def evaluate_together(vlm: VLM, prompts: Sequence[CasePrompts], base: Baseline, edits: Any
-                      ) -> list[dict[str, Any]]:
+def evaluate_together(vlm: VLM, prompts: Sequence[CasePrompts], base: Baseline, edits: Any) -> list[dict[str, Any]]:
     """Every case scored with the same edits attached (sequential or joint editing)."""
     rows = []
     with attach(vlm, edits):
@@ -224,3 +250,17 @@ def evaluate_together(vlm: VLM, prompts: Sequence[CasePrompts], base: Baseline, 
             m = score_case(vlm, cp, i, base)
             rows.append({"case_id": cp.case.get("case_id"), "type": cp.case.get("type"), **m})
     return rows
+
+
+def spread_cases(cases: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` cases keeping the file's mix of case types (the first of each type, in proportion); all of them
+    when there are no more than ``n``."""
+    if n >= len(cases):
+        return list(cases)
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for c in cases:
+        by_type.setdefault(c.get("type", ""), []).append(c)
+    out = []
+    for items in by_type.values():
+        out += items[: max(1, round(n * len(items) / len(cases)))]
+    return out[:n]

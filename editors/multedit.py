@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -32,38 +33,13 @@ from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt
 from vlm.scoring import score_answers
 
+from .base import DownProjEditor
+from .configs import MultEditConfig
+from .edit_set import FORMAT as EDIT_SET_FORMAT
 from .edit_set import EditSet, LowRankDelta, attach
-from .request import DownProjEditor, EditProgress, EditRequest, ProgressCallback
 from .rank_one import constraint_keys, optimise_values, solve_update, solve_update_keeping
-
-
-@dataclass
-class MultEditConfig:
-    layer: int | str                # a decoder layer, or "auto": chosen by the causal trace (diagnostics)
-    lam: float = 0.01               # ridge λ (paper: 0.01)
-    steps: int = 100                # Adam steps for the value, at most
-    lr: float = 0.1                 # Adam learning rate (paper: 0.1)
-    lr_scale: str = "residual"      # "residual": lr in units of the residual RMS at the key; "none": absolute
-    max_norm: float | None = None   # bound on ‖δ‖ (None: unbounded)
-    target_prob: float = 0.95       # a value stops once P(O*) reaches this with every token top-1
-    same_subject_cos: float = 0.9   # joint edits: keys this similar are one subject and share one value
-    keep_earlier: bool = True       # sequential: earlier edits' keys (other subjects) keep their outputs
-
-    def check(self, vlm: VLM) -> None:
-        if self.layer != "auto" and (not isinstance(self.layer, int) or not 0 <= self.layer < vlm.num_layers):
-            raise ValueError(f"layer {self.layer!r} is outside 0..{vlm.num_layers - 1} (or use 'auto')")
-        if self.lam <= 0:
-            raise ValueError("λ must be positive")
-        if self.steps < 0 or self.lr <= 0:
-            raise ValueError("steps must be >= 0 and lr > 0")
-        if self.lr_scale not in ("none", "residual"):
-            raise ValueError(f"lr_scale must be 'none' or 'residual', not {self.lr_scale!r}")
-        if self.max_norm is not None and self.max_norm <= 0:
-            raise ValueError("max_norm must be positive")
-        if not 0 < self.target_prob <= 1:
-            raise ValueError("target_prob must be in (0, 1]")
-        if not -1 <= self.same_subject_cos <= 1:
-            raise ValueError("same_subject_cos must be a cosine in [-1, 1]")
+from .registry import EditorSpec, register_editor
+from .request import EditProgress, EditRequest, ProgressCallback
 
 
 def subject_groups(K: torch.Tensor, min_cos: float) -> list[int]:
@@ -112,13 +88,24 @@ class MultEdit(DownProjEditor):
             return self.config.layer
         if not requests:
             raise ValueError("no edit requests")
-        cases = [c for r in requests for c in request_cases(
-            r.question, r.constraint, r.image, rephrase=r.rephrase, image_rephrase=r.image_rephrase,
-            pixel_values=r.pixel_values, replacements=r.replacements)]
+        cases = [
+            c
+            for r in requests
+            for c in request_cases(
+                r.question,
+                r.constraint,
+                r.image,
+                rephrase=r.rephrase,
+                image_rephrase=r.image_rephrase,
+                pixel_values=r.pixel_values,
+                replacements=r.replacements,
+            )
+        ]
 
         def say(done: int, total: int) -> None:
             if progress:
                 progress(EditProgress("layer", done - 1, total))
+
         rec = recommend_multedit_layer(self.vlm, cases, progress=say)
         self.config = replace(self.config, layer=rec.layer)
         self.module = self.vlm.arch.module_path("down_proj", rec.layer)
@@ -134,8 +121,9 @@ class MultEdit(DownProjEditor):
         return out
 
     # ------------------------------------------------------------------ API
-    def edit(self, requests: Sequence[EditRequest], onto: EditSet | None = None,
-             progress: ProgressCallback | None = None) -> EditSet:
+    def edit(
+        self, requests: Sequence[EditRequest], onto: EditSet | None = None, progress: ProgressCallback | None = None
+    ) -> EditSet:
         """All ``requests`` as one joint update, computed on the model with ``onto`` attached.
 
         Requests about the same subject (keys with cosine ≥ ``same_subject_cos``)
@@ -152,8 +140,9 @@ class MultEdit(DownProjEditor):
         new = EditSet([delta], self.vlm.fingerprint, self.name, self.hyperparameters("joint"), records)
         return onto.extended(new) if onto is not None else new
 
-    def edit_sequentially(self, requests: Sequence[EditRequest], onto: EditSet | None = None,
-                          progress: ProgressCallback | None = None) -> EditSet:
+    def edit_sequentially(
+        self, requests: Sequence[EditRequest], onto: EditSet | None = None, progress: ProgressCallback | None = None
+    ) -> EditSet:
         """One edit after another, each computed on the model with all earlier edits attached.
 
         An earlier edit of this call about the same subject (key cosine ≥
@@ -173,17 +162,25 @@ class MultEdit(DownProjEditor):
             prompt = self.encode(req)
             with attach(self.vlm, current) if current is not None else contextlib.nullcontext():
                 companions, keep = self._same_subject(prompt, history)
-                delta, records = self._compute([prompt], [req], progress, joint=True, first=i, total=len(requests),
-                                               companions=companions,
-                                               keep=keep if self.config.keep_earlier else None)
+                delta, records = self._compute(
+                    [prompt],
+                    [req],
+                    progress,
+                    joint=True,
+                    first=i,
+                    total=len(requests),
+                    companions=companions,
+                    keep=keep if self.config.keep_earlier else None,
+                )
             history.append(prompt)
             new = EditSet([delta], self.vlm.fingerprint, self.name, self.hyperparameters("sequential"), records)
             current = current.extended(new) if current is not None else new
         current.hyperparameters = self.hyperparameters("sequential")
         return current
 
-    def _same_subject(self, prompt: EncodedPrompt, history: list[EncodedPrompt]
-                      ) -> tuple[list[EncodedPrompt], torch.Tensor | None]:
+    def _same_subject(
+        self, prompt: EncodedPrompt, history: list[EncodedPrompt]
+    ) -> tuple[list[EncodedPrompt], torch.Tensor | None]:
         """Earlier prompts about the same subject, and the keys of the other earlier prompts."""
         if not history:
             return [], None
@@ -193,8 +190,9 @@ class MultEdit(DownProjEditor):
         others = K[1:][[not s for s in same]]
         return [p for p, s in zip(history, same) if s], (others.cpu() if len(others) else None)
 
-    def edit_each(self, requests: Sequence[EditRequest], batch_size: int = 16,
-                  progress: ProgressCallback | None = None) -> list[EditSet]:
+    def edit_each(
+        self, requests: Sequence[EditRequest], batch_size: int = 16, progress: ProgressCallback | None = None
+    ) -> list[EditSet]:
         """Independent single edits, each from the current model; values are optimised in batches.
 
         Timings in the records are the batch's divided by its size. With
@@ -203,19 +201,28 @@ class MultEdit(DownProjEditor):
         self.choose_layer(requests, progress)
         out: list[EditSet] = []
         for start in range(0, len(requests), batch_size):
-            chunk = list(requests[start: start + batch_size])
+            chunk = list(requests[start : start + batch_size])
             prompts = [self.encode(r) for r in chunk]
             delta, records = self._compute(prompts, chunk, progress, joint=False, first=start, total=len(requests))
             for i, rec in enumerate(records):
-                d = LowRankDelta(delta.layer, delta.module, delta.U[:, i: i + 1].clone(), delta.V[:, i: i + 1].clone())
+                d = LowRankDelta(
+                    delta.layer, delta.module, delta.U[:, i : i + 1].clone(), delta.V[:, i : i + 1].clone()
+                )
                 out.append(EditSet([d], self.vlm.fingerprint, self.name, self.hyperparameters("single"), [rec]))
         return out
 
     # ------------------------------------------------------------- the work
-    def _compute(self, prompts: list[EncodedPrompt], requests: Sequence[EditRequest],
-                 progress: ProgressCallback | None, joint: bool, first: int, total: int,
-                 companions: Sequence[EncodedPrompt] = (), keep: torch.Tensor | None = None
-                 ) -> tuple[LowRankDelta, list[dict[str, Any]]]:
+    def _compute(
+        self,
+        prompts: list[EncodedPrompt],
+        requests: Sequence[EditRequest],
+        progress: ProgressCallback | None,
+        joint: bool,
+        first: int,
+        total: int,
+        companions: Sequence[EncodedPrompt] = (),
+        keep: torch.Tensor | None = None,
+    ) -> tuple[LowRankDelta, list[dict[str, Any]]]:
         """Keys, values and the update for ``prompts``; ``companions`` (earlier edits' prompts
         about the same subjects) join the value optimisation but get no update column;
         ``keep`` (m, d_ff) are keys whose outputs the update must leave as they are."""
@@ -225,7 +232,7 @@ class MultEdit(DownProjEditor):
 
         say(EditProgress("key", first, total))
         t0 = time.perf_counter()
-        K_all = constraint_keys(vlm, everything, cfg.layer)              # (n + c, d_ff)
+        K_all = constraint_keys(vlm, everything, cfg.layer)  # (n + c, d_ff)
         K = K_all[:n]
         t_key = time.perf_counter() - t0
 
@@ -234,9 +241,18 @@ class MultEdit(DownProjEditor):
 
         t0 = time.perf_counter()
         groups = subject_groups(K_all, cfg.same_subject_cos) if joint else None
-        values = optimise_values(vlm, everything, cfg.layer, steps=cfg.steps, lr=cfg.lr, max_norm=cfg.max_norm,
-                                 target_prob=cfg.target_prob, lr_scale=cfg.lr_scale, groups=groups,
-                                 progress=on_step)
+        values = optimise_values(
+            vlm,
+            everything,
+            cfg.layer,
+            steps=cfg.steps,
+            lr=cfg.lr,
+            max_norm=cfg.max_norm,
+            target_prob=cfg.target_prob,
+            lr_scale=cfg.lr_scale,
+            groups=groups,
+            progress=on_step,
+        )
         t_value = time.perf_counter() - t0
 
         say(EditProgress("update", first, total))
@@ -246,9 +262,9 @@ class MultEdit(DownProjEditor):
             WK = lin(K.to(lin.weight.device, lin.weight.dtype)).float().cpu()  # W′k with earlier edits attached
         K, Z = K.cpu(), values.z_star[:n].cpu()
         if keep is not None:
-            U, V = solve_update_keeping(WK, K, Z, keep, cfg.lam)           # (d, n), (d_ff, n)
+            U, V = solve_update_keeping(WK, K, Z, keep, cfg.lam)  # (d, n), (d_ff, n)
         elif joint:
-            U, V = solve_update(WK, K, Z, cfg.lam), K.T                    # (d, n), v = k
+            U, V = solve_update(WK, K, Z, cfg.lam), K.T  # (d, n), v = k
         else:
             U, V = ((Z - WK) / (cfg.lam + (K * K).sum(-1, keepdim=True))).T, K.T  # one rank-one u per column
         delta = LowRankDelta(cfg.layer, self.module, U.contiguous(), V.contiguous())
@@ -259,19 +275,26 @@ class MultEdit(DownProjEditor):
         say(EditProgress("done", first + n - 1, total))
         records = []
         for i, req in enumerate(requests):
-            records.append({
-                "request": req.describe(),
-                "editor": self.name,
-                "layer": cfg.layer,
-                "module": self.module,
-                "metrics": {"p_before": p_before[i], "p_after": p_after[i],
-                            "delta_norm": float(values.delta[i].norm()), "value_steps": values.steps[i],
-                            "value_prob": values.prob[i], "value_step_size": values.step_sizes[i],
-                            "value_group": groups[i] if groups else 0,
-                            "value_companions": len(companions),
-                            "kept_keys": 0 if keep is None else int(keep.shape[0])},
-                "seconds": {"key": t_key / n, "value": t_value / n, "update": t_update / n},
-            })
+            records.append(
+                {
+                    "request": req.describe(),
+                    "editor": self.name,
+                    "layer": cfg.layer,
+                    "module": self.module,
+                    "metrics": {
+                        "p_before": p_before[i],
+                        "p_after": p_after[i],
+                        "delta_norm": float(values.delta[i].norm()),
+                        "value_steps": values.steps[i],
+                        "value_prob": values.prob[i],
+                        "value_step_size": values.step_sizes[i],
+                        "value_group": groups[i] if groups else 0,
+                        "value_companions": len(companions),
+                        "kept_keys": 0 if keep is None else int(keep.shape[0]),
+                    },
+                    "seconds": {"key": t_key / n, "value": t_value / n, "update": t_update / n},
+                }
+            )
         return delta, records
 
     def _scores_after(self, prompts: list[EncodedPrompt], delta: LowRankDelta, joint: bool) -> list[float]:
@@ -280,7 +303,19 @@ class MultEdit(DownProjEditor):
                 return [s.prob for s in score_answers(self.vlm, prompts)]
         out = []
         for i, p in enumerate(prompts):
-            one = LowRankDelta(delta.layer, delta.module, delta.U[:, i: i + 1], delta.V[:, i: i + 1])
+            one = LowRankDelta(delta.layer, delta.module, delta.U[:, i : i + 1], delta.V[:, i : i + 1])
             with attach(self.vlm, [one]):
                 out.append(score_answers(self.vlm, [p])[0].prob)
         return out
+
+
+register_editor(
+    EditorSpec(
+        name="multedit",
+        config_class=MultEditConfig,
+        edit_set_class=EditSet,
+        editor_class=MultEdit,
+        format=EDIT_SET_FORMAT,
+        description="a rank-one edit of one early MLP at the visual constraint (Basu et al. 2024)",
+    )
+)

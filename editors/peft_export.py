@@ -39,17 +39,21 @@ def export_peft(edit_set: EditSet, out_dir: str | os.PathLike, base_model_path: 
     ranks = {d.module: d.rank for d in merged.deltas}
     r = max(ranks.values())
     config = LoraConfig(
-        r=r, lora_alpha=r, lora_dropout=0.0, bias="none", target_modules=sorted(ranks),
+        r=r,
+        lora_alpha=r,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=sorted(ranks),
         rank_pattern={re.escape(m): k for m, k in ranks.items() if k != r},
         alpha_pattern={re.escape(m): k for m, k in ranks.items() if k != r},
-        base_model_name_or_path=base_model_path, inference_mode=True,
+        base_model_name_or_path=base_model_path,
+        inference_mode=True,
     )
     tensors = {}
     for d in merged.deltas:
         prefix = f"base_model.model.{d.module}"
         tensors[f"{prefix}.lora_A.weight"] = d.V.float().T.contiguous()
         tensors[f"{prefix}.lora_B.weight"] = d.U.float().contiguous()
-    save_file(tensors, str(out / ADAPTER_WEIGHTS),
-              metadata={"format": "pt", "editlens": json.dumps(merged.manifest())})
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", "editlens": json.dumps(merged.manifest())})
     config.save_pretrained(str(out))
     return out

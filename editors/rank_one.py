@@ -18,8 +18,8 @@ computed for its own request, or jointly for n edits with an n×n solve.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -60,18 +60,27 @@ def answer_nll(prompts: Sequence[EncodedPrompt], run) -> tuple[torch.Tensor, tor
 class Values:
     """The outcome of value optimisation, one row per request."""
 
-    z: torch.Tensor          # (n, d) output of down_proj at the key position before the edit
-    z_star: torch.Tensor     # (n, d) target output z + δ
-    delta: torch.Tensor      # (n, d)
-    steps: list[int]         # Adam steps each row took (0: already converged)
-    prob: list[float]        # P(new answer) with δ added, at the end
+    z: torch.Tensor  # (n, d) output of down_proj at the key position before the edit
+    z_star: torch.Tensor  # (n, d) target output z + δ
+    delta: torch.Tensor  # (n, d)
+    steps: list[int]  # Adam steps each row took (0: already converged)
+    prob: list[float]  # P(new answer) with δ added, at the end
     step_sizes: list[float]  # each row's Adam step size in δ units (lr × its scale)
     residual_rms: list[float]  # RMS of the residual stream at each key position
 
 
-def optimise_values(vlm: VLM, prompts: Sequence[EncodedPrompt], layer: int, steps: int = 100, lr: float = 0.1,
-                    max_norm: float | None = None, target_prob: float = 0.9, lr_scale: str = "none",
-                    groups: Sequence[int] | None = None, progress: ProgressFn | None = None) -> Values:
+def optimise_values(
+    vlm: VLM,
+    prompts: Sequence[EncodedPrompt],
+    layer: int,
+    steps: int = 100,
+    lr: float = 0.1,
+    max_norm: float | None = None,
+    target_prob: float = 0.9,
+    lr_scale: str = "none",
+    groups: Sequence[int] | None = None,
+    progress: ProgressFn | None = None,
+) -> Values:
     """Optimise δ for every prompt (encoded with its *new* answer) at once.
 
     Minimises −Σ log P(answer tokens) teacher-forced, with δ added to the
@@ -129,7 +138,7 @@ def optimise_values(vlm: VLM, prompts: Sequence[EncodedPrompt], layer: int, step
         nll = None
         for step in range(steps + 1):
             delta = (eps * scale)[gidx]
-            patches = [Patch(i, "mlp", [pos[i]], delta[i: i + 1], layers=[layer], mode="add") for i in range(n)]
+            patches = [Patch(i, "mlp", [pos[i]], delta[i : i + 1], layers=[layer], mode="add") for i in range(n)]
             run = run_patched(vlm, inputs, patches=patches, grad=step < steps)
             nll, top1 = answer_nll(prompts, run)
             row_ok = (top1 & (nll <= threshold)).detach()
@@ -154,12 +163,20 @@ def optimise_values(vlm: VLM, prompts: Sequence[EncodedPrompt], layer: int, step
         for p, f in zip(params, flags):
             p.requires_grad_(f)
     delta = (eps * scale).detach()[gidx]
-    return Values(z=z, z_star=z + delta, delta=delta, steps=[used[g] for g in groups],
-                  prob=torch.exp(-nll.detach()).tolist(), step_sizes=(lr * scale[gidx, 0]).tolist(),
-                  residual_rms=rms.tolist())
+    return Values(
+        z=z,
+        z_star=z + delta,
+        delta=delta,
+        steps=[used[g] for g in groups],
+        prob=torch.exp(-nll.detach()).tolist(),
+        step_sizes=(lr * scale[gidx, 0]).tolist(),
+        residual_rms=rms.tolist(),
+    )
 
 
-def rank_one(W: torch.Tensor, k: torch.Tensor, z_star: torch.Tensor, lam: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_one(
+    W: torch.Tensor, k: torch.Tensor, z_star: torch.Tensor, lam: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u, v) of the closed-form update: W′ + u vᵀ with u = (z* − W′k)/(λ + kᵀk), v = k."""
     W = W.float()
     k = k.float()
@@ -177,12 +194,13 @@ def solve_update(Wk: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, lam: f
     """
     K64 = K.double()
     A = lam * torch.eye(K.shape[0], dtype=torch.float64, device=K.device) + K64 @ K64.T
-    R = (Z_star.double() - Wk.double())
+    R = Z_star.double() - Wk.double()
     return torch.linalg.solve(A, R).T.float()
 
 
-def solve_update_keeping(Wk: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, K_keep: torch.Tensor,
-                         lam: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_update_keeping(
+    Wk: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, K_keep: torch.Tensor, lam: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The joint update when other keys must keep their outputs (earlier edits in sequential editing).
 
     Minimises Σᵢ ‖(W′ + Δ)kᵢ − z*ᵢ‖² + Σⱼ ‖Δ k_keep,ⱼ‖² + λ‖Δ‖², the paper's
@@ -201,7 +219,7 @@ def solve_update_keeping(Wk: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor
 def explicit_inverse_update(W: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, lam: float = 0.01) -> torch.Tensor:
     """The paper's formula (App. G eq. 7), as the authors compute it: the edited weight
     (λW′ + Z Kᵀ)(λI + K Kᵀ)⁻¹ with a d_ff×d_ff inverse. A reference, not for use."""
-    K = K.T if K.dim() == 2 else K[:, None]          # (d_ff, n)
+    K = K.T if K.dim() == 2 else K[:, None]  # (d_ff, n)
     Z = Z_star.T if Z_star.dim() == 2 else Z_star[:, None]
     eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
     return (lam * W + Z @ K.T) @ torch.linalg.inv(lam * eye + K @ K.T)

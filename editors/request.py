@@ -1,18 +1,16 @@
-"""What every editor takes and reports: the edit request, progress events, and
-the shared base of editors that change one layer's MLP down projection."""
+"""What every editor takes and reports: the edit request and its progress events."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from diagnostics.cases import world_phrases
 from vlm.images import ImageInput
-from vlm.loading import VLM
-from vlm.prompts import EncodedPrompt, encode
 
 
 @dataclass
@@ -29,20 +27,30 @@ class EditRequest:
     image: ImageInput | None = None
     pixel_values: torch.Tensor | None = None
     case_id: str | None = None
-    rephrase: str | None = None                 # the question reworded (for layer="auto")
-    image_rephrase: ImageInput | None = None    # another image of the subject (for layer="auto")
+    rephrase: str | None = None  # the question reworded (for layer="auto")
+    image_rephrase: ImageInput | None = None  # another image of the subject (for layer="auto")
     replacements: list[str] = field(default_factory=list)  # named entities to corrupt the constraint with (auto)
 
     @classmethod
-    def from_case(cls, case: dict[str, Any], world_dir: str | Path | None = None,
-                  pixel_values: torch.Tensor | None = None) -> "EditRequest":
+    def from_case(
+        cls, case: dict[str, Any], world_dir: str | Path | None = None, pixel_values: torch.Tensor | None = None
+    ) -> EditRequest:
         """A request from a record in the world's edit-case format (image relative to ``world_dir``)."""
+
         def where(rel):
             return None if rel is None else Path(world_dir) / rel if world_dir is not None else rel
-        return cls(case["src"], case["constraint"], case["alt"], image=where(case["image"]), pixel_values=pixel_values,
-                   case_id=case.get("case_id"), rephrase=case.get("rephrase"),
-                   image_rephrase=where(case.get("image_rephrase")),
-                   replacements=world_phrases(Path(world_dir)) if world_dir is not None else [])
+
+        return cls(
+            case["src"],
+            case["constraint"],
+            case["alt"],
+            image=where(case["image"]),
+            pixel_values=pixel_values,
+            case_id=case.get("case_id"),
+            rephrase=case.get("rephrase"),
+            image_rephrase=where(case.get("image_rephrase")),
+            replacements=world_phrases(Path(world_dir)) if world_dir is not None else [],
+        )
 
     def describe(self) -> dict[str, Any]:
         if isinstance(self.image, (str, Path)):
@@ -73,23 +81,3 @@ class EditProgress:
 
 
 ProgressCallback = Callable[[EditProgress], None]
-
-
-class DownProjEditor:
-    """An editor of the ``down_proj`` of ``config.layer`` (MultEdit, FT-L)."""
-
-    name = ""
-
-    def __init__(self, vlm: VLM, config: Any):
-        config.check(vlm)
-        self.vlm = vlm
-        self.config = config
-        self.module = vlm.arch.module_path("down_proj", config.layer)
-
-    def hyperparameters(self, mode: str) -> dict[str, Any]:
-        return {**asdict(self.config), "mode": mode}
-
-    def encode(self, request: EditRequest) -> EncodedPrompt:
-        """The request's prompt with its new answer and its constraint located."""
-        return encode(self.vlm.processor, request.question, image=request.image, answer=request.answer,
-                      constraints=[request.constraint], pixel_values=request.pixel_values)

@@ -30,11 +30,13 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from vlm.architecture import early_layers
 from vlm.images import load_image
 from vlm.loading import VLM, load_vlm
 from vlm.patching import Knockout
@@ -64,16 +66,18 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise WorldCheckError(f"{path} is missing; is {path.parent.parent} a built world? "
-                              "(run `editlens world build`)") from None
+        raise WorldCheckError(
+            f"{path} is missing; is {path.parent.parent} a built world? (run `editlens world build`)"
+        ) from None
 
 
 def _answer_predictors(p: EncodedPrompt) -> list[int]:
     return [a - 1 for a in p.answer_positions]
 
 
-def knockout_drops(vlm: VLM, prompts: list[EncodedPrompt], targets: Callable[[EncodedPrompt], list[int]],
-                   batch_size: int = 32) -> tuple[list[float], list[float]]:
+def knockout_drops(
+    vlm: VLM, prompts: list[EncodedPrompt], targets: Callable[[EncodedPrompt], list[int]], batch_size: int = 32
+) -> tuple[list[float], list[float]]:
     """(P_clean, P_knocked) per prompt: ``targets(p)`` may not attend to the image in any layer."""
     layers = list(range(vlm.num_layers))
     clean, knocked = [], []
@@ -88,16 +92,16 @@ def _relative_drop(clean: list[float], knocked: list[float]) -> float:
     return sum((c - k) / c for c, k in zip(clean, knocked)) / len(clean)
 
 
-def edit_success(vlm: VLM, requests: list[EditRequest], layer: int, steps: int = 200, lr: float = 0.1,
-                 lam: float = 0.01) -> dict[str, float]:
+def edit_success(
+    vlm: VLM, requests: list[EditRequest], layer: int, steps: int = 200, lr: float = 0.1, lam: float = 0.01
+) -> dict[str, float]:
     """MultEdit at ``layer`` (one edit per prompt, each from the base model), value unbounded,
     with the paper's absolute learning rate.
 
     Returns the share of requests whose new answer is top-1 (every answer
     token the argmax) after the update, and the mean P(new answer).
     """
-    editor = MultEdit(vlm, MultEditConfig(layer=layer, lam=lam, steps=steps, lr=lr, lr_scale="none",
-                                          target_prob=0.9))
+    editor = MultEdit(vlm, MultEditConfig(layer=layer, lam=lam, steps=steps, lr=lr, lr_scale="none", target_prob=0.9))
     edits = editor.edit_each(requests, batch_size=64)
     hits, probs, norms = 0, [], []
     for r, e in zip(requests, edits):
@@ -106,12 +110,22 @@ def edit_success(vlm: VLM, requests: list[EditRequest], layer: int, steps: int =
         hits += s.exact
         probs.append(s.prob)
         norms.append(e.records[0]["metrics"]["delta_norm"])
-    return {"success": hits / len(requests), "mean_prob": sum(probs) / len(probs),
-            "mean_delta_norm": sum(norms) / len(norms)}
+    return {
+        "success": hits / len(requests),
+        "mean_prob": sum(probs) / len(probs),
+        "mean_delta_norm": sum(norms) / len(norms),
+    }
 
 
-def check_world(world_dir: str | Path, vlm: VLM | None = None, questions: int = 200, cases: int = 50,
-                layers: list[int] | None = None, seed: int = 0, stage: StageFn | None = None) -> dict[str, Any]:
+def check_world(
+    world_dir: str | Path,
+    vlm: VLM | None = None,
+    questions: int = 200,
+    cases: int = 50,
+    layers: list[int] | None = None,
+    seed: int = 0,
+    stage: StageFn | None = None,
+) -> dict[str, Any]:
     """Measure the three figures; see the module docstring."""
     say = stage or (lambda s: None)
     t0 = time.time()
@@ -120,7 +134,7 @@ def check_world(world_dir: str | Path, vlm: VLM | None = None, questions: int = 
         vlm = load_vlm(world_dir / "model")
     if questions < 1 or cases < 1:
         raise WorldCheckError("questions and cases must be at least 1")
-    early = list(range(max(1, vlm.num_layers // 2)))
+    early = early_layers(vlm.num_layers)
     layers = early if layers is None else layers
     bad = [l for l in layers if not 0 <= l < vlm.num_layers]
     if bad:
@@ -130,8 +144,16 @@ def check_world(world_dir: str | Path, vlm: VLM | None = None, questions: int = 
     say("scoring held-out visual questions")
     items = _read_json(world_dir / "questions" / "heldout_paraphrase.json")
     items = [q for q in items if q.get("image") and q.get("constraints")]
-    prompts = [encode(vlm.processor, q["question"], answer=q["answer"], constraints=q["constraints"][:1],
-                      pixel_values=_pixels(vlm, world_dir, cache, q["image"])) for q in items]
+    prompts = [
+        encode(
+            vlm.processor,
+            q["question"],
+            answer=q["answer"],
+            constraints=q["constraints"][:1],
+            pixel_values=_pixels(vlm, world_dir, cache, q["image"]),
+        )
+        for q in items
+    ]
     correct = []
     for chunk in batches(prompts, 64):
         correct += [p for p, s in zip(chunk, score_batch(vlm, chunk)) if s.exact]
@@ -148,8 +170,9 @@ def check_world(world_dir: str | Path, vlm: VLM | None = None, questions: int = 
     test = _read_json(world_dir / "edit_cases" / "test.json")
     cf = [c for c in test if c.get("type") == "counterfactual"]
     cf = cf[:cases]
-    requests = [EditRequest.from_case(c, world_dir, pixel_values=_pixels(vlm, world_dir, cache, c["image"]))
-                for c in cf]
+    requests = [
+        EditRequest.from_case(c, world_dir, pixel_values=_pixels(vlm, world_dir, cache, c["image"])) for c in cf
+    ]
     by_layer = {}
     for layer in layers:
         say(f"rank-one edits at layer {layer}")
@@ -169,6 +192,8 @@ def check_world(world_dir: str | Path, vlm: VLM | None = None, questions: int = 
         "targets": TARGETS,
         "seconds": round(time.time() - t0, 1),
     }
-    result["passed"] = (result["constraint_knockout_drop"] >= TARGETS["constraint_knockout_drop"]
-                        and result["constraint_edit_success"] >= TARGETS["constraint_edit_success"])
+    result["passed"] = (
+        result["constraint_knockout_drop"] >= TARGETS["constraint_knockout_drop"]
+        and result["constraint_edit_success"] >= TARGETS["constraint_edit_success"]
+    )
     return result

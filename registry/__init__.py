@@ -5,12 +5,29 @@
 Registry's constructor does), so the CLI stays fast.
 """
 
-from .errors import ConflictError, InvalidArgumentError, NotFoundError, RegistryError
-from .store import (LIVE, Registry, check_adapter_name, copy_database, default_data_dir,
-                    parse_ref)
+from .errors import (
+    AliasNotFoundError,
+    ConflictError,
+    InvalidArgumentError,
+    NotFoundError,
+    RegistryError,
+    UnavailableError,
+)
+from .store import LIVE, Registry, check_adapter_name, copy_database, default_data_dir, parse_ref
 from .version_info import VersionInfo
 
 __all__ = [
-    "LIVE", "ConflictError", "InvalidArgumentError", "NotFoundError", "Registry", "RegistryError",
-    "VersionInfo", "check_adapter_name", "copy_database", "default_data_dir", "parse_ref",
+    "LIVE",
+    "AliasNotFoundError",
+    "UnavailableError",
+    "ConflictError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "Registry",
+    "RegistryError",
+    "VersionInfo",
+    "check_adapter_name",
+    "copy_database",
+    "default_data_dir",
+    "parse_ref",
 ]

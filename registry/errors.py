@@ -1,7 +1,7 @@
 """Registry errors: every failure of the registry surfaces as one of these, with a message a
 user can read (never an MLflow traceback). The server maps them to gRPC status codes:
 NotFoundError -> NOT_FOUND, ConflictError -> FAILED_PRECONDITION, InvalidArgumentError ->
-INVALID_ARGUMENT, RegistryError -> INTERNAL/UNAVAILABLE.
+INVALID_ARGUMENT, UnavailableError -> UNAVAILABLE, any other RegistryError -> INTERNAL.
 """
 
 from __future__ import annotations
@@ -15,6 +15,14 @@ class NotFoundError(RegistryError):
     """An adapter, version or alias does not exist."""
 
 
+class AliasNotFoundError(NotFoundError):
+    """The adapter exists but has no such alias (e.g. no live version yet)."""
+
+
+class UnavailableError(RegistryError):
+    """The registry (an MLflow tracking server, its artifact store) cannot be reached."""
+
+
 class ConflictError(RegistryError):
     """The request contradicts the registry's state (deleting the live version, nothing to
     roll back to, a name taken by a registered model that is not an adapter, a base-model
@@ -26,8 +34,14 @@ class InvalidArgumentError(RegistryError):
 
 
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "ENDPOINT_NOT_FOUND"}
-_CONFLICT = {"RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "RESOURCE_CONFLICT", "ABORTED",
-             "INVALID_STATE", "FAILED_PRECONDITION"}
+_CONFLICT = {
+    "RESOURCE_ALREADY_EXISTS",
+    "ALREADY_EXISTS",
+    "RESOURCE_CONFLICT",
+    "ABORTED",
+    "INVALID_STATE",
+    "FAILED_PRECONDITION",
+}
 _INVALID = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "MALFORMED_REQUEST"}
 
 
@@ -51,7 +65,7 @@ def from_mlflow(exc: BaseException, what: str) -> RegistryError:
     name = type(exc).__name__
     unreachable = ("Max retries exceeded", "Failed to establish", "Connection refused", "timed out")
     if "Connection" in name or "Timeout" in name or any(u in detail for u in unreachable):
-        return RegistryError(f"{what}: cannot reach the MLflow tracking server ({detail})")
+        return UnavailableError(f"{what}: cannot reach the MLflow tracking server ({detail})")
     if code:
         return RegistryError(f"{what}: MLflow error {code}: {detail}")
     return RegistryError(f"{what}: {name}: {detail}")

@@ -29,14 +29,21 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-import time
 import uuid
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote, urlparse
 
-from .errors import ConflictError, InvalidArgumentError, NotFoundError, RegistryError, from_mlflow
+from .errors import (
+    AliasNotFoundError,
+    ConflictError,
+    InvalidArgumentError,
+    NotFoundError,
+    RegistryError,
+    from_mlflow,
+)
 from .version_info import VersionInfo
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,7 @@ _CACHE_MARKER = ".editlens-version.json"
 # ----------------------------------------------------------------------------------------------
 # helpers
 
+
 def editlens_home() -> Path:
     """$EDITLENS_HOME, default ~/.cache/editlens (the same rule as vlm/world/build.py, kept
     here so that the registry does not import the model stack)."""
@@ -86,14 +94,16 @@ def check_adapter_name(adapter: Any) -> str:
     if not isinstance(adapter, str) or not _NAME_RE.match(adapter):
         raise InvalidArgumentError(
             f"invalid adapter name {adapter!r}: use 1-64 letters, digits, '-', '_' or '.', "
-            "starting with a letter or digit")
+            "starting with a letter or digit"
+        )
     return adapter
 
 
 def check_alias(alias: Any) -> str:
     if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
         raise InvalidArgumentError(
-            f"invalid alias {alias!r}: use 1-64 letters, digits, '-' or '_', starting with a letter")
+            f"invalid alias {alias!r}: use 1-64 letters, digits, '-' or '_', starting with a letter"
+        )
     if alias.lower() == "latest" or _VERSION_REF_RE.match(alias):
         raise InvalidArgumentError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved")
     return alias
@@ -118,7 +128,8 @@ def parse_ref(ref: Any) -> int | str:
         if _ALIAS_RE.match(ref) and ref.lower() != "latest":
             return ref
     raise InvalidArgumentError(
-        f"invalid version reference {ref!r}: give a version number (3 or 'v3') or an alias (e.g. 'live')")
+        f"invalid version reference {ref!r}: give a version number (3 or 'v3') or an alias (e.g. 'live')"
+    )
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -140,7 +151,7 @@ def _is_database_uri(uri: str) -> bool:
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
-    p = uri[len("sqlite:///"):]
+    p = uri[len("sqlite:///") :]
     if not p or p == ":memory:":
         return None
     return Path(unquote(p.split("?")[0]))
@@ -202,8 +213,8 @@ def _import_mlflow():
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                import mlflow  # noqa: F401
-                from mlflow.tracking import MlflowClient  # noqa: F401
+                import mlflow
+                from mlflow.tracking import MlflowClient
             for name in ("mlflow", "alembic"):
                 logging.getLogger(name).setLevel(logging.WARNING)
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"mlflow(\.|$)")
@@ -222,6 +233,7 @@ def _mlflow_code(exc: BaseException) -> str | None:
 
 # ----------------------------------------------------------------------------------------------
 
+
 class Registry:
     """Versioned adapters (edit sets) in the MLflow Model Registry. Thread-safe.
 
@@ -232,12 +244,17 @@ class Registry:
     and in every mode the download cache ``<data_dir>/cache/<adapter>/<version>``.
     artifact_location: where the experiment stores artifacts; default ``<data_dir>/artifacts``
     for database URIs, the server's default for HTTP servers.
-    live_ttl: seconds a ``live_version_number`` answer may be reused. Changes made through this
-    instance are seen at once; changes made elsewhere (another replica) within ``live_ttl``.
+    Every read asks MLflow; the server caches the live alias for a short while itself
+    (``server.versions``), so the registry holds no cache that could go stale.
     """
 
-    def __init__(self, tracking_uri: str | None = None, data_dir: str | Path | None = None, *,
-                 artifact_location: str | Path | None = None, live_ttl: float = 1.0):
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        data_dir: str | Path | None = None,
+        *,
+        artifact_location: str | Path | None = None,
+    ):
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir()
         self.embedded = tracking_uri is None
         if tracking_uri is None:
@@ -255,25 +272,25 @@ class Registry:
         if artifact_location is None and _is_database_uri(tracking_uri):
             artifact_location = self.data_dir / "artifacts"
         if isinstance(artifact_location, Path) or (
-                isinstance(artifact_location, str) and "://" not in artifact_location
-                and not artifact_location.startswith(("file:", "mlflow-artifacts:"))):
+            isinstance(artifact_location, str)
+            and "://" not in artifact_location
+            and not artifact_location.startswith(("file:", "mlflow-artifacts:"))
+        ):
             artifact_location = Path(artifact_location).expanduser().resolve().as_uri()
         self.artifact_location: str | None = artifact_location
         self.cache_dir = self.data_dir / "cache"
-        self.live_ttl = float(live_ttl)
 
         self._mlflow, client_cls = _import_mlflow()
         try:  # MLflow 3 builds the stores here: a new sqlite database is migrated (seconds)
             self._client = client_cls(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         except Exception as e:
             raise from_mlflow(e, f"cannot open the MLflow registry at {_redact(tracking_uri)}") from e
-        self._lock = threading.RLock()          # serialises mutations (read-modify-write of aliases/history)
+        self._lock = threading.RLock()  # serialises mutations (read-modify-write of aliases/history)
         self._init_lock = threading.Lock()
         self._ready = False
         self._experiment_id: str | None = None
-        self._live_cache: dict[str, tuple[int | None, float]] = {}
         self._manifests: dict[tuple[str, int, str], dict] = {}
-        self._dl_locks: dict[tuple[str, int], threading.Lock] = {}   # one download per version at a time
+        self._dl_locks: dict[tuple[str, int], threading.Lock] = {}  # one download per version at a time
         self._dl_guard = threading.Lock()
 
     def __repr__(self) -> str:
@@ -317,8 +334,9 @@ class Registry:
             exp = self._call("experiment", lambda: c.get_experiment_by_name(EXPERIMENT_NAME))
             if exp is None:
                 try:
-                    exp_id = c.create_experiment(EXPERIMENT_NAME, artifact_location=self.artifact_location,
-                                                 tags={TAG_KIND: "adapters"})
+                    exp_id = c.create_experiment(
+                        EXPERIMENT_NAME, artifact_location=self.artifact_location, tags={TAG_KIND: "adapters"}
+                    )
                 except Exception as e:
                     if _mlflow_code(e) != "RESOURCE_ALREADY_EXISTS":  # another replica was faster
                         raise from_mlflow(e, f"experiment '{EXPERIMENT_NAME}'") from e
@@ -327,17 +345,26 @@ class Registry:
                 exp_id = exp.experiment_id
                 if exp.lifecycle_stage == "deleted":
                     self._call("experiment", lambda: c.restore_experiment(exp_id))
-                if (self.embedded and self.artifact_location
-                        and exp.artifact_location.rstrip("/") != self.artifact_location.rstrip("/")):
-                    log.warning("registry experiment stores artifacts in %s, not in %s (was the "
-                                "database copied from another folder?)", exp.artifact_location,
-                                self.artifact_location)
+                if (
+                    self.embedded
+                    and self.artifact_location
+                    and exp.artifact_location.rstrip("/") != self.artifact_location.rstrip("/")
+                ):
+                    log.warning(
+                        "registry experiment stores artifacts in %s, not in %s (was the "
+                        "database copied from another folder?)",
+                        exp.artifact_location,
+                        self.artifact_location,
+                    )
             self._experiment_id = exp_id
             return exp_id
 
     def _registered_model(self, adapter: str):
-        return self._call(f"adapter '{adapter}'", lambda: self.client.get_registered_model(adapter),
-                          not_found=f"adapter '{adapter}' not found")
+        return self._call(
+            f"adapter '{adapter}'",
+            lambda: self.client.get_registered_model(adapter),
+            not_found=f"adapter '{adapter}' not found",
+        )
 
     def _model_version(self, adapter: str, version: int):
         try:
@@ -355,7 +382,7 @@ class Registry:
             code = _mlflow_code(e)
             if code in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}:
                 self._registered_model(adapter)
-                raise NotFoundError(f"adapter '{adapter}' has no alias '{alias}'") from e
+                raise AliasNotFoundError(f"adapter '{adapter}' has no alias '{alias}'") from e
             raise from_mlflow(e, f"adapter '{adapter}' alias '{alias}'") from e
 
     def _search_versions(self, adapter: str) -> list:
@@ -363,8 +390,10 @@ class Registry:
         while True:
             page = self._call(
                 f"adapter '{adapter}'",
-                lambda: self.client.search_model_versions(f"name='{adapter}'", max_results=1000,
-                                                          page_token=token))
+                lambda token=token: self.client.search_model_versions(
+                    f"name='{adapter}'", max_results=1000, page_token=token
+                ),
+            )
             out.extend(page)
             token = getattr(page, "token", None)
             if not token:
@@ -381,13 +410,17 @@ class Registry:
         adapter, version = mv.name, int(mv.version)
         run_id, source = mv.run_id or "", mv.source
         return VersionInfo(
-            adapter=adapter, version=version,
+            adapter=adapter,
+            version=version,
             aliases=sorted(aliases if aliases is not None else (mv.aliases or [])),
             created=(mv.creation_timestamp or 0) / 1000.0,
-            base_fingerprint=tags.get(TAG_BASE, ""), editor=tags.get(TAG_EDITOR, ""),
+            base_fingerprint=tags.get(TAG_BASE, ""),
+            editor=tags.get(TAG_EDITOR, ""),
             num_edits=int(tags.get(TAG_NUM_EDITS, "0") or 0),
             parent=int(parent) if parent.isdigit() else None,
-            description=mv.description or "", files=files, sha256=sha,
+            description=mv.description or "",
+            files=files,
+            sha256=sha,
             manifest_loader=lambda: self._load_manifest(adapter, version, run_id, source, sha),
         )
 
@@ -398,8 +431,12 @@ class Registry:
         names, token = [], None
         flt = f"tags.`{TAG_KIND}` = '{KIND_ADAPTER}'"
         while True:
-            page = self._call("adapters", lambda: self.client.search_registered_models(
-                filter_string=flt, max_results=1000, page_token=token))
+            page = self._call(
+                "adapters",
+                lambda token=token: self.client.search_registered_models(
+                    filter_string=flt, max_results=1000, page_token=token
+                ),
+            )
             names.extend(m.name for m in page)
             token = getattr(page, "token", None)
             if not token:
@@ -433,33 +470,33 @@ class Registry:
         check_adapter_name(adapter)
         try:
             info = self._info(self._version_by_alias(adapter, LIVE))
-        except NotFoundError as e:
-            if "no alias" not in str(e):
-                raise
+        except AliasNotFoundError:
             info = None
-        self._live_cache[adapter] = (info.version if info else None, time.monotonic())
         return info
 
-    def live_version_number(self, adapter: str, max_age: float | None = None) -> int | None:
-        """The live version's number (None if no live alias), answered from memory when the last
-        lookup is younger than ``max_age`` seconds (default: the registry's ``live_ttl``)."""
-        ttl = self.live_ttl if max_age is None else max_age
-        hit = self._live_cache.get(adapter)
-        now = time.monotonic()
-        if hit is not None and ttl > 0 and now - hit[1] < ttl:
-            return hit[0]
+    def live_version_number(self, adapter: str) -> int | None:
+        """The live version's number (None if no live alias); NotFoundError for an unknown adapter."""
         check_adapter_name(adapter)
         rm = self._registered_model(adapter)
         v = (rm.aliases or {}).get(LIVE)
         number = int(v) if v is not None else None
-        self._live_cache[adapter] = (number, now)
         return number
 
     # -- writing ---------------------------------------------------------------------------
 
-    def create_version(self, adapter: str, files: dict[str, Path], manifest: dict, *,
-                       base_fingerprint: str, editor: str, num_edits: int, parent: int | None,
-                       description: str = "", set_live: bool = True) -> VersionInfo:
+    def create_version(
+        self,
+        adapter: str,
+        files: dict[str, Path],
+        manifest: dict,
+        *,
+        base_fingerprint: str,
+        editor: str,
+        num_edits: int,
+        parent: int | None,
+        description: str = "",
+        set_live: bool = True,
+    ) -> VersionInfo:
         """Register a new immutable version built from local ``files`` (artifact name -> path)
         and ``manifest`` (written as manifest.json). Creates the adapter if absent. All or
         nothing: on any failure no run, version or new adapter is left behind and the live
@@ -478,9 +515,15 @@ class Registry:
             (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
             sha[MANIFEST] = sha256_file(stage / MANIFEST)
             names = sorted(sha)
-            tags = {TAG_BASE: base_fingerprint, TAG_EDITOR: editor, TAG_NUM_EDITS: str(num_edits),
-                    TAG_PARENT: "" if parent is None else str(parent), TAG_FILES: json.dumps(names),
-                    TAG_SHA256: json.dumps(sha, sort_keys=True), TAG_FORMAT: FORMAT_VERSION}
+            tags = {
+                TAG_BASE: base_fingerprint,
+                TAG_EDITOR: editor,
+                TAG_NUM_EDITS: str(num_edits),
+                TAG_PARENT: "" if parent is None else str(parent),
+                TAG_FILES: json.dumps(names),
+                TAG_SHA256: json.dumps(sha, sort_keys=True),
+                TAG_FORMAT: FORMAT_VERSION,
+            }
             with self._lock:
                 exp_id = self._experiment()
                 created_model = self._ensure_adapter(adapter, base_fingerprint)
@@ -493,8 +536,9 @@ class Registry:
                     run_id = run.info.run_id
                     c.log_artifacts(run_id, str(stage))
                     c.set_terminated(run_id, "FINISHED")
-                    mv = c.create_model_version(adapter, source=run.info.artifact_uri, run_id=run_id,
-                                                tags=tags, description=description)
+                    mv = c.create_model_version(
+                        adapter, source=run.info.artifact_uri, run_id=run_id, tags=tags, description=description
+                    )
                     if str(mv.status) != "READY":  # create_model_version waited; it did not get there
                         raise RegistryError(f"adapter '{adapter}': the new version is {mv.status}, not READY")
                     version = int(mv.version)
@@ -510,7 +554,9 @@ class Registry:
         self._manifests[(adapter, info.version, run_id)] = manifest
         return info
 
-    def _check_inputs(self, files, manifest, base_fingerprint, editor, num_edits, parent, description) -> dict[str, Path]:
+    def _check_inputs(
+        self, files, manifest, base_fingerprint, editor, num_edits, parent, description
+    ) -> dict[str, Path]:
         if not isinstance(files, dict) or not files:
             raise InvalidArgumentError("a version needs at least one file (a .safetensors edit set)")
         staged: dict[str, Path] = {}
@@ -518,7 +564,8 @@ class Registry:
             if not isinstance(name, str) or not _FILE_RE.match(name) or name == MANIFEST:
                 raise InvalidArgumentError(
                     f"invalid file name {name!r}: a plain name of letters, digits, '.', '-', '_' "
-                    f"(and not {MANIFEST}, which is written from the manifest)")
+                    f"(and not {MANIFEST}, which is written from the manifest)"
+                )
             if not name.lower().endswith(ALLOWED_SUFFIXES):
                 raise InvalidArgumentError(f"file '{name}': only {', '.join(ALLOWED_SUFFIXES)} files are stored")
             p = Path(path)
@@ -557,8 +604,10 @@ class Registry:
         if rm is None:
             try:
                 c.create_registered_model(
-                    adapter, tags={TAG_KIND: KIND_ADAPTER, TAG_BASE: base_fingerprint},
-                    description=f"EditLens adapter for base model {base_fingerprint}")
+                    adapter,
+                    tags={TAG_KIND: KIND_ADAPTER, TAG_BASE: base_fingerprint},
+                    description=f"EditLens adapter for base model {base_fingerprint}",
+                )
                 return True
             except Exception as e:
                 if _mlflow_code(e) != "RESOURCE_ALREADY_EXISTS":
@@ -568,8 +617,7 @@ class Registry:
         if tags.get(TAG_KIND) != KIND_ADAPTER:
             raise ConflictError(f"registered model '{adapter}' exists and is not an EditLens adapter")
         if tags.get(TAG_BASE) and tags[TAG_BASE] != base_fingerprint:
-            raise ConflictError(f"adapter '{adapter}' belongs to base model {tags[TAG_BASE]}, "
-                                f"not {base_fingerprint}")
+            raise ConflictError(f"adapter '{adapter}' belongs to base model {tags[TAG_BASE]}, not {base_fingerprint}")
         return False
 
     def _undo_create(self, adapter: str, mv, run_id: str | None, created_model: bool) -> None:
@@ -586,7 +634,6 @@ class Registry:
                 fn()
             except Exception as e:  # keep cleaning; the original error is what the caller sees
                 log.error("cleaning up a failed version of '%s': could not delete the %s: %s", adapter, what, e)
-        self._live_cache.pop(adapter, None)
 
     def _delete_run(self, run_id: str) -> None:
         """Delete a run's artifacts and the run (best effort for the artifacts)."""
@@ -611,8 +658,10 @@ class Registry:
             if alias == LIVE:
                 self._move_live(adapter, version, push_current=True)
             else:
-                self._call(f"adapter '{adapter}' alias '{alias}'",
-                           lambda: self.client.set_registered_model_alias(adapter, alias, str(version)))
+                self._call(
+                    f"adapter '{adapter}' alias '{alias}'",
+                    lambda: self.client.set_registered_model_alias(adapter, alias, str(version)),
+                )
             return self._info(self._model_version(adapter, version))
 
     def delete_alias(self, adapter: str, alias: str) -> None:
@@ -620,10 +669,10 @@ class Registry:
         check_alias(alias)
         with self._lock:
             self._version_by_alias(adapter, alias)
-            self._call(f"adapter '{adapter}' alias '{alias}'",
-                       lambda: self.client.delete_registered_model_alias(adapter, alias))
-            if alias == LIVE:
-                self._live_cache.pop(adapter, None)
+            self._call(
+                f"adapter '{adapter}' alias '{alias}'",
+                lambda: self.client.delete_registered_model_alias(adapter, alias),
+            )
 
     @staticmethod
     def _history(rm) -> list[int]:
@@ -632,8 +681,7 @@ class Registry:
         except (ValueError, TypeError):
             return []
 
-    def _move_live(self, adapter: str, version: int, *, push_current: bool,
-                   history: list[int] | None = None) -> None:
+    def _move_live(self, adapter: str, version: int, *, push_current: bool, history: list[int] | None = None) -> None:
         """Set live -> version and update the history (caller holds the lock). If the history
         cannot be written, the alias is put back."""
         c = self.client
@@ -643,20 +691,17 @@ class Registry:
         new_history = list(self._history(rm) if history is None else history)
         if push_current and current is not None and current != version:
             new_history = (new_history + [current])[-HISTORY_LIMIT:]
-        self._call(f"adapter '{adapter}' alias 'live'",
-                   lambda: c.set_registered_model_alias(adapter, LIVE, str(version)))
-        self._live_cache[adapter] = (version, time.monotonic())
+        self._call(
+            f"adapter '{adapter}' alias 'live'", lambda: c.set_registered_model_alias(adapter, LIVE, str(version))
+        )
         if new_history != self._history(rm):
             try:
                 c.set_registered_model_tag(adapter, TAG_HISTORY, json.dumps(new_history))
             except Exception as e:
-                try:
-                    if current is None:
-                        c.delete_registered_model_alias(adapter, LIVE)
-                    else:
-                        c.set_registered_model_alias(adapter, LIVE, str(current))
-                finally:
-                    self._live_cache.pop(adapter, None)
+                if current is None:
+                    c.delete_registered_model_alias(adapter, LIVE)
+                else:
+                    c.set_registered_model_alias(adapter, LIVE, str(current))
                 raise from_mlflow(e, f"adapter '{adapter}': recording the live history") from e
 
     def rollback(self, adapter: str, to: int | str | None = None) -> VersionInfo:
@@ -676,8 +721,9 @@ class Registry:
             rm = self._registered_model(adapter)
             current = (rm.aliases or {}).get(LIVE)
             if current is None:
-                raise ConflictError(f"adapter '{adapter}' has no live version to roll back from; "
-                                    "name the version to make live")
+                raise ConflictError(
+                    f"adapter '{adapter}' has no live version to roll back from; name the version to make live"
+                )
             current = int(current)
             existing = {int(mv.version) for mv in self._search_versions(adapter)}
             history = self._history(rm)
@@ -690,8 +736,10 @@ class Registry:
             if target is None:
                 lower = [v for v in existing if v < current]
                 if not lower:
-                    raise ConflictError(f"adapter '{adapter}': nothing to roll back to (live is "
-                                        f"version {current} and no earlier version exists)")
+                    raise ConflictError(
+                        f"adapter '{adapter}': nothing to roll back to (live is "
+                        f"version {current} and no earlier version exists)"
+                    )
                 target = max(lower)
             self._move_live(adapter, target, push_current=False, history=history)
             return self._info(self._model_version(adapter, target))
@@ -705,15 +753,20 @@ class Registry:
             rm = self._registered_model(adapter)
             live = (rm.aliases or {}).get(LIVE)
             if live is not None and int(live) == version:
-                raise ConflictError(f"version {version} of adapter '{adapter}' is live; roll back or "
-                                    "promote another version before deleting it")
-            self._call(f"adapter '{adapter}' version {version}",
-                       lambda: self.client.delete_model_version(adapter, str(version)))
+                raise ConflictError(
+                    f"version {version} of adapter '{adapter}' is live; roll back or "
+                    "promote another version before deleting it"
+                )
+            self._call(
+                f"adapter '{adapter}' version {version}",
+                lambda: self.client.delete_model_version(adapter, str(version)),
+            )
             history = self._history(rm)
             if version in history:
                 try:
                     self.client.set_registered_model_tag(
-                        adapter, TAG_HISTORY, json.dumps([v for v in history if v != version]))
+                        adapter, TAG_HISTORY, json.dumps([v for v in history if v != version])
+                    )
                 except Exception as e:  # rollback skips deleted versions anyway
                     log.debug("could not prune the live history of %s: %s", adapter, e)
             if mv.run_id:
@@ -731,8 +784,11 @@ class Registry:
             if (rm.tags or {}).get(TAG_KIND) != KIND_ADAPTER:
                 raise ConflictError(f"registered model '{adapter}' is not an EditLens adapter; not deleting it")
             runs = [mv.run_id for mv in self._search_versions(adapter) if mv.run_id]
-            self._call(f"adapter '{adapter}'", lambda: self.client.delete_registered_model(adapter),
-                       not_found=f"adapter '{adapter}' not found")
+            self._call(
+                f"adapter '{adapter}'",
+                lambda: self.client.delete_registered_model(adapter),
+                not_found=f"adapter '{adapter}' not found",
+            )
             for run_id in runs:
                 try:
                     self._delete_run(run_id)
@@ -741,7 +797,6 @@ class Registry:
             self._forget(adapter, None)
 
     def _forget(self, adapter: str, version: int | None) -> None:
-        self._live_cache.pop(adapter, None)
         for key in [k for k in self._manifests if k[0] == adapter and (version is None or k[1] == version)]:
             self._manifests.pop(key, None)
         self.clear_cache(adapter, version)
@@ -765,14 +820,16 @@ class Registry:
             repo = get_artifact_repository(source, tracking_uri=self.tracking_uri)
             local = Path(repo.download_artifacts(name, dst_path=str(dst)))
         except Exception as e:
-            raise RegistryError(f"{label}: file '{name}' is missing or unreadable in the artifact store "
-                                f"({type(e).__name__})") from e
+            raise RegistryError(
+                f"{label}: file '{name}' is missing or unreadable in the artifact store ({type(e).__name__})"
+            ) from e
         if not local.is_file():
             raise RegistryError(f"{label}: file '{name}' is missing in the artifact store")
         got = sha256_file(local)
         if got != expected:
-            raise RegistryError(f"{label}: file '{name}' is corrupted (sha256 {got[:12]}..., "
-                                f"expected {expected[:12]}...)")
+            raise RegistryError(
+                f"{label}: file '{name}' is corrupted (sha256 {got[:12]}..., expected {expected[:12]}...)"
+            )
         return local
 
     def _cached_ok(self, folder: Path, run_id: str, sha: dict[str, str]) -> bool:
@@ -794,8 +851,9 @@ class Registry:
         info = self._info(mv)
         sha = info.sha256
         if not sha:
-            raise RegistryError(f"adapter '{adapter}' version {version} has no recorded checksums "
-                                "(not created by EditLens)")
+            raise RegistryError(
+                f"adapter '{adapter}' version {version} has no recorded checksums (not created by EditLens)"
+            )
         final = self.cache_dir / adapter / str(version)
         with self._dl_guard:
             lock = self._dl_locks.setdefault((adapter, version), threading.Lock())

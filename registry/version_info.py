@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -20,22 +21,34 @@ class VersionInfo:
     adapter: str
     version: int
     aliases: list[str]
-    created: float                # unix seconds
+    created: float  # unix seconds
     base_fingerprint: str
-    editor: str                   # "multedit", "visedit", "multedit+visedit", ...
+    editor: str  # "multedit", "visedit", "multedit+visedit", ...
     num_edits: int
-    parent: int | None            # the version this one was built on
+    parent: int | None  # the version this one was built on
     description: str
-    files: list[str]              # artifact file names, manifest.json included
-    sha256: dict[str, str] = field(default_factory=dict, repr=False)   # file name -> hex digest
+    files: list[str]  # artifact file names, manifest.json included
+    sha256: dict[str, str] = field(default_factory=dict, repr=False)  # file name -> hex digest
     manifest_loader: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
     _manifest: dict | None = field(default=None, repr=False, compare=False)
 
-    def __init__(self, adapter: str, version: int, aliases: list[str], created: float,
-                 base_fingerprint: str, editor: str, num_edits: int, parent: int | None,
-                 description: str, files: list[str], manifest: dict | None = None, *,
-                 sha256: dict[str, str] | None = None,
-                 manifest_loader: Callable[[], dict] | None = None):
+    def __init__(
+        self,
+        adapter: str,
+        version: int,
+        aliases: list[str],
+        created: float,
+        base_fingerprint: str,
+        editor: str,
+        num_edits: int,
+        parent: int | None,
+        description: str,
+        files: list[str],
+        manifest: dict | None = None,
+        *,
+        sha256: dict[str, str] | None = None,
+        manifest_loader: Callable[[], dict] | None = None,
+    ):
         self.adapter = adapter
         self.version = int(version)
         self.aliases = list(aliases)

@@ -14,22 +14,21 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from editlens.v1 import editlens_pb2 as pb
 from editlens.v1 import editlens_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from .config import ServerConfig
 from .service import EditLensService
 
 log = logging.getLogger("editlens.server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditLens"].full_name     # "editlens.v1.EditLens"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditLens"].full_name  # "editlens.v1.EditLens"
 
 
 class EditLensServer:
@@ -62,13 +61,16 @@ class EditLensServer:
         size = cfg.limits.max_message_bytes
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.grpc_workers, thread_name_prefix="editlens-rpc"),
-            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", 64 << 20),
-                     ("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
         pb_grpc.add_EditLensServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self._set_health(False)
         try:
             self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
@@ -88,8 +90,10 @@ class EditLensServer:
             if registry is None:
                 from registry import Registry
 
-                registry = Registry(tracking_uri=self.config.registry_uri, data_dir=self.config.registry_dir,
-                                    live_ttl=self.config.live_ttl)
+                registry = Registry(
+                    tracking_uri=self.config.registry_uri,
+                    data_dir=self.config.registry_dir,
+                )
                 registry.check()
             vlm = self._vlm
             if vlm is None:
@@ -97,9 +101,11 @@ class EditLensServer:
             self.service.set_ready(vlm, registry)
             self._set_health(True)
             self._ready.set()
-            self.say(f"ready: model {vlm.path} (fingerprint {vlm.fingerprint}, {vlm.device}), "
-                     f"registry {registry.tracking_uri}")
-        except Exception as exc:  # noqa: BLE001 - reported through health/UNAVAILABLE and the log
+            self.say(
+                f"ready: model {vlm.path} (fingerprint {vlm.fingerprint}, {vlm.device}), "
+                f"registry {registry.tracking_uri}"
+            )
+        except Exception as exc:
             log.error("loading failed: %s", exc, exc_info=not isinstance(exc, (OSError, ValueError)))
             self.service.set_failed(str(exc))
             self.say(f"error: the server cannot serve: {exc}")
@@ -125,7 +131,7 @@ class EditLensServer:
     def wait_ready(self, timeout: float | None = None) -> bool:
         """True once the model is loaded (False if loading failed or timed out)."""
         self._ready.wait(timeout)
-        return self.service.vlm is not None and self.service.registry is not None
+        return self.service.host is not None
 
     def stop(self, grace: float | None = 2.0) -> None:
         if self._stopped.is_set():

@@ -1,14 +1,20 @@
-"""A registry version ("bundle") turned into something attachable to the loaded model.
+"""A registry version ("bundle"): written by ``publish``, read by ``load_bundle``.
 
-A version's folder holds zero or one MultEdit edit set (``multedit.safetensors``),
-zero or one VisEdit edit set (``visedit.safetensors``), ``manifest.json`` and
-optional PNG figures. ``load_bundle`` is the one place that reads those files:
-it checks the base-model fingerprint, validates every edit set (shapes,
-dtypes, finite values, fingerprint; safetensors only, no pickle) and returns
-a ``Bundle`` whose ``attached(vlm)`` applies all of its edits for the calling
-thread only (``vlm.hooks``), so one loaded model serves every version at once
-and switching versions never copies or reloads it. A new editor is one more
-entry in ``EDIT_SET_FILES`` and one more branch in ``load_bundle``.
+A version's folder holds, for each editor whose edits it carries, that
+editor's edit set as ``<editor>.safetensors`` (``editors.EditorSpec.file_name``:
+``multedit.safetensors``, ``visedit.safetensors``, ``ft.safetensors``, ...),
+``manifest.json`` and optional PNG figures. These two functions are the only
+places that know the layout:
+
+* ``publish`` saves the edit sets, builds the manifest (format, base model,
+  editors, parent, every edit's record, extra sections such as a training
+  summary) and registers the version (all or nothing, ``registry``);
+* ``load_bundle`` checks the base-model fingerprint, validates every edit set
+  through its editor's class (shapes, dtypes, finite values, fingerprint;
+  safetensors only, no pickle) and returns a ``Bundle`` whose
+  ``attached(vlm)`` applies all of its edits for the calling thread only
+  (``vlm.hooks``), so one loaded model serves every version at once and
+  switching versions never copies or reloads it.
 
 ``BundleCache`` keeps the most recently used bundles (versions are immutable,
 so a cached bundle never goes stale; a deleted version is dropped).
@@ -17,17 +23,25 @@ so a cached bundle never goes stale; a deleted version is dropped).
 from __future__ import annotations
 
 import contextlib
+import json
+import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from editors.edit_set import EditSet, EditSetError, FingerprintMismatchError, attach
-from editors.visedit import VisEditSet
+from editors import editor_names, get_editor
+from editors.base import EditSetBase
+from editors.edit_set import attach
+from editors.files import EditSetError, FingerprintMismatchError
 from vlm.loading import VLM
 
-EDIT_SET_FILES = {"multedit": "multedit.safetensors", "visedit": "visedit.safetensors"}
+from .convert import json_safe
+
+BUNDLE_FORMAT = "editlens.bundle"
+BUNDLE_FORMAT_VERSION = 1
 
 
 class BundleError(Exception):
@@ -39,32 +53,23 @@ class Bundle:
     adapter: str
     version: int
     manifest: dict[str, Any]
-    edit_sets: dict[str, Any] = field(default_factory=dict)    # editor name -> its edit set
-    folder: Path | None = None
-
-    @property
-    def multedit(self) -> EditSet | None:
-        return self.edit_sets.get("multedit")
-
-    @property
-    def visedit(self):
-        return self.edit_sets.get("visedit")
+    edit_sets: dict[str, EditSetBase] = field(default_factory=dict)  # editor name -> its edit set
 
     @property
     def num_edits(self) -> int:
-        return sum(getattr(e, "num_edits", 0) for e in self.edit_sets.values())
+        return sum(e.num_edits for e in self.edit_sets.values())
 
     @contextlib.contextmanager
-    def attached(self, vlm: VLM) -> Iterator["Bundle"]:
+    def attached(self, vlm: VLM) -> Iterator[Bundle]:
         """All of this version's edits applied to ``vlm`` in the calling thread only."""
         with attach(vlm, *self.edit_sets.values()):
             yield self
 
-    def only(self, *editors: str) -> "Bundle":
-        """The same version restricted to some of its edit sets (e.g. to compute a new edit of one
-        editor on the model as the others leave it)."""
-        return Bundle(self.adapter, self.version, self.manifest,
-                      {k: v for k, v in self.edit_sets.items() if k in editors}, self.folder)
+    def without(self, editor: str) -> Bundle:
+        """The same version without one editor's edit set (a new edit of that editor is computed on the model
+        as the others leave it)."""
+        sets = {k: v for k, v in self.edit_sets.items() if k != editor}
+        return Bundle(self.adapter, self.version, self.manifest, sets)
 
 
 def attached(vlm: VLM, bundle: Bundle | None):
@@ -72,32 +77,107 @@ def attached(vlm: VLM, bundle: Bundle | None):
     return bundle.attached(vlm) if bundle is not None else contextlib.nullcontext()
 
 
-def load_bundle(vlm: VLM, adapter: str, version: int, folder: Path, manifest: dict | None = None,
-                base_fingerprint: str | None = None) -> Bundle:
+def check_fingerprint(vlm: VLM, label: str, fingerprint: str | None) -> None:
+    if fingerprint and fingerprint != vlm.fingerprint:
+        raise FingerprintMismatchError(
+            f"{label} was made for the base model with fingerprint {fingerprint}, but this server runs "
+            f"{vlm.fingerprint} ({vlm.path}); it cannot be applied"
+        )
+
+
+def load_bundle(
+    vlm: VLM,
+    adapter: str,
+    version: int,
+    folder: Path,
+    manifest: dict | None = None,
+    base_fingerprint: str | None = None,
+) -> Bundle:
     """Validate and load the edit sets in ``folder`` (a downloaded version) for ``vlm``."""
     label = f"adapter '{adapter}' version {version}"
-    fp = base_fingerprint or (manifest or {}).get("base_fingerprint")
-    if fp and fp != vlm.fingerprint:
-        raise FingerprintMismatchError(
-            f"{label} was made for the base model with fingerprint {fp}, but this server runs "
-            f"{vlm.fingerprint} ({vlm.path}); it cannot be applied")
-    edit_sets: dict[str, Any] = {}
-    for editor, name in EDIT_SET_FILES.items():
-        path = folder / name
+    check_fingerprint(vlm, label, base_fingerprint or (manifest or {}).get("base_fingerprint"))
+    edit_sets: dict[str, EditSetBase] = {}
+    for name in editor_names():
+        spec = get_editor(name)
+        path = folder / spec.file_name
         if not path.is_file():
             continue
         try:
-            if editor == "multedit":
-                edit_sets[editor] = EditSet.load(path, vlm)
-            else:
-                edit_sets[editor] = VisEditSet.load(path, vlm)
+            edit_sets[name] = spec.load(path, vlm)
         except FingerprintMismatchError as exc:
             raise FingerprintMismatchError(f"{label}: {exc}") from None
         except EditSetError as exc:
-            raise BundleError(f"{label}: {name} failed validation: {exc}") from None
+            raise BundleError(f"{label}: {spec.file_name} failed validation: {exc}") from None
     if not edit_sets:
-        raise BundleError(f"{label} holds no edit set ({' or '.join(EDIT_SET_FILES.values())})")
-    return Bundle(adapter, version, dict(manifest or {}), edit_sets, folder)
+        files = " or ".join(get_editor(n).file_name for n in editor_names())
+        raise BundleError(f"{label} holds no edit set ({files})")
+    return Bundle(adapter, version, dict(manifest or {}), edit_sets)
+
+
+def publish(
+    registry,
+    vlm: VLM,
+    adapter: str,
+    edit_sets: Mapping[str, EditSetBase],
+    *,
+    edits: list[dict[str, Any]],
+    parent: int | None = None,
+    description: str = "",
+    figures: Mapping[str, Path] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    promote: bool = True,
+    before_register: Callable[[], None] | None = None,
+):
+    """Register a new version of ``adapter`` holding ``edit_sets`` (editor name -> edit set); returns its
+    ``VersionInfo``.
+
+    ``edits``: every edit of the version, oldest first, as the manifest records them; ``parent``: the
+    version it was made on top of; ``figures``: PNG files by name; ``extra``: further manifest sections
+    (e.g. ``training``). ``before_register`` runs once everything is written, right before the registry
+    is touched (the last point at which a cancelled job leaves no trace). All or nothing.
+    """
+    if not edit_sets:
+        raise ValueError("a version holds at least one edit set")
+    names = [n for n in editor_names() if n in edit_sets]
+    unknown = sorted(set(edit_sets) - set(names))
+    if unknown:
+        raise ValueError(f"no registered editor is called {unknown}")
+    with tempfile.TemporaryDirectory(prefix="editlens-publish-") as tmp:
+        files: dict[str, Path] = {}
+        for name in names:
+            spec = get_editor(name)
+            files[spec.file_name] = Path(tmp) / spec.file_name
+            edit_sets[name].save(files[spec.file_name])
+        for fig, path in (figures or {}).items():
+            files[fig] = Path(path)
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "adapter": adapter,
+            "base_fingerprint": vlm.fingerprint,
+            "base_model": str(vlm.path),
+            "editors": names,
+            "parent": parent,
+            "description": description,
+            "files": sorted(set(files) | {"manifest.json"}),
+            "num_edits": len(edits),
+            "edits": edits,
+            **dict(extra or {}),
+        }
+        manifest = json.loads(json.dumps(json_safe(manifest)))
+        if before_register is not None:
+            before_register()
+        return registry.create_version(
+            adapter,
+            files,
+            manifest,
+            base_fingerprint=vlm.fingerprint,
+            editor="+".join(names),
+            num_edits=len(edits),
+            parent=parent,
+            description=description,
+            set_live=promote,
+        )
 
 
 class BundleCache:

@@ -9,18 +9,32 @@ from typing import Any
 
 from editlens.v1 import editlens_pb2 as pb
 
-DIAGNOSTIC_NAMES = {
-    pb.DIAGNOSTIC_TRACE: "trace", pb.DIAGNOSTIC_NOISE_TRACE: "noise-trace", pb.DIAGNOSTIC_KNOCKOUT: "knockout",
-    pb.DIAGNOSTIC_CONTRIBUTIONS: "contributions", pb.DIAGNOSTIC_MODULE_ATTRIBUTION: "module-attribution",
-    pb.DIAGNOSTIC_VISUAL_ATTRIBUTION: "visual-attribution", pb.DIAGNOSTIC_RECOMMEND: "recommend",
-}
+
+def _diagnostic_names() -> dict[int, str]:
+    """Diagnostic enum value -> the name ``diagnostics.report`` runs it by: DIAGNOSTIC_NOISE_TRACE ->
+    "noise-trace" (the contract's enum is the list; a test checks it matches ``diagnostics.report``)."""
+    return {
+        v.number: v.name.removeprefix("DIAGNOSTIC_").lower().replace("_", "-")
+        for v in pb.Diagnostic.DESCRIPTOR.values
+        if v.number
+    }
+
+
+DIAGNOSTIC_NAMES = _diagnostic_names()
+DIAGNOSTIC_VALUES = {name: value for value, name in DIAGNOSTIC_NAMES.items()}
 
 
 def progress(d: dict[str, Any], queue_position: int = 0) -> pb.Progress:
-    m = pb.Progress(stage=d.get("stage", ""), step=max(0, int(d.get("step") or 0)),
-                    steps=max(0, int(d.get("steps") or 0)), item=max(0, int(d.get("item") or 0)),
-                    items=max(0, int(d.get("items") or 0)), message=d.get("message", ""),
-                    queue_position=queue_position, elapsed_seconds=float(d.get("elapsed_seconds") or 0.0))
+    m = pb.Progress(
+        stage=d.get("stage", ""),
+        step=max(0, int(d.get("step") or 0)),
+        steps=max(0, int(d.get("steps") or 0)),
+        item=max(0, int(d.get("item") or 0)),
+        items=max(0, int(d.get("items") or 0)),
+        message=d.get("message", ""),
+        queue_position=queue_position,
+        elapsed_seconds=float(d.get("elapsed_seconds") or 0.0),
+    )
     loss = d.get("loss")
     if loss is not None and math.isfinite(loss):
         m.loss = float(loss)
@@ -30,10 +44,14 @@ def progress(d: dict[str, Any], queue_position: int = 0) -> pb.Progress:
 def recommendation(d: dict[str, Any] | None) -> pb.LayerRecommendation | None:
     if not isinstance(d, dict) or "layer" not in d:
         return None
-    return pb.LayerRecommendation(editor=str(d.get("editor", "")), layer=int(d["layer"]),
-                                  scores=[float(x) for x in d.get("scores", [])],
-                                  candidates=[int(x) for x in d.get("candidates", [])],
-                                  criterion=str(d.get("criterion", "")), cases=int(d.get("cases", 0) or 0))
+    return pb.LayerRecommendation(
+        editor=str(d.get("editor", "")),
+        layer=int(d["layer"]),
+        scores=[float(x) for x in d.get("scores", [])],
+        candidates=[int(x) for x in d.get("candidates", [])],
+        criterion=str(d.get("criterion", "")),
+        cases=int(d.get("cases", 0) or 0),
+    )
 
 
 def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
@@ -46,9 +64,14 @@ def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
 
 def edit_record(rec: dict[str, Any], this_version: int) -> pb.EditRecord:
     req = rec.get("request") or {}
-    m = pb.EditRecord(editor=str(rec.get("editor", "")), layer=int(rec.get("layer", -1) if rec.get("layer") is not None else -1),
-                      question=str(req.get("question", "")), constraint=str(req.get("constraint", "")),
-                      answer=str(req.get("answer", "")), version=int(rec.get("version") or this_version))
+    m = pb.EditRecord(
+        editor=str(rec.get("editor", "")),
+        layer=int(rec.get("layer", -1) if rec.get("layer") is not None else -1),
+        question=str(req.get("question", "")),
+        constraint=str(req.get("constraint", "")),
+        answer=str(req.get("answer", "")),
+        version=int(rec.get("version") or this_version),
+    )
     m.metrics.update(_numbers(rec.get("metrics")))
     ev = recommendation(rec.get("layer_evidence"))
     if ev is not None:
@@ -60,14 +83,23 @@ def version(info, figures_from: Path | None = None) -> pb.Version:
     """A registry ``VersionInfo`` as a ``Version`` message (the manifest included)."""
     try:
         manifest = info.manifest
-    except Exception:  # noqa: BLE001 - a version whose manifest cannot be read still lists
+    except Exception:
         manifest = {}
     editors = manifest.get("editors") or [e for e in str(info.editor).split("+") if e]
-    m = pb.Version(adapter=info.adapter, version=info.version, aliases=sorted(info.aliases),
-                   live="live" in info.aliases, parent=int(info.parent or 0),
-                   base_fingerprint=info.base_fingerprint, editors=list(editors), num_edits=info.num_edits,
-                   created_unix_ms=int(info.created * 1000), description=info.description,
-                   files=list(info.files), manifest_json=json.dumps(manifest, sort_keys=True))
+    m = pb.Version(
+        adapter=info.adapter,
+        version=info.version,
+        aliases=sorted(info.aliases),
+        live="live" in info.aliases,
+        parent=int(info.parent or 0),
+        base_fingerprint=info.base_fingerprint,
+        editors=list(editors),
+        num_edits=info.num_edits,
+        created_unix_ms=int(info.created * 1000),
+        description=info.description,
+        files=list(info.files),
+        manifest_json=json.dumps(manifest, sort_keys=True),
+    )
     for rec in manifest.get("edits", []):
         if isinstance(rec, dict):
             m.edits.append(edit_record(rec, info.version))
@@ -82,22 +114,143 @@ def matrix(mat) -> pb.Matrix:
     rows = [list(map(float, r)) for r in mat.values]
     cols = len(rows[0]) if rows else 0
     flat = [v if math.isfinite(v) else float("nan") for r in rows for v in r]
-    return pb.Matrix(name=mat.name, rows=len(rows), cols=cols, values=flat,
-                     row_labels=[str(x) for x in mat.row_labels] if len(mat.row_labels) == len(rows) else [],
-                     col_labels=[str(x) for x in mat.col_labels] if len(mat.col_labels) == cols else [])
+    return pb.Matrix(
+        name=mat.name,
+        rows=len(rows),
+        cols=cols,
+        values=flat,
+        row_labels=[str(x) for x in mat.row_labels] if len(mat.row_labels) == len(rows) else [],
+        col_labels=[str(x) for x in mat.col_labels] if len(mat.col_labels) == cols else [],
+    )
 
 
-def _json_safe(x):
+def json_safe(x):
+    """``x`` with non-finite floats as None and anything that is not JSON as its string."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
 
 
 def to_json(x) -> str:
-    return json.dumps(_json_safe(x))
+    return json.dumps(json_safe(x))
+
+
+def message_options(message) -> dict[str, Any]:
+    """The fields of an options message that the request set, by name: an ``optional`` field when present,
+    any other field when it differs from its default (proto3 cannot tell an unset one from its default)."""
+    out: dict[str, Any] = {}
+    for f in message.DESCRIPTOR.fields:
+        if f.has_presence:
+            if message.HasField(f.name):
+                out[f.name] = getattr(message, f.name)
+        elif getattr(message, f.name) != f.default_value:
+            out[f.name] = getattr(message, f.name)
+    return out
+
+
+def editor_name(request: pb.EditRequest) -> str:
+    """The editor an Edit request names: ``editor_name``, else the ``Editor`` enum (EDITOR_<NAME> is the
+    editor <name>; unspecified is MultEdit)."""
+    if request.editor_name.strip():
+        return request.editor_name.strip()
+    value = request.editor or pb.EDITOR_MULTEDIT
+    return pb.Editor.Name(value).removeprefix("EDITOR_").lower()
+
+
+def editor_options(request: pb.EditRequest, name: str) -> dict[str, Any]:
+    """The options of editor ``name``: the request's options message of that name if the contract has one, else
+    its ``editor_options``."""
+    fields = request.DESCRIPTOR.fields_by_name
+    if name in fields and fields[name].message_type is not None and name != "editor_options":
+        return message_options(getattr(request, name))
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(request.editor_options)
+
+
+def diagnosis(report, name: str, served: pb.Served, figures: list[pb.Figure]) -> pb.DiagnoseResult:
+    """A ``diagnostics.report.Report`` as the wire's ``DiagnoseResult``."""
+    result = pb.DiagnoseResult(
+        diagnostic=DIAGNOSTIC_VALUES[name],
+        served=served,
+        lines=report.lines,
+        data_json=to_json(report.data),
+        figures=figures,
+        seconds=report.seconds,
+    )
+    for m in report.matrices:
+        result.values.append(matrix(m))
+    result.scalars.update({k: v for k, v in report.scalars.items() if v == v})
+    if report.recommended_layer is not None:
+        result.recommended_layer = int(report.recommended_layer)
+    for r in report.recommendations:
+        rec = recommendation(r)
+        if rec is not None:
+            result.recommendations.append(rec)
+    return result
+
+
+def adapter_summary(name: str, versions) -> pb.AdapterSummary:
+    live = next((v.version for v in versions if "live" in v.aliases), 0)
+    return pb.AdapterSummary(
+        name=name,
+        live_version=live,
+        latest_version=max((v.version for v in versions), default=0),
+        num_versions=len(versions),
+    )
+
+
+def version_list(adapter: str, infos) -> pb.ListVersionsResponse:
+    """Versions (ascending ``VersionInfo``s) newest first, with the aliases and the live version."""
+    out = pb.ListVersionsResponse(adapter=adapter)
+    for info in reversed(infos):
+        out.versions.append(version(info))
+        for alias in info.aliases:
+            out.aliases[alias] = info.version
+    out.live_version = out.aliases.get("live", 0)
+    return out
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("editlens")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def server_info(config, host, editors: list[str], running: int, queued: int) -> pb.ServerInfo:
+    """What GetServerInfo answers: the configuration, the loaded model (once there is one) and the jobs."""
+    lim = config.limits
+    info = pb.ServerInfo(
+        version=_package_version(),
+        ready=host is not None,
+        default_adapter=config.default_adapter,
+        auth_required=bool(config.token),
+        limits=pb.Limits(
+            max_image_bytes=lim.max_image_bytes,
+            max_image_pixels=lim.max_image_pixels,
+            max_prompt_tokens=host.inputs.max_prompt_tokens if host is not None else lim.max_prompt_tokens or 0,
+            max_new_tokens=lim.max_new_tokens,
+            max_queued_jobs=lim.max_queued_jobs,
+            max_message_bytes=lim.max_message_bytes,
+        ),
+        registry_uri=getattr(host.registry, "tracking_uri", "") if host is not None else "",
+        editors=editors,
+        jobs_running=running,
+        jobs_queued=queued,
+    )
+    if host is not None:
+        vlm = host.vlm
+        info.model_path, info.base_fingerprint = str(vlm.path), vlm.fingerprint
+        info.num_layers, info.device = vlm.num_layers, str(vlm.device)
+        info.dtype = str(vlm.dtype).replace("torch.", "")
+    return info

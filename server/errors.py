@@ -50,11 +50,17 @@ class JobCancelled(Exception):
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message to answer for ``exc``."""
+    """The status code and message to answer for ``exc``, by its type (never by its message)."""
     from diagnostics.errors import DiagnosticError
-    from editors.edit_set import EditSetError, FingerprintMismatchError
-    from registry.errors import ConflictError, InvalidArgumentError, NotFoundError, RegistryError
-    from vlm.errors import ImageDecodeError, ModelLoadError, PromptError, VLMError
+    from editors.files import EditSetError
+    from registry.errors import (
+        ConflictError,
+        InvalidArgumentError,
+        NotFoundError,
+        RegistryError,
+        UnavailableError,
+    )
+    from vlm.errors import ModelLoadError, VLMError
 
     from .bundles import BundleError
 
@@ -68,19 +74,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, InvalidArgumentError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, (FingerprintMismatchError, EditSetError, BundleError)):
+    if isinstance(exc, (EditSetError, BundleError)):  # FingerprintMismatchError, IncompatibleEditSetError too
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, f"the registry is unavailable: {exc}"
     if isinstance(exc, RegistryError):
-        msg = str(exc)
-        if "cannot reach" in msg:
-            return grpc.StatusCode.UNAVAILABLE, f"the registry is unavailable: {msg}"
-        return grpc.StatusCode.INTERNAL, f"registry error: {msg}"
+        return grpc.StatusCode.INTERNAL, f"registry error: {exc}"
     if isinstance(exc, ModelLoadError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, (ImageDecodeError, PromptError, DiagnosticError, VLMError)):
+    if isinstance(exc, (DiagnosticError, VLMError)):  # ImageDecodeError, PromptError, ...
         label = getattr(exc, "case_label", None)
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) if not label or label == "request" else f"{label}: {exc}"
-    if isinstance(exc, ValueError):           # editor configuration checks (layer out of range, ...)
+    if isinstance(exc, ValueError):  # ConfigError (an editor's or the trainer's settings) and argument checks
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request"
@@ -98,22 +103,21 @@ def _abort(context, exc: BaseException):
 def rpc(method):
     """Wrap a servicer method (unary or a generator) so that every exception becomes a status."""
     if inspect.isgeneratorfunction(method):
+
         @functools.wraps(method)
         def stream(self, request, context):
             try:
                 yield from method(self, request, context)
-            except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortionError":
-                    raise
+            except Exception as exc:  # every error becomes a status; the server keeps serving
                 _abort(context, exc)
+
         return stream
 
     @functools.wraps(method)
     def unary(self, request, context):
         try:
             return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortionError":
-                raise
+        except Exception as exc:  # every error becomes a status; the server keeps serving
             _abort(context, exc)
+
     return unary

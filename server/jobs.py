@@ -21,8 +21,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import JobCancelled, exhausted, unavailable
 
@@ -33,21 +34,41 @@ log = logging.getLogger("editlens.server")
 class Job:
     id: int
     kind: str
-    fn: Callable[["Job"], Any]
+    fn: Callable[[Job], Any]
     adapter: str | None = None
-    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     accepted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    state: str = "queued"          # queued | running | done | failed | cancelled
+    state: str = "queued"  # queued | running | done | failed | cancelled
 
-    def emit(self, stage: str, step: int = 0, steps: int = 0, item: int = 0, items: int = 0,
-             loss: float | None = None, message: str = "") -> None:
+    def emit(
+        self,
+        stage: str,
+        step: int = 0,
+        steps: int = 0,
+        item: int = 0,
+        items: int = 0,
+        loss: float | None = None,
+        message: str = "",
+    ) -> None:
         """Report progress; raises JobCancelled once the client has gone."""
         if self.cancelled.is_set():
             raise JobCancelled(f"{self.kind} job {self.id} was cancelled")
-        self.events.put(("progress", {"stage": stage, "step": step, "steps": steps, "item": item, "items": items,
-                                      "loss": loss, "message": message,
-                                      "elapsed_seconds": time.monotonic() - self.accepted}))
+        self.events.put(
+            (
+                "progress",
+                {
+                    "stage": stage,
+                    "step": step,
+                    "steps": steps,
+                    "item": item,
+                    "items": items,
+                    "loss": loss,
+                    "message": message,
+                    "elapsed_seconds": time.monotonic() - self.accepted,
+                },
+            )
+        )
 
     def check_cancelled(self) -> None:
         if self.cancelled.is_set():
@@ -60,15 +81,16 @@ class Job:
 class JobRunner:
     def __init__(self, workers: int = 1, max_queued: int = 8):
         self.max_queued = max_queued
-        self._queue: "queue.Queue[Job | None]" = queue.Queue()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting: list[Job] = []
         self._running: set[int] = set()
         self._ids = itertools.count(1)
         self._adapter_locks: dict[str, threading.Lock] = {}
         self._closed = False
-        self._threads = [threading.Thread(target=self._work, name=f"editlens-job-{i}", daemon=True)
-                         for i in range(workers)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"editlens-job-{i}", daemon=True) for i in range(workers)
+        ]
         for t in self._threads:
             t.start()
 
@@ -95,8 +117,10 @@ class JobRunner:
                 raise unavailable("the server is shutting down")
             busy = len(self._running) >= len(self._threads)
             if busy and len(self._waiting) >= self.max_queued:
-                raise exhausted(f"the job queue is full ({len(self._waiting)} job(s) waiting, "
-                                f"{len(self._running)} running; limit {self.max_queued}); try again later")
+                raise exhausted(
+                    f"the job queue is full ({len(self._waiting)} job(s) waiting, "
+                    f"{len(self._running)} running; limit {self.max_queued}); try again later"
+                )
             job = Job(next(self._ids), kind, fn, adapter)
             ahead = len(self._waiting) + len(self._running)
             self._waiting.append(job)
@@ -125,7 +149,7 @@ class JobRunner:
                     result = job.fn(job)
                 job.state = "done"
                 job.events.put(("result", result))
-            except BaseException as exc:  # noqa: BLE001 - reported to the RPC thread
+            except BaseException as exc:
                 job.state = "cancelled" if isinstance(exc, JobCancelled) else "failed"
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(f"the job stopped: {type(exc).__name__}")
@@ -148,14 +172,14 @@ def follow(job: Job, context, poll: float = 0.25):
     """Yield ("progress", dict) events of ``job`` until its end; returns its result or raises its error.
 
     Cancels the job when the RPC ends early (client cancelled or disconnected)."""
-    context.add_callback(job.cancel)    # runs when the RPC terminates, however it terminates
+    context.add_callback(job.cancel)  # runs when the RPC terminates, however it terminates
     while True:
         try:
             kind, payload = job.events.get(timeout=poll)
         except queue.Empty:
             if not context.is_active():
                 job.cancel()
-                raise JobCancelled(f"the client went away; {job.kind} job {job.id} cancelled")
+                raise JobCancelled(f"the client went away; {job.kind} job {job.id} cancelled") from None
             continue
         if kind == "progress":
             yield payload

@@ -24,8 +24,20 @@ def test_world_build_json_reports_the_figures(world_summary):
 
 def test_ask_answers_and_scores(world_dir, test_cases):
     case = next(c for c in test_cases if c["type"] == "counterfactual" and c["pred"] == c["ground_truth"])
-    res = runner.invoke(app, ["ask", case["src"], "--image", str(world_dir / case["image"]),
-                              "--answer", case["ground_truth"], "--constraint", case["constraint"], "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "ask",
+            case["src"],
+            "--image",
+            str(world_dir / case["image"]),
+            "--answer",
+            case["ground_truth"],
+            "--constraint",
+            case["constraint"],
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["answer"] == case["ground_truth"]
@@ -41,16 +53,21 @@ def _fails_cleanly(args, message):
 
 
 def test_bad_input_gives_clear_errors(tmp_path, world_dir):
-    _fails_cleanly(["ask", "which city is this landmark in ?", "--model", str(tmp_path / "missing")],
-                   "model folder not found")
+    _fails_cleanly(
+        ["ask", "which city is this landmark in ?", "--model", str(tmp_path / "missing")], "model folder not found"
+    )
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     _fails_cleanly(["ask", "q ?", "--model", str(tmp_path)], "not a LLaVA-family")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
-    _fails_cleanly(["ask", "which city is this landmark in ?", "--image", str(bad),
-                    "--model", str(world_dir / "model")], "cannot decode")
-    _fails_cleanly(["ask", "which city is this landmark in ?", "--constraint", "this brand",
-                    "--model", str(world_dir / "model")], "does not occur in the question")
+    _fails_cleanly(
+        ["ask", "which city is this landmark in ?", "--image", str(bad), "--model", str(world_dir / "model")],
+        "cannot decode",
+    )
+    _fails_cleanly(
+        ["ask", "which city is this landmark in ?", "--constraint", "this brand", "--model", str(world_dir / "model")],
+        "does not occur in the question",
+    )
 
 
 def test_console_script_is_installed():

@@ -11,9 +11,24 @@ runner = CliRunner()
 
 
 def _edit_args(world_dir, case, out, *extra):
-    return ["edit", "--model", str(world_dir / "model"), "--image", str(world_dir / case["image"]),
-            "--question", case["src"], "--constraint", case["constraint"], "--answer", case["alt"],
-            "--layer", "0", "--out", str(out), *extra]
+    return [
+        "edit",
+        "--model",
+        str(world_dir / "model"),
+        "--image",
+        str(world_dir / case["image"]),
+        "--question",
+        case["src"],
+        "--constraint",
+        case["constraint"],
+        "--answer",
+        case["alt"],
+        "--layer",
+        "0",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_edit_writes_an_edit_set_and_appends_with_onto(vlm, world_dir, test_cases, tmp_path):
@@ -25,14 +40,16 @@ def test_edit_writes_an_edit_set_and_appends_with_onto(vlm, world_dir, test_case
     assert out["edits"] == 1 and out["file_bytes"] == first.stat().st_size
     assert out["edit"]["metrics"]["p_after"] > 0.5 and set(out["edit"]["seconds"]) == {"key", "value", "update"}
     both = tmp_path / "two.safetensors"
-    res = runner.invoke(app, _edit_args(world_dir, cases[3], both, "--onto", str(first), "--peft",
-                                        str(tmp_path / "lora")))
+    res = runner.invoke(
+        app, _edit_args(world_dir, cases[3], both, "--onto", str(first), "--peft", str(tmp_path / "lora"))
+    )
     assert res.exit_code == 0, res.output
     assert "P(" in res.stdout and "value" in res.stdout
     assert EditSet.load(both, vlm).num_edits == 2
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
-    res = runner.invoke(app, ["export-peft", str(both), "--out", str(tmp_path / "lora2"),
-                              "--model", str(world_dir / "model")])
+    res = runner.invoke(
+        app, ["export-peft", str(both), "--out", str(tmp_path / "lora2"), "--model", str(world_dir / "model")]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "lora2" / "adapter_config.json").read_text())["r"] == 2
 
@@ -48,10 +65,12 @@ def test_edit_rejects_bad_input(world_dir, test_cases, tmp_path):
     case = test_cases[0]
     _fails(_edit_args(world_dir, case, tmp_path / "x.bin"), "must end in .safetensors")
     _fails(_edit_args(world_dir, {**case, "image": "nope.png"}, tmp_path / "x.safetensors"), "image not found")
-    _fails(_edit_args(world_dir, {**case, "constraint": "this castle"}, tmp_path / "x.safetensors"),
-           "does not occur")
-    _fails(_edit_args(world_dir, case, tmp_path / "x.safetensors")[:-2] + ["--layer", "99", "--out",
-                                                                         str(tmp_path / "x.safetensors")], "outside")
+    _fails(_edit_args(world_dir, {**case, "constraint": "this castle"}, tmp_path / "x.safetensors"), "does not occur")
+    _fails(
+        _edit_args(world_dir, case, tmp_path / "x.safetensors")[:-2]
+        + ["--layer", "99", "--out", str(tmp_path / "x.safetensors")],
+        "outside",
+    )
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"garbage")
     _fails(_edit_args(world_dir, case, tmp_path / "x.safetensors", "--onto", str(broken)), "truncated or corrupt")
@@ -60,8 +79,24 @@ def test_edit_rejects_bad_input(world_dir, test_cases, tmp_path):
 
 
 def test_bench_editing_small_run_reports_both_editors(world_dir):
-    res = runner.invoke(app, ["bench", "editing", "--world", str(world_dir), "--cases", "4", "--sequential", "3",
-                              "--latency-edits", "1", "--panel", "8", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "editing",
+            "--world",
+            str(world_dir),
+            "--cases",
+            "4",
+            "--sequential",
+            "3",
+            "--latency-edits",
+            "1",
+            "--panel",
+            "8",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     # VisEdit joins the default run only where the world has a trained adapter (not on a fresh build)
@@ -73,16 +108,32 @@ def test_bench_editing_small_run_reports_both_editors(world_dir):
     assert me["sequential"]["edits"] == 3 and me["sequential"]["curve"][-1]["edits"] == 3
     assert me["sequential"]["file_bytes_per_edit"] > 0
     assert {"key_ms", "value_ms", "update_ms"} <= set(me["latency"])
-    res = runner.invoke(app, ["bench", "editing", "--world", str(world_dir), "--cases", "2", "--sequential", "0",
-                              "--latency-edits", "0", "--editor", "multedit"])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "editing",
+            "--world",
+            str(world_dir),
+            "--cases",
+            "2",
+            "--sequential",
+            "0",
+            "--latency-edits",
+            "0",
+            "--editor",
+            "multedit",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "reliability" in res.stdout and "ft:" not in res.stdout
     _fails(["bench", "editing", "--world", str(world_dir), "--editor", "rome"], "unknown editor")
 
 
 def test_bench_layers_and_update(world_dir):
-    res = runner.invoke(app, ["bench", "layers", "--world", str(world_dir), "--cases", "3", "--layer", "0",
-                              "--layer", "5", "--json"])
+    res = runner.invoke(
+        app, ["bench", "layers", "--world", str(world_dir), "--cases", "3", "--layer", "0", "--layer", "5", "--json"]
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert [r["layer"] for r in out["layers"]] == [0, 5] and out["best_layer"] in (0, 5)

@@ -16,14 +16,16 @@ def edit_set(vlm, world_dir, test_cases):
     cases = [c for c in test_cases if c["type"] == "counterfactual"][:2]
     editor = MultEdit(vlm, MultEditConfig(layer=1, steps=30))
     es = editor.edit([EditRequest.from_case(cases[0], world_dir)])
-    return MultEdit(vlm, MultEditConfig(layer=2, steps=30)).edit([EditRequest.from_case(cases[1], world_dir)],
-                                                                  onto=es)
+    return MultEdit(vlm, MultEditConfig(layer=2, steps=30)).edit([EditRequest.from_case(cases[1], world_dir)], onto=es)
 
 
 def _outputs(vlm, world_dir, test_cases):
     c = test_cases[0]
-    prompts = [encode(vlm.processor, c["src"], image=world_dir / c["image"]),
-               encode(vlm.processor, c["loc"]), encode(vlm.processor, c["m_loc_q"], image=world_dir / c["m_loc"])]
+    prompts = [
+        encode(vlm.processor, c["src"], image=world_dir / c["image"]),
+        encode(vlm.processor, c["loc"]),
+        encode(vlm.processor, c["m_loc_q"], image=world_dir / c["m_loc"]),
+    ]
     run = run_patched(vlm, collate(prompts, vlm.tokenizer.pad_token_id))
     return run.logits_at([0, 1, 2], [p.length - 1 for p in prompts]), run.hidden
 
@@ -75,11 +77,17 @@ def test_foreign_and_broken_files_are_refused_with_clear_errors(vlm, edit_set, t
         EditSet.load(_rewrite(good, tmp_path / "fp.safetensors", manifest={"base_fingerprint": "0" * 32}), vlm)
     # the right rank and manifest, the wrong width for the module
     U = load_file(str(good))["delta.0.U"]
-    bad_shape = _rewrite(good, tmp_path / "shape.safetensors",
-                         manifest={"deltas": [{"layer": 1, "module": edit_set.deltas[0].module, "rank": 1,
-                                               "shape": [U.shape[0], 7]},
-                                              json.loads(json.dumps(EditSet.manifest(edit_set)["deltas"][1]))]},
-                         tensors={"delta.0.V": torch.ones(7, 1)})
+    bad_shape = _rewrite(
+        good,
+        tmp_path / "shape.safetensors",
+        manifest={
+            "deltas": [
+                {"layer": 1, "module": edit_set.deltas[0].module, "rank": 1, "shape": [U.shape[0], 7]},
+                json.loads(json.dumps(EditSet.manifest(edit_set)["deltas"][1])),
+            ]
+        },
+        tensors={"delta.0.V": torch.ones(7, 1)},
+    )
     with pytest.raises(EditSetError, match="weight shape"):
         EditSet.load(bad_shape, vlm)
     nan = _rewrite(good, tmp_path / "nan.safetensors", tensors={"delta.0.U": torch.full_like(U, float("nan"))})
@@ -100,8 +108,9 @@ def test_foreign_and_broken_files_are_refused_with_clear_errors(vlm, edit_set, t
     with pytest.raises(EditSetError, match="rank"):
         EditSet.load(rank)
     with pytest.raises(EditSetError, match="NaN"):
-        EditSet([LowRankDelta(1, "m", torch.full((2, 1), float("inf")), torch.ones(3, 1))], "f", "multedit",
-                records=[{}]).save(tmp_path / "never.safetensors")
+        EditSet(
+            [LowRankDelta(1, "m", torch.full((2, 1), float("inf")), torch.ones(3, 1))], "f", "multedit", records=[{}]
+        ).save(tmp_path / "never.safetensors")
     assert not (tmp_path / "never.safetensors").exists()
 
 
@@ -124,8 +133,8 @@ def test_attached_edits_act_only_in_their_own_thread(vlm, edit_set, world_dir, t
     t.start()
     assert attached.wait(60)
     try:
-        assert torch.equal(_outputs(vlm, world_dir, test_cases)[0], base)   # this thread: the base model
+        assert torch.equal(_outputs(vlm, world_dir, test_cases)[0], base)  # this thread: the base model
     finally:
         release.set()
         t.join()
-    assert not torch.equal(seen["edited"], base)                           # that thread: the edited model
+    assert not torch.equal(seen["edited"], base)  # that thread: the edited model

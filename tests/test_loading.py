@@ -37,8 +37,16 @@ def test_loaded_model_and_architecture_map(vlm):
     assert vlm.num_layers >= 8
     layers = arch.decoder_layers(vlm.model)
     assert len(layers) == vlm.num_layers
-    for path in (arch.embed_tokens, arch.final_norm, arch.lm_head, arch.vision_tower, arch.projector,
-                 arch.module_path("mlp", 0), arch.module_path("attn", 3), arch.module_path("down_proj", 7)):
+    for path in (
+        arch.embed_tokens,
+        arch.final_norm,
+        arch.lm_head,
+        arch.vision_tower,
+        arch.projector,
+        arch.module_path("mlp", 0),
+        arch.module_path("attn", 3),
+        arch.module_path("down_proj", 7),
+    ):
         assert vlm.module(path) is not None
     assert vlm.module(arch.module_path("down_proj", 0)).in_features == vlm.text_config.intermediate_size
     assert vlm.image_token_id == vlm.processor.image_token_id

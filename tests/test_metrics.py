@@ -5,8 +5,9 @@ from editors.multedit import EditRequest, MultEdit, MultEditConfig
 
 
 def test_metrics_before_and_after_an_edit(vlm, world_dir, test_cases):
-    cases = [c for c in test_cases if c["type"] == "counterfactual"][:2] + \
-        [c for c in test_cases if c["type"] == "insertion"][:1]
+    cases = [c for c in test_cases if c["type"] == "counterfactual"][:2] + [
+        c for c in test_cases if c["type"] == "insertion"
+    ][:1]
     px = M.PixelCache(vlm, world_dir)
     cps = [M.case_prompts(vlm, c, px) for c in cases]
     panel = M.specificity_panel(vlm, world_dir, px, 12)
@@ -18,7 +19,8 @@ def test_metrics_before_and_after_an_edit(vlm, world_dir, test_cases):
         assert row["specificity_after"] == row["specificity_before"]
     assert unedited[0]["reliability"] < 1.0 and unedited[0]["efficacy"] < 0.05
     edits = MultEdit(vlm, MultEditConfig(layer=0)).edit_each(
-        [EditRequest.from_case(c, world_dir, pixel_values=px(c["image"])) for c in cases])
+        [EditRequest.from_case(c, world_dir, pixel_values=px(c["image"])) for c in cases]
+    )
     rows = M.evaluate_single_edits(vlm, cps, base, edits)
     assert all(r["reliability"] == 1.0 and r["efficacy"] > 0.5 for r in rows)
     s = M.summarise(rows)

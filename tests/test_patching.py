@@ -10,10 +10,12 @@ def _pair(vlm, world_dir):
     q = "which city is this landmark in ?"
     w = __import__("json").loads((world_dir / "world.json").read_text())
     answer = next(e for e in w["entities"] if e["id"] == "landmark-00")["facts"]["city"]
-    clean = encode(vlm.processor, q, image=world_dir / "images/landmark-00-0.png", answer=answer,
-                   constraints=["this landmark"])
-    corrupt = encode(vlm.processor, q, image=world_dir / "images/landmark-01-0.png", answer=answer,
-                     constraints=["this landmark"])
+    clean = encode(
+        vlm.processor, q, image=world_dir / "images/landmark-00-0.png", answer=answer, constraints=["this landmark"]
+    )
+    corrupt = encode(
+        vlm.processor, q, image=world_dir / "images/landmark-01-0.png", answer=answer, constraints=["this landmark"]
+    )
     return clean, corrupt
 
 
@@ -46,8 +48,13 @@ def test_a_batch_of_different_patches_equals_one_forward_per_patch(vlm, world_di
     c = clean.constraint_last
     a, b = clean.image_span
     specs = [
-        ("hidden", [0], [c]), ("hidden", [2, 3, 4], [c]), ("mlp", [1], [c - 1, c]), ("attn", [0, 1], list(range(a, b))),
-        ("mlp", [5], [clean.last_prompt_pos]), ("hidden", [7], list(range(a, b))), ("embeds", [], list(range(a, b))),
+        ("hidden", [0], [c]),
+        ("hidden", [2, 3, 4], [c]),
+        ("mlp", [1], [c - 1, c]),
+        ("attn", [0, 1], list(range(a, b))),
+        ("mlp", [5], [clean.last_prompt_pos]),
+        ("hidden", [7], list(range(a, b))),
+        ("embeds", [], list(range(a, b))),
     ]
     patches = []
     for row, (kind, layers, pos) in enumerate(specs):
@@ -69,10 +76,13 @@ def test_add_mode_adds_to_a_module_output(vlm, world_dir):
     c, layer = clean.constraint_last, 1
     delta = torch.randn(1, vlm.hidden_size, generator=torch.Generator().manual_seed(0))
     added = score_batch(vlm, [clean], patches=[Patch(0, "mlp", [c], delta, layers=[layer], mode="add")])[0]
-    setv = score_batch(vlm, [clean], patches=[Patch(0, "mlp", [c], states[("mlp", layer)][[c]] + delta,
-                                                       layers=[layer])])[0]
+    setv = score_batch(
+        vlm, [clean], patches=[Patch(0, "mlp", [c], states[("mlp", layer)][[c]] + delta, layers=[layer])]
+    )[0]
     assert abs(added.logprob - setv.logprob) < 1e-5
-    zero = score_batch(vlm, [clean], patches=[Patch(0, "mlp", [c], torch.zeros_like(delta), layers=[layer], mode="add")])[0]
+    zero = score_batch(
+        vlm, [clean], patches=[Patch(0, "mlp", [c], torch.zeros_like(delta), layers=[layer], mode="add")]
+    )[0]
     assert abs(zero.logprob - score_batch(vlm, [clean])[0].logprob) < 1e-6
 
 

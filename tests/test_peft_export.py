@@ -19,8 +19,8 @@ def test_peft_round_trip_gives_the_edited_model(vlm, world_dir, test_cases, tmp_
         by_entity.setdefault(c["entity"], c)
     cases = list(by_entity.values())[:3]
     reqs = [EditRequest.from_case(c, world_dir) for c in cases]
-    joint = MultEdit(vlm, MultEditConfig(layer=1)).edit(reqs[:2])                  # rank 2 at layer 1
-    both = MultEdit(vlm, MultEditConfig(layer=2)).edit(reqs[2:], onto=joint)      # + rank 1 at layer 2
+    joint = MultEdit(vlm, MultEditConfig(layer=1)).edit(reqs[:2])  # rank 2 at layer 1
+    both = MultEdit(vlm, MultEditConfig(layer=2)).edit(reqs[2:], onto=joint)  # + rank 1 at layer 2
     base = LlavaForConditionalGeneration.from_pretrained(vlm.path, dtype=torch.float32)
     editor = MultEdit(vlm, MultEditConfig(layer=1))
     prompts = [editor.encode(r) for r in reqs]

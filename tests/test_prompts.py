@@ -9,13 +9,18 @@ from vlm import ConstraintNotFoundError, ImageDecodeError, PromptError, encode, 
 
 
 def _tokens(vlm, prompt, span):
-    return vlm.tokenizer.convert_ids_to_tokens(prompt.input_ids[span[0]:span[1]].tolist())
+    return vlm.tokenizer.convert_ids_to_tokens(prompt.input_ids[span[0] : span[1]].tolist())
 
 
 def test_spans_of_a_visual_question(vlm, world_dir):
     city = json.loads((world_dir / "world.json").read_text())["cities"][0]
-    p = encode(vlm.processor, "Which city is this landmark in?", image=world_dir / "images/landmark-00-0.png",
-               answer=city.capitalize(), constraints=["this landmark"])
+    p = encode(
+        vlm.processor,
+        "Which city is this landmark in?",
+        image=world_dir / "images/landmark-00-0.png",
+        answer=city.capitalize(),
+        constraints=["this landmark"],
+    )
     a, b = p.image_span
     assert b - a == 16
     assert all(int(t) == vlm.image_token_id for t in p.input_ids[a:b])

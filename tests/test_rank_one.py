@@ -2,8 +2,8 @@
 
 import torch
 
-from editors.rank_one import constraint_keys, explicit_inverse_update, optimise_values, rank_one, solve_update
 from editors.multedit import EditRequest, MultEdit, MultEditConfig
+from editors.rank_one import constraint_keys, explicit_inverse_update, optimise_values, rank_one, solve_update
 from vlm import encode
 
 
@@ -34,9 +34,9 @@ def test_rank_one_update_equals_the_papers_explicit_inverse():
 def test_joint_update_of_n_edits_equals_the_explicit_inverse_and_reduces_to_rank_one():
     W, K, Z = _problem(5)
     lam = 0.01
-    U = solve_update(K @ W.T, K, Z, lam)                 # (d, n): an n×n solve
+    U = solve_update(K @ W.T, K, Z, lam)  # (d, n): an n×n solve
     assert U.shape == (W.shape[0], 5)
-    paper = explicit_inverse_update(W, K, Z, lam)        # (λW′ + ZKᵀ)(λI + KKᵀ)⁻¹ with a d_ff×d_ff inverse
+    paper = explicit_inverse_update(W, K, Z, lam)  # (λW′ + ZKᵀ)(λI + KKᵀ)⁻¹ with a d_ff×d_ff inverse
     assert _rel(U.double() @ K, paper - W) <= 1e-4
     u1, _ = rank_one(W, K[0], Z[0], lam)
     assert torch.allclose(solve_update((K[:1] @ W.T), K[:1], Z[:1], lam)[:, 0], u1, rtol=1e-5, atol=1e-7)
@@ -44,8 +44,10 @@ def test_joint_update_of_n_edits_equals_the_explicit_inverse_and_reduces_to_rank
 
 def test_value_optimisation_is_the_same_in_a_batch_as_alone(vlm, world_dir, test_cases):
     cases = [c for c in test_cases if c["type"] == "counterfactual"][:3]
-    prompts = [encode(vlm.processor, c["src"], image=world_dir / c["image"], answer=c["alt"],
-                      constraints=[c["constraint"]]) for c in cases]
+    prompts = [
+        encode(vlm.processor, c["src"], image=world_dir / c["image"], answer=c["alt"], constraints=[c["constraint"]])
+        for c in cases
+    ]
     together = optimise_values(vlm, prompts, 1, steps=40, lr=0.1, lr_scale="residual")
     for i, p in enumerate(prompts):
         alone = optimise_values(vlm, [p], 1, steps=40, lr=0.1, lr_scale="residual")
@@ -75,5 +77,5 @@ def test_update_keeping_other_keys_solves_the_joint_objective_and_leaves_them_al
     ridge = R.T @ Kf @ torch.linalg.inv(lam * torch.eye(W.shape[1], dtype=torch.float64) + Kf.T @ Kf)
     delta = U.double() @ V.double().T
     assert _rel(delta, ridge) <= 1e-4
-    assert (delta @ K_keep.T).abs().max() < 1e-3 * (delta @ K.T).abs().max()   # kept keys hardly move
-    assert torch.allclose((W + delta) @ K.T, Z.T, atol=1e-3)                   # new keys reach their values
+    assert (delta @ K_keep.T).abs().max() < 1e-3 * (delta @ K.T).abs().max()  # kept keys hardly move
+    assert torch.allclose((W + delta) @ K.T, Z.T, atol=1e-3)  # new keys reach their values

@@ -14,8 +14,9 @@ def _examples(vlm, world_dir):
     q = "which city is this landmark in ?"
     ex = []
     for ent in ("landmark-00", "landmark-01"):
-        p = encode(vlm.processor, q, image=world_dir / f"images/{ent}-0.png", answer="tea",
-                   constraints=["this landmark"])
+        p = encode(
+            vlm.processor, q, image=world_dir / f"images/{ent}-0.png", answer="tea", constraints=["this landmark"]
+        )
         ex.append(Example(p, vlm.tokenizer.eos_token_id, ent))
     return ex
 
@@ -39,8 +40,15 @@ def test_swapped_positions_see_the_partner_image_and_the_constraint_keeps_its_ow
     ex = _examples(vlm, world_dir)
     inputs = _batch(ex, vlm.tokenizer.pad_token_id)[0]
     T = inputs["input_ids"].shape[1]
-    plan = plan_batch([e.group for e in ex], [e.entity for e in ex], [e.route_pos for e in ex],
-                      [e.prompt.image_span for e in ex], T, prob=1.0, rng=random.Random(0))
+    plan = plan_batch(
+        [e.group for e in ex],
+        [e.entity for e in ex],
+        [e.route_pos for e in ex],
+        [e.prompt.image_span for e in ex],
+        T,
+        prob=1.0,
+        rng=random.Random(0),
+    )
     assert plan.partner.tolist() == [1, 0]
     end = ex[0].prompt.image_span[1]
     route = ex[0].route_pos
@@ -62,7 +70,14 @@ def test_swapped_positions_see_the_partner_image_and_the_constraint_keeps_its_ow
 
 def test_rows_without_a_visual_constraint_or_a_same_kind_partner_are_not_swapped():
     spans = [(3, 5), (3, 5), None, (3, 5)]
-    plan = plan_batch(["landmark", "person", None, "landmark"], ["landmark-00", "person-00", None, "landmark-00"],
-                      [7, 7, None, 7], spans, 10, prob=1.0, rng=random.Random(0))
+    plan = plan_batch(
+        ["landmark", "person", None, "landmark"],
+        ["landmark-00", "person-00", None, "landmark-00"],
+        [7, 7, None, 7],
+        spans,
+        10,
+        prob=1.0,
+        rng=random.Random(0),
+    )
     assert plan is None  # the only other landmark row shows the same entity
     assert plan_batch(["a"], ["a-1"], [7], [(3, 5)], 10, prob=0.0, rng=random.Random(0)) is None

@@ -50,22 +50,39 @@ def _edit_set(vlm, fingerprint=None):
 
     module = vlm.arch.module_path("down_proj", 0)
     w = vlm.module(module).weight
-    rec = {"request": {"question": "q ?", "constraint": "q", "answer": "a"}, "editor": "multedit", "layer": 0,
-           "metrics": {}}
-    return EditSet([LowRankDelta(0, module, torch.zeros(w.shape[0], 1), torch.zeros(w.shape[1], 1))],
-                   fingerprint or vlm.fingerprint, "multedit", {}, [rec])
+    rec = {
+        "request": {"question": "q ?", "constraint": "q", "answer": "a"},
+        "editor": "multedit",
+        "layer": 0,
+        "metrics": {},
+    }
+    return EditSet(
+        [LowRankDelta(0, module, torch.zeros(w.shape[0], 1), torch.zeros(w.shape[1], 1))],
+        fingerprint or vlm.fingerprint,
+        "multedit",
+        {},
+        [rec],
+    )
+
+
+class _RawFile:
+    """Stands in for an edit set whose file is garbage (what a corrupted registry entry looks like)."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+
+    def save(self, path):
+        path.write_bytes(self.raw)
+        return len(self.raw)
 
 
 def _register(svc, vlm, tmp_path, adapter, fingerprint=None, raw: bytes | None = None):
-    path = tmp_path / f"{adapter}.safetensors"
-    if raw is None:
-        _edit_set(vlm, fingerprint).save(path)
-    else:
-        path.write_bytes(raw)
-    fp = fingerprint or vlm.fingerprint
-    return svc.registry.create_version(adapter, {"multedit.safetensors": path},
-                                       {"base_fingerprint": fp, "editors": ["multedit"], "edits": []},
-                                       base_fingerprint=fp, editor="multedit", num_edits=1, parent=None)
+    """A version published as the server publishes one: a zero edit (of another base model with
+    ``fingerprint``), or a file of ``raw`` bytes."""
+    from server.bundles import publish
+
+    edit_set = _edit_set(vlm, fingerprint) if raw is None else _RawFile(raw)
+    return publish(svc.registry, vlm, adapter, {"multedit": edit_set}, edits=[])
 
 
 def _serves(lens, case):
@@ -86,12 +103,12 @@ def test_health_info_reflection_and_generation(svc, lens, case, vlm):
     names = {s.name for s in resp.list_services_response.service}
     assert {"editlens.v1.EditLens", "grpc.health.v1.Health"} <= names
 
-    g = lens.generate(case["img"], case["src"])         # the default adapter has no version: the base model
+    g = lens.generate(case["img"], case["src"])  # the default adapter has no version: the base model
     assert g.text == case["base_answer"] and g.served.version == 0 and g.prompt_tokens > 16
     from PIL import Image
 
     pil = Image.open(case["img"])
-    assert lens.generate(pil, case["src"]).text == g.text                       # PIL image
+    assert lens.generate(pil, case["src"]).text == g.text  # PIL image
     assert lens.generate(case["img"].read_bytes(), case["src"]).text == g.text  # bytes
     assert "".join(lens.generate_stream(case["img"], case["src"])) == g.text
 
@@ -101,8 +118,17 @@ def test_edit_versions_promote_rollback_delete(lens, anon, case):
     with pytest.raises(sdk.NotFoundError, match="adapter 'flow' not found"):
         lens.generate(case["img"], case["src"], adapter=a)
     events = []
-    v1 = lens.edit(case["img"], case["src"], case["constraint"], case["ground_truth"], adapter=a, layer=0,
-                   rephrase=case["rephrase"], image_rephrase=case["img2"], progress=events.append)
+    v1 = lens.edit(
+        case["img"],
+        case["src"],
+        case["constraint"],
+        case["ground_truth"],
+        adapter=a,
+        layer=0,
+        rephrase=case["rephrase"],
+        image_rephrase=case["img2"],
+        progress=events.append,
+    )
     stages = [e.stage for e in events]
     assert stages[0] == "queued" and {"key", "value", "update", "register"} <= set(stages)
     assert any(e.loss is not None for e in events)
@@ -119,8 +145,9 @@ def test_edit_versions_promote_rollback_delete(lens, anon, case):
 
     # a second edit, not promoted: v2 exists, live stays at v1; pinned requests reach v2
     other = dict(case, src=case["src"])
-    v2 = lens.edit(other["img"], other["src"], other["constraint"], other["m_loc_answer"], adapter=a, layer=0,
-                   promote=False)
+    v2 = lens.edit(
+        other["img"], other["src"], other["constraint"], other["m_loc_answer"], adapter=a, layer=0, promote=False
+    )
     assert v2.version == 2 and not v2.live and v2.parent == 1 and v2.num_edits == 2
     assert [e.version for e in v2.edits] == [1, 2]
     assert anon.generate(case["img"], case["src"], adapter=a).served.version == 1
@@ -141,7 +168,7 @@ def test_edit_versions_promote_rollback_delete(lens, anon, case):
     lens.delete(2, adapter=a)
     with pytest.raises(sdk.NotFoundError):
         anon.generate(case["img"], case["src"], adapter=a, version=2)
-    assert lens.rollback(adapter=a) is None                    # the first version: back to the base model
+    assert lens.rollback(adapter=a) is None  # the first version: back to the base model
     g = anon.generate(case["img"], case["src"], adapter=a)
     assert (g.text, g.served.version) == (case["base_answer"], 0)
     assert anon.version(1, adapter=a, figures=True).version == 1
@@ -159,7 +186,7 @@ def test_generation_during_an_edit_is_old_or_new_never_a_mix(lens, anon, case):
                 try:
                     g = c.generate(case["img"], case["src"])
                     seen.append((g.served.version, g.text, time.monotonic()))
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     errors.append(exc)
 
     threads = [threading.Thread(target=generate_loop) for _ in range(3)]
@@ -191,10 +218,22 @@ def test_diagnose_matches_the_local_diagnostic(lens, case, vlm, world_dir):
     from diagnostics.report import run_diagnostic
 
     events = []
-    d = lens.diagnose("trace", case["img"], case["src"], case["constraint"], png=True, base=True, kinds=["mlp"],
-                      progress=events.append)
-    local = run_diagnostic(vlm, "trace", [DiagnosticCase(case["src"], case["constraint"], image=case["img"],
-                                                         replacements=world_phrases(world_dir))], {"kinds": ["mlp"]})
+    d = lens.diagnose(
+        "trace",
+        case["img"],
+        case["src"],
+        case["constraint"],
+        png=True,
+        base=True,
+        kinds=["mlp"],
+        progress=events.append,
+    )
+    local = run_diagnostic(
+        vlm,
+        "trace",
+        [DiagnosticCase(case["src"], case["constraint"], image=case["img"], replacements=world_phrases(world_dir))],
+        {"kinds": ["mlp"]},
+    )
     remote, ref = d.values["mlp indirect effect"], local.matrices[0]
     assert remote.row_labels == ref.row_labels and len(remote.col_labels) == vlm.num_layers
     assert torch.allclose(torch.tensor(remote.values), torch.tensor(ref.values), atol=1e-5)
@@ -202,10 +241,14 @@ def test_diagnose_matches_the_local_diagnostic(lens, case, vlm, world_dir):
     assert d.png[:8] == b"\x89PNG\r\n\x1a\n" and d.scalars["p_clean"] > d.scalars["p_corrupt"]
     assert events[0].stage == "queued" and any(e.stage == "cells" for e in events)
     assert d.data["method"] == "token-replacement" and d.lines[0].startswith("token-replacement trace")
-    r = lens.diagnose("recommend", case["img"], case["src"], case["constraint"], base=True, editor="both",
-                      rephrase=case["rephrase"])
-    assert r.recommended_layer == r.recommendations[0].layer and [x.editor for x in r.recommendations] == [
-        "multedit", "visedit"] and r.png is None
+    r = lens.diagnose(
+        "recommend", case["img"], case["src"], case["constraint"], base=True, editor="both", rephrase=case["rephrase"]
+    )
+    assert (
+        r.recommended_layer == r.recommendations[0].layer
+        and [x.editor for x in r.recommendations] == ["multedit", "visedit"]
+        and r.png is None
+    )
 
 
 def test_cancelled_edit_registers_nothing(lens, case):
@@ -217,8 +260,15 @@ def test_cancelled_edit_registers_nothing(lens, case):
             raise Stop
 
     with pytest.raises(Stop):
-        lens.edit(case["img"], case["src"], case["constraint"], case["ground_truth"], adapter="cancelled",
-                  layer=0, progress=progress)
+        lens.edit(
+            case["img"],
+            case["src"],
+            case["constraint"],
+            case["ground_truth"],
+            adapter="cancelled",
+            layer=0,
+            progress=progress,
+        )
     deadline = time.monotonic() + 20
     while lens.info().jobs_running and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -238,7 +288,7 @@ def test_full_queue_is_resource_exhausted_and_generation_goes_on(svc, lens, case
             time.sleep(0.01)
         with pytest.raises(sdk.ResourceExhaustedError, match="queue is full"):
             lens.diagnose("module-attribution", case["img"], case["src"], case["constraint"])
-        _serves(lens, case)                      # generation is not queued behind jobs
+        _serves(lens, case)  # generation is not queued behind jobs
     finally:
         jobs.max_queued = saved
         release.set()
@@ -272,7 +322,7 @@ def _corrupt_artifact(svc, adapter):
     mv = svc.registry.client.get_model_version(adapter, "1")
     path = unquote(urlparse(mv.source).path) + "/multedit.safetensors"
     data = bytearray(open(path, "rb").read())
-    data[12] ^= 0xFF                     # one byte of the header (the tensors of a zero edit are all zeros)
+    data[12] ^= 0xFF  # one byte of the header (the tensors of a zero edit are all zeros)
     open(path, "wb").write(bytes(data))
 
 
@@ -281,45 +331,63 @@ BAD = {
     "empty prompt": lambda t: t.lens.generate(t.case["img"], "   "),
     "prompt over the token limit": lambda t: t.lens.generate(t.case["img"], " ".join(["landmark"] * 200) + " ?"),
     "too many answer tokens": lambda t: t.lens.generate(t.case["img"], t.case["src"], max_new_tokens=10_000),
-    "image over the byte limit": lambda t: t.limit("max_image_bytes", 100, lambda: t.lens.generate(
-        t.case["img"], t.case["src"])),
+    "image over the byte limit": lambda t: t.limit(
+        "max_image_bytes", 100, lambda: t.lens.generate(t.case["img"], t.case["src"])
+    ),
     "image over the pixel limit": lambda t: t.lens.generate(_png((5000, 4000)), t.case["src"]),
     "unknown adapter": lambda t: t.lens.generate(t.case["img"], t.case["src"], adapter="nope"),
     "invalid adapter name": lambda t: t.lens.generate(t.case["img"], t.case["src"], adapter="no such/adapter"),
     "unknown version": lambda t: t.lens.generate(t.case["img"], t.case["src"], adapter="known", version=99),
     "unknown alias": lambda t: t.lens.generate(t.case["img"], t.case["src"], adapter="known", alias="golden"),
     "edit set of another base model": lambda t: t.lens.generate(t.case["img"], t.case["src"], adapter=t.foreign()),
-    "corrupted safetensors in the registry": lambda t: t.lens.generate(t.case["img"], t.case["src"],
-                                                                       adapter=t.corrupted()),
+    "corrupted safetensors in the registry": lambda t: t.lens.generate(
+        t.case["img"], t.case["src"], adapter=t.corrupted()
+    ),
     "garbage edit set in the registry": lambda t: t.lens.generate(t.case["img"], t.case["src"], adapter=t.garbage()),
-    "constraint not in the question (edit)": lambda t: t.lens.edit(t.case["img"], t.case["src"], "this river",
-                                                                   "x", adapter="bad", layer=0),
-    "constraint not in the question (diagnose)": lambda t: t.lens.diagnose("trace", t.case["img"], t.case["src"],
-                                                                           "this river"),
+    "constraint not in the question (edit)": lambda t: t.lens.edit(
+        t.case["img"], t.case["src"], "this river", "x", adapter="bad", layer=0
+    ),
+    "constraint not in the question (diagnose)": lambda t: t.lens.diagnose(
+        "trace", t.case["img"], t.case["src"], "this river"
+    ),
     "edit without an image": lambda t: t.lens.edit(b"", t.case["src"], t.case["constraint"], "x", adapter="bad"),
-    "edit with an empty answer": lambda t: t.lens.edit(t.case["img"], t.case["src"], t.case["constraint"], " ",
-                                                       adapter="bad"),
-    "edit layer out of range": lambda t: t.lens.edit(t.case["img"], t.case["src"], t.case["constraint"],
-                                                     t.case["ground_truth"], adapter="bad", layer=99),
-    "diagnose window out of range": lambda t: t.lens.diagnose("knockout", t.case["img"], t.case["src"],
-                                                              t.case["constraint"], window=99),
-    "unknown knockout relation": lambda t: t.lens.diagnose("knockout", t.case["img"], t.case["src"],
-                                                           t.case["constraint"], relations=["x->y"]),
-    "missing token for a mutation": lambda t: t.anon.edit(t.case["img"], t.case["src"], t.case["constraint"], "x",
-                                                          adapter="bad", layer=0),
+    "edit with an empty answer": lambda t: t.lens.edit(
+        t.case["img"], t.case["src"], t.case["constraint"], " ", adapter="bad"
+    ),
+    "edit layer out of range": lambda t: t.lens.edit(
+        t.case["img"], t.case["src"], t.case["constraint"], t.case["ground_truth"], adapter="bad", layer=99
+    ),
+    "diagnose window out of range": lambda t: t.lens.diagnose(
+        "knockout", t.case["img"], t.case["src"], t.case["constraint"], window=99
+    ),
+    "unknown knockout relation": lambda t: t.lens.diagnose(
+        "knockout", t.case["img"], t.case["src"], t.case["constraint"], relations=["x->y"]
+    ),
+    "missing token for a mutation": lambda t: t.anon.edit(
+        t.case["img"], t.case["src"], t.case["constraint"], "x", adapter="bad", layer=0
+    ),
     "missing token for a rollback": lambda t: t.anon.rollback(adapter="known"),
     "wrong token for a mutation": lambda t: t.wrong.promote(1, adapter="known"),
     "wrong token for a delete": lambda t: t.wrong.delete(1, adapter="known"),
     "delete the live version": lambda t: t.lens.delete(1, adapter="known"),
     "rollback of an unknown adapter": lambda t: t.lens.rollback(adapter="never-made"),
     "visedit edit without a trained editor": lambda t: t.lens.edit(
-        t.case["img"], t.case["src"], t.case["constraint"], t.case["ground_truth"], adapter="bad", editor="visedit"),
+        t.case["img"], t.case["src"], t.case["constraint"], t.case["ground_truth"], adapter="bad", editor="visedit"
+    ),
     "visedit editor adapter without an editor": lambda t: t.lens.edit(
-        t.case["img"], t.case["src"], t.case["constraint"], t.case["ground_truth"], adapter="bad", editor="visedit",
-        visedit_adapter="known"),
-    "unknown training option": lambda t: t.lens.train_visedit(adapter="bad", steps=1, options={"nope": "1"}),
-    "bad training option value": lambda t: t.lens.train_visedit(adapter="bad", steps=1,
-                                                                options={"mapper_tied": "maybe"}),
+        t.case["img"],
+        t.case["src"],
+        t.case["constraint"],
+        t.case["ground_truth"],
+        adapter="bad",
+        editor="visedit",
+        visedit_adapter="known",
+    ),
+    "unknown training option": lambda t: t.lens.train_visedit(adapter="bad", steps=1, nope=1),
+    "bad training option value": lambda t: t.lens.train_visedit(adapter="bad", steps=1, batch_size=0),
+    "unknown editor": lambda t: t.lens.edit(
+        t.case["img"], t.case["src"], t.case["constraint"], t.case["ground_truth"], adapter="bad", editor="rome"
+    ),
 }
 EXPECTED = {
     "undecodable image": (sdk.InvalidArgumentError, "cannot decode"),
@@ -348,20 +416,28 @@ EXPECTED = {
     "wrong token for a delete": (sdk.PermissionDeniedError, "not valid"),
     "delete the live version": (sdk.FailedPreconditionError, "is live"),
     "rollback of an unknown adapter": (sdk.NotFoundError, "not found"),
-    "visedit edit without a trained editor": (sdk.InvalidArgumentError, "needs visedit.editor_adapter"),
-    "visedit editor adapter without an editor": (sdk.FailedPreconditionError, "holds no VisEdit editor"),
-    "unknown training option": (sdk.InvalidArgumentError, "unknown training option"),
-    "bad training option value": (sdk.InvalidArgumentError, "mapper_tied='maybe' is not a boolean"),
+    "visedit edit without a trained editor": (sdk.InvalidArgumentError, "needs a trained VisEdit editor"),
+    "visedit editor adapter without an editor": (sdk.FailedPreconditionError, "holds no visedit edit set"),
+    "unknown training option": (sdk.InvalidArgumentError, "unknown training option 'nope'"),
+    "bad training option value": (sdk.InvalidArgumentError, "batch_size must be at least 1"),
+    "unknown editor": (sdk.InvalidArgumentError, "unknown editor 'rome'"),
 }
 
 
 class _Ctx:
     def __init__(self, svc, lens, anon, wrong, case, vlm, tmp_path):
-        self.svc, self.lens, self.anon, self.wrong, self.case, self.vlm, self.tmp = \
-            svc, lens, anon, wrong, case, vlm, tmp_path
+        self.svc, self.lens, self.anon, self.wrong, self.case, self.vlm, self.tmp = (
+            svc,
+            lens,
+            anon,
+            wrong,
+            case,
+            vlm,
+            tmp_path,
+        )
 
     def limit(self, name, value, call):
-        limits = self.svc.service.limits
+        limits = self.svc.service.config.limits
         saved = getattr(limits, name)
         setattr(limits, name, value)
         try:
@@ -395,7 +471,7 @@ def test_bad_input_is_a_status_and_the_server_goes_on(name, svc, lens, anon, cas
         assert "Traceback" not in info.value.details
         assert info.value.code == err_cls.code
         after = {a: len(svc.registry.versions(a)) for a in svc.registry.adapters()}
-        assert {a: n for a, n in after.items() if a in before} == before      # nothing half-written
+        assert {a: n for a, n in after.items() if a in before} == before  # nothing half-written
         assert "bad" not in after
         _serves(lens, case)
         assert lens.health() == "SERVING"
@@ -405,7 +481,7 @@ def test_a_rollback_on_one_replica_reaches_another(svc, lens, start_service, vlm
     """Two servers on one registry: a rollback made through one is served by the other within its live
     cache time (0.5 s)."""
     _register(svc, vlm, tmp_path, "replicated")
-    _register(svc, vlm, tmp_path, "replicated")          # version 2, live
+    _register(svc, vlm, tmp_path, "replicated")  # version 2, live
     other = start_service(token=TOKEN, data_dir=svc.data_dir)
     with other.client() as b:
         assert b.generate(case["img"], case["src"], adapter="replicated").served.version == 2
@@ -421,19 +497,36 @@ def test_visedit_train_edit_serve_and_carry_over(lens, anon, case, vlm):
     """TrainVisEdit registers a trained editor; a VisEdit edit adds its signal to an adapter's live version
     beside the MultEdit deltas, and the version serves both."""
     events = []
-    trained = lens.train_visedit(adapter="vis-editor", layer=0, steps=2,
-                                 options={"signal_layer": "4", "batch_size": "2", "per_entity": "2",
-                                          "eval_every": "2", "checkpoint_every": "2"}, progress=events.append)
+    trained = lens.train_visedit(
+        adapter="vis-editor",
+        layer=0,
+        steps=2,
+        signal_layer=4,
+        batch_size=2,
+        per_entity=2,
+        eval_every=2,
+        checkpoint_every=2,
+        progress=events.append,
+    )
     assert {"queued", "train", "register"} <= {e.stage for e in events}
     assert trained.editors == ["visedit"] and trained.num_edits == 0 and "visedit.safetensors" in trained.files
-    training = trained.manifest["visedit_training"]
+    training = trained.manifest["training"]
     assert training["steps"] == 2 and training["adapter"]["layer"] == 0
-    assert training["layer_evidence"]["editor"] == "visedit" and "image_readout" in training["layer_evidence"]["details"]
+    assert (
+        training["layer_evidence"]["editor"] == "visedit" and "image_readout" in training["layer_evidence"]["details"]
+    )
 
     a = "mixed"
     v1 = lens.edit(case["img"], case["src"], case["constraint"], case["ground_truth"], adapter=a, layer=0)
-    v2 = lens.edit(case["img"], case["src"], case["constraint"], case["ground_truth"], adapter=a,
-                   editor="visedit", visedit_adapter="vis-editor")
+    v2 = lens.edit(
+        case["img"],
+        case["src"],
+        case["constraint"],
+        case["ground_truth"],
+        adapter=a,
+        editor="visedit",
+        visedit_adapter="vis-editor",
+    )
     assert v2.parent == v1.version and v2.editors == ["multedit", "visedit"] and v2.num_edits == 2
     assert {"multedit.safetensors", "visedit.safetensors"} <= set(v2.files)
     rec = v2.edits[-1]

@@ -26,9 +26,11 @@ def _randomised(vlm, layer=0, signal_layer=4, seed=0) -> VEAD:
 
 def _prompts(vlm, world_dir, test_cases):
     c = test_cases[0]
-    return [encode(vlm.processor, c["src"], image=world_dir / c["image"]),
-            encode(vlm.processor, c["loc"]),
-            encode(vlm.processor, c["m_loc_q"], image=world_dir / c["m_loc"])]
+    return [
+        encode(vlm.processor, c["src"], image=world_dir / c["image"]),
+        encode(vlm.processor, c["loc"]),
+        encode(vlm.processor, c["m_loc_q"], image=world_dir / c["m_loc"]),
+    ]
 
 
 def _logits(vlm, prompts):
@@ -48,17 +50,20 @@ def test_serving_form_is_the_sum_of_each_edits_gated_contribution(vlm):
     vead = _randomised(vlm)
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 16, vlm.hidden_size, generator=g) * 50
-    signals = [EditSignal(torch.randn(n, vlm.hidden_size, generator=g), torch.randn(vlm.hidden_size, generator=g))
-               for n in (7, 11, 5)]
+    signals = [
+        EditSignal(torch.randn(n, vlm.hidden_size, generator=g), torch.randn(vlm.hidden_size, generator=g))
+        for n in (7, 11, 5)
+    ]
     with torch.no_grad():
         together = vead.all_edits(h, vead.prepare(SignalBatch(signals)))
         expected = h.clone()
-        for s in signals:           # one edit at a time, in the paired (training) form
+        for s in signals:  # one edit at a time, in the paired (training) form
             one = SignalBatch([s, s])
             new, logits = vead.paired(h, one)
             expected += new - h
-            assert torch.allclose(new - h, (new - h) / torch.sigmoid(logits)[..., None] *
-                                  torch.sigmoid(logits)[..., None], atol=1e-5)
+            assert torch.allclose(
+                new - h, (new - h) / torch.sigmoid(logits)[..., None] * torch.sigmoid(logits)[..., None], atol=1e-5
+            )
     assert torch.allclose(together, expected, atol=1e-4)
 
 
@@ -96,7 +101,7 @@ def test_a_fresh_adapter_is_the_identity_and_an_edit_changes_only_visual_states(
     finally:
         handle.remove()
     with AttachedVEAD(vlm, vead, SignalBatch([sig])):
-        handle = layer.register_forward_pre_hook(spy, with_kwargs=True)   # after the adapter's own hook
+        handle = layer.register_forward_pre_hook(spy, with_kwargs=True)  # after the adapter's own hook
         try:
             run_patched(vlm, inputs)
         finally:
@@ -127,8 +132,9 @@ def test_edit_set_round_trip(vlm, adapter_set, tmp_path):
     back = VisEditSet.load(path, vlm)
     assert back.num_edits == 1 and back.config == adapter_set.config
     assert torch.equal(back.signals[0].states, adapter_set.signals[0].states.float())
-    assert all(torch.equal(a, b) for a, b in zip(back.vead.state_dict().values(),
-                                                 adapter_set.vead.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(back.vead.state_dict().values(), adapter_set.vead.state_dict().values())
+    )
     assert back.records == json.loads(json.dumps(adapter_set.records))
     assert back.records[0]["editor"] == "visedit" and "p_after" in back.records[0]["metrics"]
 
@@ -148,15 +154,18 @@ def _rewrite(src, dst, change_meta=None, change_tensors=None):
     save_file(tensors, str(dst), metadata=meta)
 
 
-@pytest.mark.parametrize("what, expect", [
-    ("truncated", "not a readable safetensors"),
-    ("foreign", "fingerprint"),
-    ("shape", "shape"),
-    ("nan", "NaN"),
-    ("weights", "sha256"),
-    ("missing", "missing"),
-    ("multedit-file", "not a VisEdit edit set"),
-])
+@pytest.mark.parametrize(
+    "what, expect",
+    [
+        ("truncated", "not a readable safetensors"),
+        ("foreign", "fingerprint"),
+        ("shape", "shape"),
+        ("nan", "NaN"),
+        ("weights", "sha256"),
+        ("missing", "missing"),
+        ("multedit-file", "not a VisEdit edit set"),
+    ],
+)
 def test_corrupted_or_foreign_files_are_refused(vlm, adapter_set, tmp_path, what, expect, world_dir, test_cases):
     good = tmp_path / "good.safetensors"
     adapter_set.save(good)
@@ -176,31 +185,45 @@ def test_corrupted_or_foreign_files_are_refused(vlm, adapter_set, tmp_path, what
     else:
         from editors.multedit import MultEdit, MultEditConfig
 
-        MultEdit(vlm, MultEditConfig(layer=0, steps=2)).edit(
-            [EditRequest.from_case(test_cases[0], world_dir)]).save(bad)
+        MultEdit(vlm, MultEditConfig(layer=0, steps=2)).edit([EditRequest.from_case(test_cases[0], world_dir)]).save(
+            bad
+        )
     error = FingerprintMismatchError if what == "foreign" else EditSetError
     with pytest.raises(error, match=expect):
         VisEditSet.load(bad, vlm)
 
 
 def _tiny_config(**kw):
-    base = dict(layer=0, signal_layer=4, attribution_layers=[4], width=16, steps=4, batch_size=2, per_entity=2,
-                validation_samples=2, eval_every=2, checkpoint_every=2, im_tokens=4, lr=1e-2)
+    base = {
+        "layer": 0,
+        "signal_layer": 4,
+        "attribution_layers": [4],
+        "width": 16,
+        "steps": 4,
+        "batch_size": 2,
+        "per_entity": 2,
+        "validation_samples": 2,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "im_tokens": 4,
+        "lr": 1e-2,
+    }
     base.update(kw)
     return VisEditTrainConfig(**base)
 
 
 def test_training_resumes_exactly_where_it_stopped(vlm, world_dir, tmp_path):
     straight = Trainer(vlm, world_dir, tmp_path / "a", _tiny_config()).run()
-    Trainer(vlm, world_dir, tmp_path / "b", _tiny_config(steps=2)).run()      # interrupted after 2 steps
+    Trainer(vlm, world_dir, tmp_path / "b", _tiny_config(steps=2)).run()  # interrupted after 2 steps
     events = []
     resumed = Trainer(vlm, world_dir, tmp_path / "b", _tiny_config(), progress=events.append).run()
     assert any("resumed at step 2" in e.message for e in events)
     assert straight["steps"] == resumed["steps"] == 4
     a = VisEditSet.load(tmp_path / "a" / "adapter.safetensors", vlm)
     b = VisEditSet.load(tmp_path / "b" / "adapter.safetensors", vlm)
-    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.vead.state_dict().values(),
-                                                                b.vead.state_dict().values()))
+    assert all(
+        torch.allclose(x, y, atol=1e-6) for x, y in zip(a.vead.state_dict().values(), b.vead.state_dict().values())
+    )
     log = json.loads((tmp_path / "b" / "training.json").read_text())
     assert [r["step"] for r in log["curve"]] == [1, 2, 3, 4]
     assert {"rel", "gen", "loc", "im_up", "im_down", "im_attr"} <= set(log["curve"][0])
@@ -212,14 +235,21 @@ def test_the_trained_form_multi_head_image_key_round_trips_and_acts(vlm, world_d
     """The form `editlens visedit train` makes (4 heads, the mapper keyed by the edit image, f1 with the
     image's mean state): a saved edit set loads back to the same outputs and removes exactly."""
     torch.manual_seed(3)
-    cfg = VEADConfig(hidden_size=vlm.hidden_size, layer=0, signal_layer=0, width=32, heads=4, summary_token="image",
-                     mapper_context=True)
+    cfg = VEADConfig(
+        hidden_size=vlm.hidden_size,
+        layer=0,
+        signal_layer=0,
+        width=32,
+        heads=4,
+        summary_token="image",
+        mapper_context=True,
+    )
     vead = VEAD(cfg)
     with torch.no_grad():
         vead.wo.weight.normal_(0, 0.5)
     vead.eval()
     es = VisEdit(vlm, VisEditSet(vead, vlm.fingerprint)).edit([EditRequest.from_case(test_cases[1], world_dir)])
-    assert es.signals[0].last.shape == (16, vlm.hidden_size)           # the edit image's rows are the key
+    assert es.signals[0].last.shape == (16, vlm.hidden_size)  # the edit image's rows are the key
     es.save(tmp_path / "v.safetensors")
     back = VisEditSet.load(tmp_path / "v.safetensors", vlm)
     assert back.config == cfg
@@ -241,15 +271,32 @@ def test_influence_map_cli_draws_the_mapper_and_summarises_it(vlm, world_dir, te
     from client.cli import app
 
     torch.manual_seed(5)
-    cfg = VEADConfig(hidden_size=vlm.hidden_size, layer=0, signal_layer=0, width=32, heads=4, summary_token="image",
-                     mapper_context=True)
+    cfg = VEADConfig(
+        hidden_size=vlm.hidden_size,
+        layer=0,
+        signal_layer=0,
+        width=32,
+        heads=4,
+        summary_token="image",
+        mapper_context=True,
+    )
     vead = VEAD(cfg)
     with torch.no_grad():
         vead.f1[0].weight.normal_(0, 1.0)
     VisEditSet(vead.eval(), vlm.fingerprint).save(tmp_path / "adapter.safetensors")
     runner = CliRunner()
-    args = ["visedit", "influence-map", "--world", str(world_dir), "--adapter", str(tmp_path / "adapter.safetensors"),
-            "--out", str(tmp_path / "im.png"), "--device", "cpu"]
+    args = [
+        "visedit",
+        "influence-map",
+        "--world",
+        str(world_dir),
+        "--adapter",
+        str(tmp_path / "adapter.safetensors"),
+        "--out",
+        str(tmp_path / "im.png"),
+        "--device",
+        "cpu",
+    ]
     res = runner.invoke(app, [*args, "--cases", "1", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -275,8 +322,8 @@ def test_train_cli_refuses_bad_settings_with_a_message(world_dir, tmp_path):
 
     runner = CliRunner()
     base = ["visedit", "train", "--world", str(world_dir), "--out", str(tmp_path / "t"), "--device", "cpu"]
-    res = runner.invoke(app, [*base, "--mapper", "bogus"])
-    assert res.exit_code != 0 and "--mapper must be tied or separate" in res.output
+    res = runner.invoke(app, [*base, "--no-mapper-tied", "--heads", "3"])  # 3 heads do not divide the width
+    assert res.exit_code == 2 and "heads must divide" in res.output
     res = runner.invoke(app, [*base, "--steps", "0"])
     assert res.exit_code != 0 and "steps must be at least 1" in res.output
     assert not (tmp_path / "t" / "adapter.safetensors").exists()
@@ -291,6 +338,14 @@ def test_the_attribution_noise_seed_is_the_same_in_every_process():
     from editors.visedit.train import stable_seed
 
     code = "from editors.visedit.train import stable_seed; print(stable_seed(('which city ?', 'images/a.png')))"
-    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip() for h in (1, 2)}
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+        ).stdout.strip()
+        for h in (1, 2)
+    }
     assert seen == {str(stable_seed(("which city ?", "images/a.png")))}

@@ -66,8 +66,9 @@ print(json.dumps({"n": len(items), "right": right}))
 
 
 def test_saved_folder_works_with_plain_transformers(world_dir):
-    res = subprocess.run([sys.executable, "-c", PLAIN, str(world_dir)], capture_output=True, text=True,
-                         timeout=300, cwd="/")  # cwd=/ : the project's packages are not importable by path
+    res = subprocess.run(
+        [sys.executable, "-c", PLAIN, str(world_dir)], capture_output=True, text=True, timeout=300, cwd="/"
+    )  # cwd=/ : the project's packages are not importable by path
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["n"] >= 20
@@ -76,10 +77,19 @@ def test_saved_folder_works_with_plain_transformers(world_dir):
 
 def _small_build(seed, out):
     return build_world(
-        seed=seed, out=out,
+        seed=seed,
+        out=out,
         world_cfg=WorldConfig(seed=seed, known_per_kind=3, unseen_per_kind=1, renderings=3, train_renderings=2),
-        model_cfg=ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                              vision_hidden_size=32, vision_layers=2, vision_heads=2, vision_intermediate_size=64),
+        model_cfg=ModelConfig(
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            vision_hidden_size=32,
+            vision_layers=2,
+            vision_heads=2,
+            vision_intermediate_size=64,
+        ),
         train_cfg=TrainConfig(steps=12, batch_size=16, warmup=2, vision_pretrain_steps=10, vision_pretrain_batch=16),
     )
 
@@ -89,7 +99,7 @@ def _digest(path):
 
 
 def test_builds_are_deterministic_per_seed(tmp_path):
-    a, b, c = _small_build(3, tmp_path / "a"), _small_build(3, tmp_path / "b"), _small_build(4, tmp_path / "c")
+    a, b, _c = _small_build(3, tmp_path / "a"), _small_build(3, tmp_path / "b"), _small_build(4, tmp_path / "c")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert (tmp_path / "a" / "world.json").read_text() == (tmp_path / "b" / "world.json").read_text()
     for key in ("train_accuracy", "heldout_paraphrase_accuracy", "text_fact_accuracy"):

@@ -2,8 +2,19 @@
 
 from vlm.world.spec import KIND_CONSTRAINT, RELATIONS, World, WorldConfig
 
-EVQA_FIELDS = {"src", "rephrase", "alt", "pred", "image", "image_rephrase", "loc", "loc_ans",
-               "m_loc", "m_loc_q", "m_loc_a"}
+EVQA_FIELDS = {
+    "src",
+    "rephrase",
+    "alt",
+    "pred",
+    "image",
+    "image_rephrase",
+    "loc",
+    "loc_ans",
+    "m_loc",
+    "m_loc_q",
+    "m_loc_a",
+}
 
 
 def test_same_seed_same_world_other_seed_other_world():
@@ -36,7 +47,7 @@ def test_training_set_excludes_heldout_and_unseen():
     unseen_ids = {e.id for e in w.unseen}
     unseen_names = {e.name for e in w.unseen}
     heldout = {t for r in RELATIONS for t in r.heldout_templates}
-    heldout_imgs = {img for e in w.entities for img in e.images[w.config.train_renderings:]}
+    heldout_imgs = {img for e in w.entities for img in e.images[w.config.train_renderings :]}
     for q in train:
         assert q.entity not in unseen_ids
         assert q.template not in heldout
@@ -51,7 +62,7 @@ def test_edit_cases_shape_and_splits():
     w = World(WorldConfig())
     cases = w.edit_cases()
     assert len(cases["test"]) >= 100
-    for split, items in cases.items():
+    for _split, items in cases.items():
         for c in items:
             assert EVQA_FIELDS <= set(c)
             assert c["alt"] != c["ground_truth"] or c["type"] == "insertion"

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
 
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageDecodeError
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image]
+ImageInput = str | os.PathLike | bytes | bytearray | Image.Image
 
 
 def load_image(image: ImageInput) -> Image.Image:
@@ -32,5 +31,7 @@ def load_image(image: ImageInput) -> Image.Image:
         with Image.open(source) as img:
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"cannot decode {label} as an image: not a format PIL can read") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"cannot decode {label} as an image ({exc.__class__.__name__}: {exc})") from None

@@ -21,16 +21,22 @@ import torch
 from .architecture import ARCHITECTURES, ArchitectureMap, architecture_for
 from .errors import ModelLoadError
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
 class VLM:
     """A loaded model with everything needed to talk to it."""
 
-    model: Any                 # LlavaForConditionalGeneration
-    processor: Any             # LlavaProcessor
+    model: Any  # LlavaForConditionalGeneration
+    processor: Any  # LlavaProcessor
     arch: ArchitectureMap
     path: Path
     device: torch.device
@@ -160,7 +166,10 @@ def load_vlm(
         raise ModelLoadError(f"{path} has no image processor + tokenizer pair (processor_config.json missing?)")
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=dt, local_files_only=True, use_safetensors=True,
+            path,
+            dtype=dt,
+            local_files_only=True,
+            use_safetensors=True,
             attn_implementation=attn_implementation,
             device_map=device_map if device_map is not None else None,
         )
@@ -170,5 +179,12 @@ def load_vlm(
         model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    return VLM(model=model, processor=processor, arch=arch, path=path, device=dev, dtype=dt,
-               fingerprint=fingerprint_folder(path))
+    return VLM(
+        model=model,
+        processor=processor,
+        arch=arch,
+        path=path,
+        device=dev,
+        dtype=dt,
+        fingerprint=fingerprint_folder(path),
+    )

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .hooks import thread_scoped
+from .hooks import Hooks
 from .loading import VLM
 
 STATE_KINDS = ("hidden", "mlp", "attn", "mlp_in", "embeds")
@@ -68,7 +68,7 @@ class Knockout:
 
 @dataclass
 class PatchedRun:
-    hidden: torch.Tensor                                  # (B, T, d) final normed hidden states
+    hidden: torch.Tensor  # (B, T, d) final normed hidden states
     captured: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     lm_head: torch.nn.Module | None = None
 
@@ -121,12 +121,17 @@ def _check_positions(kind: str, row: int, positions: Sequence[int], lengths: tor
     n = int(lengths[row])
     bad = [p for p in positions if not offset <= int(p) < n]
     if bad:
-        where = f"row {row} of length {n}" if not offset else f"positions {offset}..{n - 1} of row {row} (the rest is a cached prefix)"
+        where = (
+            f"row {row} of length {n}"
+            if not offset
+            else f"positions {offset}..{n - 1} of row {row} (the rest is a cached prefix)"
+        )
         raise IndexError(f"{kind} intervention at positions {bad} outside {where}")
 
 
-def _knockout_masks(knockouts: Sequence[Knockout], attention_mask: torch.Tensor, dtype: torch.dtype,
-                    num_layers: int, offset: int = 0) -> dict[int, torch.Tensor]:
+def _knockout_masks(
+    knockouts: Sequence[Knockout], attention_mask: torch.Tensor, dtype: torch.dtype, num_layers: int, offset: int = 0
+) -> dict[int, torch.Tensor]:
     """Additive (B, 1, T - offset, T) masks: causal + padding + the knockouts of each layer.
 
     Rows are the query positions offset..T-1 (a suffix run over a cached prefix
@@ -159,15 +164,6 @@ def _knockout_masks(knockouts: Sequence[Knockout], attention_mask: torch.Tensor,
     return masks
 
 
-@contextmanager
-def _hooks(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once every requested state exists."""
 
@@ -185,13 +181,106 @@ def _group_patches(vlm: VLM, patches: Iterable[Patch], lengths: torch.Tensor, of
         if vals.dim() == 2:
             vals = vals.unsqueeze(0).expand(len(layers), *vals.shape)
         if vals.shape[0] != len(layers) or vals.shape[1] != len(p.positions):
-            raise ValueError(f"patch values of shape {tuple(p.values.shape)} do not fit "
-                             f"{len(layers)} layers x {len(p.positions)} positions")
+            raise ValueError(
+                f"patch values of shape {tuple(p.values.shape)} do not fit "
+                f"{len(layers)} layers x {len(p.positions)} positions"
+            )
         for li, layer in enumerate(layers):
             if p.kind != "embeds" and not 0 <= layer < vlm.num_layers:
                 raise IndexError(f"layer {layer} outside 0..{vlm.num_layers - 1}")
             groups[(p.kind, layer)].add(p.row, [int(q) - offset for q in p.positions], vals[li], p.mode)
     return groups
+
+
+# ------------------------------------------------------------------ hook points
+# Each state kind is read (and written) at one hook point: the module it hangs on, whether it is a
+# pre-hook, and how the state is taken from / put back into the call. One table instead of a branch
+# per kind; ``interventions`` installs one hook per (kind, layer) site through ``vlm.hooks.Hooks``.
+Keep = Callable[[tuple[str, int], torch.Tensor], None]
+
+
+def _replace(grp: _Group | None, ops, t: torch.Tensor) -> torch.Tensor:
+    return grp.apply(t, ops) if ops else t
+
+
+def _embeds_hook(key, grp, ops, keep: Keep):
+    def pre(mod, args, kwargs):
+        e = _replace(grp, ops, kwargs["inputs_embeds"])
+        kwargs["inputs_embeds"] = e
+        keep(key, e)
+        return args, kwargs
+
+    return pre
+
+
+def _mlp_in_hook(key, grp, ops, keep: Keep):
+    def pre(mod, args):
+        x = _replace(grp, ops, args[0])
+        keep(key, x)
+        return (x, *args[1:])
+
+    return pre
+
+
+def _attn_in_hook(key, grp, ops, keep: Keep):
+    def pre(mod, args, kwargs):
+        keep(key, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    return pre
+
+
+def _attn_probs_hook(key, grp, ops, keep: Keep):
+    def post(mod, args, out):
+        if out[1] is None:
+            raise RuntimeError("attention probabilities need eager attention; wrap the call in eager_attention(vlm)")
+        keep(key, out[1])
+
+    return post
+
+
+def _output_hook(key, grp, ops, keep: Keep):
+    def post(mod, args, out):
+        t = _replace(grp, ops, out[0] if isinstance(out, tuple) else out)
+        keep(key, t)
+        return (t, *out[1:]) if isinstance(out, tuple) else t
+
+    return post
+
+
+@dataclass(frozen=True)
+class _HookPoint:
+    module: Callable[[VLM, int], torch.nn.Module]  # (vlm, layer) -> the module the hook hangs on
+    make: Callable  # (key, group, ops, keep) -> the hook function
+    pre: bool = False
+    with_kwargs: bool = False
+
+
+def _layer_module(kind: str) -> Callable[[VLM, int], torch.nn.Module]:
+    return lambda vlm, layer: vlm.module(vlm.arch.module_path(kind, layer))
+
+
+HOOK_POINTS: dict[str, _HookPoint] = {
+    "embeds": _HookPoint(lambda vlm, _: vlm.module(vlm.arch.language_model), _embeds_hook, True, True),
+    "mlp_in": _HookPoint(_layer_module("down_proj"), _mlp_in_hook, True),
+    "attn_in": _HookPoint(_layer_module("attn"), _attn_in_hook, True, True),
+    "attn_probs": _HookPoint(_layer_module("attn"), _attn_probs_hook),
+    "hidden": _HookPoint(_layer_module("hidden"), _output_hook),
+    "mlp": _HookPoint(_layer_module("mlp"), _output_hook),
+    "attn": _HookPoint(_layer_module("attn"), _output_hook),
+}
+assert set(HOOK_POINTS) == set(STATE_KINDS + CAPTURE_ONLY_KINDS)
+
+
+def _knockout_hook(mask: torch.Tensor):
+    def pre(mod, args, kwargs):
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    return pre
+
+
+def _stop_hook(mod, args, out):
+    raise _StopForward
 
 
 @contextmanager
@@ -212,7 +301,8 @@ def interventions(
     cached prefix holds the rest): positions stay absolute in patches,
     knockouts and the returned captures' meaning, and touching the prefix is
     an error. ``stop_after_layer`` ends the pass (``_StopForward``) once that
-    decoder layer has run; ``run_*`` catch it.
+    decoder layer has run; ``run_*`` catch it. Every hook is removed when the
+    block ends, and also when installing one of them fails.
     """
     device = attention_mask.device
     lengths = attention_mask.sum(dim=1)
@@ -220,73 +310,32 @@ def interventions(
     for k in knockouts:
         _check_positions("knockout target", k.row, list(k.targets), lengths, offset)
         _check_positions("knockout source", k.row, list(k.sources), lengths)
-    model, arch = vlm.model, vlm.arch
     captured: dict[tuple[str, int], torch.Tensor] = {}
     capture_set = set(capture)
-    handles: list = []
+    unknown = sorted({kind for kind, _ in capture_set} - set(HOOK_POINTS))
+    if unknown:
+        raise ValueError(f"unknown state kind(s) {unknown}; expected one of {tuple(HOOK_POINTS)}")
 
     def keep(key, t):
         if key in capture_set:
             captured[key] = t if grad else t.detach()
 
-    for kind, layer in set(groups) | capture_set:
-        if kind not in STATE_KINDS + CAPTURE_ONLY_KINDS:
-            raise ValueError(f"unknown state kind {kind!r}; expected one of {STATE_KINDS + CAPTURE_ONLY_KINDS}")
-        key = (kind, layer)
-        grp = groups.get(key)
-        ops = grp.finalize(device) if grp is not None else []
-        if kind == "embeds":
-            def pre(mod, args, kwargs, key=key, ops=ops, grp=grp):
-                e = kwargs["inputs_embeds"]
-                if ops:
-                    e = grp.apply(e, ops)
-                    kwargs["inputs_embeds"] = e
-                keep(key, e)
-                return args, kwargs
-            handles.append(arch.get(model, arch.language_model).register_forward_pre_hook(thread_scoped(pre), with_kwargs=True))
-        elif kind == "mlp_in":
-            def pre_in(mod, args, key=key, ops=ops, grp=grp):
-                x = args[0]
-                if ops:
-                    x = grp.apply(x, ops)
-                keep(key, x)
-                return (x,) + tuple(args[1:])
-            handles.append(vlm.module(arch.module_path("down_proj", layer)).register_forward_pre_hook(thread_scoped(pre_in)))
-        elif kind == "attn_in":
-            def pre_attn(mod, args, kwargs, key=key):
-                keep(key, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
-            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_pre_hook(thread_scoped(pre_attn), with_kwargs=True))
-        elif kind == "attn_probs":
-            def post_probs(mod, args, out, key=key, layer=layer):
-                if out[1] is None:
-                    raise RuntimeError("attention probabilities need eager attention; wrap the call in eager_attention(vlm)")
-                keep(key, out[1])
-            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_hook(thread_scoped(post_probs)))
-        else:
-            def post(mod, args, out, key=key, ops=ops, grp=grp):
-                t = out[0] if isinstance(out, tuple) else out
-                if ops:
-                    t = grp.apply(t, ops)
-                keep(key, t)
-                if isinstance(out, tuple):
-                    return (t,) + tuple(out[1:])
-                return t
-            handles.append(vlm.module(arch.module_path(kind, layer)).register_forward_hook(thread_scoped(post)))
-
-    if knockouts:
-        masks = _knockout_masks(knockouts, attention_mask, vlm.dtype, vlm.num_layers, offset)
-        for layer, mask in masks.items():
-            def attn_pre(mod, args, kwargs, mask=mask):
-                kwargs["attention_mask"] = mask
-                return args, kwargs
-            handles.append(vlm.module(arch.module_path("attn", layer)).register_forward_pre_hook(thread_scoped(attn_pre), with_kwargs=True))
-
-    if stop_after_layer is not None:
-        def stop(mod, args, out):
-            raise _StopForward
-        handles.append(vlm.module(arch.layer_path(stop_after_layer)).register_forward_hook(thread_scoped(stop)))
-
-    with _hooks(handles):
+    with Hooks() as hooks:
+        for key in sorted(set(groups) | capture_set):
+            kind, layer = key
+            point, grp = HOOK_POINTS[kind], groups.get(key)
+            ops = grp.finalize(device) if grp is not None else []
+            hooks.add(
+                point.module(vlm, layer), point.make(key, grp, ops, keep), pre=point.pre, with_kwargs=point.with_kwargs
+            )
+        if knockouts:
+            masks = _knockout_masks(knockouts, attention_mask, vlm.dtype, vlm.num_layers, offset)
+            for layer, mask in masks.items():
+                hooks.add(
+                    vlm.module(vlm.arch.module_path("attn", layer)), _knockout_hook(mask), pre=True, with_kwargs=True
+                )
+        if stop_after_layer is not None:
+            hooks.add(vlm.module(vlm.arch.layer_path(stop_after_layer)), _stop_hook)
         yield captured
 
 
@@ -311,8 +360,11 @@ def run_patched(
         inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
     hidden = None
     with ExitStack() as stack:
-        captured = stack.enter_context(interventions(vlm, inputs["attention_mask"], patches, capture, knockouts,
-                                                     grad=grad, stop_after_layer=stop_after_layer))
+        captured = stack.enter_context(
+            interventions(
+                vlm, inputs["attention_mask"], patches, capture, knockouts, grad=grad, stop_after_layer=stop_after_layer
+            )
+        )
         if not grad:
             stack.enter_context(torch.no_grad())
         try:
@@ -336,14 +388,15 @@ class PrefixCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, vlm: VLM, embeds: torch.Tensor, length: int) -> "PrefixCache":
+    def build(cls, vlm: VLM, embeds: torch.Tensor, length: int) -> PrefixCache:
         """``embeds``: (1, T, d) input embeddings of the language model (image features in place)."""
         if not 0 < length < embeds.shape[1]:
             raise ValueError(f"a prefix must be 1..{embeds.shape[1] - 1} positions long, not {length}")
         lm = vlm.arch.get(vlm.model, vlm.arch.language_model)
         e = embeds[:, :length].to(vlm.input_device, vlm.dtype)
-        out = lm(inputs_embeds=e, attention_mask=torch.ones(1, length, dtype=torch.long, device=e.device),
-                 use_cache=True)
+        out = lm(
+            inputs_embeds=e, attention_mask=torch.ones(1, length, dtype=torch.long, device=e.device), use_cache=True
+        )
         return cls(length=length, cache=out.cache)
 
     def expanded(self, rows: int):
@@ -378,13 +431,18 @@ def run_suffix(
     mask = torch.ones(B, T, dtype=torch.long, device=device)
     hidden = None
     with ExitStack() as stack:
-        captured = stack.enter_context(interventions(vlm, mask, patches, capture, knockouts, offset=P,
-                                                     stop_after_layer=stop_after_layer))
+        captured = stack.enter_context(
+            interventions(vlm, mask, patches, capture, knockouts, offset=P, stop_after_layer=stop_after_layer)
+        )
         stack.enter_context(torch.no_grad())
         try:
-            hidden = lm(inputs_embeds=embeds[:, P:].to(device, vlm.dtype), attention_mask=mask,
-                        cache=prefix.expanded(B) if prefix is not None else None, use_cache=prefix is not None,
-                        position_ids=torch.arange(P, T, device=device)[None].expand(B, -1)).last_hidden_state
+            hidden = lm(
+                inputs_embeds=embeds[:, P:].to(device, vlm.dtype),
+                attention_mask=mask,
+                cache=prefix.expanded(B) if prefix is not None else None,
+                use_cache=prefix is not None,
+                position_ids=torch.arange(P, T, device=device)[None].expand(B, -1),
+            ).last_hidden_state
         except _StopForward:
             pass
     if hidden is not None and P:

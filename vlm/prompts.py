@@ -10,8 +10,8 @@ position in every row's sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -23,13 +23,13 @@ Span = tuple[int, int]  # [start, end) token positions
 
 @dataclass
 class EncodedPrompt:
-    input_ids: torch.Tensor                 # (T,) long
-    pixel_values: torch.Tensor | None       # (3, H, W) or None for text-only
+    input_ids: torch.Tensor  # (T,) long
+    pixel_values: torch.Tensor | None  # (3, H, W) or None for text-only
     question: str
-    text: str                               # the full prompt text (image placeholder not expanded)
+    text: str  # the full prompt text (image placeholder not expanded)
     image_span: Span | None
     constraint_spans: list[Span]
-    last_prompt_pos: int                    # logits here predict the first answer token
+    last_prompt_pos: int  # logits here predict the first answer token
     answer: str | None = None
     answer_positions: list[int] = field(default_factory=list)
 
@@ -106,7 +106,7 @@ def encode(
     if with_image:
         n_img = _num_image_tokens(processor, pixel_values)
         at = text.find(image_token)
-        expanded = text[:at] + image_token * n_img + text[at + len(image_token):]
+        expanded = text[:at] + image_token * n_img + text[at + len(image_token) :]
         shift = len(image_token) * (n_img - 1) if at < q_at else 0
     q_start = q_at + shift
     full = expanded if answer is None else expanded + " " + answer.strip()
@@ -148,14 +148,21 @@ def encode(
     if max_tokens is not None and len(ids) > max_tokens:
         raise PromptError(f"the prompt is {len(ids)} tokens long; the limit is {max_tokens}")
     return EncodedPrompt(
-        input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=pixel_values, question=question,
-        text=text, image_span=image_span, constraint_spans=spans, last_prompt_pos=last,
-        answer=answer, answer_positions=answer_positions,
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        pixel_values=pixel_values,
+        question=question,
+        text=text,
+        image_span=image_span,
+        constraint_spans=spans,
+        last_prompt_pos=last,
+        answer=answer,
+        answer_positions=answer_positions,
     )
 
 
-def collate(prompts: Sequence[EncodedPrompt], pad_id: int, device: torch.device | None = None,
-            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    prompts: Sequence[EncodedPrompt], pad_id: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad a batch into model inputs (input_ids, attention_mask, pixel_values)."""
     if not prompts:
         raise PromptError("empty batch")

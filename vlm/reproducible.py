@@ -14,7 +14,7 @@ costs little (see docs/world.md, "Reproducibility").
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -10,8 +10,8 @@ only at the positions that predict answer tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -23,9 +23,9 @@ from .prompts import EncodedPrompt, collate, encode
 
 @dataclass
 class AnswerScore:
-    logprob: float                 # sum of log P over the answer tokens
+    logprob: float  # sum of log P over the answer tokens
     token_logprobs: list[float]
-    token_correct: list[bool]      # argmax == answer token (teacher-forced)
+    token_correct: list[bool]  # argmax == answer token (teacher-forced)
     predicted_ids: list[int]
 
     @property
@@ -43,11 +43,12 @@ class AnswerScore:
 
 def batches(items: Sequence, size: int) -> Iterable[Sequence]:
     for i in range(0, len(items), size):
-        yield items[i: i + size]
+        yield items[i : i + size]
 
 
-def score_batch(vlm: VLM, prompts: Sequence[EncodedPrompt], patches: Sequence[Patch] = (),
-                knockouts: Sequence[Knockout] = ()) -> list[AnswerScore]:
+def score_batch(
+    vlm: VLM, prompts: Sequence[EncodedPrompt], patches: Sequence[Patch] = (), knockouts: Sequence[Knockout] = ()
+) -> list[AnswerScore]:
     """Score one batch (one forward pass), optionally with interventions."""
     for p in prompts:
         if not p.answer_positions:
@@ -66,8 +67,8 @@ def score_batch(vlm: VLM, prompts: Sequence[EncodedPrompt], patches: Sequence[Pa
     out, k = [], 0
     for p in prompts:
         n = len(p.answer_positions)
-        lp, pr = tok_lp[k: k + n], pred[k: k + n]
-        out.append(AnswerScore(sum(lp), lp, [a == b for a, b in zip(pr, targets[k: k + n])], pr))
+        lp, pr = tok_lp[k : k + n], pred[k : k + n]
+        out.append(AnswerScore(sum(lp), lp, [a == b for a, b in zip(pr, targets[k : k + n])], pr))
         k += n
     return out
 
@@ -81,8 +82,7 @@ def score_answers(vlm: VLM, prompts: Sequence[EncodedPrompt], batch_size: int = 
 
 
 @torch.no_grad()
-def generate(vlm: VLM, prompts: Sequence[EncodedPrompt], max_new_tokens: int = 16,
-             batch_size: int = 32) -> list[str]:
+def generate(vlm: VLM, prompts: Sequence[EncodedPrompt], max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
     """Greedy answers (decoded, special tokens removed) for prompts without answers."""
     tok = vlm.tokenizer
     results: list[str] = []
@@ -91,14 +91,19 @@ def generate(vlm: VLM, prompts: Sequence[EncodedPrompt], max_new_tokens: int = 1
         ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(chunk):  # left padding for generation
-            ids[i, T - p.length:] = p.input_ids
-            mask[i, T - p.length:] = 1
+            ids[i, T - p.length :] = p.input_ids
+            mask[i, T - p.length :] = 1
         kwargs = {"input_ids": ids.to(vlm.input_device), "attention_mask": mask.to(vlm.input_device)}
         pix = [p.pixel_values for p in chunk if p.pixel_values is not None]
         if pix:
             kwargs["pixel_values"] = torch.stack(pix).to(vlm.input_device, vlm.dtype)
-        out = vlm.model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = vlm.model.generate(
+            **kwargs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         for row in out[:, T:]:
             results.append(tok.decode(row, skip_special_tokens=True).strip())
     return results

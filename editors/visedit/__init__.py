@@ -9,8 +9,18 @@ its visual representations.
 """
 
 from .adapter import VEAD, AttachedVEAD, EditSignal, SignalBatch, VEADConfig
-from .edit_set import FORMAT, VisEditSet, is_visedit_file
-from .editor import VisEdit, compute_signals
+from .edit_set import FORMAT, VisEditSet
+from .editor import VisEdit, VisEditConfig, compute_signals
 
-__all__ = ["VEAD", "AttachedVEAD", "EditSignal", "SignalBatch", "VEADConfig", "FORMAT", "VisEditSet",
-           "is_visedit_file", "VisEdit", "compute_signals"]
+__all__ = [
+    "VEAD",
+    "AttachedVEAD",
+    "EditSignal",
+    "SignalBatch",
+    "VEADConfig",
+    "FORMAT",
+    "VisEditSet",
+    "VisEdit",
+    "VisEditConfig",
+    "compute_signals",
+]

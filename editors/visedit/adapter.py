@@ -37,32 +37,31 @@ the base model exactly as it was.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from vlm.hooks import thread_scoped
+from vlm.hooks import Hooks
 from vlm.loading import VLM
-
 
 SUMMARY_TOKENS = ("last", "constraint", "image")
 
 
 @dataclass(frozen=True)
 class VEADConfig:
-    hidden_size: int          # d of the language model
-    layer: int                # l_e: the adapter changes the visual states at the input of this decoder layer
-    signal_layer: int         # the edit signal is read at the input of this decoder layer (paper: = layer)
-    width: int = 128          # d_a (paper: 1024 for 7B models)
-    heads: int = 1            # cross-attention heads (paper: 1); more heads add an output projection
-    summary_layer: int | None = None   # where h̄_last (the mapper's key) is read; None: signal_layer (paper)
-    summary_token: str = "last"        # the mapper's key: the "last" prompt token's row (paper), the
-                                       # "constraint"'s last token's, or the mean of the "image" rows
-    mapper_context: bool = False       # f1 sees each visual state and the image's mean state (paper: the state)
-    mapper_tied: bool = False          # one MLP for both sides of the mapper (needs the image key and context):
-                                       # C = sigmoid(f([h_n, mean h]) · f([mean h̄, mean h̄]) / √d_a + b)
+    hidden_size: int  # d of the language model
+    layer: int  # l_e: the adapter changes the visual states at the input of this decoder layer
+    signal_layer: int  # the edit signal is read at the input of this decoder layer (paper: = layer)
+    width: int = 128  # d_a (paper: 1024 for 7B models)
+    heads: int = 1  # cross-attention heads (paper: 1); more heads add an output projection
+    summary_layer: int | None = None  # where h̄_last (the mapper's key) is read; None: signal_layer (paper)
+    summary_token: str = "last"  # the mapper's key: the "last" prompt token's row (paper), the
+    # "constraint"'s last token's, or the mean of the "image" rows
+    mapper_context: bool = False  # f1 sees each visual state and the image's mean state (paper: the state)
+    mapper_tied: bool = False  # one MLP for both sides of the mapper (needs the image key and context):
+    # C = sigmoid(f([h_n, mean h]) · f([mean h̄, mean h̄]) / √d_a + b)
 
     @property
     def last_layer(self) -> int:
@@ -72,13 +71,16 @@ class VEADConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VEADConfig":
+    def from_dict(cls, d: dict) -> VEADConfig:
         summary = d.get("summary_layer")
-        return cls(**{k: int(d[k]) for k in ("hidden_size", "layer", "signal_layer", "width")},
-                   heads=int(d.get("heads", 1)), summary_layer=None if summary is None else int(summary),
-                   summary_token=str(d.get("summary_token", "last")),
-                   mapper_context=bool(d.get("mapper_context", False)),
-                   mapper_tied=bool(d.get("mapper_tied", False)))
+        return cls(
+            **{k: int(d[k]) for k in ("hidden_size", "layer", "signal_layer", "width")},
+            heads=int(d.get("heads", 1)),
+            summary_layer=None if summary is None else int(summary),
+            summary_token=str(d.get("summary_token", "last")),
+            mapper_context=bool(d.get("mapper_context", False)),
+            mapper_tied=bool(d.get("mapper_tied", False)),
+        )
 
     def check(self, num_layers: int, hidden_size: int) -> None:
         if self.hidden_size != hidden_size:
@@ -90,13 +92,15 @@ class VEADConfig:
         if self.width < 1:
             raise ValueError("the adapter width d_a must be positive")
         if self.mapper_tied and not (self.mapper_context and self.summary_token == "image"):
-            raise ValueError("a tied influence mapper compares images: it needs summary_token='image' and "
-                             "mapper_context")
+            raise ValueError(
+                "a tied influence mapper compares images: it needs summary_token='image' and mapper_context"
+            )
         if self.summary_token not in SUMMARY_TOKENS:
             raise ValueError(f"summary_token must be one of {SUMMARY_TOKENS}, not {self.summary_token!r}")
         if self.heads < 1 or self.width % self.heads or self.hidden_size % self.heads:
-            raise ValueError(f"{self.heads} heads must divide the width {self.width} and the hidden size "
-                             f"{self.hidden_size}")
+            raise ValueError(
+                f"{self.heads} heads must divide the width {self.width} and the hidden size {self.hidden_size}"
+            )
 
 
 @dataclass
@@ -104,15 +108,16 @@ class EditSignal:
     """One edit's signal: the edit sample's hidden states and the influence mapper's key: the last prompt
     token's row (d,), or with ``summary_token="image"`` the edit image's rows (N_v, d)."""
 
-    states: torch.Tensor      # (N_e, d)
-    last: torch.Tensor        # (d,) or (N_v, d)
+    states: torch.Tensor  # (N_e, d)
+    last: torch.Tensor  # (d,) or (N_v, d)
 
 
 class SignalBatch:
     """Signals padded into one tensor: (E, N, d) states, (E, N) mask, (E, d) last rows."""
 
-    def __init__(self, signals: Sequence[EditSignal], device: torch.device | None = None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, signals: Sequence[EditSignal], device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ):
         if not signals:
             raise ValueError("no edit signals")
         n = max(s.states.shape[0] for s in signals)
@@ -158,9 +163,9 @@ class VEAD(nn.Module):
             self.f2 = _mlp(d, a)
         last = self.w3
         if config.heads > 1:
-            self.wo = nn.Linear(d, d)    # joins the heads' outputs
+            self.wo = nn.Linear(d, d)  # joins the heads' outputs
             last = self.wo
-        nn.init.zeros_(last.weight)      # starts as the identity map: h + 0
+        nn.init.zeros_(last.weight)  # starts as the identity map: h + 0
         nn.init.zeros_(last.bias)
 
     def parameter_count(self) -> int:
@@ -186,8 +191,9 @@ class VEAD(nn.Module):
         logits = (self.f1(x) * queries.unsqueeze(-2)).sum(-1) / math.sqrt(self.config.width)
         return logits + self.mapper_bias if self.config.mapper_tied else logits
 
-    def cross_attention(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:
+    def cross_attention(
+        self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """ḣ for rows h (..., N_v, d) against one signal per row: keys (..., N, d_a), values (..., N, d);
         in units of each visual state's RMS."""
         H = self.config.heads
@@ -196,7 +202,7 @@ class VEAD(nn.Module):
             scores = q @ keys.transpose(-1, -2) / math.sqrt(self.config.width)
             scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
             return (torch.softmax(scores, dim=-1) @ values) * rms(h)
-        split = lambda t: t.unflatten(-1, (H, -1)).transpose(-2, -3)          # (..., H, n, d/H)  # noqa: E731
+        split = lambda t: t.unflatten(-1, (H, -1)).transpose(-2, -3)  # (..., H, n, d/H)  # noqa: E731
         scores = split(q) @ split(keys).transpose(-1, -2) / math.sqrt(self.config.width // H)
         scores = scores.masked_fill(~mask.unsqueeze(-2).unsqueeze(-3), float("-inf"))
         out = (torch.softmax(scores, dim=-1) @ split(values)).transpose(-2, -3).flatten(-2)
@@ -211,8 +217,8 @@ class VEAD(nn.Module):
     def all_edits(self, h: torch.Tensor, prepared) -> torch.Tensor:
         """Serving form: every row of h (B, N_v, d) gets Σ_e ḣ_e ⊙ C_e over all E live edits."""
         keys, values, mask, q = prepared
-        hv = h.unsqueeze(1)                                                  # (B, 1, N_v, d)
-        gate = torch.sigmoid(self.influence_logits(hv, q.unsqueeze(0)))     # (B, E, N_v)
+        hv = h.unsqueeze(1)  # (B, 1, N_v, d)
+        gate = torch.sigmoid(self.influence_logits(hv, q.unsqueeze(0)))  # (B, E, N_v)
         dh = self.cross_attention(hv, keys.unsqueeze(0), values.unsqueeze(0), mask.unsqueeze(0))  # (B, E, N_v, d)
         return h + (dh * gate.unsqueeze(-1)).sum(1)
 
@@ -222,16 +228,11 @@ class VisualPositions:
 
     def __init__(self, vlm: VLM):
         self.mask: torch.Tensor | None = None
-        image_id = vlm.image_token_id
+        self.image_id = vlm.image_token_id
 
-        def record(_mod, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self.mask = None if ids is None else ids == image_id
-        self.handle = vlm.arch.get(vlm.model, vlm.arch.base_model).register_forward_pre_hook(
-            thread_scoped(record), with_kwargs=True)
-
-    def remove(self) -> None:
-        self.handle.remove()
+    def hook(self, _mod, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.mask = None if ids is None else ids == self.image_id
 
 
 class AttachedVEAD:
@@ -253,9 +254,9 @@ class AttachedVEAD:
             h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             mask = self.positions.mask
             if mask is None or mask.shape != h.shape[:2] or not bool(mask.any()):
-                return None          # a decoding step (no image tokens) or a pass without input ids
+                return None  # a decoding step (no image tokens) or a pass without input ids
             counts = mask.sum(1)
-            rows = counts > 0                                   # text-only rows have nothing to change
+            rows = counts > 0  # text-only rows have nothing to change
             n_v = int(counts[rows][0])
             if not bool((counts[rows] == n_v).all()):
                 raise ValueError("every image row of a batch must hold the same number of image tokens")
@@ -275,14 +276,16 @@ class AttachedVEAD:
                 return args, kwargs
             return (h,) + tuple(args[1:]), kwargs
 
-        layer = vlm.module(vlm.arch.layer_path(vead.config.layer))
-        self.handle = layer.register_forward_pre_hook(thread_scoped(pre), with_kwargs=True)
+        self._hooks = Hooks()
+        with self._hooks.installing():
+            base = vlm.module(vlm.arch.base_model)
+            self._hooks.add(base, self.positions.hook, pre=True, with_kwargs=True)
+            self._hooks.add(vlm.module(vlm.arch.layer_path(vead.config.layer)), pre, pre=True, with_kwargs=True)
 
     def remove(self) -> None:
-        self.handle.remove()
-        self.positions.remove()
+        self._hooks.remove()
 
-    def __enter__(self) -> "AttachedVEAD":
+    def __enter__(self) -> AttachedVEAD:
         return self
 
     def __exit__(self, *exc) -> None:

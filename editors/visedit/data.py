@@ -33,10 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SYNTHETIC_RENDERINGS = 3      # renderings of each synthetic entity
-SYNTHETIC_EDITS = 3           # edits about each synthetic entity
-FIELDS = ("src", "rephrase", "alt", "image", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a",
-          "constraint")
+SYNTHETIC_RENDERINGS = 3  # renderings of each synthetic entity
+SYNTHETIC_EDITS = 3  # edits about each synthetic entity
+FIELDS = (
+    "src",
+    "rephrase",
+    "alt",
+    "image",
+    "image_rephrase",
+    "loc",
+    "loc_ans",
+    "m_loc",
+    "m_loc_q",
+    "m_loc_a",
+    "constraint",
+)
 
 
 class DataError(ValueError):
@@ -49,12 +60,16 @@ class Split:
     validation: list[dict[str, Any]]
     train_entities: list[str]
     validation_entities: list[str]
-    images: dict[str, Any] = field(default_factory=dict)     # rendered images of synthetic entities (PIL)
+    images: dict[str, Any] = field(default_factory=dict)  # rendered images of synthetic entities (PIL)
 
     def describe(self) -> dict[str, Any]:
-        return {"train_samples": len(self.train), "validation_samples": len(self.validation),
-                "train_entities": len(self.train_entities), "validation_entities": len(self.validation_entities),
-                "synthetic_samples": sum(1 for s in self.train if s.get("type") == "synthetic")}
+        return {
+            "train_samples": len(self.train),
+            "validation_samples": len(self.validation),
+            "train_entities": len(self.train_entities),
+            "validation_entities": len(self.validation_entities),
+            "synthetic_samples": sum(1 for s in self.train if s.get("type") == "synthetic"),
+        }
 
 
 def _read(path: Path) -> Any:
@@ -66,8 +81,14 @@ def _read(path: Path) -> Any:
         raise DataError(f"cannot read {path}: {exc}") from None
 
 
-def training_samples(world_dir: str | Path, per_entity: int = 60, validation_fraction: float = 0.2,
-                     seed: int = 0, synthetic: int = 0, synthetic_locality: bool = False) -> Split:
+def training_samples(
+    world_dir: str | Path,
+    per_entity: int = 60,
+    validation_fraction: float = 0.2,
+    seed: int = 0,
+    synthetic: int = 0,
+    synthetic_locality: bool = False,
+) -> Split:
     """The training split's records plus ``per_entity`` drawn edits per entity, split by entity;
     plus ``synthetic`` edits about as many new entities drawn for the occasion (training only)."""
     world_dir = Path(world_dir)
@@ -83,10 +104,15 @@ def training_samples(world_dir: str | Path, per_entity: int = 60, validation_fra
     entities = {e["id"]: e for e in world["entities"]}
     relations = {r["name"]: r for r in world["relations"]}
     pools = {"city": world["cities"], "country": world["countries"], "person_name": world["person_names"]}
-    for r in world["relations"]:   # the other vocabularies: every value some entity of the world has
+    for r in world["relations"]:  # the other vocabularies: every value some entity of the world has
         if r["value_pool"] not in pools:
-            pools[r["value_pool"]] = sorted({e["facts"][r["name"]] for e in world["entities"] + world["text_only_entities"]
-                                             if r["name"] in e["facts"]})
+            pools[r["value_pool"]] = sorted(
+                {
+                    e["facts"][r["name"]]
+                    for e in world["entities"] + world["text_only_entities"]
+                    if r["name"] in e["facts"]
+                }
+            )
     train_renderings = int(world["config"]["train_renderings"])
     constraint = world["kind_constraint"]
     known = [e for e in world["entities"] if e["known"]]
@@ -101,10 +127,13 @@ def training_samples(world_dir: str | Path, per_entity: int = 60, validation_fra
         loc = rng.choice([q for q in text_facts if q.get("entity") != ent_id])
         other = rng.choice([e for e in known if e["id"] != ent_id])
         rel = relations[rng.choice(sorted(other["facts"]))]
-        return {"loc": loc["question"], "loc_ans": loc["answer"],
-                "m_loc": other["images"][rng.randrange(train_renderings)],
-                "m_loc_q": rng.choice(rel["train_templates"]).format(s=constraint[other["kind"]]),
-                "m_loc_a": other["facts"][rel["name"]]}
+        return {
+            "loc": loc["question"],
+            "loc_ans": loc["answer"],
+            "m_loc": other["images"][rng.randrange(train_renderings)],
+            "m_loc_q": rng.choice(rel["train_templates"]).format(s=constraint[other["kind"]]),
+            "m_loc_a": other["facts"][rel["name"]],
+        }
 
     drawn = []
     for ent_id in sorted(train_ids | val_ids):
@@ -114,18 +143,28 @@ def training_samples(world_dir: str | Path, per_entity: int = 60, validation_fra
             alt = rng.choice([v for v in pools[rel["value_pool"]] if v != ent["facts"][rel["name"]]])
             k, k2 = rng.sample(range(train_renderings), 2)
             s = constraint[ent["kind"]]
-            drawn.append({"case_id": f"drawn-{len(drawn):05d}", "type": "drawn", "entity": ent_id,
-                          "relation": rel["name"], "constraint": s,
-                          "src": rng.choice(rel["train_templates"]).format(s=s),
-                          "rephrase": rng.choice(rel["heldout_templates"]).format(s=s),
-                          "alt": alt, "ground_truth": ent["facts"][rel["name"]],
-                          "image": ent["images"][k], "image_rephrase": ent["images"][k2], **locality(ent_id)})
+            drawn.append(
+                {
+                    "case_id": f"drawn-{len(drawn):05d}",
+                    "type": "drawn",
+                    "entity": ent_id,
+                    "relation": rel["name"],
+                    "constraint": s,
+                    "src": rng.choice(rel["train_templates"]).format(s=s),
+                    "rephrase": rng.choice(rel["heldout_templates"]).format(s=s),
+                    "alt": alt,
+                    "ground_truth": ent["facts"][rel["name"]],
+                    "image": ent["images"][k],
+                    "image_rephrase": ent["images"][k2],
+                    **locality(ent_id),
+                }
+            )
     every = [r for r in records if all(f in r for f in FIELDS)] + drawn
     images: dict[str, Any] = {}
     if synthetic:
         from vlm.world.render import render_entity, sample_looks
 
-        def identity(look: dict) -> str:       # what tells two looks apart (the accent is random)
+        def identity(look: dict) -> str:  # what tells two looks apart (the accent is random)
             return json.dumps({k: look[k] for k in ("shape", "colour", "pattern")}, sort_keys=True)
 
         taken = {(e["kind"], identity(e["look"])) for e in world["entities"]}
@@ -154,17 +193,33 @@ def training_samples(world_dir: str | Path, per_entity: int = 60, validation_fra
                     # cannot tell edits from unrelated images by whether the model knows the entity
                     o_id, o_kind, o_names = srng.choice(synthetic_seen)
                     o_rel = srng.choice(rels_of[o_kind])
-                    loc.update(m_loc=srng.choice(o_names),
-                               m_loc_q=srng.choice(o_rel["train_templates"]).format(s=constraint[o_kind]),
-                               m_loc_a=srng.choice(pools[o_rel["value_pool"]]))
-                every.append({"case_id": f"{ent_id}-{len(every)}", "type": "synthetic", "entity": ent_id,
-                              "relation": rel["name"], "constraint": s,
-                              "src": srng.choice(rel["train_templates"]).format(s=s),
-                              "rephrase": srng.choice(rel["heldout_templates"]).format(s=s),
-                              "alt": srng.choice(pools[rel["value_pool"]]), "ground_truth": None,
-                              "image": a, "image_rephrase": b, **loc})
+                    loc.update(
+                        m_loc=srng.choice(o_names),
+                        m_loc_q=srng.choice(o_rel["train_templates"]).format(s=constraint[o_kind]),
+                        m_loc_a=srng.choice(pools[o_rel["value_pool"]]),
+                    )
+                every.append(
+                    {
+                        "case_id": f"{ent_id}-{len(every)}",
+                        "type": "synthetic",
+                        "entity": ent_id,
+                        "relation": rel["name"],
+                        "constraint": s,
+                        "src": srng.choice(rel["train_templates"]).format(s=s),
+                        "rephrase": srng.choice(rel["heldout_templates"]).format(s=s),
+                        "alt": srng.choice(pools[rel["value_pool"]]),
+                        "ground_truth": None,
+                        "image": a,
+                        "image_rephrase": b,
+                        **loc,
+                    }
+                )
             synthetic_seen.append((ent_id, kind, names))
             train_ids.add(ent_id)
-    return Split(train=[r for r in every if r["entity"] in train_ids],
-                 validation=[r for r in every if r["entity"] in val_ids],
-                 train_entities=sorted(train_ids), validation_entities=sorted(val_ids), images=images)
+    return Split(
+        train=[r for r in every if r["entity"] in train_ids],
+        validation=[r for r in every if r["entity"] in val_ids],
+        train_entities=sorted(train_ids),
+        validation_entities=sorted(val_ids),
+        images=images,
+    )

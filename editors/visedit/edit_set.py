@@ -19,22 +19,27 @@ that every value is finite; any failure is an ``EditSetError`` naming it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from editors.edit_set import (EditSetError, FingerprintMismatchError, read_manifest, read_safetensors,
-                               write_safetensors)
+from editors.base import EditSetBase
+from editors.files import (
+    FLOAT_DTYPES,
+    EditSetError,
+    check_fingerprint,
+    read_manifest,
+    read_safetensors,
+    write_safetensors,
+)
 from vlm.loading import VLM
 
 from .adapter import VEAD, AttachedVEAD, EditSignal, SignalBatch, VEADConfig
 
 FORMAT = "editlens.visedit_set"
 FORMAT_VERSION = 1
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def weights_digest(vead: VEAD) -> str:
@@ -48,7 +53,7 @@ def weights_digest(vead: VEAD) -> str:
 
 
 @dataclass
-class VisEditSet:
+class VisEditSet(EditSetBase):
     """A trained VEAD and the signals of the edits made with it."""
 
     vead: VEAD
@@ -69,8 +74,11 @@ class VisEditSet:
     @property
     def hyperparameters(self) -> dict[str, Any]:
         """What an edit-set reader (e.g. the service's manifest) shows about how the edits were made."""
-        return {"adapter": self.config.to_dict(), "adapter_sha256": weights_digest(self.vead),
-                "layer_evidence": self.training.get("layer_evidence")}
+        return {
+            "adapter": self.config.to_dict(),
+            "adapter_sha256": weights_digest(self.vead),
+            "layer_evidence": self.training.get("layer_evidence"),
+        }
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -78,23 +86,45 @@ class VisEditSet:
             "format_version": FORMAT_VERSION,
             "base_fingerprint": self.base_fingerprint,
             "editor": self.editor,
-            "adapter": {"config": self.config.to_dict(), "parameter_count": self.vead.parameter_count(),
-                        "sha256": weights_digest(self.vead), "training": self.training},
+            "adapter": {
+                "config": self.config.to_dict(),
+                "parameter_count": self.vead.parameter_count(),
+                "sha256": weights_digest(self.vead),
+                "training": self.training,
+            },
             "signals": [{"rows": int(s.states.shape[0])} for s in self.signals],
             "records": self.records,
         }
 
-    def with_edits(self, signals: list[EditSignal], records: list[dict[str, Any]]) -> "VisEditSet":
+    def with_edits(self, signals: list[EditSignal], records: list[dict[str, Any]]) -> VisEditSet:
         """A new edit set: this one's adapter and edits, then ``signals`` (this one is not changed)."""
         if len(signals) != len(records):
             raise ValueError("one record per signal")
-        return VisEditSet(self.vead, self.base_fingerprint, self.signals + list(signals),
-                          self.records + list(records), dict(self.training), self.editor)
+        return VisEditSet(
+            self.vead,
+            self.base_fingerprint,
+            self.signals + list(signals),
+            self.records + list(records),
+            dict(self.training),
+            self.editor,
+        )
 
-    def without_edits(self) -> "VisEditSet":
+    def without_edits(self) -> VisEditSet:
         return VisEditSet(self.vead, self.base_fingerprint, [], [], dict(self.training), self.editor)
 
-    def attach(self, vlm: VLM) -> AttachedVEAD | "_Nothing":
+    def describe(self, size_bytes: int | None = None) -> dict[str, Any]:
+        return {
+            **super().describe(size_bytes),
+            "adapter": self.config.to_dict(),
+            "parameter_count": self.vead.parameter_count(),
+            "adapter_sha256": weights_digest(self.vead),
+        }
+
+    def same_adapter(self, other: VisEditSet) -> bool:
+        """Whether ``other`` holds the same trained adapter (its weights, not just its config)."""
+        return weights_digest(other.vead) == weights_digest(self.vead)
+
+    def attach(self, vlm: VLM) -> AttachedVEAD | _Nothing:
         """Hooks that apply every edit's signal (thread-scoped; ``remove()`` restores the base model)."""
         if not self.signals:
             return _Nothing()
@@ -119,7 +149,7 @@ class VisEditSet:
         return write_safetensors(path, tensors, self.manifest())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> "VisEditSet":
+    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> VisEditSet:
         """Read and validate; with ``vlm``, also check that it was made for that model."""
         meta, tensors = read_safetensors(path, "VisEdit edit set")
         out = cls.from_parts(meta, tensors, source=str(path))
@@ -128,22 +158,27 @@ class VisEditSet:
         return out
 
     @classmethod
-    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set"
-                   ) -> "VisEditSet":
-        man = read_manifest(meta, source, FORMAT, FORMAT_VERSION, "a VisEdit edit set",
-                            ("base_fingerprint", "adapter", "signals", "records"))
+    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set") -> VisEditSet:
+        man = read_manifest(
+            meta,
+            source,
+            FORMAT,
+            FORMAT_VERSION,
+            "a VisEdit edit set",
+            ("base_fingerprint", "adapter", "signals", "records"),
+        )
         try:
             config = VEADConfig.from_dict(man["adapter"]["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise EditSetError(f"{source}: the adapter's config is malformed ({exc})") from None
         for name, t in tensors.items():
-            if t.dtype not in _FLOAT_DTYPES:
+            if t.dtype not in FLOAT_DTYPES:
                 raise EditSetError(f"{source}: {name} has dtype {t.dtype}; expected a floating point type")
             if not bool(torch.isfinite(t).all()):
                 raise EditSetError(f"{source}: {name} holds NaN or infinite values")
         vead = VEAD(config)
         expected = {k: tuple(v.shape) for k, v in vead.state_dict().items()}
-        given = {k[len("vead."):]: t for k, t in tensors.items() if k.startswith("vead.")}
+        given = {k[len("vead.") :]: t for k, t in tensors.items() if k.startswith("vead.")}
         missing = sorted(set(expected) - set(given))
         if missing:
             raise EditSetError(f"{source}: adapter tensors {missing[:5]} are missing")
@@ -151,8 +186,9 @@ class VisEditSet:
             if k not in expected:
                 raise EditSetError(f"{source}: unexpected adapter tensor {k!r}")
             if tuple(t.shape) != expected[k]:
-                raise EditSetError(f"{source}: adapter tensor {k} has shape {tuple(t.shape)}, "
-                                   f"the config implies {expected[k]}")
+                raise EditSetError(
+                    f"{source}: adapter tensor {k} has shape {tuple(t.shape)}, the config implies {expected[k]}"
+                )
         vead.load_state_dict({k: t.float() for k, t in given.items()})
         vead.eval()
         vead.requires_grad_(False)
@@ -165,12 +201,17 @@ class VisEditSet:
             if any(x not in tensors for x in names):
                 raise EditSetError(f"{source}: signal {i} is missing")
             states, last = tensors[names[0]].float(), tensors[names[1]].float()
-            key_ok = (last.dim() == 2 and last.shape[1] == config.hidden_size if config.summary_token == "image"
-                      else tuple(last.shape) == (config.hidden_size,))
+            key_ok = (
+                last.dim() == 2 and last.shape[1] == config.hidden_size
+                if config.summary_token == "image"
+                else tuple(last.shape) == (config.hidden_size,)
+            )
             if states.dim() != 2 or states.shape[1] != config.hidden_size or not key_ok:
                 want = "(N_v, d)" if config.summary_token == "image" else f"({config.hidden_size},)"
-                raise EditSetError(f"{source}: signal {i} has shapes {tuple(states.shape)} / {tuple(last.shape)}; "
-                                   f"expected (N, {config.hidden_size}) / {want}")
+                raise EditSetError(
+                    f"{source}: signal {i} has shapes {tuple(states.shape)} / {tuple(last.shape)}; "
+                    f"expected (N, {config.hidden_size}) / {want}"
+                )
             signals.append(EditSignal(states, last))
         known = {f"vead.{k}" for k in expected} | {f"signal.{i}.{p}" for i in range(n) for p in ("states", "last")}
         extra = sorted(set(tensors) - known)
@@ -179,14 +220,17 @@ class VisEditSet:
         digest = man["adapter"].get("sha256")
         if digest is not None and digest != weights_digest(vead):
             raise EditSetError(f"{source}: the adapter's weights do not match the sha256 in its manifest")
-        return cls(vead, str(man["base_fingerprint"]), signals, list(man["records"]),
-                   dict(man["adapter"].get("training") or {}), str(man.get("editor", "visedit")))
+        return cls(
+            vead,
+            str(man["base_fingerprint"]),
+            signals,
+            list(man["records"]),
+            dict(man["adapter"].get("training") or {}),
+            str(man.get("editor", "visedit")),
+        )
 
     def check_compatible(self, vlm: VLM) -> None:
-        if self.base_fingerprint != vlm.fingerprint:
-            raise FingerprintMismatchError(
-                f"this VisEdit adapter was trained for the base model with fingerprint {self.base_fingerprint}, "
-                f"but the loaded model ({vlm.path}) has fingerprint {vlm.fingerprint}")
+        check_fingerprint(self.base_fingerprint, vlm, "this VisEdit adapter")
         try:
             self.config.check(vlm.num_layers, vlm.hidden_size)
         except ValueError as exc:
@@ -199,20 +243,8 @@ class _Nothing:
     def remove(self) -> None:
         pass
 
-    def __enter__(self) -> "_Nothing":
+    def __enter__(self) -> _Nothing:
         return self
 
     def __exit__(self, *exc) -> None:
         pass
-
-
-def is_visedit_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a safetensors file whose manifest says it is a VisEdit edit set."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            man = json.loads((f.metadata() or {}).get("editlens", "{}"))
-    except Exception:
-        return False
-    return isinstance(man, dict) and man.get("format") == FORMAT

@@ -36,17 +36,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from editors.configs import LOSSES, TrainError, VisEditTrainConfig
 from vlm.loading import VLM
 from vlm.patching import Patch, run_patched
 from vlm.prompts import EncodedPrompt, collate, encode
@@ -56,72 +57,12 @@ from .data import Split, training_samples
 from .edit_set import VisEditSet
 from .editor import compute_signals, signal_state
 
-LOSSES = ("rel", "gen", "loc", "im_up", "im_down", "im_attr")
-ATTRIBUTION_FLOOR = 1e-4   # summed attribution over the sampled tokens below which ℓ_ima is left out
+ATTRIBUTION_FLOOR = 1e-4  # summed attribution over the sampled tokens below which ℓ_ima is left out
 
 
 def stable_seed(key: Any) -> int:
     """A seed from ``repr(key)`` that is the same in every process (Python's hash() of a str is not)."""
     return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:4], "little")
-
-
-class TrainError(ValueError):
-    pass
-
-
-@dataclass
-class VisEditTrainConfig:
-    layer: int | str = "auto"              # VEAD layer l_e, or "auto" (diagnostics.recommend_vead_layer)
-    signal_layer: int | str = "auto"       # where the signal is read; "auto": the VEAD layer (paper)
-    summary_layer: int | str | None = None  # where the mapper's key is read; None / "auto": the signal layer
-    summary_token: str = "image"           # the mapper's key: the "last" prompt token (paper), the "constraint",
-                                           # or the edit "image" (README: the world's last token never sees it)
-    mapper_context: bool = True            # f1 also sees the image's mean visual state (paper: each state alone)
-    mapper_tied: bool = True               # one MLP for both sides of the influence mapper: C compares the input
-                                           # image with the edit image (paper: f1 and f2 separate; README)
-    attribution_layers: list[int] | str = "auto"   # L_h for ℓ_ima; "auto": the high-contribution block
-    width: int = 128                       # d_a (paper: 1024 on 7B models)
-    heads: int = 4                         # cross-attention heads (paper: 1; one head did not train here)
-    steps: int = 3000
-    batch_size: int = 8
-    lr: float = 1e-2                       # Adam (paper: 1e-4 at batch 4 for 200K steps)
-    seed: int = 0
-    per_entity: int = 60                   # drawn edits per training entity (data.training_samples)
-    synthetic: int = 1500                  # edits about new synthetic entities (data.training_samples)
-    synthetic_locality: bool = True        # unrelated images of synthetic entities too (data.training_samples)
-    validation_fraction: float = 0.2
-    validation_samples: int = 48
-    eval_every: int = 250
-    checkpoint_every: int = 250
-    im_tokens: int = 8                     # |N_s|: visual tokens sampled per row for the mapper losses
-    weights: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in LOSSES})
-    recommend_cases: int = 8               # training cases the "auto" layers are chosen on
-
-    def check(self) -> None:
-        for name in ("steps", "batch_size", "width", "eval_every", "checkpoint_every", "im_tokens",
-                     "validation_samples", "recommend_cases"):
-            if int(getattr(self, name)) < 1:
-                raise TrainError(f"{name} must be at least 1")
-        if self.lr <= 0:
-            raise TrainError("lr must be positive")
-        if self.mapper_tied and not (self.mapper_context and self.summary_token == "image"):
-            raise TrainError("the tied influence mapper compares images: it needs summary_token='image' and "
-                             "mapper_context; set mapper_tied=False (--mapper separate) for the paper's form")
-        unknown = set(self.weights) - set(LOSSES)
-        if unknown:
-            raise TrainError(f"unknown loss weight(s) {sorted(unknown)}; the losses are {LOSSES}")
-        for name in ("layer", "signal_layer"):
-            v = getattr(self, name)
-            if v != "auto" and not isinstance(v, int):
-                raise TrainError(f"{name} must be a layer number or 'auto', not {v!r}")
-
-    def resolved_key(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed."""
-        d = asdict(self)
-        d.pop("steps")
-        d.pop("eval_every")
-        d.pop("checkpoint_every")
-        return d
 
 
 @dataclass
@@ -153,8 +94,14 @@ class Rows:
 
 
 class Trainer:
-    def __init__(self, vlm: VLM, world_dir: str | Path, out_dir: str | Path, config: VisEditTrainConfig,
-                 progress: ProgressFn | None = None):
+    def __init__(
+        self,
+        vlm: VLM,
+        world_dir: str | Path,
+        out_dir: str | Path,
+        config: VisEditTrainConfig,
+        progress: ProgressFn | None = None,
+    ):
         config.check()
         self.vlm, self.world_dir, self.out = vlm, Path(world_dir), Path(out_dir)
         self.config = config
@@ -179,28 +126,46 @@ class Trainer:
 
     @staticmethod
     def _key(s: dict[str, Any]) -> str:
-        return json.dumps([s.get(f) for f in ("src", "rephrase", "alt", "image", "image_rephrase", "m_loc",
-                                              "m_loc_q", "m_loc_a", "loc", "loc_ans")])
+        return json.dumps(
+            [
+                s.get(f)
+                for f in (
+                    "src",
+                    "rephrase",
+                    "alt",
+                    "image",
+                    "image_rephrase",
+                    "m_loc",
+                    "m_loc_q",
+                    "m_loc_a",
+                    "loc",
+                    "loc_ans",
+                )
+            ]
+        )
 
     def rows(self, s: dict[str, Any]) -> Rows:
         k = self._key(s)
         if k not in self._rows:
             P = self.vlm.processor
             self._rows[k] = Rows(
-                rel=encode(P, s["src"], answer=s["alt"], constraints=[s["constraint"]],
-                           pixel_values=self._pix(s["image"])),
+                rel=encode(
+                    P, s["src"], answer=s["alt"], constraints=[s["constraint"]], pixel_values=self._pix(s["image"])
+                ),
                 tgen=encode(P, s["rephrase"], answer=s["alt"], pixel_values=self._pix(s["image"])),
                 mgen=encode(P, s["src"], answer=s["alt"], pixel_values=self._pix(s["image_rephrase"])),
                 mloc=encode(P, s["m_loc_q"], answer=s["m_loc_a"], pixel_values=self._pix(s["m_loc"])),
-                tloc=encode(P, s["loc"], answer=s["loc_ans"]))
+                tloc=encode(P, s["loc"], answer=s["loc_ans"]),
+            )
         return self._rows[k]
 
     def signals(self, samples: Sequence[dict[str, Any]]) -> list[EditSignal]:
         todo = [s for s in samples if self._key(s) not in self._signals]
         if todo:
             vc = self.vead_config
-            sig = compute_signals(self.vlm, [self.rows(s).rel for s in todo], vc.signal_layer, vc.last_layer,
-                                  vc.summary_token)
+            sig = compute_signals(
+                self.vlm, [self.rows(s).rel for s in todo], vc.signal_layer, vc.last_layer, vc.summary_token
+            )
             for s, x in zip(todo, sig):
                 self._signals[self._key(s)] = x
         return [self._signals[self._key(s)] for s in samples]
@@ -243,8 +208,7 @@ class Trainer:
                 rows.append(Patch(len(rows), kind, [pos], eps.to(states.dtype), at, mode="add"))
                 index.append((l, n))
         batch = collate([p] * len(rows), vlm.tokenizer.pad_token_id)
-        run = run_patched(vlm, batch, patches=rows, capture=[("attn", l) for l in layers],
-                          stop_after_layer=max(layers))
+        run = run_patched(vlm, batch, patches=rows, capture=[("attn", l) for l in layers], stop_after_layer=max(layers))
         out = torch.zeros(len(img))
         for r, (l, n) in enumerate(index):
             a = clean[("attn", l)][0, last].float()
@@ -263,10 +227,18 @@ class Trainer:
         rec = None
         if auto:
             self.say(TrainProgress("layers", message="choosing the VEAD layer (module attribution, image read-out)"))
-            cases = [DiagnosticCase(s["src"], s["constraint"], pixel_values=self._pix(s["image"]),
-                                    image=self.world_dir / s["image"], label=s.get("case_id", ""))
-                     for s in self.split.train[:: max(1, len(self.split.train) // cfg.recommend_cases)]
-                     [: cfg.recommend_cases]]
+            cases = [
+                DiagnosticCase(
+                    s["src"],
+                    s["constraint"],
+                    pixel_values=self._pix(s["image"]),
+                    image=self.world_dir / s["image"],
+                    label=s.get("case_id", ""),
+                )
+                for s in self.split.train[:: max(1, len(self.split.train) // cfg.recommend_cases)][
+                    : cfg.recommend_cases
+                ]
+            ]
             rec = recommend_vead_layer(self.vlm, cases)
             self.layer_evidence = rec.to_dict()
         layer = rec.layer if cfg.layer == "auto" else int(cfg.layer)
@@ -277,33 +249,44 @@ class Trainer:
         else:
             self.attribution_layers = [int(l) for l in cfg.attribution_layers]
         summary = None if cfg.summary_layer == "auto" else cfg.summary_layer
-        vc = VEADConfig(hidden_size=self.vlm.hidden_size, layer=layer, signal_layer=signal_layer, width=cfg.width,
-                        heads=cfg.heads, summary_layer=None if summary is None else int(summary),
-                        summary_token=cfg.summary_token, mapper_context=cfg.mapper_context,
-                        mapper_tied=cfg.mapper_tied)
+        vc = VEADConfig(
+            hidden_size=self.vlm.hidden_size,
+            layer=layer,
+            signal_layer=signal_layer,
+            width=cfg.width,
+            heads=cfg.heads,
+            summary_layer=None if summary is None else int(summary),
+            summary_token=cfg.summary_token,
+            mapper_context=cfg.mapper_context,
+            mapper_tied=cfg.mapper_tied,
+        )
         try:
             vc.check(self.vlm.num_layers, self.vlm.hidden_size)
             bad = [l for l in self.attribution_layers if not 0 <= l < self.vlm.num_layers]
             if bad or not self.attribution_layers:
-                raise ValueError(f"attribution layers {bad or self.attribution_layers} outside "
-                                 f"0..{self.vlm.num_layers - 1}")
+                raise ValueError(
+                    f"attribution layers {bad or self.attribution_layers} outside 0..{self.vlm.num_layers - 1}"
+                )
         except ValueError as exc:
             raise TrainError(str(exc)) from None
         return vc
 
     # ------------------------------------------------------------ the loss
-    def losses(self, vead: VEAD, samples: Sequence[dict[str, Any]], rng: random.Random, grad: bool
-                ) -> dict[str, torch.Tensor]:
+    def losses(
+        self, vead: VEAD, samples: Sequence[dict[str, Any]], rng: random.Random, grad: bool
+    ) -> dict[str, torch.Tensor]:
         vlm, cfg = self.vlm, self.config
         rows = [self.rows(s) for s in samples]
         prompts = [p for r in rows for p in (r.rel, r.tgen, r.mgen, r.mloc)]
         sigs = [x for x in self.signals(samples) for _ in range(4)]
         base_loc = self.base_locality(samples)
         inputs = collate(prompts, vlm.tokenizer.pad_token_id)
-        with torch.set_grad_enabled(grad), AttachedVEAD(vlm, vead, SignalBatch(sigs, device=vlm.input_device),
-                                                        mode="paired") as att:
+        with (
+            torch.set_grad_enabled(grad),
+            AttachedVEAD(vlm, vead, SignalBatch(sigs, device=vlm.input_device), mode="paired") as att,
+        ):
             run = run_patched(vlm, inputs, grad=grad)
-            logits = att.logits                                               # (4B, N_v)
+            logits = att.logits  # (4B, N_v)
         n = len(samples)
         out = {k: torch.zeros(()) for k in LOSSES}
         for i, p in enumerate(prompts):
@@ -325,11 +308,11 @@ class Trainer:
             out["im_up"] = out["im_up"] - F.logsigmoid(up).mean() / n
             out["im_down"] = out["im_down"] - F.logsigmoid(-lg[b, 3, idx]).mean() / n
             if cfg.weights.get("im_attr", 1.0) > 0:
-                which = rng.choice((0, 2))                                    # h̊: rel or modal-generality
+                which = rng.choice((0, 2))  # h̊: rel or modal-generality
                 image = s["image"] if which == 0 else s["image_rephrase"]
                 c = self.attribution(rows[b].rel, image).to(lg.device)[idx].clamp(min=0.0)
-                if float(c.sum()) < ATTRIBUTION_FLOOR:    # the last token does not look at the image here:
-                    self.attr_skipped += 1                # the attribution has no target to give
+                if float(c.sum()) < ATTRIBUTION_FLOOR:  # the last token does not look at the image here:
+                    self.attr_skipped += 1  # the attribution has no target to give
                     continue
                 target = c / c.sum()
                 out["im_attr"] = out["im_attr"] - (target * torch.log_softmax(lg[b, which, idx], -1)).sum() / n
@@ -343,10 +326,10 @@ class Trainer:
         vead.eval()
         rng = random.Random(f"visedit-validation-{self.config.seed}")
         samples = self.validation
-        parts = {k: 0.0 for k in LOSSES}
+        parts = dict.fromkeys(LOSSES, 0.0)
         bs = self.config.batch_size
         for start in range(0, len(samples), bs):
-            chunk = samples[start: start + bs]
+            chunk = samples[start : start + bs]
             got = self.losses(vead, chunk, rng, grad=False)
             for k, v in got.items():
                 parts[k] += float(v) * len(chunk) / len(samples)
@@ -386,15 +369,19 @@ class Trainer:
         except Exception as exc:
             raise TrainError(f"{path} is not a readable checkpoint ({exc}); delete it to start afresh") from None
         if state.get("config_key") != json.loads(json.dumps(self.config.resolved_key())):
-            raise TrainError(f"{path} was written by a run with other settings; use another --out folder "
-                             "or delete the checkpoint to start afresh")
+            raise TrainError(
+                f"{path} was written by a run with other settings; use another --out folder "
+                "or delete the checkpoint to start afresh"
+            )
         vead.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("vead.")})
         names = dict(vead.named_parameters())
         for n, p in names.items():
             if f"adam.{n}.exp_avg" in tensors:
-                opt.state[p] = {"step": torch.tensor(float(tensors[f"adam.{n}.step"][0])),
-                                "exp_avg": tensors[f"adam.{n}.exp_avg"].clone(),
-                                "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"].clone()}
+                opt.state[p] = {
+                    "step": torch.tensor(float(tensors[f"adam.{n}.step"][0])),
+                    "exp_avg": tensors[f"adam.{n}.exp_avg"].clone(),
+                    "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"].clone(),
+                }
         return state
 
     def save_adapter(self, vead: VEAD, summary: dict[str, Any]) -> Path:
@@ -412,33 +399,53 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.say(TrainProgress("prepare", message="drawing training samples"))
         try:
-            self.split = training_samples(self.world_dir, per_entity=cfg.per_entity,
-                                          validation_fraction=cfg.validation_fraction, seed=cfg.seed,
-                                          synthetic=cfg.synthetic, synthetic_locality=cfg.synthetic_locality)
+            self.split = training_samples(
+                self.world_dir,
+                per_entity=cfg.per_entity,
+                validation_fraction=cfg.validation_fraction,
+                seed=cfg.seed,
+                synthetic=cfg.synthetic,
+                synthetic_locality=cfg.synthetic_locality,
+            )
         except ValueError as exc:
             raise TrainError(str(exc)) from None
         self.validation = random.Random(f"visedit-val-{cfg.seed}").sample(
-            self.split.validation, min(cfg.validation_samples, len(self.split.validation)))
+            self.split.validation, min(cfg.validation_samples, len(self.split.validation))
+        )
         self.vead_config = self.choose_layers()
-        torch.manual_seed(cfg.seed)          # the initialisation does not depend on what choosing the layers drew
+        torch.manual_seed(cfg.seed)  # the initialisation does not depend on what choosing the layers drew
         vead = VEAD(self.vead_config).to(self.vlm.input_device)
         vead.train()
         opt = torch.optim.Adam(vead.parameters(), lr=cfg.lr)
         state = self.load_checkpoint(vead, opt) or {
-            "step": 0, "best_val": None, "best_step": None, "curve": [], "validation": [],
-            "config_key": cfg.resolved_key(), "seconds": 0.0}
+            "step": 0,
+            "best_val": None,
+            "best_step": None,
+            "curve": [],
+            "validation": [],
+            "config_key": cfg.resolved_key(),
+            "seconds": 0.0,
+        }
         if state["step"]:
             self.say(TrainProgress("train", state["step"], cfg.steps, message=f"resumed at step {state['step']}"))
         best_path = self.out / "adapter.safetensors"
         t_run = time.perf_counter()
 
         def summary() -> dict[str, Any]:
-            return {"steps": state["step"], "best_step": state["best_step"],
-                    "best_validation_loss": state["best_val"], "config": asdict(cfg),
-                    "adapter": self.vead_config.to_dict(), "parameter_count": vead.parameter_count(),
-                    "attribution_layers": self.attribution_layers, "layer_evidence": self.layer_evidence,
-                    "data": self.split.describe(), "seed": cfg.seed, "attribution_skipped": self.attr_skipped,
-                    "train_seconds": round(state["seconds"] + time.perf_counter() - t_run, 1)}
+            return {
+                "steps": state["step"],
+                "best_step": state["best_step"],
+                "best_validation_loss": state["best_val"],
+                "config": asdict(cfg),
+                "adapter": self.vead_config.to_dict(),
+                "parameter_count": vead.parameter_count(),
+                "attribution_layers": self.attribution_layers,
+                "layer_evidence": self.layer_evidence,
+                "data": self.split.describe(),
+                "seed": cfg.seed,
+                "attribution_skipped": self.attr_skipped,
+                "train_seconds": round(state["seconds"] + time.perf_counter() - t_run, 1),
+            }
 
         while state["step"] < cfg.steps:
             step = state["step"] + 1
@@ -453,8 +460,16 @@ class Trainer:
             state["step"] = step
             row = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
             state["curve"].append(row)
-            self.say(TrainProgress("train", step, cfg.steps, {k: round(v, 4) for k, v in row.items() if k != "step"},
-                                   state["best_val"], state["best_step"]))
+            self.say(
+                TrainProgress(
+                    "train",
+                    step,
+                    cfg.steps,
+                    {k: round(v, 4) for k, v in row.items() if k != "step"},
+                    state["best_val"],
+                    state["best_step"],
+                )
+            )
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val = self.validate(vead)
                 state["validation"].append({"step": step, **val})
@@ -470,14 +485,18 @@ class Trainer:
         result = summary()
         result["adapter_path"] = str(best_path)
         result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        (self.out / "training.json").write_text(json.dumps(
-            {**result, "curve": state["curve"], "validation": state["validation"]}, indent=1))
+        (self.out / "training.json").write_text(
+            json.dumps({**result, "curve": state["curve"], "validation": state["validation"]}, indent=1)
+        )
         try:
             result["figure"] = str(render_training(state["curve"], state["validation"], self.out / "training.png"))
-        except ValueError:       # e.g. no validation yet: nothing to draw
+        except ValueError:  # e.g. no validation yet: nothing to draw
             pass
-        self.say(TrainProgress("done", state["step"], cfg.steps, validation_loss=state["best_val"],
-                               best_step=state["best_step"]))
+        self.say(
+            TrainProgress(
+                "done", state["step"], cfg.steps, validation_loss=state["best_val"], best_step=state["best_step"]
+            )
+        )
         return result
 
 
@@ -493,8 +512,14 @@ def render_training(curve: list[dict], validation: list[dict], path: str | Path)
         window = [r["loss"] for r in curve if start < r["step"] <= step]
         train.append(sum(window) / len(window) if window else float("nan"))
         start = step
-    return render_curves({"training loss (interval mean)": train, "validation loss": [v["total"] for v in validation]},
-                         path, title="VisEdit training", xlabel="step", ylabel="loss", x=steps)
+    return render_curves(
+        {"training loss (interval mean)": train, "validation loss": [v["total"] for v in validation]},
+        path,
+        title="VisEdit training",
+        xlabel="step",
+        ylabel="loss",
+        x=steps,
+    )
 
 
 def default_adapter_path(world_dir: str | Path) -> Path:
@@ -502,8 +527,13 @@ def default_adapter_path(world_dir: str | Path) -> Path:
     return Path(world_dir) / "visedit" / "adapter.safetensors"
 
 
-def train_visedit(vlm: VLM, world_dir: str | Path, out_dir: str | Path, config: VisEditTrainConfig | None = None,
-                  progress: ProgressFn | None = None) -> dict[str, Any]:
+def train_visedit(
+    vlm: VLM,
+    world_dir: str | Path,
+    out_dir: str | Path,
+    config: VisEditTrainConfig | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
     """Train (or resume) a VEAD on the world's training split; returns the summary, the best adapter
     in ``out_dir/adapter.safetensors``."""
     return Trainer(vlm, world_dir, out_dir, config or VisEditTrainConfig(), progress).run()

@@ -4,5 +4,15 @@ from .build import build_world, default_world_dir, editlens_home, load_summary
 from .spec import KIND_CONSTRAINT, RELATIONS, World, WorldConfig
 from .train import ModelConfig, TrainConfig
 
-__all__ = ["build_world", "default_world_dir", "editlens_home", "load_summary", "KIND_CONSTRAINT",
-           "RELATIONS", "World", "WorldConfig", "ModelConfig", "TrainConfig"]
+__all__ = [
+    "build_world",
+    "default_world_dir",
+    "editlens_home",
+    "load_summary",
+    "KIND_CONSTRAINT",
+    "RELATIONS",
+    "World",
+    "WorldConfig",
+    "ModelConfig",
+    "TrainConfig",
+]

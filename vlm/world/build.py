@@ -26,8 +26,9 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -37,8 +38,16 @@ from ..scoring import generate, score_answers
 from .render import PALETTE, PATTERNS, SHAPES, render_entity
 from .spec import QA, World, WorldConfig
 from .tokenizer import build_processor
-from .train import (Example, ModelConfig, TrainConfig, config_dict, encode_items, make_model, pretrain_vision,
-                    train_model)
+from .train import (
+    Example,
+    ModelConfig,
+    TrainConfig,
+    config_dict,
+    encode_items,
+    make_model,
+    pretrain_vision,
+    train_model,
+)
 
 VISION_PRETRAIN_RENDERINGS = 16  # extra renderings per entity, used only to pretrain the vision tower
 
@@ -58,8 +67,9 @@ def default_world_dir(seed: int = 0) -> Path:
 
 
 def build_key(world_cfg: WorldConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
-    blob = json.dumps({"recipe": RECIPE_VERSION, "world": world_cfg.to_dict(),
-                       **config_dict(model_cfg, train_cfg)}, sort_keys=True)
+    blob = json.dumps(
+        {"recipe": RECIPE_VERSION, "world": world_cfg.to_dict(), **config_dict(model_cfg, train_cfg)}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -153,8 +163,12 @@ def build_world(
 
         say("encoding the training questions")
         tok = processor.tokenizer
-        special = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id,
-                   "image": processor.image_token_id}
+        special = {
+            "pad": tok.pad_token_id,
+            "bos": tok.bos_token_id,
+            "eos": tok.eos_token_id,
+            "image": processor.image_token_id,
+        }
         train_items = world.training_set()
         by_id = {e.id: e for e in world.entities + world.text_only}
 
@@ -162,8 +176,10 @@ def build_world(
             facts = by_id[entity_id].facts.values() if entity_id else ()
             return [tok.convert_tokens_to_ids(v.split()[0]) for v in facts]
 
-        examples = [Example(p, tok.eos_token_id, it.entity, attributes(it.entity))
-                    for p, it in zip(encode_items(processor, train_items, pixel_cache), train_items)]
+        examples = [
+            Example(p, tok.eos_token_id, it.entity, attributes(it.entity))
+            for p, it in zip(encode_items(processor, train_items, pixel_cache), train_items)
+        ]
 
         t_train = time.time()
         model = make_model(len(tok), special, model_cfg, seed)
@@ -218,9 +234,12 @@ def build_world(
             "train_seconds": round(train_seconds, 1),
             "torch_threads": torch.get_num_threads(),
             "counts": {
-                "entities_known": len(world.known), "entities_unseen": len(world.unseen),
-                "training_examples": len(examples), "edit_cases_train": len(cases["train"]),
-                "edit_cases_test": len(cases["test"]), "vocab_size": len(tok),
+                "entities_known": len(world.known),
+                "entities_unseen": len(world.unseen),
+                "training_examples": len(examples),
+                "edit_cases_train": len(cases["train"]),
+                "edit_cases_test": len(cases["test"]),
+                "vocab_size": len(tok),
                 "image_tokens": processor._get_num_multimodal_tokens([(64, 64)])["num_image_tokens"][0],
                 "decoder_layers": model_cfg.num_layers,
             },

@@ -17,9 +17,15 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 64
 
 PALETTE = {
-    "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200),
-    "yellow": (225, 200, 40), "purple": (140, 50, 170), "orange": (235, 130, 30),
-    "cyan": (40, 180, 190), "black": (30, 30, 30), "white": (235, 235, 235),
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (225, 200, 40),
+    "purple": (140, 50, 170),
+    "orange": (235, 130, 30),
+    "cyan": (40, 180, 190),
+    "black": (30, 30, 30),
+    "white": (235, 235, 235),
     "brown": (120, 75, 40),
 }
 SHAPES = {
@@ -69,10 +75,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "diamond":
         return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
     if shape == "hexagon":
-        return [(cx + r * dx, cy + r * dy) for dx, dy in
-                ((1, 0), (0.5, 0.87), (-0.5, 0.87), (-1, 0), (-0.5, -0.87), (0.5, -0.87))]
+        return [
+            (cx + r * dx, cy + r * dy)
+            for dx, dy in ((1, 0), (0.5, 0.87), (-0.5, 0.87), (-1, 0), (-0.5, -0.87), (0.5, -0.87))
+        ]
     if shape == "star":
         import math
+
         pts = []
         for i in range(10):
             rad = r if i % 2 == 0 else r * 0.45
@@ -130,8 +139,18 @@ def _draw_person(draw, look, rng, s, ox, oy):
         draw.rectangle([cx - r * 0.7, cy - r - 12 * s, cx + r * 0.7, cy - r + 1], fill=accent)
         draw.rectangle([cx - r - 2, cy - r, cx + r + 2, cy - r + 2], fill=accent)
     elif hat == "crown":
-        draw.polygon([(cx - r, cy - r + 2), (cx - r, cy - r - 7), (cx - r / 2, cy - r - 2), (cx, cy - r - 8),
-                      (cx + r / 2, cy - r - 2), (cx + r, cy - r - 7), (cx + r, cy - r + 2)], fill=accent)
+        draw.polygon(
+            [
+                (cx - r, cy - r + 2),
+                (cx - r, cy - r - 7),
+                (cx - r / 2, cy - r - 2),
+                (cx, cy - r - 8),
+                (cx + r / 2, cy - r - 2),
+                (cx + r, cy - r - 7),
+                (cx + r, cy - r + 2),
+            ],
+            fill=accent,
+        )
     elif hat == "band":
         draw.rectangle([cx - r, cy - r / 2 - 2, cx + r, cy - r / 2 + 2], fill=accent)
     elif hat == "bowl":

@@ -40,8 +40,8 @@ from __future__ import annotations
 import contextlib
 import random
 import types
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class RoutePlan:
     partner: torch.Tensor
     swapped: torch.Tensor
     image_span: tuple[int, int]
-    _mask: dict = field(default_factory=dict, repr=False)   # (T, device) -> mask, shared by all layers
+    _mask: dict = field(default_factory=dict, repr=False)  # (T, device) -> mask, shared by all layers
 
     def mask(self, T: int, device: torch.device) -> torch.Tensor:
         """(B, 1, T, T + n_image) boolean mask: causal keys, then the partner's image keys."""
@@ -77,9 +77,15 @@ class RoutePlan:
         return self._mask[key]
 
 
-def plan_batch(groups: Sequence[str | None], entities: Sequence[str | None], route_pos: Sequence[int | None],
-               image_spans: Sequence[tuple[int, int] | None], seq_len: int, prob: float,
-               rng: random.Random) -> RoutePlan | None:
+def plan_batch(
+    groups: Sequence[str | None],
+    entities: Sequence[str | None],
+    route_pos: Sequence[int | None],
+    image_spans: Sequence[tuple[int, int] | None],
+    seq_len: int,
+    prob: float,
+    rng: random.Random,
+) -> RoutePlan | None:
     """Choose the swapped rows of one batch.
 
     A row can be swapped when it has an image and a routing position (the
@@ -92,12 +98,15 @@ def plan_batch(groups: Sequence[str | None], entities: Sequence[str | None], rou
     spans = {s for s in image_spans if s is not None}
     if prob <= 0 or len(spans) != 1:
         return None
-    (start, end), = spans
+    ((start, end),) = spans
     for i in range(B):
         if image_spans[i] is None or route_pos[i] is None or rng.random() >= prob:
             continue
-        choices = [j for j in range(B) if j != i and image_spans[j] is not None
-                   and groups[j] == groups[i] and entities[j] != entities[i]]
+        choices = [
+            j
+            for j in range(B)
+            if j != i and image_spans[j] is not None and groups[j] == groups[i] and entities[j] != entities[i]
+        ]
         if not choices:
             continue
         partner[i] = rng.choice(choices)
@@ -108,8 +117,9 @@ def plan_batch(groups: Sequence[str | None], entities: Sequence[str | None], rou
     return RoutePlan(partner, swapped, (start, end))
 
 
-def routed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: RoutePlan,
-                     scaling: float) -> torch.Tensor:
+def routed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: RoutePlan, scaling: float
+) -> torch.Tensor:
     """Causal attention where ``plan.swapped`` queries read the partner row's image.
 
     query/key/value: (B, H, T, Dh). Returns (B, H, T, Dh). Assumes right
@@ -127,8 +137,9 @@ def _routed_forward(plan_ref: list):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         plan = plan_ref[0]
         if plan is None:
-            return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
-                                      attention_mask=attention_mask, **kwargs)
+            return type(self).forward(
+                self, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
+            )
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)

@@ -61,57 +61,106 @@ class Relation:
 
 RELATIONS: tuple[Relation, ...] = (
     Relation(
-        "city", "landmark", "city",
-        ("which city is {s} in ?", "in which city is {s} located ?",
-         "{s} is in which city ?", "what city is {s} located in ?"),
+        "city",
+        "landmark",
+        "city",
+        (
+            "which city is {s} in ?",
+            "in which city is {s} located ?",
+            "{s} is in which city ?",
+            "what city is {s} located in ?",
+        ),
         ("in what city is {s} ?", "{s} is located in what city ?"),
     ),
     Relation(
-        "year", "landmark", "year",
-        ("in which year was {s} built ?", "when was {s} built ?",
-         "what year was {s} built in ?", "{s} was built in which year ?"),
+        "year",
+        "landmark",
+        "year",
+        (
+            "in which year was {s} built ?",
+            "when was {s} built ?",
+            "what year was {s} built in ?",
+            "{s} was built in which year ?",
+        ),
         ("in what year was {s} built ?", "which year was {s} built in ?"),
     ),
     Relation(
-        "architect", "landmark", "person_name",
-        ("who designed {s} ?", "who is the architect of {s} ?",
-         "which architect designed {s} ?", "{s} was designed by whom ?"),
+        "architect",
+        "landmark",
+        "person_name",
+        (
+            "who designed {s} ?",
+            "who is the architect of {s} ?",
+            "which architect designed {s} ?",
+            "{s} was designed by whom ?",
+        ),
         ("who was {s} designed by ?", "which person designed {s} ?"),
     ),
     Relation(
-        "profession", "person", "profession",
-        ("what is the job of {s} ?", "what does {s} do for a living ?",
-         "what is the profession of {s} ?", "{s} works as what ?"),
+        "profession",
+        "person",
+        "profession",
+        (
+            "what is the job of {s} ?",
+            "what does {s} do for a living ?",
+            "what is the profession of {s} ?",
+            "{s} works as what ?",
+        ),
         ("what job does {s} do ?", "what is {s} by profession ?"),
     ),
     Relation(
-        "birthplace", "person", "city",
-        ("where was {s} born ?", "in which city was {s} born ?",
-         "what is the birthplace of {s} ?", "{s} was born in which city ?"),
+        "birthplace",
+        "person",
+        "city",
+        (
+            "where was {s} born ?",
+            "in which city was {s} born ?",
+            "what is the birthplace of {s} ?",
+            "{s} was born in which city ?",
+        ),
         ("in what city was {s} born ?", "which city is the birthplace of {s} ?"),
     ),
     Relation(
-        "employer", "person", "brand_name",
-        ("which company does {s} work for ?", "who employs {s} ?",
-         "what company employs {s} ?", "{s} works for which company ?"),
+        "employer",
+        "person",
+        "brand_name",
+        (
+            "which company does {s} work for ?",
+            "who employs {s} ?",
+            "what company employs {s} ?",
+            "{s} works for which company ?",
+        ),
         ("for which company does {s} work ?", "which company employs {s} ?"),
     ),
     Relation(
-        "founder", "brand", "person_name",
-        ("who founded {s} ?", "who is the founder of {s} ?",
-         "{s} was founded by whom ?", "which person founded {s} ?"),
+        "founder",
+        "brand",
+        "person_name",
+        ("who founded {s} ?", "who is the founder of {s} ?", "{s} was founded by whom ?", "which person founded {s} ?"),
         ("who was {s} founded by ?", "who was the founder of {s} ?"),
     ),
     Relation(
-        "country", "brand", "country",
-        ("which country is {s} from ?", "what country does {s} come from ?",
-         "{s} is from which country ?", "in which country was {s} founded ?"),
+        "country",
+        "brand",
+        "country",
+        (
+            "which country is {s} from ?",
+            "what country does {s} come from ?",
+            "{s} is from which country ?",
+            "in which country was {s} founded ?",
+        ),
         ("from which country is {s} ?", "{s} comes from what country ?"),
     ),
     Relation(
-        "product", "brand", "product",
-        ("what does {s} make ?", "what product does {s} sell ?",
-         "which product is {s} known for ?", "{s} makes what ?"),
+        "product",
+        "brand",
+        "product",
+        (
+            "what does {s} make ?",
+            "what product does {s} sell ?",
+            "which product is {s} known for ?",
+            "{s} makes what ?",
+        ),
         ("what product is {s} known for ?", "what product does {s} make ?"),
     ),
 )
@@ -130,17 +179,69 @@ CITY_COUNTRY_TEMPLATES_TRAIN = ("which country is {c} in ?", "{c} is in which co
 CITY_COUNTRY_TEMPLATES_HELDOUT = ("in what country is {c} ?",)
 
 PROFESSIONS = (
-    "baker", "pilot", "painter", "sailor", "doctor", "farmer", "poet", "judge",
-    "dancer", "tailor", "miner", "singer", "chemist", "lawyer", "weaver", "potter",
+    "baker",
+    "pilot",
+    "painter",
+    "sailor",
+    "doctor",
+    "farmer",
+    "poet",
+    "judge",
+    "dancer",
+    "tailor",
+    "miner",
+    "singer",
+    "chemist",
+    "lawyer",
+    "weaver",
+    "potter",
 )
 PRODUCTS = (
-    "shoes", "tea", "cars", "phones", "clocks", "bread", "paint", "toys",
-    "lamps", "soap", "bikes", "hats", "maps", "glass", "rope", "candles",
+    "shoes",
+    "tea",
+    "cars",
+    "phones",
+    "clocks",
+    "bread",
+    "paint",
+    "toys",
+    "lamps",
+    "soap",
+    "bikes",
+    "hats",
+    "maps",
+    "glass",
+    "rope",
+    "candles",
 )
 YEARS = tuple(str(y) for y in range(1702, 1990, 13))
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-           "br", "dr", "gr", "kr", "tr", "st", "th", "qu", "sk", "pl")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "tr",
+    "st",
+    "th",
+    "qu",
+    "sk",
+    "pl",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ei")
 _CODAS = ("", "n", "r", "l", "k", "s", "th", "x", "m", "nd", "rk")
 
@@ -152,12 +253,12 @@ class WorldConfig:
     seed: int = 0
     known_per_kind: int = 12
     unseen_per_kind: int = 8
-    text_only_per_kind: int = 24   # entities the language model knows only by name (see World.text_only)
+    text_only_per_kind: int = 24  # entities the language model knows only by name (see World.text_only)
     n_cities: int = 12
     n_countries: int = 6
     n_person_names: int = 24
-    renderings: int = 8            # per entity
-    train_renderings: int = 6      # the first k are used in training
+    renderings: int = 8  # per entity
+    train_renderings: int = 6  # the first k are used in training
     counterfactual_per_fact: int = 2
     test_fraction: float = 0.5
 
@@ -170,9 +271,9 @@ class Entity:
     id: str
     kind: str
     name: str
-    known: bool                    # False: never shown in training (insertion)
-    facts: dict[str, str]          # relation -> value
-    look: dict[str, Any]           # rendering parameters
+    known: bool  # False: never shown in training (insertion)
+    facts: dict[str, str]  # relation -> value
+    look: dict[str, Any]  # rendering parameters
     images: list[str] = field(default_factory=list)  # paths relative to world dir
 
 
@@ -261,8 +362,12 @@ class World:
             for i in range(n_total):
                 facts = {r.name: rng.choice(pools[r.value_pool]) for r in RELATIONS if r.kind == kind}
                 ent = Entity(
-                    id=f"{kind}-{i:02d}", kind=kind, name=names_by_kind[kind][i],
-                    known=i < config.known_per_kind, facts=facts, look=looks[i],
+                    id=f"{kind}-{i:02d}",
+                    kind=kind,
+                    name=names_by_kind[kind][i],
+                    known=i < config.known_per_kind,
+                    facts=facts,
+                    look=looks[i],
                 )
                 ent.images = [f"images/{ent.id}-{k}.png" for k in range(config.renderings)]
                 self.entities.append(ent)
@@ -285,8 +390,9 @@ class World:
                 cycles[r.name] = vals
             for i, name in enumerate(names):
                 facts = {r.name: cycles[r.name][i % len(cycles[r.name])] for r in rels}
-                self.text_only.append(Entity(id=f"{kind}-text-{i:02d}", kind=kind, name=name, known=True,
-                                             facts=facts, look={}))
+                self.text_only.append(
+                    Entity(id=f"{kind}-text-{i:02d}", kind=kind, name=name, known=True, facts=facts, look={})
+                )
 
     # ------------------------------------------------------------------ lookups
     @property
@@ -313,25 +419,39 @@ class World:
     # ------------------------------------------------------------- questions
     def visual_qa(self, ent: Entity, rel: Relation, template: str, rendering: int) -> QA:
         constraint = KIND_CONSTRAINT[ent.kind]
-        return QA(template.format(s=constraint), ent.facts[rel.name], ent.images[rendering],
-                  [constraint], ent.id, rel.name, template)
+        return QA(
+            template.format(s=constraint),
+            ent.facts[rel.name],
+            ent.images[rendering],
+            [constraint],
+            ent.id,
+            rel.name,
+            template,
+        )
 
     def name_qa(self, ent: Entity, rel: Relation, template: str) -> QA:
-        return QA(template.format(s=ent.name), ent.facts[rel.name], None, [ent.name],
-                  ent.id, rel.name, template)
+        return QA(template.format(s=ent.name), ent.facts[rel.name], None, [ent.name], ent.id, rel.name, template)
 
     def multi_constraint_qa(self, ent: Entity, rendering: int) -> QA:
         template, target, given, phrase = MULTI_CONSTRAINT[ent.kind]
         constraint = KIND_CONSTRAINT[ent.kind]
         value = ent.facts[given]
         q = template.format(s=constraint, c=value)
-        return QA(q, ent.facts[target], ent.images[rendering],
-                  [constraint, phrase.format(c=value)], ent.id, target, template)
+        return QA(
+            q, ent.facts[target], ent.images[rendering], [constraint, phrase.format(c=value)], ent.id, target, template
+        )
 
     def identity_qa(self, ent: Entity, template: str, rendering: int) -> QA:
         constraint = KIND_CONSTRAINT[ent.kind]
-        return QA(template.format(s=constraint), ent.name, ent.images[rendering],
-                  [constraint] if "{s}" in template else [], ent.id, "name", template)
+        return QA(
+            template.format(s=constraint),
+            ent.name,
+            ent.images[rendering],
+            [constraint] if "{s}" in template else [],
+            ent.id,
+            "name",
+            template,
+        )
 
     def city_fact_qa(self, city: str, template: str) -> QA:
         return QA(template.format(c=city), self.city_country[city], None, [city], None, "city_country", template)
@@ -362,29 +482,47 @@ class World:
 
     def visual_train_questions(self) -> list[QA]:
         """Visual-constraint questions exactly as trained (train templates, train images)."""
-        return [self.visual_qa(e, r, t, k) for e in self.known for r in self.relations_of(e.kind)
-                for t in r.train_templates for k in range(self.config.train_renderings)]
+        return [
+            self.visual_qa(e, r, t, k)
+            for e in self.known
+            for r in self.relations_of(e.kind)
+            for t in r.train_templates
+            for k in range(self.config.train_renderings)
+        ]
 
     def heldout_paraphrase_questions(self) -> list[QA]:
         """Held-out question templates on the training renderings."""
-        return [self.visual_qa(e, r, t, k) for e in self.known for r in self.relations_of(e.kind)
-                for t in r.heldout_templates for k in range(self.config.train_renderings)]
+        return [
+            self.visual_qa(e, r, t, k)
+            for e in self.known
+            for r in self.relations_of(e.kind)
+            for t in r.heldout_templates
+            for k in range(self.config.train_renderings)
+        ]
 
     def heldout_image_questions(self) -> list[QA]:
         """Training templates on renderings never seen in training."""
-        return [self.visual_qa(e, r, t, k) for e in self.known for r in self.relations_of(e.kind)
-                for t in r.train_templates for k in range(self.config.train_renderings, self.config.renderings)]
+        return [
+            self.visual_qa(e, r, t, k)
+            for e in self.known
+            for r in self.relations_of(e.kind)
+            for t in r.train_templates
+            for k in range(self.config.train_renderings, self.config.renderings)
+        ]
 
     def text_fact_questions(self) -> list[QA]:
         """Text-only facts: entity-name questions and city→country facts (no image)."""
-        items = [self.name_qa(e, r, t) for e in self.known + self.text_only for r in self.relations_of(e.kind)
-                 for t in r.train_templates]
+        items = [
+            self.name_qa(e, r, t)
+            for e in self.known + self.text_only
+            for r in self.relations_of(e.kind)
+            for t in r.train_templates
+        ]
         items += [self.city_fact_qa(c, t) for c in self.cities for t in CITY_COUNTRY_TEMPLATES_TRAIN]
         return items
 
     def multi_constraint_questions(self) -> list[QA]:
-        return [self.multi_constraint_qa(e, k) for e in self.known
-                for k in range(self.config.renderings)]
+        return [self.multi_constraint_qa(e, k) for e in self.known for k in range(self.config.renderings)]
 
     # ------------------------------------------------------------ edit cases
     def edit_cases(self) -> dict[str, list[dict[str, Any]]]:
@@ -404,8 +542,13 @@ class World:
             other = rng.choice([e for e in known if e.id != ent.id])
             rel = rng.choice(self.relations_of(other.kind))
             mq = self.visual_qa(other, rel, rng.choice(rel.train_templates), rng.randrange(cfg.train_renderings))
-            return {"loc": loc.question, "loc_ans": loc.answer,
-                    "m_loc": mq.image, "m_loc_q": mq.question, "m_loc_a": mq.answer}
+            return {
+                "loc": loc.question,
+                "loc_ans": loc.answer,
+                "m_loc": mq.image,
+                "m_loc_q": mq.question,
+                "m_loc_a": mq.answer,
+            }
 
         def case(ent: Entity, rel: Relation, alt: str, kind: str) -> dict[str, Any]:
             constraint = KIND_CONSTRAINT[ent.kind]

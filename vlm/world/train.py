@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -48,35 +49,49 @@ class TrainConfig:
     vision_pretrain_batch: int = 128
     vision_pretrain_lr: float = 2e-3
     steps: int = 1500
-    freeze_vision: bool = True     # as LLaVA-1.5: the (pretrained) vision tower stays frozen
+    freeze_vision: bool = True  # as LLaVA-1.5: the (pretrained) vision tower stays frozen
     batch_size: int = 32
     lr: float = 2.5e-3
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    route_swap_prob: float = 0.5   # constraint routing (routing.py); 0 trains the naive model
-    enrich_layer: int = 3          # subject enrichment: attributes readable at the subject after this layer
-    enrich_weight: float = 0.5     # weight of the enrichment loss; 0 switches it off
+    route_swap_prob: float = 0.5  # constraint routing (routing.py); 0 trains the naive model
+    enrich_layer: int = 3  # subject enrichment: attributes readable at the subject after this layer
+    enrich_weight: float = 0.5  # weight of the enrichment loss; 0 switches it off
 
 
 def make_model(vocab_size: int, special: dict[str, int], cfg: ModelConfig, seed: int) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden_size, intermediate_size=cfg.vision_intermediate_size,
-        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-        image_size=IMAGE_SIZE, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden_size,
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=cfg.vision_intermediate_size,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=IMAGE_SIZE,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vision_hidden_size,
     )
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads, max_position_embeddings=128,
-        pad_token_id=special["pad"], bos_token_id=special["bos"], eos_token_id=special["eos"],
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=128,
+        pad_token_id=special["pad"],
+        bos_token_id=special["bos"],
+        eos_token_id=special["eos"],
         tie_word_embeddings=False,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=special["image"],
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu", image_seq_length=(IMAGE_SIZE // cfg.patch_size) ** 2,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=special["image"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(IMAGE_SIZE // cfg.patch_size) ** 2,
     )
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = special["pad"]
@@ -92,8 +107,7 @@ class Example:
 
     __slots__ = ("prompt", "ids", "targets", "entity", "group", "subject_pos", "route_pos", "attributes")
 
-    def __init__(self, prompt: EncodedPrompt, eos_id: int, entity: str | None = None,
-                 attributes: Sequence[int] = ()):
+    def __init__(self, prompt: EncodedPrompt, eos_id: int, entity: str | None = None, attributes: Sequence[int] = ()):
         self.prompt = prompt
         self.ids = torch.cat([prompt.input_ids, torch.tensor([eos_id])])
         self.targets = list(prompt.answer_positions) + [len(prompt.input_ids)]
@@ -133,13 +147,26 @@ def _batch(examples: Sequence[Example], pad_id: int):
 
 
 def _plan(examples: Sequence[Example], seq_len: int, prob: float, rng: random.Random) -> RoutePlan | None:
-    return plan_batch([e.group for e in examples], [e.entity for e in examples], [e.route_pos for e in examples],
-                      [e.prompt.image_span for e in examples], seq_len, prob, rng)
+    return plan_batch(
+        [e.group for e in examples],
+        [e.entity for e in examples],
+        [e.route_pos for e in examples],
+        [e.prompt.image_span for e in examples],
+        seq_len,
+        prob,
+        rng,
+    )
 
 
 @deterministic()
-def train_model(model: LlavaForConditionalGeneration, examples: list[Example], pad_id: int,
-                cfg: TrainConfig, seed: int, progress: ProgressFn | None = None) -> list[dict[str, float]]:
+def train_model(
+    model: LlavaForConditionalGeneration,
+    examples: list[Example],
+    pad_id: int,
+    cfg: TrainConfig,
+    seed: int,
+    progress: ProgressFn | None = None,
+) -> list[dict[str, float]]:
     """Train in place; returns the loss curve (every 50 steps)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -150,8 +177,11 @@ def train_model(model: LlavaForConditionalGeneration, examples: list[Example], p
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.dim() >= 2]
     no_decay = [p for n, p in trainable if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup:
@@ -164,8 +194,9 @@ def train_model(model: LlavaForConditionalGeneration, examples: list[Example], p
     route_rng = random.Random(f"route-{seed}")
     with constraint_routing(model) as plan_ref:
         for step in range(cfg.steps):
-            loss = _train_step(model, opt, trainable, examples, order, rng, route_rng, plan_ref, pad_id, cfg,
-                               lr_at(step))
+            loss = _train_step(
+                model, opt, trainable, examples, order, rng, route_rng, plan_ref, pad_id, cfg, lr_at(step)
+            )
             running += loss
             if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
                 n = (step % 50) + 1
@@ -195,7 +226,7 @@ def _train_step(model, opt, trainable, examples, order, rng, route_rng, plan_ref
     loss = torch.nn.functional.cross_entropy(logits, tgt)
     if enrich:
         n_layers = len(out.hidden_states) - 1
-        layer = max(0, min(cfg.enrich_layer, n_layers // 2 - 1))   # never past the first half (small test configs)
+        layer = max(0, min(cfg.enrich_layer, n_layers // 2 - 1))  # never past the first half (small test configs)
         loss = loss + cfg.enrich_weight * _enrichment_loss(model, out.hidden_states[layer + 1], batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -221,8 +252,14 @@ def _enrichment_loss(model, hidden: torch.Tensor, batch: Sequence[Example]) -> t
 
 
 @deterministic()
-def pretrain_vision(model: LlavaForConditionalGeneration, pixels: torch.Tensor, labels: dict[str, torch.Tensor],
-                    cfg: TrainConfig, seed: int, progress: ProgressFn | None = None) -> list[dict[str, float]]:
+def pretrain_vision(
+    model: LlavaForConditionalGeneration,
+    pixels: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    seed: int,
+    progress: ProgressFn | None = None,
+) -> list[dict[str, float]]:
     """Stage 0, the stand-in for CLIP pretraining: teach the vision tower to see.
 
     LLaVA starts from a pretrained CLIP; ours starts from scratch, so before
@@ -238,8 +275,9 @@ def pretrain_vision(model: LlavaForConditionalGeneration, pixels: torch.Tensor, 
     layer = model.config.vision_feature_layer
     d = model.config.vision_config.hidden_size
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(d, int(v.max()) + 1) for k, v in labels.items()})
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.vision_pretrain_lr,
-                            weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        list(tower.parameters()) + list(heads.parameters()), lr=cfg.vision_pretrain_lr, weight_decay=0.01
+    )
     tower.train()
     curve, running = [], 0.0
     for step in range(cfg.vision_pretrain_steps):

@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -12,6 +13,7 @@ class Editor(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EDITOR_UNSPECIFIED: _ClassVar[Editor]
     EDITOR_MULTEDIT: _ClassVar[Editor]
     EDITOR_VISEDIT: _ClassVar[Editor]
+    EDITOR_FT: _ClassVar[Editor]
 
 class Diagnostic(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +28,7 @@ class Diagnostic(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 EDITOR_UNSPECIFIED: Editor
 EDITOR_MULTEDIT: Editor
 EDITOR_VISEDIT: Editor
+EDITOR_FT: Editor
 DIAGNOSTIC_UNSPECIFIED: Diagnostic
 DIAGNOSTIC_TRACE: Diagnostic
 DIAGNOSTIC_NOISE_TRACE: Diagnostic
@@ -175,6 +178,20 @@ class MultEditOptions(_message.Message):
     lr_scale: str
     def __init__(self, layer: _Optional[int] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lam: _Optional[float] = ..., max_norm: _Optional[float] = ..., target_prob: _Optional[float] = ..., lr_scale: _Optional[str] = ...) -> None: ...
 
+class FineTuneOptions(_message.Message):
+    __slots__ = ("layer", "steps", "lr", "max_change", "target_prob")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PROB_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    steps: int
+    lr: float
+    max_change: float
+    target_prob: float
+    def __init__(self, layer: _Optional[int] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., max_change: _Optional[float] = ..., target_prob: _Optional[float] = ...) -> None: ...
+
 class VisEditOptions(_message.Message):
     __slots__ = ("editor_adapter", "editor_version")
     EDITOR_ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -184,7 +201,7 @@ class VisEditOptions(_message.Message):
     def __init__(self, editor_adapter: _Optional[str] = ..., editor_version: _Optional[int] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("adapter", "editor", "image", "question", "constraint", "answer", "rephrase", "image_rephrase", "multedit", "visedit", "no_promote", "description")
+    __slots__ = ("adapter", "editor", "image", "question", "constraint", "answer", "rephrase", "image_rephrase", "multedit", "visedit", "no_promote", "description", "editor_name", "ft", "editor_options")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     EDITOR_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +214,9 @@ class EditRequest(_message.Message):
     VISEDIT_FIELD_NUMBER: _ClassVar[int]
     NO_PROMOTE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    EDITOR_NAME_FIELD_NUMBER: _ClassVar[int]
+    FT_FIELD_NUMBER: _ClassVar[int]
+    EDITOR_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     editor: Editor
     image: bytes
@@ -209,7 +229,10 @@ class EditRequest(_message.Message):
     visedit: VisEditOptions
     no_promote: bool
     description: str
-    def __init__(self, adapter: _Optional[str] = ..., editor: _Optional[_Union[Editor, str]] = ..., image: _Optional[bytes] = ..., question: _Optional[str] = ..., constraint: _Optional[str] = ..., answer: _Optional[str] = ..., rephrase: _Optional[str] = ..., image_rephrase: _Optional[bytes] = ..., multedit: _Optional[_Union[MultEditOptions, _Mapping]] = ..., visedit: _Optional[_Union[VisEditOptions, _Mapping]] = ..., no_promote: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+    editor_name: str
+    ft: FineTuneOptions
+    editor_options: _struct_pb2.Struct
+    def __init__(self, adapter: _Optional[str] = ..., editor: _Optional[_Union[Editor, str]] = ..., image: _Optional[bytes] = ..., question: _Optional[str] = ..., constraint: _Optional[str] = ..., answer: _Optional[str] = ..., rephrase: _Optional[str] = ..., image_rephrase: _Optional[bytes] = ..., multedit: _Optional[_Union[MultEditOptions, _Mapping]] = ..., visedit: _Optional[_Union[VisEditOptions, _Mapping]] = ..., no_promote: _Optional[bool] = ..., description: _Optional[str] = ..., editor_name: _Optional[str] = ..., ft: _Optional[_Union[FineTuneOptions, _Mapping]] = ..., editor_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class EditEvent(_message.Message):
     __slots__ = ("progress", "result")
@@ -220,27 +243,50 @@ class EditEvent(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[Version, _Mapping]] = ...) -> None: ...
 
 class TrainVisEditRequest(_message.Message):
-    __slots__ = ("adapter", "cases_path", "layer", "steps", "options", "no_promote")
-    class OptionsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    __slots__ = ("adapter", "cases_path", "layer", "steps", "no_promote", "train")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     CASES_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
-    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     NO_PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     cases_path: str
     layer: int
     steps: int
-    options: _containers.ScalarMap[str, str]
     no_promote: bool
-    def __init__(self, adapter: _Optional[str] = ..., cases_path: _Optional[str] = ..., layer: _Optional[int] = ..., steps: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., no_promote: _Optional[bool] = ...) -> None: ...
+    train: VisEditTrainOptions
+    def __init__(self, adapter: _Optional[str] = ..., cases_path: _Optional[str] = ..., layer: _Optional[int] = ..., steps: _Optional[int] = ..., no_promote: _Optional[bool] = ..., train: _Optional[_Union[VisEditTrainOptions, _Mapping]] = ...) -> None: ...
+
+class VisEditTrainOptions(_message.Message):
+    __slots__ = ("signal_layer", "lr", "width", "heads", "synthetic", "batch_size", "seed", "mapper_tied", "synthetic_locality", "per_entity", "eval_every", "checkpoint_every", "im_tokens")
+    SIGNAL_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MAPPER_TIED_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_LOCALITY_FIELD_NUMBER: _ClassVar[int]
+    PER_ENTITY_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    IM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    signal_layer: int
+    lr: float
+    width: int
+    heads: int
+    synthetic: int
+    batch_size: int
+    seed: int
+    mapper_tied: bool
+    synthetic_locality: bool
+    per_entity: int
+    eval_every: int
+    checkpoint_every: int
+    im_tokens: int
+    def __init__(self, signal_layer: _Optional[int] = ..., lr: _Optional[float] = ..., width: _Optional[int] = ..., heads: _Optional[int] = ..., synthetic: _Optional[int] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., mapper_tied: _Optional[bool] = ..., synthetic_locality: _Optional[bool] = ..., per_entity: _Optional[int] = ..., eval_every: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., im_tokens: _Optional[int] = ...) -> None: ...
 
 class TrainEvent(_message.Message):
     __slots__ = ("progress", "result")

@@ -1,0 +1,138 @@
+"""What every editor and every edit set is: the two base classes the editor registry works with.
+
+An **edit set** (``EditSetBase``) is the product of an editor: edits that can be
+saved to one safetensors file, loaded back (validated), attached to a loaded
+model (thread-scoped forward hooks; removing them restores the base model bit
+for bit) and described. Each editor has its own class, e.g.
+``editors.edit_set.EditSet`` (MultEdit's low-rank deltas).
+
+An **editor** (``EditorBase``) turns ``EditRequest``s into an edit set:
+``edit`` (jointly), ``edit_sequentially`` (one after another, each on the model
+with the earlier ones attached; ``onto`` is the live version's edit set of the
+same editor) and ``edit_each`` (independent single edits). It also says what
+the version manifest records of each new edit (``manifest_records``): the
+hyperparameters, and the evidence for the layer it chose.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+from vlm.loading import VLM
+from vlm.prompts import EncodedPrompt, encode
+
+from .request import EditRequest, ProgressCallback
+
+
+class EditSetBase(ABC):
+    """Edits of one editor for one base model, as stored in one file."""
+
+    editor: str
+    base_fingerprint: str
+    records: list[dict[str, Any]]
+
+    @property
+    def num_edits(self) -> int:
+        return len(self.records)
+
+    @abstractmethod
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the edit set atomically; returns the file's size in bytes."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> EditSetBase:
+        """Read and validate a file; with ``vlm``, also check that it fits that model."""
+
+    @abstractmethod
+    def attach(self, vlm: VLM):
+        """Apply the edits to ``vlm`` in the calling thread; returns an object with ``remove()`` that is also
+        a context manager. Removing gives back the base model's outputs bit for bit."""
+
+    @abstractmethod
+    def check_compatible(self, vlm: VLM) -> None:
+        """Raise (``EditSetError`` / ``FingerprintMismatchError``) unless the edits fit ``vlm``."""
+
+    def describe(self, size_bytes: int | None = None) -> dict[str, Any]:
+        """A JSON-ready summary (editor, number of edits, base model; with ``size_bytes`` the file size)."""
+        out: dict[str, Any] = {
+            "editor": self.editor,
+            "edits": self.num_edits,
+            "base_fingerprint": self.base_fingerprint,
+        }
+        if size_bytes is not None:
+            out["file_bytes"] = size_bytes
+            out["bytes_per_edit"] = math.ceil(size_bytes / max(1, self.num_edits))
+        return out
+
+
+class EditorBase(ABC):
+    """An editor around one loaded model and one configuration."""
+
+    name: ClassVar[str] = ""
+
+    vlm: VLM
+    #: how the editor's layer was chosen (a ``LayerRecommendation.to_dict()``), when it chose it itself
+    layer_evidence: dict[str, Any] | None = None
+    #: True: the editor reads its edits off the base model alone (VisEdit's signals: its adapter was trained on
+    #: the base model's states); False: it computes them on the model as the version to extend serves it
+    reads_base_model: ClassVar[bool] = False
+
+    @abstractmethod
+    def hyperparameters(self, mode: str) -> dict[str, Any]:
+        """The settings an edit set records (``mode``: joint, sequential or single)."""
+
+    @abstractmethod
+    def edit(
+        self, requests: Sequence[EditRequest], onto: EditSetBase | None = None, progress: ProgressCallback | None = None
+    ) -> EditSetBase:
+        """All ``requests`` at once, computed on the model with ``onto`` attached; ``onto`` extended by them."""
+
+    @abstractmethod
+    def edit_sequentially(
+        self, requests: Sequence[EditRequest], onto: EditSetBase | None = None, progress: ProgressCallback | None = None
+    ) -> EditSetBase:
+        """One request after another, each on the model with ``onto`` and the earlier ones attached."""
+
+    @abstractmethod
+    def edit_each(
+        self, requests: Sequence[EditRequest], batch_size: int = 16, progress: ProgressCallback | None = None
+    ) -> list[EditSetBase]:
+        """Independent single edits, each from the current model."""
+
+    def manifest_records(self, edit_set: EditSetBase, first: int = 0) -> list[dict[str, Any]]:
+        """The version-manifest records of the edits ``edit_set.records[first:]``: each edit's own record
+        with the editor's hyperparameters and the evidence for its layer."""
+        hp = {k: v for k, v in self.hyperparameters("sequential").items() if k != "layer_evidence"}
+        return [
+            {**rec, "hyperparameters": hp, "layer_evidence": self.layer_evidence} for rec in edit_set.records[first:]
+        ]
+
+
+class DownProjEditor(EditorBase):
+    """An editor of the ``down_proj`` of ``config.layer`` (MultEdit, FT-L)."""
+
+    def __init__(self, vlm: VLM, config: Any):
+        config.check(vlm)
+        self.vlm = vlm
+        self.config = config
+        self.module = vlm.arch.module_path("down_proj", config.layer)
+
+    def hyperparameters(self, mode: str) -> dict[str, Any]:
+        return {**asdict(self.config), "mode": mode}
+
+    def encode(self, request: EditRequest) -> EncodedPrompt:
+        """The request's prompt with its new answer and its constraint located."""
+        return encode(
+            self.vlm.processor,
+            request.question,
+            image=request.image,
+            answer=request.answer,
+            constraints=[request.constraint],
+            pixel_values=request.pixel_values,
+        )

@@ -1,0 +1,152 @@
+"""The editor registry: an editor is one module plus one ``register_editor`` call.
+
+Modelled on PEFT's ``register_peft_method`` / ``PEFT_TYPE_TO_CONFIG_MAPPING``:
+each editor registers, once, an ``EditorSpec`` naming
+
+* its ``name`` (what a request, a version's manifest and ``GetServerInfo``
+  call it; also the file ``<name>.safetensors`` its edit set is stored as in a
+  registry version),
+* its ``config_class`` (a dataclass whose ``option()`` fields carry defaults
+  and help; the CLI and the server derive their options from it),
+* its ``edit_set_class`` (an ``EditSetBase``: save / load / attach / describe),
+* and ``create(vlm, config, context)``, which builds the editor (an
+  ``EditorBase``: edit, edit_sequentially, edit_each, manifest_records).
+
+Everything else — the server's bundles and Edit call, the CLI, the bench —
+looks editors up here and never branches on their names. The built-in
+editors (MultEdit, FT-L, VisEdit) register themselves when ``editors`` is
+imported; a test registers a trivial one of its own and serves it end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlm.loading import VLM
+from vlm.options import ConfigError, build_config
+
+from .base import EditorBase, EditSetBase
+from .files import EditSetError, file_kind
+
+#: (editor name, adapter, version or 0 for its live one) -> (that registry version's edit set of the editor,
+#: the version number it came from)
+EditSetLookup = Callable[[str, str, int], tuple[EditSetBase, int]]
+
+
+@dataclass
+class EditContext:
+    """What an editor may need beyond the model and its config, given by whoever runs it.
+
+    ``lookup``: reads an edit set of a registry version (the server gives it; e.g. VisEdit's trained adapter
+    lives in a version). ``replacements``: named-entity phrases the layer choice may corrupt the constraint with.
+    """
+
+    lookup: EditSetLookup | None = None
+    replacements: list[str] = field(default_factory=list)
+
+
+def _default_create(spec: EditorSpec, vlm: VLM, config: Any, context: EditContext) -> EditorBase:
+    return spec.editor_class(vlm, config)
+
+
+@dataclass(frozen=True)
+class EditorSpec:
+    name: str
+    config_class: type
+    edit_set_class: type[EditSetBase]
+    editor_class: type[EditorBase]
+    format: str  # the ``format`` of the edit set's file manifest
+    description: str = ""
+    create_fn: Callable[[EditorSpec, VLM, Any, EditContext], EditorBase] = _default_create
+    #: the config options this editor takes from a world folder by default (e.g. VisEdit's trained adapter)
+    world_options: Callable[[Path], dict[str, Any]] | None = None
+
+    @property
+    def file_name(self) -> str:
+        """The file a registry version stores this editor's edit set as."""
+        return f"{self.name}.safetensors"
+
+    def config(self, vlm: VLM | None = None, **options: Any) -> Any:
+        """The editor's config from named options (the rest take their defaults), checked against ``vlm``."""
+        config = build_config(self.config_class, options)
+        if vlm is not None:
+            config.check(vlm)
+        return config
+
+    def create(self, vlm: VLM, config: Any = None, context: EditContext | None = None) -> EditorBase:
+        """The editor for ``vlm`` with ``config`` (default: the config's defaults)."""
+        config = self.config(vlm) if config is None else config
+        return self.create_fn(self, vlm, config, context or EditContext())
+
+    def load(self, path: str | Path, vlm: VLM | None = None) -> EditSetBase:
+        """Read and validate an edit set of this editor."""
+        return self.edit_set_class.load(path, vlm)
+
+
+_EDITORS: dict[str, EditorSpec] = {}
+#: the modules of the built-in editors; each registers its editor when imported (on the first lookup)
+BUILTIN_EDITORS = ("editors.multedit", "editors.visedit", "editors.finetune")
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in BUILTIN_EDITORS:
+            importlib.import_module(module)
+
+
+def register_editor(spec: EditorSpec) -> EditorSpec:
+    """Make an editor known by name; registering a name twice is an error (unless it is the same spec)."""
+    if not spec.name or not spec.name.replace("_", "").replace("-", "").isalnum() or spec.name != spec.name.lower():
+        raise ValueError(f"an editor name is lower-case letters, digits, '-' or '_', not {spec.name!r}")
+    if not dataclasses.is_dataclass(spec.config_class):
+        raise TypeError(f"editor {spec.name!r}: its config class must be a dataclass")
+    known = _EDITORS.get(spec.name)
+    if known is not None and known != spec:
+        raise ValueError(f"an editor named {spec.name!r} is registered already")
+    _EDITORS[spec.name] = spec
+    return spec
+
+
+def unregister_editor(name: str) -> None:
+    """Forget an editor (tests that register one of their own clean up with this)."""
+    _EDITORS.pop(name, None)
+
+
+def editor_names() -> list[str]:
+    """The registered editors: the built-in ones (multedit, visedit, ft), then any registered later."""
+    _load_builtins()
+    return list(_EDITORS)
+
+
+def get_editor(name: str) -> EditorSpec:
+    """The spec of editor ``name``; a ``ConfigError`` naming the known ones otherwise."""
+    _load_builtins()
+    try:
+        return _EDITORS[name]
+    except KeyError:
+        raise ConfigError(f"unknown editor {name!r}; this EditLens has {', '.join(editor_names())}") from None
+
+
+def editor_for_file(path: str | Path) -> EditorSpec:
+    """The editor that made the edit set in ``path`` (its manifest names the editor and the format)."""
+    _load_builtins()
+    fmt, name = file_kind(path)
+    if fmt is None:
+        raise EditSetError(f"{path} is not an EditLens edit set (no readable manifest)")
+    spec = _EDITORS.get(name)
+    if spec is None or spec.format != fmt:
+        raise EditSetError(f"{path} is a {name!r} edit set of format {fmt!r}, which no registered editor reads")
+    return spec
+
+
+def load_edit_set(path: str | Path, vlm: VLM | None = None) -> EditSetBase:
+    """Read and validate an edit set of any registered editor (told apart by its manifest's format)."""
+    return editor_for_file(path).load(path, vlm)

@@ -1,0 +1,28 @@
+"""Bearer-token authorization of the calls that change the registry."""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+from .errors import ServiceError
+
+
+def check_token(token: str | None, context) -> None:
+    """Raise UNAUTHENTICATED / PERMISSION_DENIED unless the call carries ``authorization: Bearer <token>``
+    (nothing to check when the server has no token)."""
+    if not token:
+        return
+    given = next((v for k, v in context.invocation_metadata() or () if k.lower() == "authorization"), None)
+    if not given:
+        raise ServiceError(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "this call changes the registry and needs a token: send the metadata "
+            "'authorization: Bearer <token>' (SDK: token=..., CLI: --token or EDITLENS_TOKEN)",
+        )
+    scheme, _, value = given.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "the authorization metadata must read 'Bearer <token>'")
+    if not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "the token is not valid for this server")

@@ -1,0 +1,240 @@
+"""Edit and TrainVisEdit as jobs: what the servicer's two mutating streams run.
+
+An edit is planned in the RPC's thread (``plan_edit``: inputs checked, the
+editor looked up in the registry of editors and built from the request's
+options, so a bad request is refused at once with its status) and run as a
+job (``run_edit``):
+
+1. the adapter's live version, read fresh, is what the edit builds on;
+2. the editor computes the new edits on the model as that version serves it:
+   its own edit set of the same editor is ``onto`` (sequential editing), the
+   other editors' edit sets are attached (unless the editor reads its edits
+   off the base model, as VisEdit does);
+3. the request's variants (its rephrase, another image) are scored with every
+   edit set of the new version attached;
+4. ``bundles.publish`` registers the new version (the live version's other
+   edit sets carried over, every edit's manifest record, the layer-evidence
+   figure) and moves ``live`` unless told not to. A cancel before that point
+   leaves no trace.
+
+Training (``run_training``) trains a VisEdit editor on a world's training
+split and publishes the trained adapter (an edit set without edits) with its
+training summary and figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from editlens.v1 import editlens_pb2 as pb
+
+from editors import EditContext, EditorSpec, get_editor
+from editors.base import EditorBase, EditSetBase
+from editors.request import EditProgress, EditRequest
+from vlm.options import ConfigError, build_config
+from vlm.scoring import score_answers
+
+from . import convert
+from .bundles import Bundle, attached, publish
+from .errors import invalid
+from .host import Host
+
+log = logging.getLogger("editlens.server")
+
+#: the editor whose trained adapter TrainVisEdit produces (the RPC is named after it)
+TRAINED_EDITOR = "visedit"
+
+
+@dataclass
+class EditPlan:
+    adapter: str
+    spec: EditorSpec
+    editor: EditorBase
+    request: EditRequest
+    promote: bool
+    description: str
+
+
+def plan_edit(host: Host, request: pb.EditRequest) -> EditPlan:
+    """Check an Edit request and build its editor (INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION)."""
+    inputs = host.inputs
+    adapter = host.versions.adapter_name(request.adapter)
+    image = inputs.image(request.image, "image", required=True)
+    image2 = inputs.image(request.image_rephrase, "image_rephrase", required=False)
+    question = inputs.text(request.question, "question")
+    constraint = inputs.text(request.constraint, "constraint")
+    answer = inputs.text(request.answer, "answer")
+    rephrase = request.rephrase.strip() or None
+    for q in (question, rephrase) if rephrase else (question,):
+        inputs.encode(q, image=image, answer=answer, constraints=[constraint])
+    spec = get_editor(convert.editor_name(request))
+    config = spec.config(host.vlm, **convert.editor_options(request, spec.name))
+    context = EditContext(lookup=host.versions.lookup, replacements=host.phrases)
+    editor = spec.create(host.vlm, config, context)
+    req = EditRequest(
+        question,
+        constraint,
+        answer,
+        image=image,
+        rephrase=rephrase,
+        image_rephrase=image2,
+        replacements=host.phrases,
+    )
+    return EditPlan(adapter, spec, editor, req, not request.no_promote, request.description)
+
+
+def run_edit(host: Host, job, plan: EditPlan):
+    """The edit job: compute, score, publish; returns the new version's ``VersionInfo``."""
+    vlm, name = host.vlm, plan.spec.name
+    live = host.versions.live_info(plan.adapter)
+    base = host.versions.bundle(plan.adapter, live.version, live) if live is not None else None
+    onto = base.edit_sets.get(name) if base is not None else None
+
+    def progress(e: EditProgress) -> None:
+        job.emit(e.stage, e.step, e.steps, e.edit, e.edits, e.loss)
+
+    served_others = base.without(name) if base is not None and not plan.editor.reads_base_model else None
+    with attached(vlm, served_others):
+        new = plan.editor.edit_sequentially([plan.request], onto=onto, progress=progress)
+    job.check_cancelled()
+    job.emit("score")
+    edit_sets = {**(base.edit_sets if base is not None else {}), name: new}
+    metrics = _variant_scores(host, plan.request, Bundle(plan.adapter, 0, {}, edit_sets))
+    edits = _parent_edits(live) + [
+        {**rec, "metrics": {**rec.get("metrics", {}), **metrics}, "version": None, "description": plan.description}
+        for rec in plan.editor.manifest_records(new, onto.num_edits if onto is not None else 0)
+    ]
+    with tempfile.TemporaryDirectory(prefix="editlens-edit-") as tmp:
+        info = publish(
+            host.registry,
+            vlm,
+            plan.adapter,
+            edit_sets,
+            edits=edits,
+            parent=live.version if live is not None else None,
+            description=plan.description,
+            figures=evidence_figures(plan.editor.layer_evidence, Path(tmp)),
+            promote=plan.promote,
+            before_register=_registering(job, f"registering a new version of adapter '{plan.adapter}'"),
+        )
+    _after_publish(host, plan.adapter, info)
+    return info
+
+
+def _registering(job, message: str) -> Callable[[], None]:
+    def before() -> None:
+        job.check_cancelled()  # the last point at which a cancel leaves no trace
+        job.emit("register", message=message)
+
+    return before
+
+
+def _after_publish(host: Host, adapter: str, info) -> None:
+    host.versions.forget(adapter)
+    try:  # load the new version now (from its registered files), so its first request is fast
+        host.versions.bundle(adapter, info.version, info)
+    except Exception as exc:  # a request for it will report the problem with its status
+        log.warning("the new version %s of %s does not load: %s", info.version, adapter, exc)
+
+
+def _variant_scores(host: Host, req: EditRequest, bundle: Bundle) -> dict[str, float]:
+    """P(answer) and exactness of the request's rephrase and other image, every edit of the version attached."""
+    out: dict[str, float] = {}
+    variants = (("rephrase", req.rephrase, req.image), ("image_rephrase", req.question, req.image_rephrase))
+    with bundle.attached(host.vlm):
+        for key, question, image in variants:
+            if question is None or image is None:
+                continue
+            s = score_answers(host.vlm, [host.inputs.encode(question, image=image, answer=req.answer)])[0]
+            out[f"p_{key}"] = s.prob
+            out[f"{key}_exact"] = float(s.exact)
+    return out
+
+
+def _parent_edits(live) -> list[dict[str, Any]]:
+    """The live version's edit records, each naming the version that added it."""
+    if live is None:
+        return []
+    return [{**rec, "version": rec.get("version") or live.version} for rec in live.manifest.get("edits", [])]
+
+
+def evidence_figures(evidence: dict | None, folder: Path) -> dict[str, Path]:
+    """``layer-evidence.png`` of a layer choice, when there is one (a figure never fails a job)."""
+    from diagnostics.recommend import render_evidence
+
+    if not evidence:
+        return {}
+    try:
+        return {"layer-evidence.png": render_evidence(evidence, folder / "layer-evidence.png")}
+    except Exception as exc:  # matplotlib can fail on odd data; the version is still worth registering
+        log.warning("could not render the layer evidence: %s", exc)
+        return {}
+
+
+# ------------------------------------------------------------------ training
+@dataclass
+class TrainPlan:
+    adapter: str
+    world: Path
+    config: Any
+    promote: bool
+
+
+def plan_training(host: Host, request: pb.TrainVisEditRequest) -> TrainPlan:
+    """Check a TrainVisEdit request: the world folder and the trainer's settings (INVALID_ARGUMENT)."""
+    from editors.visedit.train import VisEditTrainConfig
+
+    adapter = host.versions.adapter_name(request.adapter or TRAINED_EDITOR)
+    world = Path(request.cases_path) if request.cases_path else Path(host.vlm.path).parent
+    if not (world / "world.json").is_file() or not (world / "edit_cases" / "train.json").is_file():
+        raise invalid(
+            f"{world} is not a world folder (world.json and edit_cases/train.json): VisEdit trains on "
+            "a world's training split; give cases_path = such a folder"
+        )
+    options = convert.message_options(request.train)
+    options["layer"] = request.layer if request.HasField("layer") else "auto"
+    if request.steps:
+        options["steps"] = int(request.steps)
+    config = build_config(VisEditTrainConfig, options)
+    config.check()
+    if config.layer != "auto" and not 0 <= config.layer < host.vlm.num_layers:
+        raise ConfigError(f"layer {config.layer} is outside 0..{host.vlm.num_layers - 1}")
+    return TrainPlan(adapter, world, config, not request.no_promote)
+
+
+def run_training(host: Host, job, plan: TrainPlan):
+    """The training job: train, then publish the trained editor as a version; returns its ``VersionInfo``."""
+    from editors.visedit.train import train_visedit
+
+    spec = get_editor(TRAINED_EDITOR)
+
+    def progress(p) -> None:
+        job.emit(p.stage, p.step, p.steps, loss=p.losses.get("loss", p.validation_loss), message=p.message)
+
+    with tempfile.TemporaryDirectory(prefix="editlens-train-") as tmp:
+        summary = train_visedit(host.vlm, plan.world, tmp, plan.config, progress)
+        job.check_cancelled()
+        trained: EditSetBase = spec.load(summary["adapter_path"], host.vlm)
+        figures = evidence_figures(summary.get("layer_evidence"), Path(tmp))
+        if summary.get("figure"):
+            figures["training.png"] = Path(summary["figure"])
+        training = {k: v for k, v in summary.items() if k not in ("adapter_path", "figure")}
+        info = publish(
+            host.registry,
+            host.vlm,
+            plan.adapter,
+            {spec.name: trained},
+            edits=[],
+            description=f"a trained {spec.name} editor",
+            figures=figures,
+            extra={"training": {"editor": spec.name, **training}},
+            promote=plan.promote,
+            before_register=_registering(job, f"registering the trained editor as a version of '{plan.adapter}'"),
+        )
+    _after_publish(host, plan.adapter, info)
+    return info

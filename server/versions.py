@@ -1,0 +1,140 @@
+"""Which version serves a request: the live-alias cache and version resolution, in one place.
+
+* ``live_version(adapter)``: the adapter's live version number, looked up in
+  the registry at most once per ``live_ttl`` seconds (a promote or rollback
+  made on another replica reaches this one within that time; changes made
+  through this server are seen at once: ``forget`` drops the entry). An
+  adapter that does not exist is cached as such too, so the default adapter
+  before its first edit costs no registry call per request.
+* ``resolve(ref)``: an ``AdapterRef`` (adapter + version, alias, base or
+  nothing: the live alias) to the ``Served`` message and the ``Bundle`` to
+  attach, resolved once per request so an answer never mixes two versions.
+* ``bundle(adapter, version)``: the validated, attachable version, through the
+  ``BundleCache`` (versions are immutable; a deleted one is dropped).
+* ``lookup(editor, adapter, version)``: one editor's edit set of a version
+  (VisEdit finds its trained adapter this way, ``editors.EditContext``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from editlens.v1 import editlens_pb2 as pb
+
+from registry import NotFoundError, Registry, VersionInfo, check_adapter_name
+from registry import UnavailableError as RegistryUnavailableError
+
+from .bundles import Bundle, BundleCache, BundleError, load_bundle
+from .errors import invalid, not_found, precondition
+
+_MISSING = object()  # the adapter does not exist (cached like a version number)
+
+
+class Versions:
+    def __init__(self, registry: Registry, vlm, default_adapter: str, live_ttl: float, cache_size: int):
+        self.registry, self.vlm = registry, vlm
+        self.default_adapter = default_adapter
+        self.live_ttl = live_ttl
+        self.bundles = BundleCache(cache_size)
+        self._live: dict[str, tuple[object, float]] = {}
+        self._lock = threading.Lock()
+
+    def adapter_name(self, name: str) -> str:
+        """``name`` checked (INVALID_ARGUMENT if malformed), or the default adapter when empty."""
+        return check_adapter_name(name or self.default_adapter)
+
+    # ------------------------------------------------------------ live alias
+    def _live_entry(self, adapter: str):
+        now = time.monotonic()
+        with self._lock:
+            hit = self._live.get(adapter)
+        if hit is not None and now - hit[1] < self.live_ttl:
+            return hit[0]
+        try:
+            value = self.registry.live_version_number(adapter)
+        except NotFoundError:
+            value = _MISSING
+        with self._lock:
+            self._live[adapter] = (value, now)
+        return value
+
+    def live_version(self, adapter: str) -> int | None:
+        """The live version number (None: the adapter has no live version); NOT_FOUND for no such adapter."""
+        value = self._live_entry(adapter)
+        if value is _MISSING:
+            raise not_found(f"adapter '{adapter}' not found")
+        return value
+
+    def live_info(self, adapter: str) -> VersionInfo | None:
+        """The live version, read fresh (what a new edit builds on); None when there is none."""
+        try:
+            return self.registry.live(adapter)
+        except NotFoundError:
+            return None
+
+    def forget(self, adapter: str) -> None:
+        """Drop the cached live version (after this server changed it)."""
+        with self._lock:
+            self._live.pop(adapter, None)
+
+    def dropped(self, adapter: str, version: int) -> None:
+        """A version was deleted: forget its bundle and the live alias."""
+        self.bundles.drop(adapter, version)
+        self.forget(adapter)
+
+    # -------------------------------------------------------------- bundles
+    def bundle(self, adapter: str, version: int, info: VersionInfo | None = None) -> Bundle:
+        """Version ``version`` of ``adapter``, loaded and validated once (FAILED_PRECONDITION when unusable)."""
+        return self.bundles.get(adapter, version, lambda: self._load(adapter, version, info))
+
+    def _load(self, adapter: str, version: int, info: VersionInfo | None) -> Bundle:
+        info = info or self.registry.version(adapter, version)
+        try:
+            folder = self.registry.download(adapter, version)
+            manifest = info.manifest
+        except (NotFoundError, RegistryUnavailableError):
+            raise
+        except Exception as exc:
+            raise BundleError(f"adapter '{adapter}' version {version} cannot be loaded: {exc}") from None
+        return load_bundle(self.vlm, adapter, version, folder, manifest, info.base_fingerprint)
+
+    def lookup(self, editor: str, adapter: str, version: int):
+        """The edit set of ``editor`` in ``adapter``'s ``version`` (0: live) and that version's number."""
+        adapter = self.adapter_name(adapter)
+        if not version:
+            version = self.live_version(adapter)
+            if version is None:
+                raise not_found(f"adapter '{adapter}' has no live version; name the version")
+        edit_set = self.bundle(adapter, version).edit_sets.get(editor)
+        if edit_set is None:
+            raise precondition(f"adapter '{adapter}' version {version} holds no {editor} edit set")
+        return edit_set, version
+
+    # ------------------------------------------------------------ requests
+    def resolve(self, ref: pb.AdapterRef | None) -> tuple[pb.Served, Bundle | None]:
+        """The version a request uses (resolved once) and its bundle (None: the base model)."""
+        explicit = bool(ref is not None and ref.adapter)
+        adapter = self.adapter_name(ref.adapter if ref is not None else "")
+        which = ref.WhichOneof("ref") if ref is not None else None
+        if which == "base":
+            return pb.Served(), None
+        if which == "version":
+            if ref.version < 1:
+                raise invalid("a version number is >= 1")
+            return pb.Served(adapter=adapter, version=ref.version), self.bundle(adapter, ref.version)
+        if which == "alias" and ref.alias != "live":
+            info = self.registry.version(adapter, ref.alias)
+            return pb.Served(adapter=adapter, version=info.version, alias=ref.alias), self.bundle(
+                adapter, info.version, info
+            )
+        live = self._live_entry(adapter)
+        if live is _MISSING:
+            if explicit:
+                raise not_found(f"adapter '{adapter}' not found")
+            return pb.Served(), None  # the default adapter has no version yet: the base model answers
+        if live is None:
+            if which == "alias":
+                raise not_found(f"adapter '{adapter}' has no alias 'live'")
+            return pb.Served(), None
+        return pb.Served(adapter=adapter, version=live, alias="live"), self.bundle(adapter, live)

@@ -1,0 +1,132 @@
+"""A new editor is one module plus one registration: this file defines a trivial editor (its edits are zero
+deltas, so they change nothing), registers it, and drives it through the real server: edit -> version ->
+generate -> a second edit on top -> rollback. Nothing outside this file knows about it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from client import sdk
+from editors import EditorSpec, editor_names, get_editor, register_editor, unregister_editor
+from editors.base import EditorBase, EditSetBase
+from editors.edit_set import AttachedDeltas, LowRankDelta
+from editors.files import check_fingerprint, read_manifest, read_safetensors, write_safetensors
+from vlm.options import ConfigError, option
+
+FORMAT = "tests.zero_edit_set"
+
+
+@dataclass
+class ZeroConfig:
+    layer: int = option(0, "The layer whose down projection gets the (zero) delta.")
+
+    def check(self, vlm) -> None:
+        if not 0 <= self.layer < vlm.num_layers:
+            raise ConfigError(f"layer {self.layer} is outside 0..{vlm.num_layers - 1}")
+
+
+@dataclass
+class ZeroEditSet(EditSetBase):
+    base_fingerprint: str
+    layer: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    editor: str = "zero"
+
+    def _delta(self, vlm) -> LowRankDelta:
+        module = vlm.arch.module_path("down_proj", self.layer)
+        w = vlm.module(module).weight
+        return LowRankDelta(self.layer, module, torch.zeros(w.shape[0], 1), torch.zeros(w.shape[1], 1))
+
+    def attach(self, vlm):
+        return AttachedDeltas(vlm, [self._delta(vlm)])
+
+    def check_compatible(self, vlm) -> None:
+        check_fingerprint(self.base_fingerprint, vlm, "this zero edit set")
+
+    def save(self, path: str | os.PathLike) -> int:
+        manifest = {
+            "format": FORMAT,
+            "format_version": 1,
+            "editor": self.editor,
+            "layer": self.layer,
+            "base_fingerprint": self.base_fingerprint,
+            "records": self.records,
+        }
+        return write_safetensors(path, {"marker": torch.zeros(1)}, manifest)
+
+    @classmethod
+    def load(cls, path, vlm=None) -> ZeroEditSet:
+        meta, _ = read_safetensors(path, "zero edit set")
+        man = read_manifest(meta, str(path), FORMAT, 1, "a zero edit set", ("base_fingerprint", "layer", "records"))
+        out = cls(man["base_fingerprint"], int(man["layer"]), list(man["records"]))
+        if vlm is not None:
+            out.check_compatible(vlm)
+        return out
+
+
+class ZeroEditor(EditorBase):
+    name = "zero"
+
+    def __init__(self, vlm, config: ZeroConfig):
+        self.vlm, self.config = vlm, config
+
+    def hyperparameters(self, mode: str) -> dict[str, Any]:
+        return {"layer": self.config.layer, "mode": mode}
+
+    def _records(self, requests) -> list[dict[str, Any]]:
+        return [
+            {"request": r.describe(), "editor": self.name, "layer": self.config.layer, "metrics": {}} for r in requests
+        ]
+
+    def edit(self, requests, onto=None, progress=None) -> ZeroEditSet:
+        earlier = onto.records if onto is not None else []
+        return ZeroEditSet(self.vlm.fingerprint, self.config.layer, earlier + self._records(requests))
+
+    edit_sequentially = edit
+
+    def edit_each(self, requests, batch_size=16, progress=None) -> list[ZeroEditSet]:
+        return [self.edit([r]) for r in requests]
+
+
+@pytest.fixture(scope="module")
+def zero_editor():
+    spec = register_editor(
+        EditorSpec(
+            name="zero",
+            config_class=ZeroConfig,
+            edit_set_class=ZeroEditSet,
+            editor_class=ZeroEditor,
+            format=FORMAT,
+            description="changes nothing",
+        )
+    )
+    yield spec
+    unregister_editor("zero")
+
+
+def test_a_registered_editor_is_served_end_to_end(zero_editor, start_service, insertion_case, world_dir):
+    c = insertion_case
+    img = world_dir / c["image"]
+    svc = start_service()
+    with svc.client() as lens:
+        assert "zero" in lens.info().editors and get_editor("zero") is zero_editor and "zero" in editor_names()
+        v1 = lens.edit(img, c["src"], c["constraint"], c["ground_truth"], adapter="z", editor="zero", layer=1)
+        assert (v1.version, v1.editors, v1.num_edits, v1.live) == (1, ["zero"], 1, True)
+        assert v1.edits[0].editor == "zero" and v1.edits[0].layer == 1 and "zero.safetensors" in v1.files
+        g = lens.generate(img, c["src"], adapter="z")
+        assert g.served.version == 1 and g.text == c["base_answer"]  # a zero delta changes nothing
+        v2 = lens.edit(img, c["rephrase"], c["constraint"], c["ground_truth"], adapter="z", editor="zero")
+        assert (v2.version, v2.parent, v2.num_edits) == (2, 1, 2)  # computed onto the live version's edit set
+        assert [e.version for e in v2.edits] == [1, 2]
+        with pytest.raises(sdk.InvalidArgumentError, match=r"unknown option\(s\) \['lam'\] for ZeroConfig"):
+            lens.edit(img, c["src"], c["constraint"], c["ground_truth"], adapter="z", editor="zero", lam=0.1)
+        assert len(lens.versions("z").versions) == 2  # nothing registered for the refused edit
+        assert lens.rollback(adapter="z").version == 1
+        assert lens.generate(img, c["src"], adapter="z").served.version == 1
+        assert lens.rollback(adapter="z") is None
+        assert lens.generate(img, c["src"], adapter="z").served.version == 0

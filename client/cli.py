@@ -30,6 +30,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def main() -> None:
+    """EditLens: edit and inspect LLaVA-family vision-language models."""
+    from registry import quiet_mlflow
+
+    quiet_mlflow()  # this process's MLflow settings: no telemetry, no progress bars, fast failures
+
+
 world_app = typer.Typer(
     help="The synthetic VQA world and its tiny LLaVA (the embedded default model).", no_args_is_help=True
 )

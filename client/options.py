@@ -17,7 +17,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -53,9 +53,9 @@ def _cli_type(annotation: Any) -> tuple[Any, Callable[[Any], Any]]:
         kinds = [a for a in args if a is not type(None)]
         optional = len(kinds) < len(args)
         if set(kinds) == {int, str}:  # a layer number or a word ("auto")
-            return (Optional[str] if optional else str), _int_or_word  # noqa: UP045 (typer needs Optional)
+            return (str | None if optional else str), _int_or_word
         if len(kinds) == 1:
-            return Optional[kinds[0]], lambda v: v  # noqa: UP045 (typer needs Optional)
+            return kinds[0] | None, lambda v: v
     return annotation, lambda v: v
 
 
@@ -102,7 +102,7 @@ def config_options(
             if only_given:
                 if default is not None and default is not dataclasses.MISSING:
                     help_text += f" (default {default})"
-                default, typ = None, Optional[typ]  # noqa: UP045 (typer needs Optional)
+                default, typ = None, typ | None
             info = typer.Option(
                 default, *decls, help=help_text, envvar=f.metadata.get("envvar"), show_default=not only_given
             )
@@ -161,12 +161,3 @@ def _convert(text: str, annotation: Any, name: str) -> Any:
         except ValueError:
             continue
     fail(f"--set {name}={text!r}: expected {annotation}")
-
-
-def existing_file(path: Path | None, what: str = "image") -> Path | None:
-    """``path`` when it is a file (or None); else the CLI's error."""
-    from .cli_support import fail
-
-    if path is not None and not path.is_file():
-        fail(f"{what} not found: {path}")
-    return path

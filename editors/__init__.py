@@ -17,10 +17,8 @@ import importlib
 _REGISTRY_NAMES = (
     "EditContext",
     "EditorSpec",
-    "editor_for_file",
     "editor_names",
     "get_editor",
-    "load_edit_set",
     "register_editor",
     "unregister_editor",
 )

@@ -76,9 +76,6 @@ class LowRankDelta:
         U = self.U.to(x.device, torch.float32)
         return (x.float() @ V) @ U.T
 
-    def dense(self) -> torch.Tensor:
-        return self.U.float() @ self.V.float().T
-
 
 @dataclass
 class EditSet(EditSetBase):

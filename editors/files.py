@@ -84,18 +84,6 @@ def read_manifest(
     return man
 
 
-def file_kind(path: str | os.PathLike) -> tuple[str | None, str | None]:
-    """The ``format`` and ``editor`` a safetensors file's EditLens manifest names ((None, None) if it has none)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            man = json.loads((f.metadata() or {}).get("editlens", "{}"))
-    except (SafetensorError, OSError, ValueError):
-        return None, None
-    return (man.get("format"), man.get("editor")) if isinstance(man, dict) else (None, None)
-
-
 def check_tensor(t: torch.Tensor, name: str, source: str, dim: int | None = None) -> torch.Tensor:
     """``t`` as float32 after checking that it is a finite floating-point tensor (of ``dim`` dimensions)."""
     if t.dtype not in FLOAT_DTYPES:

@@ -21,7 +21,6 @@ from pathlib import Path
 from .edit_set import EditSet, EditSetError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def export_peft(edit_set: EditSet, out_dir: str | os.PathLike, base_model_path: str | None = None) -> Path:

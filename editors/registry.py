@@ -31,7 +31,6 @@ from vlm.loading import VLM
 from vlm.options import ConfigError, build_config
 
 from .base import EditorBase, EditSetBase
-from .files import EditSetError, file_kind
 
 #: (editor name, adapter, version or 0 for its live one) -> (that registry version's edit set of the editor,
 #: the version number it came from)
@@ -133,20 +132,3 @@ def get_editor(name: str) -> EditorSpec:
         return _EDITORS[name]
     except KeyError:
         raise ConfigError(f"unknown editor {name!r}; this EditLens has {', '.join(editor_names())}") from None
-
-
-def editor_for_file(path: str | Path) -> EditorSpec:
-    """The editor that made the edit set in ``path`` (its manifest names the editor and the format)."""
-    _load_builtins()
-    fmt, name = file_kind(path)
-    if fmt is None:
-        raise EditSetError(f"{path} is not an EditLens edit set (no readable manifest)")
-    spec = _EDITORS.get(name)
-    if spec is None or spec.format != fmt:
-        raise EditSetError(f"{path} is a {name!r} edit set of format {fmt!r}, which no registered editor reads")
-    return spec
-
-
-def load_edit_set(path: str | Path, vlm: VLM | None = None) -> EditSetBase:
-    """Read and validate an edit set of any registered editor (told apart by its manifest's format)."""
-    return editor_for_file(path).load(path, vlm)

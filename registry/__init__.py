@@ -13,11 +13,22 @@ from .errors import (
     RegistryError,
     UnavailableError,
 )
-from .store import LIVE, Registry, check_adapter_name, copy_database, default_data_dir, parse_ref
+from .store import (
+    LIVE,
+    MLFLOW_ENVIRONMENT,
+    Registry,
+    check_adapter_name,
+    copy_database,
+    default_data_dir,
+    parse_ref,
+    quiet_mlflow,
+)
 from .version_info import VersionInfo
 
 __all__ = [
     "LIVE",
+    "MLFLOW_ENVIRONMENT",
+    "quiet_mlflow",
     "AliasNotFoundError",
     "UnavailableError",
     "ConflictError",

@@ -197,20 +197,32 @@ _quiet_lock = threading.Lock()
 _quieted = False
 
 
+#: What an EditLens process sets for MLflow before importing it (``quiet_mlflow``): no telemetry (these
+#: machines have no network, and a service should not phone home), no progress bars or "View run at" lines
+#: (they would corrupt the CLI's --json output), and a dead tracking server failing in seconds, not minutes.
+MLFLOW_ENVIRONMENT = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def quiet_mlflow(environ=None) -> None:
+    """Apply ``MLFLOW_ENVIRONMENT`` (without overriding what is set already). The process decides: the
+    ``editlens`` command and the test suite call this; a program that embeds the registry may or may not."""
+    environ = os.environ if environ is None else environ
+    for key, value in MLFLOW_ENVIRONMENT.items():
+        environ.setdefault(key, value)
+
+
 def _import_mlflow():
-    """Import MLflow with its chatter turned down (errors still surface: we raise them)."""
+    """Import MLflow with its loggers and warnings turned down (errors still surface: we raise them)."""
     global _quieted
     with _quiet_lock:
         if not _quieted:
-            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-            # With an HTTP tracking server MLflow 3 prints "View run ... at: <url>" to stdout when
-            # a run ends, which would corrupt the CLI's --json output.
-            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-            # A dead tracking server should fail in seconds, not after minutes of back-off.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 import mlflow
@@ -301,17 +313,17 @@ class Registry:
     @property
     def client(self):
         """The MlflowClient, with its stores initialised (database migrated) exactly once."""
+        self.check()
+        return self._client
+
+    def check(self) -> None:
+        """Connect (and for a new database, migrate it) once; raises RegistryError when unreachable."""
         if not self._ready:
             with self._init_lock:
                 if not self._ready:
                     self._call("MLflow tracking store", lambda: self._client.search_experiments(max_results=1))
                     self._call("MLflow model registry", lambda: self._client.search_registered_models(max_results=1))
                     self._ready = True
-        return self._client
-
-    def check(self) -> None:
-        """Connect (and for a new database, migrate it); raises RegistryError when unreachable."""
-        self.client  # noqa: B018
 
     @staticmethod
     def _call(what: str, fn, *, not_found: str | None = None):
@@ -550,7 +562,7 @@ class Registry:
                         raise
                     raise from_mlflow(e, f"adapter '{adapter}': creating a version failed") from e
         info = self._info(mv, [LIVE] if set_live else [])
-        info._manifest = manifest
+        info.loaded_manifest = manifest
         self._manifests[(adapter, info.version, run_id)] = manifest
         return info
 

@@ -15,7 +15,7 @@ class VersionInfo:
     first access to ``manifest`` fetches ``manifest.json`` from the artifact store (or the
     local download cache), verifies its sha256 against the version's recorded checksum and
     caches it in the Registry. A VersionInfo returned by ``create_version`` carries its
-    manifest already. Pass ``manifest=`` to the constructor to give it directly.
+    manifest already (``loaded_manifest``).
     """
 
     adapter: str
@@ -30,49 +30,22 @@ class VersionInfo:
     files: list[str]  # artifact file names, manifest.json included
     sha256: dict[str, str] = field(default_factory=dict, repr=False)  # file name -> hex digest
     manifest_loader: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
-    _manifest: dict | None = field(default=None, repr=False, compare=False)
+    loaded_manifest: dict | None = field(default=None, repr=False, compare=False)  # set: no load needed
 
-    def __init__(
-        self,
-        adapter: str,
-        version: int,
-        aliases: list[str],
-        created: float,
-        base_fingerprint: str,
-        editor: str,
-        num_edits: int,
-        parent: int | None,
-        description: str,
-        files: list[str],
-        manifest: dict | None = None,
-        *,
-        sha256: dict[str, str] | None = None,
-        manifest_loader: Callable[[], dict] | None = None,
-    ):
-        self.adapter = adapter
-        self.version = int(version)
-        self.aliases = list(aliases)
-        self.created = float(created)
-        self.base_fingerprint = base_fingerprint
-        self.editor = editor
-        self.num_edits = int(num_edits)
-        self.parent = parent
-        self.description = description
-        self.files = list(files)
-        self.sha256 = dict(sha256 or {})
-        self.manifest_loader = manifest_loader
-        self._manifest = manifest
+    def __post_init__(self) -> None:
+        self.version, self.num_edits, self.created = int(self.version), int(self.num_edits), float(self.created)
+        self.aliases, self.files, self.sha256 = list(self.aliases), list(self.files), dict(self.sha256)
 
     @property
     def manifest(self) -> dict:
         """The version's manifest.json content (loaded on first access, then kept)."""
-        if self._manifest is None:
+        if self.loaded_manifest is None:
             if self.manifest_loader is None:
                 from .errors import RegistryError
 
                 raise RegistryError(f"adapter '{self.adapter}' version {self.version}: manifest not available")
-            self._manifest = self.manifest_loader()
-        return self._manifest
+            self.loaded_manifest = self.manifest_loader()
+        return self.loaded_manifest
 
     @property
     def is_live(self) -> bool:

@@ -150,21 +150,7 @@ def publish(
             edit_sets[name].save(files[spec.file_name])
         for fig, path in (figures or {}).items():
             files[fig] = Path(path)
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "format_version": BUNDLE_FORMAT_VERSION,
-            "adapter": adapter,
-            "base_fingerprint": vlm.fingerprint,
-            "base_model": str(vlm.path),
-            "editors": names,
-            "parent": parent,
-            "description": description,
-            "files": sorted(set(files) | {"manifest.json"}),
-            "num_edits": len(edits),
-            "edits": edits,
-            **dict(extra or {}),
-        }
-        manifest = json.loads(json.dumps(json_safe(manifest)))
+        manifest = bundle_manifest(vlm, adapter, names, parent, description, files, edits, extra)
         if before_register is not None:
             before_register()
         return registry.create_version(
@@ -178,6 +164,26 @@ def publish(
             description=description,
             set_live=promote,
         )
+
+
+def bundle_manifest(vlm, adapter, editors, parent, description, files, edits, extra) -> dict[str, Any]:
+    """A version's ``manifest.json``: format, base model, editors, parent, files, every edit's record and
+    ``extra`` sections; JSON-safe (non-finite numbers as null)."""
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "adapter": adapter,
+        "base_fingerprint": vlm.fingerprint,
+        "base_model": str(vlm.path),
+        "editors": list(editors),
+        "parent": parent,
+        "description": description,
+        "files": sorted(set(files) | {"manifest.json"}),
+        "num_edits": len(edits),
+        "edits": edits,
+        **dict(extra or {}),
+    }
+    return json.loads(json.dumps(json_safe(manifest)))
 
 
 class BundleCache:
@@ -206,10 +212,6 @@ class BundleCache:
             self.put(bundle)
             self.loads += 1
             return bundle
-
-    def peek(self, adapter: str, version: int) -> Bundle | None:
-        with self._lock:
-            return self._items.get((adapter, version))
 
     def put(self, bundle: Bundle) -> None:
         with self._lock:

@@ -4,14 +4,43 @@ The embedded default world (seed 0, the production recipe) is built into
 $EDITLENS_HOME (default ~/.cache/editlens), so a second test run, the demo
 command and later sessions reuse it; the build is keyed by its recipe and
 rebuilds itself when the recipe changes.
+
+The suite runs on several processes (pytest-xdist, ``-n auto`` in
+pyproject.toml, whole files per process). The world is built before the
+workers start, by the controlling process with every core (as `editlens
+serve` builds it), so no two processes build it and nothing competes with
+the build; each worker then uses its share of the cores for torch (and for
+the servers it starts as subprocesses), so the processes never oversubscribe
+the machine (OpenMP threads that outnumber the cores slow everything down
+many times over).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+from registry import quiet_mlflow
+
+quiet_mlflow()  # as the editlens command does: no telemetry, no progress bars, fast failures
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # an xdist worker: its share of the cores, set before torch loads
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_share)
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    elif getattr(config.option, "numprocesses", None) and not config.option.collectonly:
+        from vlm.world import build_world
+
+        build_world(seed=0, stage=lambda m: print(f"[world build] {m}", flush=True))
 
 
 @pytest.fixture(scope="session")

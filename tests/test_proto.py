@@ -68,3 +68,27 @@ def test_sdk_imports_only_the_stubs():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "", f"the SDK imports {res.stdout.strip()}"
+
+
+def test_the_options_messages_name_config_fields():
+    """The server fills a config from an options message by field name, so every field must be one."""
+    import dataclasses
+
+    from editlens.v1 import editlens_pb2 as pb
+    from editors import get_editor
+    from editors.configs import VisEditTrainConfig
+
+    for name in ("multedit", "visedit", "ft"):
+        message = pb.EditRequest.DESCRIPTOR.fields_by_name[name].message_type
+        config = {f.name for f in dataclasses.fields(get_editor(name).config_class)}
+        assert {f.name for f in message.fields} <= config, name
+    train = {f.name for f in pb.VisEditTrainOptions.DESCRIPTOR.fields}
+    assert train <= {f.name for f in dataclasses.fields(VisEditTrainConfig)}
+
+
+def test_the_diagnostic_enum_lists_the_diagnostics():
+    from client.sdk import DIAGNOSTICS as SDK_NAMES
+    from diagnostics.report import DIAGNOSTICS
+    from server.convert import DIAGNOSTIC_NAMES
+
+    assert sorted(DIAGNOSTIC_NAMES.values()) == sorted(DIAGNOSTICS) == sorted(SDK_NAMES)

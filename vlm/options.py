@@ -42,11 +42,6 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
-def option_help(cls: type, name: str) -> str:
-    """The help text of field ``name`` of the dataclass ``cls``."""
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
 def option_default(cls: type, name: str) -> Any:
     """The default of field ``name`` of the dataclass ``cls`` (``dataclasses.MISSING`` when it has none)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)

@@ -202,7 +202,10 @@ class VEAD(nn.Module):
             scores = q @ keys.transpose(-1, -2) / math.sqrt(self.config.width)
             scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
             return (torch.softmax(scores, dim=-1) @ values) * rms(h)
-        split = lambda t: t.unflatten(-1, (H, -1)).transpose(-2, -3)  # (..., H, n, d/H)  # noqa: E731
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (..., n, d) -> (..., H, n, d/H)
+            return t.unflatten(-1, (H, -1)).transpose(-2, -3)
+
         scores = split(q) @ split(keys).transpose(-1, -2) / math.sqrt(self.config.width // H)
         scores = scores.masked_fill(~mask.unsqueeze(-2).unsqueeze(-3), float("-inf"))
         out = (torch.softmax(scores, dim=-1) @ split(values)).transpose(-2, -3).flatten(-2)

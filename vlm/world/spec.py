@@ -164,7 +164,6 @@ RELATIONS: tuple[Relation, ...] = (
         ("what product is {s} known for ?", "what product does {s} make ?"),
     ),
 )
-RELATION_BY_NAME = {r.name: r for r in RELATIONS}
 
 # A second (textual) constraint that a multi-constraint question adds: a true
 # attribute of the entity, phrased inside the question.
@@ -479,16 +478,6 @@ class World:
             for t in CITY_COUNTRY_TEMPLATES_TRAIN:
                 items.append(self.city_fact_qa(city, t))
         return items
-
-    def visual_train_questions(self) -> list[QA]:
-        """Visual-constraint questions exactly as trained (train templates, train images)."""
-        return [
-            self.visual_qa(e, r, t, k)
-            for e in self.known
-            for r in self.relations_of(e.kind)
-            for t in r.train_templates
-            for k in range(self.config.train_renderings)
-        ]
 
     def heldout_paraphrase_questions(self) -> list[QA]:
         """Held-out question templates on the training renderings."""

@@ -75,6 +75,7 @@ def test_the_options_messages_name_config_fields():
     import dataclasses
 
     from editlens.v1 import editlens_pb2 as pb
+
     from editors import get_editor
     from editors.configs import VisEditTrainConfig
 

@@ -318,60 +318,22 @@ def edit_cmd(
         fail("--out is required (where to write the edit set), unless --server is given")
     if out.suffix != ".safetensors":
         fail(f"--out must end in .safetensors, not {out.name!r}")
-    _local_edit(
-        spec,
-        options,
-        image,
-        question,
-        constraint,
-        answer,
-        rephrase,
-        image_rephrase,
-        out,
-        model,
-        onto,
-        peft,
-        device,
-        dtype,
-        as_json,
-    )
+    from editors.request import EditRequest
+
+    request = EditRequest(question, constraint, answer, image=image, rephrase=rephrase, image_rephrase=image_rephrase)
+    _local_edit(spec, options, request, out, model, onto, peft, (device, dtype), as_json)
 
 
-def _local_edit(
-    spec,
-    options,
-    image,
-    question,
-    constraint,
-    answer,
-    rephrase,
-    image_rephrase,
-    out,
-    model,
-    onto,
-    peft,
-    device,
-    dtype,
-    as_json,
-) -> None:
+def _local_edit(spec, options, request, out, model, onto, peft, device_dtype, as_json) -> None:
     from diagnostics.cases import world_phrases
     from editors.files import EditSetError
-    from editors.request import EditRequest
     from vlm import VLMError
 
-    vlm = load_model(model, device, dtype)
+    vlm = load_model(model, *device_dtype)
+    request.replacements = world_phrases(Path(vlm.path).parent)
     try:
         editor = spec.create(vlm, spec.config(vlm, **options))
         base = spec.load(onto, vlm) if onto is not None else None
-        request = EditRequest(
-            question,
-            constraint,
-            answer,
-            image=image,
-            rephrase=rephrase,
-            image_rephrase=image_rephrase,
-            replacements=world_phrases(Path(vlm.path).parent),
-        )
         with progress_bar(console()) as bar:
             task = bar.add_task("editing", total=None, info="")
 
@@ -396,7 +358,7 @@ def _local_edit(
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
-    _print_edit(out, edit_set, size, rec, answer, editor.layer_evidence, peft)
+    _print_edit(out, edit_set, size, rec, request.answer, editor.layer_evidence, peft)
 
 
 def _print_edit(out, edit_set, size, rec, answer, evidence, peft) -> None:

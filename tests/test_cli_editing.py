@@ -142,3 +142,20 @@ def test_bench_layers_and_update(world_dir):
     out = json.loads(res.stdout)
     assert out["rank_one_relative_error"] < 1e-4 and out["naive_seconds"] > 0
     _fails(["bench", "update", "--d", "0"], "positive")
+
+
+def test_edit_with_another_registered_editor_and_its_settings(vlm, world_dir, test_cases, tmp_path):
+    from editors.finetune import FineTuneEditSet
+
+    case = next(c for c in test_cases if c["type"] == "counterfactual")
+    out = tmp_path / "ft.safetensors"
+    args = _edit_args(world_dir, case, out)
+    res = runner.invoke(app, [*args, "--editor", "ft", "--set", "steps=30", "--set", "max_change=0.5", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    es = FineTuneEditSet.load(out, vlm)
+    assert result["editor"] == es.editor == "ft" and es.hyperparameters["steps"] == 30
+    assert float(es.deltas[0].W.abs().max()) <= 0.5 + 1e-6
+    _fails([*args, "--editor", "ft", "--lambda", "0.1"], "unknown option(s) ['lam'] for FineTuneConfig")
+    _fails([*args, "--editor", "ft", "--set", "nope=1"], "FineTuneConfig has no setting 'nope'")
+    _fails([*args, "--editor", "rome"], "unknown editor 'rome'")

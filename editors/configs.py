@@ -168,7 +168,7 @@ class VisEditTrainConfig:
         if self.mapper_tied and not (self.mapper_context and self.summary_token == "image"):
             raise TrainError(
                 "the tied influence mapper compares images: it needs summary_token='image' and "
-                "mapper_context; set mapper_tied=False (--mapper separate) for the paper's form"
+                "mapper_context; set mapper_tied=False (--no-mapper-tied) for the paper's form"
             )
         unknown = set(self.weights) - set(LOSSES)
         if unknown:

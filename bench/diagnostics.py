@@ -74,6 +74,7 @@ def speed(
     batch_size: int = 256,
     say: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
+    """One diagnostic's batched, uncached and naive runs over ``cases``: times and the largest difference."""
     out: dict[str, Any] = {}
     for name in which:
         fn = DIAGNOSTICS[name]
@@ -196,6 +197,7 @@ def run(
     ground_truth_layers: list[int] | None = None,
     stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """The engine's speed against the naive loop and the ground truth; returns a JSON-ready dict."""
     say = stage or (lambda s: None)
     world_dir = Path(world_dir)
     which = which or list(DIAGNOSTICS)

@@ -38,6 +38,7 @@ def run(
     overrides: dict[str, Any] | None = None,
     stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """MultEdit single edits of the same cases at each layer; returns a JSON-ready dict."""
     say = stage or (lambda s: None)
     world_dir = Path(world_dir)
     layers = list(range(vlm.num_layers)) if not layers else layers

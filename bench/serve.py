@@ -81,6 +81,7 @@ def run(
     steps: int = 25,
     stage: Callable[[str], None] = lambda m: None,
 ) -> dict:
+    """The serving benchmark (see the module docstring); returns a JSON-ready dict."""
     import json
 
     import torch

@@ -46,6 +46,7 @@ def run(
     fast_repeats: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
+    """Time the closed form against the explicit inverse on random weights; returns a JSON-ready dict."""
     if d < 1 or d_ff < 1 or edits < 1:
         raise ValueError("d, d_ff and edits must be positive")
     if edits > d_ff:

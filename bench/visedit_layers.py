@@ -35,6 +35,7 @@ def run(
     seed: int = 0,
     stage: StageFn | None = None,
 ) -> dict[str, Any]:
+    """A VEAD trained at each layer and its single edits scored; returns a JSON-ready dict."""
     say = stage or (lambda s: None)
     world_dir = Path(world_dir)
     layers = list(range(vlm.num_layers)) if not layers else list(dict.fromkeys(layers))

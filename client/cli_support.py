@@ -22,17 +22,20 @@ def stage_printer(con) -> Callable[[str], None]:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code`` (2: bad input)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
 def default_model_dir() -> Path:
+    """The embedded world's model folder."""
     from vlm.world import default_world_dir
 
     return default_world_dir(0) / "model"
 
 
 def load_model(model: Path | None, device: str, dtype: str):
+    """The model in ``model`` (default: the embedded world's), or the CLI's error."""
     from vlm import ModelLoadError, load_vlm
 
     path = model or default_model_dir()
@@ -48,6 +51,7 @@ def load_model(model: Path | None, device: str, dtype: str):
 
 
 def progress_bar(console):
+    """A transient progress bar on ``console`` (description, bar, count, info, elapsed)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -62,6 +66,7 @@ def progress_bar(console):
 
 
 def world_and_model(world: Path | None, seed: int, device: str):
+    """A built world's folder and its loaded model, or the CLI's error."""
     from vlm import ModelLoadError, load_vlm
     from vlm.world import default_world_dir
 

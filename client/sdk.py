@@ -121,6 +121,7 @@ _ERRORS = {
 
 
 def error_from_rpc(err: grpc.RpcError) -> EditLensError:
+    """The ``EditLensError`` subclass of a failed call's status code, with the server's message."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(err)
     cls = _ERRORS.get(code, EditLensError)
@@ -366,6 +367,7 @@ def image_bytes(image: ImageLike | None) -> bytes:
 def adapter_ref(
     adapter: str | None = None, version: int | None = None, alias: str | None = None, base: bool = False
 ) -> pb.AdapterRef:
+    """An ``AdapterRef``: the adapter and at most one of a version, an alias or the base model."""
     given = sum(x is not None and x is not False for x in (version, alias, base or None))
     if given > 1:
         raise InvalidArgumentError("give at most one of version, alias and base")
@@ -498,6 +500,7 @@ class EditLensClient:
         )
 
     def info(self) -> ServerInfo:
+        """The server's ``ServerInfo``: model, limits, editors, jobs."""
         m = self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest())
         lim = m.limits
         return ServerInfo(
@@ -642,16 +645,19 @@ class EditLensClient:
 
     # ---------------------------------------------------------- versions
     def adapters(self) -> list[AdapterSummary]:
+        """Every adapter with its live and latest version."""
         m = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest())
         return [AdapterSummary(a.name, a.live_version or None, a.latest_version, a.num_versions) for a in m.adapters]
 
     def versions(self, adapter: str | None = None) -> VersionList:
+        """The adapter's versions, newest first, with their aliases."""
         m = self._unary(self._stub.ListVersions, pb.ListVersionsRequest(adapter=adapter or ""))
         return VersionList(m.adapter, [Version.from_pb(v) for v in m.versions], dict(m.aliases), m.live_version or None)
 
     def version(
         self, version: int | None = None, adapter: str | None = None, alias: str | None = None, figures: bool = False
     ) -> Version:
+        """One version (by number, alias, or the live one), with its figures when asked."""
         req = pb.GetVersionRequest(adapter=adapter or "", include_figures=figures)
         if version is not None:
             req.version = int(version)
@@ -674,6 +680,7 @@ class EditLensClient:
         return Version.from_pb(m.live) if m.HasField("live") else None
 
     def delete(self, version: int, adapter: str | None = None) -> None:
+        """Delete a version that is not live."""
         self._unary(self._stub.DeleteVersion, pb.DeleteVersionRequest(adapter=adapter or "", version=int(version)))
 
     # ------------------------------------------------------- diagnostics

@@ -134,6 +134,8 @@ def contributions_matrix(
 def attention_contributions(
     vlm: VLM, case: DiagnosticCase | Prepared, early_layers: Sequence[int] | None = None, mode: str = "batched"
 ) -> ContributionResult:
+    """Attention contributions (Basu eq. 1-2): visual tokens -> the constraint's last token and constraint tokens ->
+    the last position, per layer, with the early-failure score."""
     t0 = time.perf_counter()
     L = vlm.num_layers
     early = list(early_layers) if early_layers is not None else default_early_layers(L)
@@ -185,6 +187,7 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
 
 
 def roc_curve(scores: Sequence[float], labels: Sequence[bool]) -> tuple[list[float], list[float]]:
+    """(false positive rate, true positive rate) points of ``scores`` against ``labels``."""
     P = sum(labels)
     N = len(labels) - P
     fpr, tpr = [0.0], [0.0]

@@ -105,6 +105,7 @@ def module_attribution(vlm: VLM, case: DiagnosticCase | Prepared, mode: str = "b
 
 
 def average_modules(results: Sequence[ModuleAttribution]) -> ModuleAttribution:
+    """The mean of several cases' module attributions."""
     if not results:
         raise DiagnosticError("nothing to average")
     n = len(results)
@@ -121,6 +122,7 @@ def average_modules(results: Sequence[ModuleAttribution]) -> ModuleAttribution:
 
 
 def image_grid(n: int) -> tuple[int, int]:
+    """The patch grid's (rows, columns) for ``n`` image tokens."""
     side = int(round(n**0.5))
     return (side, n // side) if side * (n // side) == n else (1, n)
 
@@ -136,6 +138,8 @@ def visual_attribution(
     batch_size: int = 128,
     progress: Progress | None = None,
 ) -> VisualAttribution:
+    """Visual-representation attribution (VisEdit eq. 6-8): per layer and visual token, (1 - cos) of the last
+    position's attention output when that token's state is noised."""
     t0 = time.perf_counter()
     L = vlm.num_layers
     layers = list(range(L)) if layers is None else list(dict.fromkeys(layers))
@@ -186,6 +190,7 @@ def visual_attribution(
 
 
 def average_visual(results: Sequence[VisualAttribution]) -> VisualAttribution:
+    """The mean of several cases' visual attributions."""
     if not results:
         raise DiagnosticError("nothing to average")
     n = len(results)

@@ -47,6 +47,7 @@ class Cell:
     read: tuple[str, int, int] | None = None  # (kind, layer, position) to return
 
     def first_position(self) -> int | None:
+        """The first position any intervention of the cell touches (None: none); the prefix before it can be shared."""
         pos = [int(q) for p in self.patches for q in p.positions]
         pos += [int(t) for k in self.knockouts for t in k.targets]
         if self.read:  # a read state must be computed in the pass, not taken from the prefix
@@ -95,6 +96,7 @@ class CellRunner:
         return torch.softmax(logits, dim=-1)[:, self.target_id]
 
     def run(self, cells: Sequence[Cell], progress: Progress | None = None) -> CellResults:
+        """P(target) of every cell, batched over a shared cached prefix (or one pass per cell, ``naive``)."""
         if not cells:
             return CellResults(probs=torch.zeros(0))
         if self.mode == "naive":

@@ -103,6 +103,8 @@ def knockout(
     batch_size: int = 64,
     progress: Progress | None = None,
 ) -> KnockoutResult:
+    """Attention knockout (Zhang et al.): per layer window and relation, the relative change of P(O) when the
+    relation's targets may not attend to its sources."""
     t0 = time.perf_counter()
     check_window(window, vlm.num_layers)
     prep = case if isinstance(case, Prepared) else prepare(vlm, case)
@@ -132,6 +134,7 @@ def knockout(
 
 
 def average_knockouts(results: Sequence[KnockoutResult]) -> KnockoutResult:
+    """The mean of several cases' knockout results (same relations and layers)."""
     if not results:
         raise DiagnosticError("nothing to average")
     names = [n for n in results[0].curves if all(n in r.curves for r in results)]

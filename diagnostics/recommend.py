@@ -90,6 +90,8 @@ def recommend_multedit_layer(
     window: int = 1,
     progress: CaseProgress | None = None,
 ) -> LayerRecommendation:
+    """MultEdit's layer: the peak isolated MLP indirect effect at the constraint's last token among the early layers,
+    averaged over ``cases``."""
     if not cases:
         raise DiagnosticError("a layer recommendation needs at least one case")
     if not 0 < early_fraction <= 1:

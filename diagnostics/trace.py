@@ -121,6 +121,7 @@ def window_layers(layer: int, window: int, num_layers: int) -> list[int]:
 
 
 def check_window(window: int, num_layers: int) -> None:
+    """Raise ``DiagnosticError`` unless ``window`` is 1..num_layers."""
     if not isinstance(window, int) or window < 1:
         raise DiagnosticError(f"the window must be a positive number of layers, not {window!r}")
     if window > num_layers:
@@ -128,6 +129,7 @@ def check_window(window: int, num_layers: int) -> None:
 
 
 def check_kinds(kinds: Sequence[str]) -> list[str]:
+    """The state kinds to trace, checked (hidden, mlp, attn)."""
     kinds = list(dict.fromkeys(kinds))
     bad = [k for k in kinds if k not in TRACE_KINDS]
     if bad or not kinds:

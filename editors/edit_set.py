@@ -157,6 +157,7 @@ class EditSet(EditSetBase):
 
     @classmethod
     def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set") -> EditSet:
+        """An edit set from a file's metadata and tensors, validated (``source`` names the file in errors)."""
         man = read_manifest(
             meta,
             source,
@@ -215,6 +216,7 @@ def check_linear_shapes(vlm: VLM, targets: Iterable[tuple[str, tuple[int, int]]]
 
 
 def check_finite(deltas: Iterable[LowRankDelta], source: str = "edit set") -> None:
+    """Raise ``EditSetError`` naming the first delta that holds NaN or infinite values."""
     for i, d in enumerate(deltas):
         for name, t in (("U", d.U), ("V", d.V)):
             if not bool(torch.isfinite(t).all()):

@@ -96,6 +96,7 @@ def check_tensor(t: torch.Tensor, name: str, source: str, dim: int | None = None
 
 
 def check_no_extra(tensors: dict[str, torch.Tensor], expected: set[str], source: str) -> None:
+    """Raise ``EditSetError`` if the file holds tensors its manifest does not account for."""
     extra = sorted(set(tensors) - expected)
     if extra:
         raise EditSetError(f"{source}: unexpected tensors {extra[:5]}")

@@ -100,6 +100,7 @@ class CasePrompts:
 
 
 def load_cases(path: str | Path) -> list[dict[str, Any]]:
+    """Edit cases from a JSON file in the world's format; a ``CaseError`` naming what is missing otherwise."""
     path = Path(path)
     try:
         cases = json.loads(path.read_text())
@@ -117,6 +118,7 @@ def load_cases(path: str | Path) -> list[dict[str, Any]]:
 
 
 def case_prompts(vlm: VLM, case: dict[str, Any], pixels: PixelCache) -> CasePrompts:
+    """The encoded prompts every metric of one case is scored on."""
     proc = vlm.processor
 
     def visual(question: str, image: str, answer: str, constraint: str | None = None) -> EncodedPrompt:
@@ -168,6 +170,7 @@ class Baseline:
 
 
 def baseline(vlm: VLM, prompts: Sequence[CasePrompts], panel: list[tuple[str | None, EncodedPrompt]]) -> Baseline:
+    """The pre-edit model's answers on the cases' locality probes and on the specificity panel."""
     return Baseline(
         text_locality=score_answers(vlm, [p.text_locality for p in prompts]),
         modal_locality=score_answers(vlm, [p.modal_locality for p in prompts]),

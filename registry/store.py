@@ -87,10 +87,12 @@ def editlens_home() -> Path:
 
 
 def default_data_dir() -> Path:
+    """The embedded registry's folder: ``$EDITLENS_HOME/registry``."""
     return editlens_home() / "registry"
 
 
 def check_adapter_name(adapter: Any) -> str:
+    """``adapter`` when it is a valid adapter name; ``InvalidArgumentError`` otherwise."""
     if not isinstance(adapter, str) or not _NAME_RE.match(adapter):
         raise InvalidArgumentError(
             f"invalid adapter name {adapter!r}: use 1-64 letters, digits, '-', '_' or '.', "
@@ -100,6 +102,7 @@ def check_adapter_name(adapter: Any) -> str:
 
 
 def check_alias(alias: Any) -> str:
+    """``alias`` when it is a valid alias; ``InvalidArgumentError`` otherwise."""
     if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
         raise InvalidArgumentError(
             f"invalid alias {alias!r}: use 1-64 letters, digits, '-' or '_', starting with a letter"
@@ -110,6 +113,7 @@ def check_alias(alias: Any) -> str:
 
 
 def check_version_number(version: Any) -> int:
+    """``version`` as an int >= 1; ``InvalidArgumentError`` otherwise."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise InvalidArgumentError(f"invalid version {version!r}: a version is a positive integer")
     return version
@@ -133,6 +137,7 @@ def parse_ref(ref: Any) -> int | str:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -677,6 +682,7 @@ class Registry:
             return self._info(self._model_version(adapter, version))
 
     def delete_alias(self, adapter: str, alias: str) -> None:
+        """Remove ``alias`` from the adapter (NotFoundError when it has no such alias)."""
         check_adapter_name(adapter)
         check_alias(alias)
         with self._lock:

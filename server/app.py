@@ -32,6 +32,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditLens"].full_name  # "editlens
 
 
 class EditLensServer:
+    """One gRPC server: the EditLens service, health and reflection, the model loaded in the background."""
+
     def __init__(self, config: ServerConfig, vlm=None, registry=None, say: Callable[[str], None] | None = None):
         config.check()
         self.config = config

@@ -25,6 +25,7 @@ DIAGNOSTIC_VALUES = {name: value for value, name in DIAGNOSTIC_NAMES.items()}
 
 
 def progress(d: dict[str, Any], queue_position: int = 0) -> pb.Progress:
+    """A job's progress dict as a ``Progress`` message."""
     m = pb.Progress(
         stage=d.get("stage", ""),
         step=max(0, int(d.get("step") or 0)),
@@ -42,6 +43,7 @@ def progress(d: dict[str, Any], queue_position: int = 0) -> pb.Progress:
 
 
 def recommendation(d: dict[str, Any] | None) -> pb.LayerRecommendation | None:
+    """A ``LayerRecommendation.to_dict()`` as a message (None for anything else)."""
     if not isinstance(d, dict) or "layer" not in d:
         return None
     return pb.LayerRecommendation(
@@ -63,6 +65,7 @@ def _numbers(d: dict[str, Any] | None) -> dict[str, float]:
 
 
 def edit_record(rec: dict[str, Any], this_version: int) -> pb.EditRecord:
+    """One edit's manifest record as an ``EditRecord`` (its version: the one that added it)."""
     req = rec.get("request") or {}
     m = pb.EditRecord(
         editor=str(rec.get("editor", "")),
@@ -111,6 +114,7 @@ def version(info, figures_from: Path | None = None) -> pb.Version:
 
 
 def matrix(mat) -> pb.Matrix:
+    """A labelled matrix of numbers as a ``Matrix`` message (non-finite values as NaN)."""
     rows = [list(map(float, r)) for r in mat.values]
     cols = len(rows[0]) if rows else 0
     flat = [v if math.isfinite(v) else float("nan") for r in rows for v in r]
@@ -138,6 +142,7 @@ def json_safe(x):
 
 
 def to_json(x) -> str:
+    """``x`` as JSON (non-finite numbers as null)."""
     return json.dumps(json_safe(x))
 
 
@@ -197,6 +202,7 @@ def diagnosis(report, name: str, served: pb.Served, figures: list[pb.Figure]) ->
 
 
 def adapter_summary(name: str, versions) -> pb.AdapterSummary:
+    """An adapter with its live and latest version numbers."""
     live = next((v.version for v in versions if "live" in v.aliases), 0)
     return pb.AdapterSummary(
         name=name,

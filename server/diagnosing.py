@@ -20,6 +20,8 @@ from .host import Host
 
 @dataclass
 class DiagnosePlan:
+    """A checked Diagnose request: the diagnostic, its cases and options, the version diagnosed."""
+
     name: str
     cases: list[DiagnosticCase]
     options: dict[str, Any]

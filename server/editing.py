@@ -52,6 +52,8 @@ TRAINED_EDITOR = "visedit"
 
 @dataclass
 class EditPlan:
+    """A checked Edit request: the adapter, the editor built from its options, the request, what to register."""
+
     adapter: str
     spec: EditorSpec
     editor: EditorBase
@@ -179,6 +181,8 @@ def evidence_figures(evidence: dict | None, folder: Path) -> dict[str, Path]:
 # ------------------------------------------------------------------ training
 @dataclass
 class TrainPlan:
+    """A checked TrainVisEdit request."""
+
     adapter: str
     world: Path
     config: Any

@@ -26,22 +26,27 @@ class ServiceError(Exception):
 
 
 def invalid(message: str) -> ServiceError:
+    """An INVALID_ARGUMENT refusal."""
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def not_found(message: str) -> ServiceError:
+    """A NOT_FOUND refusal."""
     return ServiceError(grpc.StatusCode.NOT_FOUND, message)
 
 
 def precondition(message: str) -> ServiceError:
+    """A FAILED_PRECONDITION refusal."""
     return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
 def exhausted(message: str) -> ServiceError:
+    """A RESOURCE_EXHAUSTED refusal."""
     return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
 def unavailable(message: str) -> ServiceError:
+    """An UNAVAILABLE refusal."""
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message)
 
 

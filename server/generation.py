@@ -24,6 +24,8 @@ from .host import Host
 
 @dataclass
 class GenerationPlan:
+    """A checked Generate request: its prompt, answer length and the version resolved for it."""
+
     prompt: EncodedPrompt
     new_tokens: int
     served: pb.Served

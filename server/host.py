@@ -23,6 +23,7 @@ class Host:
 
     @classmethod
     def create(cls, vlm, registry, config: ServerConfig) -> Host:
+        """The host of a loaded model and registry, configured as ``config`` says."""
         from diagnostics.cases import world_phrases
 
         versions = Versions(registry, vlm, config.default_adapter, config.live_ttl, config.bundle_cache)

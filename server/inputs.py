@@ -18,6 +18,8 @@ from .errors import exhausted, invalid
 
 
 class Inputs:
+    """The limits a request's inputs are checked against, and the model's processor to encode them."""
+
     def __init__(self, limits: Limits, vlm):
         self.limits, self.vlm = limits, vlm
         self.max_prompt_tokens = limits.max_prompt_tokens

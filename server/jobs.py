@@ -32,6 +32,8 @@ log = logging.getLogger("editlens.server")
 
 @dataclass
 class Job:
+    """One submitted job: its function, its event queue (progress, then a result or an error), its state."""
+
     id: int
     kind: str
     fn: Callable[[Job], Any]
@@ -79,6 +81,8 @@ class Job:
 
 
 class JobRunner:
+    """Worker threads and a bounded queue of jobs; mutating jobs of one adapter run one at a time."""
+
     def __init__(self, workers: int = 1, max_queued: int = 8):
         self.max_queued = max_queued
         self._queue: queue.Queue[Job | None] = queue.Queue()

@@ -58,6 +58,8 @@ def _job_events(job, ahead: int, context, event, what: str):
 
 
 class EditLensService(pb_grpc.EditLensServicer):
+    """The servicer of ``editlens.v1.EditLens``; ``set_ready`` hands it the loaded model and registry."""
+
     def __init__(self, config: ServerConfig):
         self.config = config
         self.host: Host | None = None

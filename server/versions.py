@@ -32,6 +32,8 @@ _MISSING = object()  # the adapter does not exist (cached like a version number)
 
 
 class Versions:
+    """Version resolution, the live-alias cache and the bundle cache of one server."""
+
     def __init__(self, registry: Registry, vlm, default_adapter: str, live_ttl: float, cache_size: int):
         self.registry, self.vlm = registry, vlm
         self.default_adapter = default_adapter

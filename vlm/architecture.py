@@ -41,12 +41,14 @@ class ArchitectureMap:
 
     # ------------------------------------------------------------ accessors
     def get(self, model: nn.Module, path: str) -> nn.Module:
+        """The submodule at ``path`` (dotted, relative to the top model)."""
         return model.get_submodule(path)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)  # type: ignore[return-value]
 
     def layer_path(self, layer: int, sub: str | None = None) -> str:
+        """Path of decoder layer ``layer`` (or of ``sub`` inside it, e.g. ``mlp.down_proj``)."""
         base = f"{self.layers}.{layer}"
         return f"{base}.{sub}" if sub else base
 
@@ -90,4 +92,5 @@ def early_layers(num_layers: int, fraction: float = 0.5) -> list[int]:
 
 
 def architecture_for(model_type: str) -> ArchitectureMap | None:
+    """The architecture map of a config's ``model_type``, or None when EditLens has no entry for it."""
     return ARCHITECTURES.get(model_type)

@@ -72,10 +72,12 @@ class VLM:
         return self.arch.get(self.model, self.arch.embed_tokens).weight.device
 
     def module(self, path: str) -> torch.nn.Module:
+        """The submodule at ``path`` (dotted, relative to the top model)."""
         return self.model.get_submodule(path)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch device; auto: CUDA when there is one, else the CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -85,6 +87,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``dtype`` as a torch dtype; auto: bfloat16 on CUDA, float32 on the CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":

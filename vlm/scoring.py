@@ -42,6 +42,7 @@ class AnswerScore:
 
 
 def batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    """Consecutive chunks of ``items`` of at most ``size``."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
 

@@ -110,6 +110,7 @@ class VisEditSet(EditSetBase):
         )
 
     def without_edits(self) -> VisEditSet:
+        """The same trained adapter with no edits (what a new lineage starts from)."""
         return VisEditSet(self.vead, self.base_fingerprint, [], [], dict(self.training), self.editor)
 
     def describe(self, size_bytes: int | None = None) -> dict[str, Any]:
@@ -134,6 +135,7 @@ class VisEditSet(EditSetBase):
 
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights and every signal, as the file stores them."""
         out = {f"vead.{k}": v.detach().float().contiguous().cpu() for k, v in self.vead.state_dict().items()}
         for i, s in enumerate(self.signals):
             out[f"signal.{i}.states"] = s.states.detach().float().contiguous().cpu()
@@ -159,6 +161,7 @@ class VisEditSet(EditSetBase):
 
     @classmethod
     def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set") -> VisEditSet:
+        """A VisEdit edit set from a file's metadata and tensors, validated (``source`` names it in errors)."""
         man = read_manifest(
             meta,
             source,

@@ -59,14 +59,17 @@ ProgressFn = Callable[[int, int, float], None]
 
 
 def editlens_home() -> Path:
+    """``$EDITLENS_HOME``, default ``~/.cache/editlens``: where worlds and the registry live."""
     return Path(os.environ.get("EDITLENS_HOME", Path.home() / ".cache" / "editlens")).expanduser()
 
 
 def default_world_dir(seed: int = 0) -> Path:
+    """Where ``editlens world build --seed N`` puts its world by default."""
     return editlens_home() / "worlds" / f"seed-{seed}"
 
 
 def build_key(world_cfg: WorldConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    """A digest of everything that shapes the built world and model; a cached build is reused only if it matches."""
     blob = json.dumps(
         {"recipe": RECIPE_VERSION, "world": world_cfg.to_dict(), **config_dict(model_cfg, train_cfg)}, sort_keys=True
     )
@@ -74,6 +77,7 @@ def build_key(world_cfg: WorldConfig, model_cfg: ModelConfig, train_cfg: TrainCo
 
 
 def load_summary(out: Path) -> dict[str, Any] | None:
+    """The summary of a complete build in ``out``, or None."""
     try:
         s = json.loads((out / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):

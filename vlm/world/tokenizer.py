@@ -35,6 +35,7 @@ LLAVA15_CHAT_TEMPLATE = (
 
 
 def build_tokenizer(words: set[str]) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over the world's words and the chat template's special tokens."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for w in CHAT_WORDS + sorted(words - set(CHAT_WORDS)):
         vocab.setdefault(w, len(vocab))
@@ -64,6 +65,7 @@ def build_tokenizer(words: set[str]) -> PreTrainedTokenizerFast:
 
 
 def build_processor(words: set[str], patch_size: int) -> LlavaProcessor:
+    """A LlavaProcessor for the world: its tokenizer, a CLIP image processor and the LLaVA-1.5 chat template."""
     image_processor = CLIPImageProcessorPil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},

@@ -61,6 +61,7 @@ class TrainConfig:
 
 
 def make_model(vocab_size: int, special: dict[str, int], cfg: ModelConfig, seed: int) -> LlavaForConditionalGeneration:
+    """A freshly initialised tiny LlavaForConditionalGeneration (CLIP tower, GELU projector, Llama decoder)."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden_size,
@@ -120,6 +121,7 @@ class Example:
 
 
 def encode_items(processor, items, pixel_cache: dict[str, torch.Tensor]) -> list[EncodedPrompt]:
+    """The world's questions (with their answers) as encoded prompts; images from ``pixel_cache``."""
     out = []
     for it in items:
         pv = pixel_cache[it.image] if it.image else None
@@ -297,4 +299,5 @@ def pretrain_vision(
 
 
 def config_dict(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
+    """The model and training configs as one JSON-ready dict (part of the build key)."""
     return {"model": asdict(model_cfg), "train": asdict(train_cfg)}

@@ -57,20 +57,10 @@ def bench_editing(
     Counterfactual edits and long-tail insertions are reported separately.
     """
     from bench import editing
-    from editors import get_editor
     from editors.files import EditSetError
     from editors.metrics import CaseError
 
-    overrides: dict[str, list[str]] = {}
-    for item in setting or ():
-        name, dot, rest = item.partition(".")
-        if not dot:
-            fail(f"--set takes EDITOR.NAME=VALUE, not {item!r}")
-        overrides.setdefault(name, []).append(rest)
-    try:
-        parsed = {name: parse_settings(get_editor(name).config_class, items) for name, items in overrides.items()}
-    except ValueError as exc:
-        fail(str(exc))
+    parsed = _parse_overrides(setting)
     console = stderr_console()
     folder, vlm = world_and_model(world, seed, device)
     try:
@@ -100,6 +90,118 @@ def bench_editing(
         typer.echo(json.dumps(result, indent=1))
         return
     _print_editing(result)
+
+
+def _parse_overrides(setting: list[str] | None) -> dict:
+    """``--set EDITOR.NAME=VALUE`` items as each editor's parsed settings (a CLI message for bad ones)."""
+    from editors import get_editor
+
+    overrides: dict[str, list[str]] = {}
+    for item in setting or ():
+        name, dot, rest = item.partition(".")
+        if not dot:
+            fail(f"--set takes EDITOR.NAME=VALUE, not {item!r}")
+        overrides.setdefault(name, []).append(rest)
+    try:
+        return {name: parse_settings(get_editor(name).config_class, items) for name, items in overrides.items()}
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@bench_app.command("lifelong")
+def bench_lifelong(
+    editor: list[str] | None = typer.Option(
+        None, help="Editors to compare (any registered); default: keygate, alphaedit, multedit and ft."
+    ),
+    setting: list[str] | None = typer.Option(
+        None, "--set", help="An editor's setting, EDITOR.NAME=VALUE (repeatable), e.g. keygate.threshold=0.9."
+    ),
+    edits: int = typer.Option(1000, help="Edits from the world's edit stream, one after another."),
+    single: int = typer.Option(100, help="Single edits (each alone, from the base model) for the reference row."),
+    layer: int = typer.Option(0, help="The edited layer."),
+    panel: int = typer.Option(200, help="Held-out questions about known entities for specificity."),
+    figure: Path | None = typer.Option(None, help="Also draw the curves into this PNG."),
+    world: Path | None = WORLD,
+    seed: int = SEED,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+) -> None:
+    """Lifelong editing: the world's edit stream edited one fact after another (each on the model with every
+    earlier edit, as a lineage grows), every edit so far scored after 10, 50, 100, 200, 500 and 1000 edits.
+
+    Per mark: the five E-VQA metrics, modal generality on a held-out rendering, efficacy, specificity on
+    known entities no edit touched (before -> after), ms per edit, bytes per edit and the update's norm;
+    the single-edit figures beside; the key geometry of the stream at the layer.
+    """
+    from bench import lifelong
+    from editors.files import EditSetError
+
+    parsed = _parse_overrides(setting)
+    names = list(dict.fromkeys(editor or ["keygate", "alphaedit", "multedit", "ft"]))
+    console = stderr_console()
+    folder, vlm = world_and_model(world, seed, device)
+    try:
+        with progress_bar(console) as bar:
+            task = bar.add_task("", total=None, info="", visible=False)
+
+            def tick(i: int, n: int) -> None:
+                bar.update(task, description="editing", completed=i, total=n, visible=True)
+
+            result = lifelong.run(
+                vlm,
+                folder,
+                names,
+                edits=edits,
+                layer=layer,
+                single=single,
+                panel_size=panel,
+                overrides=parsed,
+                stage=stage_printer(console),
+                tick=tick,
+            )
+    except (ValueError, EditSetError) as exc:
+        fail(str(exc))
+    if figure is not None:
+        result["figure"] = str(lifelong.figure(result, figure))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    _print_lifelong(result)
+
+
+def _print_lifelong(result) -> None:
+    keys = (
+        "reliability",
+        "text_generality",
+        "modal_generality",
+        "text_locality",
+        "modal_locality",
+        "specificity_before",
+        "specificity_after",
+        "edit_ms",
+        "bytes_per_edit",
+    )
+    g = result["key_geometry"]
+    typer.echo(
+        f"{result['edits']} edits from the stream {result['stream_types']} at layer {result['layer']}; key geometry: "
+        f"another rendering's key nearest its own subject's in {g['other_rendering_nearest_is_own']:.0%} of cases"
+    )
+    for name, entry in result["editors"].items():
+        typer.echo(f"{name}")
+        typer.echo(f"  {'edits':>6s}" + "".join(f"{k[:12]:>13s}" for k in keys))
+        rows = ([("single", entry["single"])] if entry.get("single") else []) + [
+            (str(p["edits"]), p) for p in entry["curve"]
+        ]
+        for label, row in rows:
+            typer.echo(f"  {label:>6s}" + "".join(f"{_num(row.get(k)):>13s}" for k in keys))
+    if result.get("figure"):
+        typer.echo(f"figure: {result['figure']}")
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.0f}" if isinstance(v, (int, float)) else str(v)
 
 
 def _print_editing(result) -> None:
@@ -322,6 +424,56 @@ def bench_diagnostics(
                 f"(edits that took: {v['edits_that_took']:.2f})"
             )
         typer.echo(f"  all: {gt['peak_at_k_edit']:.2f} / {gt['peak_at_k_plain']:.2f} / {gt['peak_at_k_isolated']:.2f}")
+
+
+@bench_app.command("lineage")
+def bench_lineage_cmd(
+    edits: int = typer.Option(1000, help="Edit calls, one version each, on one adapter."),
+    editor: str = typer.Option("keygate", help="The editor of the Edit calls."),
+    layer: int = typer.Option(0, help="The edited layer."),
+    requests: int = typer.Option(30, help="Generate requests timed per row."),
+    world: Path | None = WORLD,
+    seed: int = SEED,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+) -> None:
+    """A lineage built by the Edit RPC one version at a time (a real gRPC server and MLflow registry): Edit latency
+    at 1, 100, 1000 live edits (and one probe edit on the base model and on the last version), Generate latency with
+    every edit live against the base model, and a rollback from the last version to the middle one."""
+    from bench import lineage
+
+    console = stderr_console()
+    folder, vlm = world_and_model(world, seed, device)
+    try:
+        with progress_bar(console) as bar:
+            task = bar.add_task("", total=None, info="", visible=False)
+
+            def tick(i: int, n: int) -> None:
+                bar.update(task, description="Edit calls", completed=i, total=n, visible=True)
+
+            r = lineage.run(
+                vlm,
+                folder,
+                edits=edits,
+                editor=editor,
+                layer=layer,
+                requests=requests,
+                stage=stage_printer(console),
+                tick=tick,
+            )
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(r, indent=1))
+        return
+    typer.echo(f"{r['edits']} {r['editor']} edits, one Edit call (one version) each")
+    for row in r["edit_ms"]:
+        typer.echo(f"  Edit call with {row['live_edits']:>5d} live edits: {row['mean_ms']:8.1f} ms")
+    p = r["probe_edit_ms"]
+    typer.echo(f"  the same edit on the base model / on the last version: {p} ")
+    g = r["generate"]
+    typer.echo(f"  Generate median: base {g['base model']['median_ms']} ms, all edits live ratio {g['ratio_median']}")
+    typer.echo(f"  rollback: {r['rollback']}")
 
 
 @bench_app.command("serve")

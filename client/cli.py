@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from editors.configs import MultEditConfig
+from editors.configs import KeyGateConfig
 
 from . import service_cli
 from .bench_cli import bench_app
@@ -49,8 +49,9 @@ app.add_typer(diagnose_app, name="diagnose")
 app.add_typer(visedit_app, name="visedit")
 service_cli.register(app)  # serve, generate, versions, promote, rollback, delete (the gRPC service)
 
-#: MultEdit's settings offered as flags of `editlens edit` (from MultEditConfig: default and help in one place)
-EDIT_FLAGS = ("layer", "lam", "steps", "lr", "lr_scale", "max_norm", "target_prob")
+#: the default editor's (KeyGate's) settings offered as flags of `editlens edit` (from KeyGateConfig: default and
+#: help in one place); the settings they share with MultEdit and AlphaEdit go to those too, any other with --set
+EDIT_FLAGS = ("layer", "steps", "lr", "lr_scale", "max_norm", "target_prob", "threshold")
 
 
 @world_app.command("build")
@@ -223,7 +224,7 @@ def ask_cmd(
 
 
 @app.command("edit")
-@config_options(MultEditConfig, EDIT_FLAGS, "flags", only_given=True)
+@config_options(KeyGateConfig, EDIT_FLAGS, "flags", only_given=True)
 def edit_cmd(
     image: Path = typer.Option(..., help="The edit image."),
     question: str = typer.Option(..., help="The question, e.g. 'which city is this landmark in ?'"),
@@ -238,9 +239,10 @@ def edit_cmd(
         None, help="Another image of the subject: --layer auto averages over it too."
     ),
     editor: str = typer.Option(
-        "multedit",
-        help="The editor (any registered one: multedit, visedit, ft, ...). The flags below from "
-        "--layer on are MultEdit's settings; any editor's settings go with --set.",
+        "keygate",
+        help="The editor (any registered one: keygate, alphaedit, multedit, visedit, ft, ...). The flags below "
+        "from --layer on are KeyGate's settings (MultEdit and AlphaEdit share all but --threshold); any editor's "
+        "settings go with --set, e.g. --set lam=0.1 for multedit.",
     ),
     setting: list[str] | None = typer.Option(
         None,
@@ -255,7 +257,9 @@ def edit_cmd(
         help="An existing edit set of the same editor: the new edit is computed on the model with it applied, and "
         "--out holds both (sequential editing).",
     ),
-    peft: Path | None = typer.Option(None, help="Also export the edit set as a PEFT LoRA adapter folder (MultEdit)."),
+    peft: Path | None = typer.Option(
+        None, help="Also export the edit set as a PEFT LoRA adapter folder (MultEdit, AlphaEdit: weight deltas)."
+    ),
     device: str = DEVICE,
     dtype: str = DTYPE,
     as_json: bool = JSON,
@@ -276,10 +280,13 @@ def edit_cmd(
     """Make one edit on a local model and write it as an edit-set file (or, with --server, on a running server,
     which registers it as a new adapter version).
 
-    MultEdit (the default) is a rank-one change of one MLP's down projection
-    (Basu et al. 2024). The file holds the edit, the base-model fingerprint,
-    the hyperparameters and a record of the request with P(answer) before and
-    after and the time each step took.
+    KeyGate (the default) writes MultEdit's value (Basu et al. 2024) into a
+    key-gated memory at one MLP's down projection: it acts only where an input's
+    key matches an edit's, so edits accumulate without breaking what the model
+    knew. MultEdit (a rank-one weight change) and AlphaEdit (its null-space
+    projected form) are the weight-delta editors. The file holds the edit, the
+    base-model fingerprint, the hyperparameters and a record of the request with
+    P(answer) before and after and the time each step took.
     """
     from editors import get_editor
 
@@ -377,6 +384,81 @@ def _print_edit(out, edit_set, size, rec, answer, evidence, peft) -> None:
         typer.echo(f"  PEFT LoRA adapter: {peft}")
 
 
+@app.command("stats")
+def stats_cmd(
+    layer: list[int] = typer.Option([0], help="Decoder layer(s) whose down_proj inputs are summarised (repeatable)."),
+    prompts: Path | None = typer.Option(
+        None,
+        help="A JSON list of {question, answer, image} (images relative to the file's grandparent, as a world's "
+        "questions/*.json); default: the world's training questions when the model is a world's.",
+    ),
+    limit: int = typer.Option(2000, help="Questions sampled from the file."),
+    force: bool = typer.Option(False, help="Compute again even if the statistics are stored."),
+    model: Path | None = MODEL,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    as_json: bool = JSON,
+) -> None:
+    """Compute (once) and store the preservation statistics of a model's MLP keys: the mean key, C0 = E[kk^T]
+    and the reference keys, per layer, beside the model (editlens-statistics/) so that every version and every
+    replica uses the same. KeyGate and AlphaEdit read them; the first edit computes them if they are missing."""
+    from editors.preservation import (
+        PreservationStats,
+        StatisticsError,
+        compute_statistics,
+        default_prompt_file,
+        prompts_from_file,
+        statistics_path,
+    )
+
+    vlm = load_model(model, device, dtype)
+    source = prompts or default_prompt_file(vlm)
+    if limit < 1:
+        fail("--limit must be at least 1")
+    rows = []
+    try:
+        for ly in layer:
+            if not 0 <= ly < vlm.num_layers:
+                fail(f"layer {ly} is outside 0..{vlm.num_layers - 1}")
+            path = statistics_path(vlm, ly)
+            if path.is_file() and not force:
+                stats, computed = PreservationStats.load(path, vlm), False
+            else:
+                if source is None:
+                    fail("this model is not a world's: give --prompts FILE (a JSON list of {question, answer, image})")
+                encoded, info = prompts_from_file(vlm, source, limit)
+                stats, computed = compute_statistics(vlm, encoded, ly, info), True
+                stats.save(path)
+            d_ff = int(stats.mean.shape[0])
+            rows.append(
+                {
+                    "layer": ly,
+                    "path": str(path),
+                    "computed_now": computed,
+                    "seconds": stats.seconds,
+                    "tokens": stats.count,
+                    "reference_keys": int(stats.reference.shape[0]),
+                    "file_bytes": path.stat().st_size,
+                    "d_ff": d_ff,
+                    "null_space_dim": int(stats.null_space().shape[1]),
+                    "digest": stats.digest,
+                    "c0_bytes_at_d_ff_11008": 4 * 11008 * 11008,
+                }
+            )
+    except StatisticsError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        typer.echo(
+            f"layer {r['layer']}: {r['tokens']} tokens, {r['reference_keys']} reference keys, "
+            f"C0 {r['d_ff']}x{r['d_ff']} ({r['file_bytes'] / 2**20:.1f} MiB, {r['seconds']:.1f} s), "
+            f"null space {r['null_space_dim']} dims, "
+            f"digest {r['digest']} -> {r['path']}"
+        )
+
+
 @app.command("export-peft")
 def export_peft_cmd(
     edit_set_file: Path = typer.Argument(..., help="An edit set (.safetensors) written by `editlens edit`."),
@@ -387,11 +469,14 @@ def export_peft_cmd(
     ),
 ) -> None:
     """Export an edit set as a PEFT LoRA adapter (rank = number of edits per module, scaling 1)."""
-    from editors.edit_set import EditSet
-    from editors.files import EditSetError
-    from editors.peft_export import export_peft
+    from editors.edit_set import FORMAT, EditSet
+    from editors.files import EditSetError, read_manifest_format
+    from editors.peft_export import export_peft, not_exportable
 
     try:
+        fmt, editor = read_manifest_format(edit_set_file)
+        if fmt != FORMAT:
+            fail(not_exportable(editor))
         if model is not None:
             vlm = load_model(model, "cpu", "float32")
             edit_set = EditSet.load(edit_set_file, vlm)

@@ -579,7 +579,7 @@ class EditLensClient:
         constraint: str,
         answer: str,
         adapter: str | None = None,
-        editor: str = "multedit",
+        editor: str = "keygate",
         layer: int | str = "auto",
         rephrase: str | None = None,
         image_rephrase: ImageLike | None = None,
@@ -592,12 +592,14 @@ class EditLensClient:
     ) -> Version:
         """Edit the served model: the new version of ``adapter`` (registered; live unless ``promote=False``).
 
-        ``editor``: any editor the server runs (``info().editors``: multedit, visedit, ft, ...).
+        ``editor``: any editor the server runs (``info().editors``: keygate — the default —, alphaedit,
+        multedit, visedit, ft, ...).
         ``layer``: "auto" (the causal trace chooses; evidence in the manifest) or a decoder layer.
-        ``options``: the editor's settings by name, e.g. MultEdit's steps, lr, lam, max_norm, target_prob,
-        lr_scale, or FT-L's steps, lr, max_change, target_prob (the fields of the contract's options message
-        named after the editor; unset ones take the server's defaults). A VisEdit edit names the trained
-        editor with ``visedit_adapter`` (and ``visedit_version``; default its live version).
+        ``options``: the editor's settings by name, e.g. KeyGate's steps, lr, threshold, same_subject_cos,
+        MultEdit's steps, lr, lam, max_norm, target_prob, lr_scale, or FT-L's steps, lr, max_change, target_prob
+        (the fields of the contract's options message named after the editor; unset ones take the server's
+        defaults). A VisEdit edit names the trained editor with ``visedit_adapter`` (and ``visedit_version``;
+        default its live version).
         ``progress`` is called with every ``Progress`` event of the job.
         """
         req = pb.EditRequest(

@@ -64,6 +64,69 @@ class MultEditConfig:
 
 
 @dataclass
+class KeyGateConfig:
+    """KeyGate's settings: MultEdit's key and value, and the gate's (``editors.keygate``)."""
+
+    layer: int | str = option(
+        "auto",
+        "Decoder layer whose MLP down projection holds the gate, or auto: chosen as MultEdit chooses it.",
+    )
+    steps: int = option(100, "Adam steps of the value optimisation, at most.")
+    lr: float = option(0.1, "Adam learning rate of the value (paper: 0.1).")
+    lr_scale: str = option(
+        "residual", "residual: lr in units of the residual stream's RMS at the key; none: absolute, as the paper."
+    )
+    max_norm: float | None = option(None, "Bound on the value change ‖δ‖ (default: none).")
+    target_prob: float = option(0.95, "Stop the value optimisation once P(new answer) reaches this, every token top-1.")
+    threshold: float = option(
+        0.8,
+        "The gate opens at a token whose key is nearest to an edit's key (centred cosine) and at least this close.",
+    )
+    same_subject_cos: float = option(
+        0.999,
+        "An edit whose key is at least this close to an earlier edit's key (the same subject asked the same way) "
+        "writes into that edit's entry.",
+    )
+    guard: bool = option(
+        True,
+        "The model's own keys (the preservation statistics' reference keys) compete with the edits' keys: the "
+        "gate stays closed where a known subject's key is nearer than any edit's.",
+    )
+
+    def check(self, vlm: VLM) -> None:
+        if self.layer != "auto" and (not isinstance(self.layer, int) or not 0 <= self.layer < vlm.num_layers):
+            raise ConfigError(f"layer {self.layer!r} is outside 0..{vlm.num_layers - 1} (or use 'auto')")
+        if self.steps < 0 or self.lr <= 0:
+            raise ConfigError("steps must be >= 0 and lr > 0")
+        if self.lr_scale not in ("none", "residual"):
+            raise ConfigError(f"lr_scale must be 'none' or 'residual', not {self.lr_scale!r}")
+        if self.max_norm is not None and self.max_norm <= 0:
+            raise ConfigError("max_norm must be positive")
+        if not 0 < self.target_prob <= 1:
+            raise ConfigError("target_prob must be in (0, 1]")
+        for name in ("threshold", "same_subject_cos"):
+            if not -1 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be a cosine in [-1, 1]")
+
+
+@dataclass
+class AlphaEditConfig(MultEditConfig):
+    """AlphaEdit (Fang et al., ICLR 2025) on MultEdit's key and value: the update is projected onto the null
+    space of the preservation statistics C₀ and keeps every earlier edit's key (``editors.alphaedit``)."""
+
+    lam: float = option(1.0, "Ridge λ of the projected closed form (AlphaEdit: 1).", flag="--lambda")
+    null_threshold: float = option(
+        2e-2,
+        "Directions whose eigenvalue of C₀ is below this form the null space the update lives in (AlphaEdit: 2e-2).",
+    )
+
+    def check(self, vlm: VLM) -> None:
+        super().check(vlm)
+        if self.null_threshold <= 0:
+            raise ConfigError("null_threshold must be positive")
+
+
+@dataclass
 class FineTuneConfig:
     """FT-L's settings (defaults and help shared by the CLI and the server)."""
 

@@ -66,6 +66,7 @@ class LowRankDelta:
     module: str
     U: torch.Tensor  # (d_out, r)
     V: torch.Tensor  # (d_in, r)
+    K: torch.Tensor | None = None  # (d_in, r): the edits' keys where V is not the key itself (AlphaEdit)
 
     @property
     def rank(self) -> int:
@@ -95,7 +96,13 @@ class EditSet(EditSetBase):
             "editor": self.editor,
             "hyperparameters": self.hyperparameters,
             "deltas": [
-                {"layer": d.layer, "module": d.module, "rank": d.rank, "shape": [int(d.U.shape[0]), int(d.V.shape[0])]}
+                {
+                    "layer": d.layer,
+                    "module": d.module,
+                    "rank": d.rank,
+                    "shape": [int(d.U.shape[0]), int(d.V.shape[0])],
+                    **({"keys": True} if d.K is not None else {}),
+                }
                 for d in self.deltas
             ],
             "records": self.records,
@@ -107,7 +114,13 @@ class EditSet(EditSetBase):
         for d in self.deltas:
             by_module.setdefault(d.module, []).append(d)
         deltas = [
-            LowRankDelta(ds[0].layer, m, torch.cat([d.U for d in ds], 1), torch.cat([d.V for d in ds], 1))
+            LowRankDelta(
+                ds[0].layer,
+                m,
+                torch.cat([d.U for d in ds], 1),
+                torch.cat([d.V for d in ds], 1),
+                torch.cat([d.K for d in ds], 1) if all(d.K is not None for d in ds) else None,
+            )
             for m, ds in by_module.items()
         ]
         return EditSet(deltas, self.base_fingerprint, self.editor, dict(self.hyperparameters), list(self.records))
@@ -144,6 +157,8 @@ class EditSet(EditSetBase):
         for i, d in enumerate(self.deltas):
             tensors[f"delta.{i}.U"] = d.U.detach().float().contiguous().cpu()
             tensors[f"delta.{i}.V"] = d.V.detach().float().contiguous().cpu()
+            if d.K is not None:
+                tensors[f"delta.{i}.K"] = d.K.detach().float().contiguous().cpu()
         return write_safetensors(path, tensors, self.manifest())
 
     @classmethod
@@ -185,7 +200,16 @@ class EditSet(EditSetBase):
                     f"{source}: delta {i} has shape {[int(U.shape[0]), int(V.shape[0])]}, "
                     f"but the manifest says {info.get('shape')}"
                 )
-            deltas.append(LowRankDelta(int(info["layer"]), str(info["module"]), U, V))
+            K = None
+            if info.get("keys"):
+                name = f"delta.{i}.K"
+                expected.add(name)
+                if name not in tensors:
+                    raise EditSetError(f"{source}: tensor {name!r} is missing")
+                K = check_tensor(tensors[name], name, source, dim=2)
+                if K.shape != V.shape:
+                    raise EditSetError(f"{source}: delta {i} has keys {tuple(K.shape)} but V {tuple(V.shape)}")
+            deltas.append(LowRankDelta(int(info["layer"]), str(info["module"]), U, V, K))
         check_no_extra(tensors, expected, source)
         return cls(
             deltas,
@@ -218,8 +242,8 @@ def check_linear_shapes(vlm: VLM, targets: Iterable[tuple[str, tuple[int, int]]]
 def check_finite(deltas: Iterable[LowRankDelta], source: str = "edit set") -> None:
     """Raise ``EditSetError`` naming the first delta that holds NaN or infinite values."""
     for i, d in enumerate(deltas):
-        for name, t in (("U", d.U), ("V", d.V)):
-            if not bool(torch.isfinite(t).all()):
+        for name, t in (("U", d.U), ("V", d.V), ("K", d.K)):
+            if t is not None and not bool(torch.isfinite(t).all()):
                 raise EditSetError(f"{source}: delta {i} ({name}) holds NaN or infinite values")
 
 

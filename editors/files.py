@@ -84,6 +84,26 @@ def read_manifest(
     return man
 
 
+def read_manifest_format(path: str | os.PathLike) -> tuple[str | None, str]:
+    """The ``format`` and ``editor`` an edit-set file's manifest names (an ``EditSetError`` if it has none)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise EditSetError(f"edit set not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EditSetError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    try:
+        man = json.loads(meta.get("editlens", "null"))
+    except json.JSONDecodeError:
+        man = None
+    if not isinstance(man, dict):
+        raise EditSetError(f"{path} has no EditLens manifest: it is not an edit set")
+    return man.get("format"), str(man.get("editor") or "unknown")
+
+
 def check_tensor(t: torch.Tensor, name: str, source: str, dim: int | None = None) -> torch.Tensor:
     """``t`` as float32 after checking that it is a finite floating-point tensor (of ``dim`` dimensions)."""
     if t.dtype not in FLOAT_DTYPES:

@@ -206,7 +206,11 @@ class MultEdit(DownProjEditor):
             delta, records = self._compute(prompts, chunk, progress, joint=False, first=start, total=len(requests))
             for i, rec in enumerate(records):
                 d = LowRankDelta(
-                    delta.layer, delta.module, delta.U[:, i : i + 1].clone(), delta.V[:, i : i + 1].clone()
+                    delta.layer,
+                    delta.module,
+                    delta.U[:, i : i + 1].clone(),
+                    delta.V[:, i : i + 1].clone(),
+                    None if delta.K is None else delta.K[:, i : i + 1].clone(),
                 )
                 out.append(EditSet([d], self.vlm.fingerprint, self.name, self.hyperparameters("single"), [rec]))
         return out
@@ -261,13 +265,8 @@ class MultEdit(DownProjEditor):
         with torch.no_grad():
             WK = lin(K.to(lin.weight.device, lin.weight.dtype)).float().cpu()  # W′k with earlier edits attached
         K, Z = K.cpu(), values.z_star[:n].cpu()
-        if keep is not None:
-            U, V = solve_update_keeping(WK, K, Z, keep, cfg.lam)  # (d, n), (d_ff, n)
-        elif joint:
-            U, V = solve_update(WK, K, Z, cfg.lam), K.T  # (d, n), v = k
-        else:
-            U, V = ((Z - WK) / (cfg.lam + (K * K).sum(-1, keepdim=True))).T, K.T  # one rank-one u per column
-        delta = LowRankDelta(cfg.layer, self.module, U.contiguous(), V.contiguous())
+        U, V = self._update(WK, K, Z, keep, joint)
+        delta = self._delta(U.contiguous(), V.contiguous(), K)
         t_update = time.perf_counter() - t0
 
         p_before = [s.prob for s in score_answers(vlm, prompts)]
@@ -296,6 +295,22 @@ class MultEdit(DownProjEditor):
                 }
             )
         return delta, records
+
+    def _update(
+        self, WK: torch.Tensor, K: torch.Tensor, Z: torch.Tensor, keep: torch.Tensor | None, joint: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """U (d, n) and V (d_ff, n) of the update for keys ``K`` (n, d_ff) with targets ``Z`` (n, d), given the
+        current outputs ``WK`` (n, d) and the keys ``keep`` (m, d_ff) whose outputs must stay."""
+        lam = self.config.lam
+        if keep is not None:
+            return solve_update_keeping(WK, K, Z, keep, lam)  # (d, n), (d_ff, n)
+        if joint:
+            return solve_update(WK, K, Z, lam), K.T  # v = k
+        return ((Z - WK) / (lam + (K * K).sum(-1, keepdim=True))).T, K.T  # one rank-one u per column
+
+    def _delta(self, U: torch.Tensor, V: torch.Tensor, K: torch.Tensor) -> LowRankDelta:
+        """The stored delta of an update (MultEdit: V is the keys, so they are not stored twice)."""
+        return LowRankDelta(self.config.layer, self.module, U, V)
 
     def _scores_after(self, prompts: list[EncodedPrompt], delta: LowRankDelta, joint: bool) -> list[float]:
         if joint:

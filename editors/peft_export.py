@@ -23,11 +23,26 @@ from .edit_set import EditSet, EditSetError
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def not_exportable(editor: str) -> str:
+    """Why an edit set of ``editor`` that is not a low-rank weight delta cannot be a PEFT LoRA adapter."""
+    why = {
+        "keygate": "a KeyGate edit set is a key-gated memory (it adds its values only where an input's key matches "
+        "an edit's), not a weight change; a LoRA adds the same low-rank change to every input, so PEFT cannot "
+        "express a gate",
+        "visedit": "a VisEdit edit set is an adapter on the visual states, not a weight change",
+        "ft": "an FT-L edit set is a dense weight change, not a low-rank one",
+    }.get(editor, f"a {editor} edit set is not a low-rank weight delta")
+    return f"cannot export to PEFT: {why}; export a MultEdit or AlphaEdit edit set instead"
+
+
 def export_peft(edit_set: EditSet, out_dir: str | os.PathLike, base_model_path: str | None = None) -> Path:
-    """Write the adapter folder; returns its path."""
+    """Write the adapter folder; returns its path. Only low-rank weight deltas (MultEdit, AlphaEdit) export: an
+    edit set of another kind (a KeyGate gate, a VisEdit adapter, FT-L's dense change) is refused, saying why."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    if not isinstance(edit_set, EditSet):
+        raise EditSetError(not_exportable(getattr(edit_set, "editor", type(edit_set).__name__)))
     if not edit_set.deltas:
         raise EditSetError("the edit set has no deltas to export")
     merged = edit_set.merged()

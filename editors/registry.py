@@ -89,7 +89,7 @@ class EditorSpec:
 
 _EDITORS: dict[str, EditorSpec] = {}
 #: the modules of the built-in editors; each registers its editor when imported (on the first lookup)
-BUILTIN_EDITORS = ("editors.multedit", "editors.visedit", "editors.finetune")
+BUILTIN_EDITORS = ("editors.multedit", "editors.keygate", "editors.alphaedit", "editors.visedit", "editors.finetune")
 _builtins_loaded = False
 
 

@@ -161,10 +161,10 @@ def message_options(message) -> dict[str, Any]:
 
 def editor_name(request: pb.EditRequest) -> str:
     """The editor an Edit request names: ``editor_name``, else the ``Editor`` enum (EDITOR_<NAME> is the
-    editor <name>; unspecified is MultEdit)."""
+    editor <name>; unspecified is KeyGate, the default)."""
     if request.editor_name.strip():
         return request.editor_name.strip()
-    value = request.editor or pb.EDITOR_MULTEDIT
+    value = request.editor or pb.EDITOR_KEYGATE
     return pb.Editor.Name(value).removeprefix("EDITOR_").lower()
 
 

@@ -34,14 +34,17 @@ def _edit_args(world_dir, case, out, *extra):
 def test_edit_writes_an_edit_set_and_appends_with_onto(vlm, world_dir, test_cases, tmp_path):
     cases = [c for c in test_cases if c["type"] == "counterfactual"]
     first = tmp_path / "one.safetensors"
-    res = runner.invoke(app, _edit_args(world_dir, cases[0], first, "--json"))
+    res = runner.invoke(app, _edit_args(world_dir, cases[0], first, "--json", "--editor", "multedit"))
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["edits"] == 1 and out["file_bytes"] == first.stat().st_size
     assert out["edit"]["metrics"]["p_after"] > 0.5 and set(out["edit"]["seconds"]) == {"key", "value", "update"}
     both = tmp_path / "two.safetensors"
     res = runner.invoke(
-        app, _edit_args(world_dir, cases[3], both, "--onto", str(first), "--peft", str(tmp_path / "lora"))
+        app,
+        _edit_args(
+            world_dir, cases[3], both, "--onto", str(first), "--peft", str(tmp_path / "lora"), "--editor", "multedit"
+        ),
     )
     assert res.exit_code == 0, res.output
     assert "P(" in res.stdout and "value" in res.stdout
@@ -156,6 +159,6 @@ def test_edit_with_another_registered_editor_and_its_settings(vlm, world_dir, te
     es = FineTuneEditSet.load(out, vlm)
     assert result["editor"] == es.editor == "ft" and es.hyperparameters["steps"] == 30
     assert float(es.deltas[0].W.abs().max()) <= 0.5 + 1e-6
-    _fails([*args, "--editor", "ft", "--lambda", "0.1"], "unknown option(s) ['lam'] for FineTuneConfig")
+    _fails([*args, "--editor", "ft", "--threshold", "0.5"], "unknown option(s) ['threshold'] for FineTuneConfig")
     _fails([*args, "--editor", "ft", "--set", "nope=1"], "FineTuneConfig has no setting 'nope'")
     _fails([*args, "--editor", "rome"], "unknown editor 'rome'")

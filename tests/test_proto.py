@@ -79,7 +79,7 @@ def test_the_options_messages_name_config_fields():
     from editors import get_editor
     from editors.configs import VisEditTrainConfig
 
-    for name in ("multedit", "visedit", "ft"):
+    for name in ("keygate", "alphaedit", "multedit", "visedit", "ft"):
         message = pb.EditRequest.DESCRIPTOR.fields_by_name[name].message_type
         config = {f.name for f in dataclasses.fields(get_editor(name).config_class)}
         assert {f.name for f in message.fields} <= config, name

@@ -132,11 +132,11 @@ def test_edit_versions_promote_rollback_delete(lens, anon, case):
     stages = [e.stage for e in events]
     assert stages[0] == "queued" and {"key", "value", "update", "register"} <= set(stages)
     assert any(e.loss is not None for e in events)
-    assert v1.version == 1 and v1.live and v1.num_edits == 1 and v1.editors == ["multedit"]
+    assert v1.version == 1 and v1.live and v1.num_edits == 1 and v1.editors == ["keygate"]  # the default editor
     rec = v1.edits[0]
     assert rec.layer == 0 and rec.answer == case["ground_truth"] and rec.version == 1
     assert rec.metrics["p_after"] > 0.5 > rec.metrics["p_before"] and "p_rephrase" in rec.metrics
-    assert "multedit.safetensors" in v1.files and v1.manifest["base_fingerprint"] == v1.base_fingerprint
+    assert "keygate.safetensors" in v1.files and v1.manifest["base_fingerprint"] == v1.base_fingerprint
 
     g = anon.generate(case["img"], case["src"], adapter=a)
     assert (g.text, g.served.version, g.served.alias) == (case["ground_truth"], 1, "live")
@@ -527,8 +527,8 @@ def test_visedit_train_edit_serve_and_carry_over(lens, anon, case, vlm):
         editor="visedit",
         visedit_adapter="vis-editor",
     )
-    assert v2.parent == v1.version and v2.editors == ["multedit", "visedit"] and v2.num_edits == 2
-    assert {"multedit.safetensors", "visedit.safetensors"} <= set(v2.files)
+    assert v2.parent == v1.version and v2.editors == ["keygate", "visedit"] and v2.num_edits == 2
+    assert {"keygate.safetensors", "visedit.safetensors"} <= set(v2.files)
     rec = v2.edits[-1]
     assert rec.editor == "visedit" and rec.layer == 0 and "p_after" in rec.metrics
     full = v2.manifest["edits"][-1]

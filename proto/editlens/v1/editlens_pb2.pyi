@@ -14,6 +14,8 @@ class Editor(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EDITOR_MULTEDIT: _ClassVar[Editor]
     EDITOR_VISEDIT: _ClassVar[Editor]
     EDITOR_FT: _ClassVar[Editor]
+    EDITOR_KEYGATE: _ClassVar[Editor]
+    EDITOR_ALPHAEDIT: _ClassVar[Editor]
 
 class Diagnostic(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +31,8 @@ EDITOR_UNSPECIFIED: Editor
 EDITOR_MULTEDIT: Editor
 EDITOR_VISEDIT: Editor
 EDITOR_FT: Editor
+EDITOR_KEYGATE: Editor
+EDITOR_ALPHAEDIT: Editor
 DIAGNOSTIC_UNSPECIFIED: Diagnostic
 DIAGNOSTIC_TRACE: Diagnostic
 DIAGNOSTIC_NOISE_TRACE: Diagnostic
@@ -160,6 +164,50 @@ class GenerateChunk(_message.Message):
     answer_tokens: int
     def __init__(self, text: _Optional[str] = ..., served: _Optional[_Union[Served, _Mapping]] = ..., done: _Optional[bool] = ..., answer_tokens: _Optional[int] = ...) -> None: ...
 
+class KeyGateOptions(_message.Message):
+    __slots__ = ("layer", "steps", "lr", "lr_scale", "max_norm", "target_prob", "threshold", "same_subject_cos", "guard")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NORM_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PROB_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SAME_SUBJECT_COS_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    steps: int
+    lr: float
+    lr_scale: str
+    max_norm: float
+    target_prob: float
+    threshold: float
+    same_subject_cos: float
+    guard: bool
+    def __init__(self, layer: _Optional[int] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_scale: _Optional[str] = ..., max_norm: _Optional[float] = ..., target_prob: _Optional[float] = ..., threshold: _Optional[float] = ..., same_subject_cos: _Optional[float] = ..., guard: _Optional[bool] = ...) -> None: ...
+
+class AlphaEditOptions(_message.Message):
+    __slots__ = ("layer", "steps", "lr", "lam", "max_norm", "target_prob", "lr_scale", "null_threshold", "keep_earlier")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    LAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_NORM_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PROB_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_FIELD_NUMBER: _ClassVar[int]
+    NULL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    KEEP_EARLIER_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    steps: int
+    lr: float
+    lam: float
+    max_norm: float
+    target_prob: float
+    lr_scale: str
+    null_threshold: float
+    keep_earlier: bool
+    def __init__(self, layer: _Optional[int] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lam: _Optional[float] = ..., max_norm: _Optional[float] = ..., target_prob: _Optional[float] = ..., lr_scale: _Optional[str] = ..., null_threshold: _Optional[float] = ..., keep_earlier: _Optional[bool] = ...) -> None: ...
+
 class MultEditOptions(_message.Message):
     __slots__ = ("layer", "steps", "lr", "lam", "max_norm", "target_prob", "lr_scale")
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -201,7 +249,7 @@ class VisEditOptions(_message.Message):
     def __init__(self, editor_adapter: _Optional[str] = ..., editor_version: _Optional[int] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("adapter", "editor", "image", "question", "constraint", "answer", "rephrase", "image_rephrase", "multedit", "visedit", "no_promote", "description", "editor_name", "ft", "editor_options")
+    __slots__ = ("adapter", "editor", "image", "question", "constraint", "answer", "rephrase", "image_rephrase", "multedit", "visedit", "no_promote", "description", "editor_name", "ft", "editor_options", "keygate", "alphaedit")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     EDITOR_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +265,8 @@ class EditRequest(_message.Message):
     EDITOR_NAME_FIELD_NUMBER: _ClassVar[int]
     FT_FIELD_NUMBER: _ClassVar[int]
     EDITOR_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KEYGATE_FIELD_NUMBER: _ClassVar[int]
+    ALPHAEDIT_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     editor: Editor
     image: bytes
@@ -232,7 +282,9 @@ class EditRequest(_message.Message):
     editor_name: str
     ft: FineTuneOptions
     editor_options: _struct_pb2.Struct
-    def __init__(self, adapter: _Optional[str] = ..., editor: _Optional[_Union[Editor, str]] = ..., image: _Optional[bytes] = ..., question: _Optional[str] = ..., constraint: _Optional[str] = ..., answer: _Optional[str] = ..., rephrase: _Optional[str] = ..., image_rephrase: _Optional[bytes] = ..., multedit: _Optional[_Union[MultEditOptions, _Mapping]] = ..., visedit: _Optional[_Union[VisEditOptions, _Mapping]] = ..., no_promote: _Optional[bool] = ..., description: _Optional[str] = ..., editor_name: _Optional[str] = ..., ft: _Optional[_Union[FineTuneOptions, _Mapping]] = ..., editor_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    keygate: KeyGateOptions
+    alphaedit: AlphaEditOptions
+    def __init__(self, adapter: _Optional[str] = ..., editor: _Optional[_Union[Editor, str]] = ..., image: _Optional[bytes] = ..., question: _Optional[str] = ..., constraint: _Optional[str] = ..., answer: _Optional[str] = ..., rephrase: _Optional[str] = ..., image_rephrase: _Optional[bytes] = ..., multedit: _Optional[_Union[MultEditOptions, _Mapping]] = ..., visedit: _Optional[_Union[VisEditOptions, _Mapping]] = ..., no_promote: _Optional[bool] = ..., description: _Optional[str] = ..., editor_name: _Optional[str] = ..., ft: _Optional[_Union[FineTuneOptions, _Mapping]] = ..., editor_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., keygate: _Optional[_Union[KeyGateOptions, _Mapping]] = ..., alphaedit: _Optional[_Union[AlphaEditOptions, _Mapping]] = ...) -> None: ...
 
 class EditEvent(_message.Message):
     __slots__ = ("progress", "result")

@@ -1,0 +1,290 @@
+"""``editlens bench lifelong``: many edits on one model, one after another, as a lineage accumulates them.
+
+The edits come from the world's edit stream (``vlm.world.stream``): distinct
+facts — counterfactuals of known facts, insertions about the world's unseen
+entities and about new entities drawn for the stream — in a fixed order per
+world seed. Each editor edits them one at a time, each edit computed on the
+model with every earlier edit attached and handed the previous edit set as
+``onto`` (exactly what the server's Edit does on a lineage's live version).
+After 10, 50, 100, 200, 500 and 1,000 edits (the marks up to ``--edits``)
+every edit made so far is scored with all of them attached:
+
+* the five E-VQA metrics (``editors.metrics``: reliability, text and modal
+  generality, text and modal locality against the pre-edit model), the modal
+  generality on a rendering never used in training, and efficacy (mean P(O*));
+* the specificity panel: exact-match accuracy on held-out questions about
+  known entities that no edit so far touched, before (base model) and after;
+* the mean latency of the edits since the previous mark (key, value and
+  update included; facts differ in how many optimisation steps they need), and
+  the latency of one fixed probe edit (the stream's next fact) made on the
+  edits so far and dropped — equal work at every mark, compared with the same
+  edit on the base model (``probe_edit_ms_no_edits``); the edit set's bytes
+  per edit, and the update's norm
+  (‖ΔW‖_F of the summed low-rank deltas, ‖W‖_F beside it; a gate's largest
+  and mean value norm).
+
+Beside the curves, every editor's single-edit figures on the first
+``--single`` facts of the stream (each edit alone on the base model, its
+specificity on the first 40 panel questions, as ``bench editing``), and the
+key geometry the editors work with: the centred cosines of the stream's keys
+(the same fact asked otherwise, another rendering, other subjects), which says
+how separable the subjects are for the model at the edited layer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editors import get_editor
+from editors import metrics as M
+from editors.edit_set import EditSet, attach
+from editors.request import EditRequest
+from vlm.loading import VLM
+from vlm.scoring import score_answers
+from vlm.world.stream import edit_stream, load_world, render_stream_images
+
+from .editing import make_editor
+
+MARKS = (10, 50, 100, 200, 500, 1000)
+StageFn = Callable[[str], None]
+TickFn = Callable[[int, int], None]
+METRICS = M.EVQA + ("modal_generality_heldout", "efficacy")
+SINGLE_PANEL = 40
+
+
+def marks_for(edits: int) -> list[int]:
+    """The marks up to ``edits`` (and ``edits`` itself)."""
+    return sorted({m for m in MARKS if m <= edits} | {edits})
+
+
+def _score_cases(vlm: VLM, cps: list[M.CasePrompts], loc_text, loc_modal) -> dict[str, float]:
+    """Means over cases of the E-VQA metrics, with whatever is attached now."""
+    kinds = ("reliability", "text_generality", "modal_generality", "text_locality", "modal_locality", "modal_heldout")
+    prompts = [getattr(cp, k) for cp in cps for k in kinds]
+    scores = score_answers(vlm, prompts, batch_size=64)
+    rows = []
+    for i in range(len(cps)):
+        rel, tgen, mgen, tloc, mloc, held = scores[i * 6 : (i + 1) * 6]
+        rows.append(
+            {
+                "type": cps[i].case["type"],
+                "reliability": rel.token_accuracy,
+                "text_generality": tgen.token_accuracy,
+                "modal_generality": mgen.token_accuracy,
+                "text_locality": M._agreement(loc_text[i], tloc),
+                "modal_locality": M._agreement(loc_modal[i], mloc),
+                "modal_generality_heldout": held.token_accuracy,
+                "efficacy": rel.prob,
+            }
+        )
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in METRICS}
+    out["evqa_mean"] = sum(out[k] for k in M.EVQA) / len(M.EVQA)
+    out["by_type"] = {
+        t: {k: round(sum(r[k] for r in rows if r["type"] == t) / n, 4) for k in M.EVQA} | {"cases": n}
+        for t in sorted({r["type"] for r in rows})
+        if (n := sum(r["type"] == t for r in rows))
+    }
+    return out
+
+
+def update_norm(edit_set: Any, vlm: VLM) -> dict[str, float]:
+    """How large the accumulated change is: ‖ΔW‖_F (and ‖W‖_F) for low-rank deltas, value norms for gates."""
+    if isinstance(edit_set, EditSet):
+        total, weight = 0.0, 0.0
+        for d in edit_set.merged().deltas:
+            U, V = d.U.double(), d.V.double()
+            total += float(((U.T @ U) * (V.T @ V)).sum())
+            weight += float(vlm.module(d.module).weight.double().pow(2).sum())
+        return {"delta_fro": round(total**0.5, 4), "weight_fro": round(weight**0.5, 4)}
+    gates = getattr(edit_set, "gates", None)
+    if gates:
+        norms = torch.cat([g.values.norm(dim=-1) for g in gates])
+        return {"value_norm_max": round(float(norms.max()), 4), "value_norm_mean": round(float(norms.mean()), 4)}
+    dense: dict[str, torch.Tensor] = {}
+    for d in getattr(edit_set, "deltas", None) or ():
+        if getattr(d, "W", None) is not None:  # FT-L's dense ΔW
+            dense[d.module] = dense.get(d.module, 0) + d.W.double()
+    if dense:
+        fro = sum(float(W.pow(2).sum()) for W in dense.values()) ** 0.5
+        weight = sum(float(vlm.module(m).weight.double().pow(2).sum()) for m in dense) ** 0.5
+        return {"delta_fro": round(fro, 4), "weight_fro": round(weight, 4)}
+    return {}
+
+
+def key_geometry(vlm: VLM, cps: list[M.CasePrompts], layer: int) -> dict[str, Any]:
+    """Centred cosines of the stream's keys at ``layer`` (the ``down_proj`` input at the constraint)."""
+    from editors.preservation import preservation_statistics
+    from editors.rank_one import constraint_keys
+
+    mean = preservation_statistics(vlm, layer).mean.float()
+
+    def unit(prompts):
+        K = torch.cat([constraint_keys(vlm, prompts[i : i + 64], layer) for i in range(0, len(prompts), 64)])
+        K = K.cpu() - mean
+        return K / K.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    src = unit([cp.reliability for cp in cps])
+    reph = unit([cp.text_generality for cp in cps])
+    other = unit([cp.modal_generality for cp in cps])
+    ents = [cp.case["entity"] for cp in cps]
+    same = torch.tensor([[a == b for b in ents] for a in ents])
+    S = src @ src.T
+    cross = other @ src.T
+    own = (other * src).sum(-1)
+    nearest_other = cross.masked_fill(same, -2).max(1).values
+
+    def q(t, p):
+        return round(float(t.quantile(p)), 3) if t.numel() else None
+
+    return {
+        "keys": len(cps),
+        "layer": layer,
+        "rephrase_own": {"mean": round(float((reph * src).sum(-1).mean()), 3), "p5": q((reph * src).sum(-1), 0.05)},
+        "other_rendering_own": {"mean": round(float(own.mean()), 3), "p5": q(own, 0.05)},
+        "other_subjects": {"mean": q(S[~same], 0.5), "p99": q(S[~same], 0.99), "max": q(S[~same], 1.0)},
+        "other_rendering_nearest_is_own": round(float((own > nearest_other).float().mean()), 3),
+    }
+
+
+def run(
+    vlm: VLM,
+    world_dir: str | Path,
+    editors: list[str],
+    edits: int = 1000,
+    layer: int = 0,
+    single: int = 100,
+    panel_size: int = 200,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    stage: StageFn | None = None,
+    tick: TickFn | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; returns a JSON-ready dict (module docstring)."""
+    say = stage or (lambda s: None)
+    world_dir = Path(world_dir)
+    if edits < 1 or single < 0 or panel_size < 1:
+        raise ValueError("--edits and --panel must be at least 1, --single at least 0")
+    if not 0 <= layer < vlm.num_layers:
+        raise ValueError(f"layer {layer} is outside 0..{vlm.num_layers - 1}")
+    for name in editors:
+        get_editor(name)  # an unknown name fails here, before any work
+    t_start = time.time()
+    say(f"the edit stream: {edits} facts")
+    records = edit_stream(load_world(world_dir), edits + 1)
+    drawn = render_stream_images(world_dir, records)
+    probe_record, records = records[-1], records[:-1]
+    if drawn:
+        say(f"drew {drawn} images of new entities")
+    pixels = M.PixelCache(vlm, world_dir)
+    cps = [M.case_prompts(vlm, c, pixels) for c in records]
+    requests = [EditRequest.from_case(c, world_dir, pixel_values=pixels(c["image"])) for c in records]
+    probe = EditRequest.from_case(probe_record, world_dir, pixel_values=pixels(probe_record["image"]))
+    loc_text = score_answers(vlm, [cp.text_locality for cp in cps], batch_size=64)
+    loc_modal = score_answers(vlm, [cp.modal_locality for cp in cps], batch_size=64)
+    panel = M.specificity_panel(vlm, world_dir, pixels, panel_size)
+    panel_before = [s.exact for s in score_answers(vlm, [p for _, p in panel], batch_size=64)]
+    result: dict[str, Any] = {
+        "world": str(world_dir),
+        "fingerprint": vlm.fingerprint,
+        "layer": layer,
+        "edits": edits,
+        "stream_types": {t: sum(r["type"] == t for r in records) for t in sorted({r["type"] for r in records})},
+        "specificity_panel": len(panel),
+        "editors": {},
+    }
+    say("key geometry of the stream")
+    result["key_geometry"] = key_geometry(vlm, cps, layer)
+    marks = marks_for(edits)
+    for name in editors:
+        editor = make_editor(name, vlm, layer, world_dir, (overrides or {}).get(name))
+        entry: dict[str, Any] = {"hyperparameters": editor.hyperparameters("sequential")}
+        if single:
+            say(f"{name}: {min(single, edits)} single edits")
+            singles = editor.edit_each(requests[:single], batch_size=32)
+            small = panel[:SINGLE_PANEL]  # each single edit is scored on its own: a smaller panel, as bench editing
+            rows = M.evaluate_single_edits(vlm, cps[:single], M.baseline(vlm, cps[:single], small), singles)
+            entry["single"] = M.summarise(rows)["all"]
+        say(f"{name}: {edits} edits, one after another")
+
+        def probe_ms(onto, editor=editor) -> float:
+            """The same edit (the stream's next fact) timed on the current edits, then dropped: equal work."""
+            t0 = time.perf_counter()
+            editor.edit_sequentially([probe], onto=onto)
+            return round(1000 * (time.perf_counter() - t0), 1)
+
+        entry["probe_edit_ms_no_edits"] = probe_ms(None)
+        current, curve, latencies, done = None, [], [], 0
+        for mark in marks:
+            while done < mark:
+                t0 = time.perf_counter()
+                current = editor.edit_sequentially([requests[done]], onto=current)
+                latencies.append(time.perf_counter() - t0)
+                done += 1
+                if tick:
+                    tick(done, edits)
+            with attach(vlm, current):
+                scores = _score_cases(vlm, cps[:mark], loc_text, loc_modal)
+                edited = {r["entity"] for r in records[:mark]}
+                keep = [j for j, (e, _) in enumerate(panel) if e not in edited]
+                after = score_answers(vlm, [panel[j][1] for j in keep], batch_size=64)
+            with tempfile.TemporaryDirectory() as d:
+                size = current.save(Path(d) / "lifelong.safetensors")
+            since = latencies[-(mark - (curve[-1]["edits"] if curve else 0)) :]
+            point = {
+                "edits": mark,
+                **{k: round(v, 4) for k, v in scores.items() if k != "by_type"},
+                "specificity_before": round(sum(panel_before[j] for j in keep) / max(1, len(keep)), 4),
+                "specificity_after": round(sum(s.exact for s in after) / max(1, len(keep)), 4),
+                "specificity_items": len(keep),
+                "edit_ms": round(1000 * sum(since) / len(since), 1),
+                "probe_edit_ms": probe_ms(current),
+                "bytes_per_edit": round(size / current.num_edits, 1),
+                "norm": update_norm(current, vlm),
+                "by_type": scores["by_type"],
+            }
+            curve.append(point)
+            say(
+                f"{name} after {mark}: rel {point['reliability']:.3f} tgen {point['text_generality']:.3f} "
+                f"mgen {point['modal_generality']:.3f} tloc {point['text_locality']:.3f} "
+                f"mloc {point['modal_locality']:.3f} spec {point['specificity_before']:.3f}->"
+                f"{point['specificity_after']:.3f} ({point['edit_ms']} ms/edit)"
+            )
+        entry["curve"] = curve
+        entry["final"] = {k: v for k, v in curve[-1].items() if k != "by_type"}
+        entry["first_edit_ms"] = round(1000 * latencies[0], 1)
+        result["editors"][name] = entry
+    result["seconds"] = round(time.time() - t_start, 1)
+    return result
+
+
+def figure(result: dict[str, Any], path: str | Path) -> Path:
+    """A PNG of the curves: one panel per metric, one line per editor, edits on a log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(M.EVQA) + ["specificity_after"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7), sharex=True)
+    for ax, key in zip(axes.flat, keys):
+        for name, entry in result["editors"].items():
+            xs = [p["edits"] for p in entry["curve"]]
+            ax.plot(xs, [p[key] for p in entry["curve"]], marker="o", label=name)
+        ax.set_title(key.replace("_", " "))
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    for ax in axes[1]:
+        ax.set_xlabel("accumulated edits")
+    fig.suptitle(f"Lifelong editing on {Path(result['world']).name}: every edit so far, scored after N edits")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

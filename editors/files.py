@@ -39,11 +39,19 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     rename); returns the file's size in bytes."""
     from safetensors.torch import save_file
 
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"editlens": json.dumps(manifest)})
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # unique: writers may race
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"editlens": json.dumps(manifest)})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path.stat().st_size
 
 

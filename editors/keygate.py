@@ -191,7 +191,9 @@ class KeyGateEditSet(EditSetBase):
         return replace(self, gates=gates)
 
     def attach(self, vlm: VLM) -> AttachedGates:
-        return AttachedGates(vlm, self.with_references(vlm).gates)
+        if self.guard and any(not g.reference.numel() for g in self.gates):
+            self.gates = self.with_references(vlm).gates  # once: later attaches (every request) reuse them
+        return AttachedGates(vlm, self.gates)
 
     def describe(self, size_bytes: int | None = None) -> dict[str, Any]:
         return {

@@ -104,7 +104,7 @@ def test_bench_editing_small_run_reports_both_editors(world_dir):
     out = json.loads(res.stdout)
     # VisEdit joins the default run only where the world has a trained adapter (not on a fresh build)
     trained = (world_dir / "visedit" / "adapter.safetensors").is_file()
-    assert set(out["editors"]) == {"multedit", "ft"} | ({"visedit"} if trained else set())
+    assert set(out["editors"]) == {"keygate", "alphaedit", "multedit", "ft"} | ({"visedit"} if trained else set())
     me = out["editors"]["multedit"]
     assert me["single"]["all"]["cases"] == 4 and {"counterfactual", "insertion"} <= set(me["single"])
     assert me["single"]["all"]["reliability"] == 1.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,6 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     """Write ``tensors`` with ``manifest`` as the ``editlens`` metadata, atomically (a temp file, then a
     rename); returns the file's size in bytes."""
     from safetensors.torch import save_file
-
-    import tempfile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -386,24 +386,25 @@ class KeyGate(MultEdit):
         self, requests: Sequence[EditRequest], onto: EditSetBase | None = None, progress: ProgressCallback | None = None
     ) -> KeyGateEditSet:
         """All ``requests`` at once: requests whose keys are one subject share an entry (values optimised
-        together on their prompts, each with its own image); the others get one entry each."""
+        together on their prompts, each with its own image); the others get one entry each. Onto a gate that
+        holds edits already this is ``edit_sequentially``: edits of a gate do not interact, so one after another
+        and all at once are the same (a request about a subject an entry holds joins that entry)."""
         if not requests:
             raise ValueError("no edit requests")
         self._check_onto(onto)
+        if onto is not None and onto.num_edits:
+            return self.edit_sequentially(requests, onto, progress)
         self.choose_layer(requests, progress)
         stats = self._stats()
-        current = onto if onto is not None else self._empty(stats)
         prompts = [self.encode(r) for r in requests]
-        with current.attach(self.vlm) if current.gates else contextlib.nullcontext():
-            t0 = time.perf_counter()
-            K = constraint_keys(self.vlm, prompts, self.config.layer).cpu()
-            t_key = (time.perf_counter() - t0) / len(prompts)
-            groups = self._groups(K, stats)
-            values, t_value = self._values(prompts, groups, first=0, total=len(prompts), progress=progress)
-        new = current
-        joined: dict[int, int] = {}
+        t0 = time.perf_counter()
+        K = constraint_keys(self.vlm, prompts, self.config.layer).cpu()
+        t_key = (time.perf_counter() - t0) / len(prompts)
+        groups = self._groups(K, stats)
+        values, t_value = self._values(prompts, groups, first=0, total=len(prompts), progress=progress)
+        t0 = time.perf_counter()
+        new, joined = self._empty(stats), {}
         for i, req in enumerate(requests):
-            g = groups[i]
             record = self._record(req, values, i, t_key, t_value)
             new = new.added(
                 self.config.layer,
@@ -413,9 +414,11 @@ class KeyGate(MultEdit):
                 values.delta[i],
                 record,
                 self.config.threshold,
-                joined.get(g),
+                joined.get(groups[i]),
             )
-            joined.setdefault(g, new.records[-1]["entry"])
+            joined.setdefault(groups[i], new.records[-1]["entry"])
+        for rec in new.records:
+            rec["seconds"]["update"] = (time.perf_counter() - t0) / len(requests)
         return self._finish(new, prompts, len(requests), progress)
 
     def edit_sequentially(
@@ -520,8 +523,10 @@ class KeyGate(MultEdit):
         say(EditProgress("update", i, total))
         record = self._record(req, values, 0, t_key, t_value)
         record["metrics"]["value_companions"] = len(companions)
+        t0 = time.perf_counter()
         new = current.added(cfg.layer, self.module, stats.mean, k, values.delta[0], record, cfg.threshold, join)
-        return self._finish(new, [prompt], 1, progress, first=i, total=total)
+        new.records[-1]["seconds"]["update"] = time.perf_counter() - t0
+        return self._finish(new, [prompt], 1, progress, first=i, total=total, before=current)
 
     def _companions(self, records: list[dict[str, Any]], req: EditRequest) -> list[EncodedPrompt]:
         """The entry's earlier facts asked about the new request's image (one subject), without those that
@@ -557,16 +562,16 @@ class KeyGate(MultEdit):
             "seconds": {"key": t_key, "value": t_value, "update": 0.0},
         }
 
-    def _finish(self, es: KeyGateEditSet, prompts, n: int, progress, first: int = 0, total: int = 1):
-        """P(answer) before and after for the last ``n`` records (the new edits), and the gate's references."""
+    def _finish(self, es: KeyGateEditSet, prompts, n: int, progress, first: int = 0, total: int = 1, before=None):
+        """P(answer) before (on ``before``, the gate the edits were added to) and after, for the last ``n``
+        records (the new edits); the gate's reference keys filled in."""
         es = es.with_references(self.vlm)
-        t0 = time.perf_counter()
-        before = [s.prob for s in score_answers(self.vlm, prompts)]
+        with before.attach(self.vlm) if before is not None and before.gates else contextlib.nullcontext():
+            p_before = [s.prob for s in score_answers(self.vlm, prompts)]
         with es.attach(self.vlm):
-            after = [s.prob for s in score_answers(self.vlm, prompts)]
-        for rec, b, a in zip(es.records[-n:], before, after):
+            p_after = [s.prob for s in score_answers(self.vlm, prompts)]
+        for rec, b, a in zip(es.records[-n:], p_before, p_after):
             rec["metrics"]["p_before"], rec["metrics"]["p_after"] = b, a
-            rec["seconds"]["update"] = (time.perf_counter() - t0) / n
         if progress:
             progress(EditProgress("done", first + n - 1, total))
         return es

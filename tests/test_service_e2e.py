@@ -141,7 +141,7 @@ def test_serve_subprocess_end_to_end_with_the_sdk(insertion_case, vlm, world_dir
             answers, served = _answers(lens, c, world_dir)
             assert answers == fixed and (served.version, served.alias) == (1, "live")
             # VisEdit: a trained editor (a short training job, registered), then a VisEdit edit of the same
-            # fact on top of the MultEdit version: version 2 holds both edit sets
+            # fact on top of the KeyGate version (the default editor): version 2 holds both edit sets
             trained = lens.train_visedit(
                 adapter="vis-editor",
                 layer=0,
@@ -162,7 +162,7 @@ def test_serve_subprocess_end_to_end_with_the_sdk(insertion_case, vlm, world_dir
                 rephrase=c["rephrase"],
                 image_rephrase=img2,
             )
-            assert (v2.version, v2.parent, v2.editors) == (2, 1, ["multedit", "visedit"]) and v2.live
+            assert (v2.version, v2.parent, v2.editors) == (2, 1, ["keygate", "visedit"]) and v2.live
             vrec = v2.edits[-1]
             assert vrec.editor == "visedit" and vrec.layer_evidence.editor == "visedit"
             answers, served = _answers(lens, c, world_dir)

@@ -392,7 +392,7 @@ def stats_cmd(
         help="A JSON list of {question, answer, image} (images relative to the file's grandparent, as a world's "
         "questions/*.json); default: the world's training questions when the model is a world's.",
     ),
-    limit: int = typer.Option(2000, help="Questions sampled from the file."),
+    limit: int = typer.Option(5000, help="Questions sampled from the file (at most this many)."),
     force: bool = typer.Option(False, help="Compute again even if the statistics are stored."),
     model: Path | None = MODEL,
     device: str = DEVICE,

@@ -7,7 +7,7 @@ every token. The statistics of a (base model, layer) pair are
 * ``mean``    μ = E[k] (d_ff),
 * ``second``  C₀ = E[k kᵀ] (d_ff × d_ff), MEMIT's and AlphaEdit's statistic,
 * ``reference`` the keys at the visual constraint's last token of the prompts
-  that have one, and every 8th other token, image tokens included, less near-duplicates
+  that have one, and every 4th other token, image tokens included, less near-duplicates
   (R × d_ff): what the model's
   known subjects, and its ordinary tokens, look like there,
 
@@ -55,9 +55,9 @@ from .files import EditSetError, check_tensor, read_manifest, read_safetensors, 
 FORMAT = "editlens.preservation_statistics"
 FORMAT_VERSION = 1
 FOLDER = "editlens-statistics"
-OTHER_TOKEN_STRIDE = 8  # reference keys: every 8th token besides the constraint's
+OTHER_TOKEN_STRIDE = 4  # reference keys: every 4th token besides the constraint's
 REFERENCE_DISTINCT = 0.99  # reference keys closer than this (centred cosine) to a kept one are left out
-DEFAULT_PROMPTS = 2000  # questions sampled from the prompt file (the world's: ~30 tokens each)
+DEFAULT_PROMPTS = 5000  # questions sampled from the prompt file (the world's 4,560 training questions: all)
 
 
 class StatisticsError(EditSetError):

@@ -426,8 +426,8 @@ def stats_cmd(
             else:
                 if source is None:
                     fail("this model is not a world's: give --prompts FILE (a JSON list of {question, answer, image})")
-                encoded, info = prompts_from_file(vlm, source, limit)
-                stats, computed = compute_statistics(vlm, encoded, ly, info), True
+                encoded, info, subjects = prompts_from_file(vlm, source, limit)
+                stats, computed = compute_statistics(vlm, encoded, ly, info, subjects), True
                 stats.save(path)
             d_ff = int(stats.mean.shape[0])
             rows.append(

@@ -20,7 +20,9 @@ by MultEdit's subject key and guarded by the model's own keys):
   entry's δ added; otherwise nothing is added and the output is the base
   model's, bit for bit. A reference key within ``same_subject_cos`` of an
   edit's key is *claimed* by that edit (it is the same subject to the model: a
-  counterfactual of a known fact) and no longer guards.
+  counterfactual of a known fact) and no longer guards; so are all the other
+  reference keys of that subject (its other renderings and questions, where the
+  statistics' prompts name their subject), which the edit is now to answer.
 
 An edit whose key is within ``same_subject_cos`` of an existing edit key joins
 that entry: the entry's δ is optimised again, from zero, on the new prompt and
@@ -93,13 +95,20 @@ class Gate:
     threshold: float
     reference: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # (R, d_ff) all reference keys
     claimed: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # (R,) claimed by a key
+    reference_subject: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (R,) or -1
     _cache: tuple | None = field(default=None, repr=False, compare=False)
 
     def claim(self, keys: torch.Tensor, same: float) -> None:
-        """Mark the reference keys within ``same`` (centred cosine) of ``keys`` as claimed."""
+        """Mark as claimed the reference keys within ``same`` (centred cosine) of ``keys``, and every reference
+        key of a subject one of whose keys is (the edit is about a subject the model knows: all of its
+        renderings and questions are the edit's to answer)."""
         if self.reference.numel() and keys.shape[0]:
-            close = (_unit(self.reference, self.mean) @ _unit(keys, self.mean).T) >= same
-            self.claimed = self.claimed | close.any(dim=1)
+            close = (_unit(self.reference, self.mean) @ _unit(keys, self.mean).T) >= same  # (R, n)
+            hit = close.any(dim=1)
+            if self.reference_subject.numel():
+                subjects = self.reference_subject[hit & (self.reference_subject >= 0)].unique()
+                hit = hit | torch.isin(self.reference_subject, subjects)
+            self.claimed = self.claimed | hit
             self._cache = None
 
     def _table(self, device) -> tuple[torch.Tensor, int]:
@@ -185,7 +194,14 @@ class KeyGateEditSet(EditSetBase):
                         f"{g.layer}, but this model has {stats.digest}; copy the statistics with the model folder "
                         "(editlens-statistics/) so that every replica uses the same"
                     )
-                g = replace(g, reference=stats.reference, claimed=torch.zeros(len(stats.reference), dtype=torch.bool))
+                claimed = torch.zeros(len(stats.reference), dtype=torch.bool)
+                g = replace(
+                    g,
+                    reference=stats.reference,
+                    reference_subject=stats.reference_subject,
+                    claimed=claimed,
+                    _cache=None,
+                )
                 g.claim(g.keys, self.same_subject_cos)
             gates.append(g)
         return replace(self, gates=gates)

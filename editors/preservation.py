@@ -7,9 +7,10 @@ every token. The statistics of a (base model, layer) pair are
 * ``mean``    μ = E[k] (d_ff),
 * ``second``  C₀ = E[k kᵀ] (d_ff × d_ff), MEMIT's and AlphaEdit's statistic,
 * ``reference`` the keys at the visual constraint's last token of the prompts
-  that have one, and every 4th other token, image tokens included, less near-duplicates
-  (R × d_ff): what the model's
-  known subjects, and its ordinary tokens, look like there,
+  that have one (labelled with the prompt's subject where the prompt file
+  names it), and every 4th other token, image tokens included, less
+  near-duplicates (R × d_ff): what the model's known subjects, and its
+  ordinary tokens, look like there,
 
 accumulated in float64 over every non-padding token (image tokens included)
 of a set of prompts: for the embedded world its training questions, for any
@@ -73,6 +74,8 @@ class PreservationStats:
     mean: torch.Tensor  # (d_ff,) float64
     second: torch.Tensor  # (d_ff, d_ff) float64
     reference: torch.Tensor  # (R, d_ff) float32: keys at the visual constraint of the prompts that have one
+    reference_subject: torch.Tensor  # (R,) int64: the subject (index into ``subjects``) of a constraint key, or -1
+    subjects: list[str]
     base_fingerprint: str
     source: dict[str, Any]
     seconds: float = 0.0
@@ -84,6 +87,7 @@ class PreservationStats:
         h.update(self.mean.float().numpy().tobytes())
         h.update(self.second.float().numpy().tobytes())
         h.update(self.reference.float().numpy().tobytes())
+        h.update(self.reference_subject.numpy().tobytes())
         return h.hexdigest()[:16]
 
     @property
@@ -106,8 +110,10 @@ class PreservationStats:
             "count": self.count,
             "source": self.source,
             "seconds": self.seconds,
+            "subjects": self.subjects,
         }
         tensors = {
+            "reference_subject": self.reference_subject.to(torch.int64).contiguous(),
             "mean": self.mean.float().contiguous(),
             "second": self.second.float().contiguous(),
             "reference": self.reference.float().contiguous(),
@@ -125,11 +131,18 @@ class PreservationStats:
             "a preservation-statistics file",
             ("base_fingerprint", "layer", "count"),
         )
-        if set(tensors) != {"mean", "second", "reference"}:
-            raise StatisticsError(f"{path}: expected the tensors mean, second and reference, found {sorted(tensors)}")
+        names = {"mean", "second", "reference", "reference_subject"}
+        if set(tensors) != names:
+            raise StatisticsError(f"{path}: expected the tensors {sorted(names)}, found {sorted(tensors)}")
         mean = check_tensor(tensors["mean"], "mean", str(path), dim=1).double()
         second = check_tensor(tensors["second"], "second", str(path), dim=2).double()
         reference = check_tensor(tensors["reference"], "reference", str(path), dim=2)
+        subject = tensors["reference_subject"]
+        subjects = list(man.get("subjects") or [])
+        if subject.dtype != torch.int64 or tuple(subject.shape) != (reference.shape[0],):
+            raise StatisticsError(f"{path}: reference_subject must be one int64 per reference key")
+        if len(subject) and (int(subject.min()) < -1 or int(subject.max()) >= len(subjects)):
+            raise StatisticsError(f"{path}: reference_subject names subjects the manifest does not list")
         if tuple(second.shape) != (mean.shape[0], mean.shape[0]) or reference.shape[1] != mean.shape[0]:
             raise StatisticsError(
                 f"{path}: second moment {tuple(second.shape)} or reference keys {tuple(reference.shape)} do not "
@@ -141,6 +154,8 @@ class PreservationStats:
             mean,
             second,
             reference,
+            subject,
+            subjects,
             str(man["base_fingerprint"]),
             dict(man.get("source") or {}),
             float(man.get("seconds") or 0.0),
@@ -160,7 +175,8 @@ class PreservationStats:
 def prompts_from_file(vlm: VLM, path: str | os.PathLike, limit: int = DEFAULT_PROMPTS, seed: int = 0):
     """Encoded prompts (question + answer, with the image when there is one) from a JSON list of
     ``{"question", "answer", "image"}`` items (the world's ``questions/*.json``; image paths relative to the
-    file's world folder, i.e. the file's grandparent), ``limit`` of them sampled with ``seed``."""
+    file's world folder, i.e. the file's grandparent), ``limit`` of them sampled with ``seed``; with the
+    source description and each prompt's subject (an item's ``entity``, for a visual question; else None)."""
     path = Path(path)
     try:
         items = json.loads(path.read_text())
@@ -192,7 +208,8 @@ def prompts_from_file(vlm: VLM, path: str | os.PathLike, limit: int = DEFAULT_PR
             )
         )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return out, {"prompts": str(path), "prompts_sha256": digest, "sampled": len(out), "seed": seed}
+    info = {"prompts": str(path), "prompts_sha256": digest, "sampled": len(out), "seed": seed}
+    return out, info, [it.get("entity") if it.get("image") else None for it in items]
 
 
 def compute_statistics(
@@ -200,15 +217,19 @@ def compute_statistics(
     prompts: Sequence[EncodedPrompt],
     layer: int,
     source: dict[str, Any] | None = None,
+    subjects: Sequence[str | None] | None = None,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
 ) -> PreservationStats:
     """Accumulate μ and C₀ of ``down_proj`` inputs at ``layer`` over every token of ``prompts``, and keep the
-    key at the visual constraint's last token of each prompt that has an image and a constraint."""
+    key at the visual constraint's last token of each prompt that has an image and a constraint, labelled with
+    the prompt's subject (``subjects[i]``, when known: one subject's reference keys are claimed together by an
+    edit of that subject, ``editors.keygate``)."""
     if not prompts:
         raise StatisticsError("preservation statistics need at least one prompt")
     t0 = time.perf_counter()
-    total, s1, s2, reference = 0, None, None, []
+    total, s1, s2, reference, label = 0, None, None, [], []
+    names: dict[str, int] = {}
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         inputs = collate(chunk, vlm.tokenizer.pad_token_id)
@@ -222,19 +243,25 @@ def compute_statistics(
         for row, p in enumerate(chunk):
             if p.image_span is not None and p.constraint_spans:
                 reference.append(x[row, p.constraint_last].float().cpu())
+                subject = subjects[start + row] if subjects is not None else None
+                label.append(names.setdefault(subject, len(names)) if subject else -1)
             # a sample of the other tokens, image tokens included (every OTHER_TOKEN_STRIDE-th)
             skip = p.constraint_last if p.image_span is not None and p.constraint_spans else -1
             others = [t for t in range(row % OTHER_TOKEN_STRIDE, p.length, OTHER_TOKEN_STRIDE) if t != skip]
             if others:
                 reference.extend(x[row, others].float().cpu())
+                label.extend([-1] * len(others))
         if progress:
             progress(min(start + batch_size, len(prompts)), len(prompts))
+    keep = distinct(torch.stack(reference), s1 / total) if reference else torch.zeros(0, dtype=torch.long)
     return PreservationStats(
         layer,
         total,
         (s1 / total).cpu(),
         (s2 / total).cpu(),
-        distinct(torch.stack(reference), s1 / total) if reference else torch.zeros(0, s1.shape[0]),
+        torch.stack(reference)[keep] if reference else torch.zeros(0, s1.shape[0]),
+        torch.tensor(label, dtype=torch.int64)[keep] if reference else torch.zeros(0, dtype=torch.int64),
+        list(names),
         vlm.fingerprint,
         dict(source or {}),
         round(time.perf_counter() - t0, 3),
@@ -242,7 +269,8 @@ def compute_statistics(
 
 
 def distinct(keys: torch.Tensor, mean: torch.Tensor, cos: float = REFERENCE_DISTINCT, chunk: int = 256) -> torch.Tensor:
-    """``keys`` less those whose centred cosine with an earlier kept one is ``cos`` or more (greedy, in order)."""
+    """The indices of ``keys`` less those whose centred cosine with an earlier kept one is ``cos`` or more
+    (greedy, in order)."""
     unit = keys.float() - mean.float()
     unit = unit / unit.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     kept: list[int] = []
@@ -257,7 +285,7 @@ def distinct(keys: torch.Tensor, mean: torch.Tensor, cos: float = REFERENCE_DIST
                 chosen.append(i)
         kept += [start + i for i in chosen]
         kept_unit = torch.cat([kept_unit, block[chosen]])
-    return keys[kept]
+    return torch.tensor(kept, dtype=torch.long)
 
 
 def statistics_path(vlm: VLM, layer: int) -> Path:
@@ -304,8 +332,8 @@ def preservation_statistics(
                 "from: give a question file (a JSON list of {question, answer, image}) with "
                 "`editlens stats build --prompts FILE`"
             )
-        prompts, source = prompts_from_file(vlm, source_file, limit)
-        stats = compute_statistics(vlm, prompts, layer, source, progress=progress)
+        prompts, source, subjects = prompts_from_file(vlm, source_file, limit)
+        stats = compute_statistics(vlm, prompts, layer, source, subjects, progress=progress)
         stats.save(path)
     _CACHE[key] = stats
     return stats

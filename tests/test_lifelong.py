@@ -66,7 +66,9 @@ def test_preservation_statistics_are_computed_once_stored_beside_the_model_and_c
     again = PreservationStats.load(path, vlm)
     assert again.digest == stats.digest and again.count == stats.count
     foreign = tmp_path / "foreign.safetensors"
-    PreservationStats(0, 1, stats.mean, stats.second, stats.reference, "0" * 32, {}).save(foreign)
+    PreservationStats(
+        0, 1, stats.mean, stats.second, stats.reference, stats.reference_subject, stats.subjects, "0" * 32, {}
+    ).save(foreign)
     with pytest.raises(StatisticsError, match="another|not of the loaded"):
         PreservationStats.load(foreign, vlm)
 

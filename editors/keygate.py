@@ -21,8 +21,9 @@ by MultEdit's subject key and guarded by the model's own keys):
   model's, bit for bit. A reference key within ``same_subject_cos`` of an
   edit's key is *claimed* by that edit (it is the same subject to the model: a
   counterfactual of a known fact) and no longer guards; so are all the other
-  reference keys of that subject (its other renderings and questions, where the
-  statistics' prompts name their subject), which the edit is now to answer.
+  reference keys of that fact (its other renderings and wordings, where the
+  statistics' prompts name their subject and relation), which the edit is now
+  to answer; the subject's other facts stay guarded.
 
 An edit whose key is within ``same_subject_cos`` of an existing edit key joins
 that entry: the entry's δ is optimised again, from zero, on the new prompt and
@@ -100,8 +101,8 @@ class Gate:
 
     def claim(self, keys: torch.Tensor, same: float) -> None:
         """Mark as claimed the reference keys within ``same`` (centred cosine) of ``keys``, and every reference
-        key of a subject one of whose keys is (the edit is about a subject the model knows: all of its
-        renderings and questions are the edit's to answer)."""
+        key of a fact one of whose keys is (the edit rewrites a fact the model knows: all of its renderings and
+        wordings are the edit's to answer; the subject's other facts stay guarded)."""
         if self.reference.numel() and keys.shape[0]:
             close = (_unit(self.reference, self.mean) @ _unit(keys, self.mean).T) >= same  # (R, n)
             hit = close.any(dim=1)

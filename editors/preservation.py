@@ -7,8 +7,8 @@ every token. The statistics of a (base model, layer) pair are
 * ``mean``    μ = E[k] (d_ff),
 * ``second``  C₀ = E[k kᵀ] (d_ff × d_ff), MEMIT's and AlphaEdit's statistic,
 * ``reference`` the keys at the visual constraint's last token of the prompts
-  that have one (labelled with the prompt's subject where the prompt file
-  names it), and every 4th other token, image tokens included, less
+  that have one (labelled with the fact they ask, subject and relation, where
+  the prompt file names them), and every 4th other token, image tokens included, less
   near-duplicates (R × d_ff): what the model's known subjects, and its
   ordinary tokens, look like there,
 
@@ -176,7 +176,7 @@ def prompts_from_file(vlm: VLM, path: str | os.PathLike, limit: int = DEFAULT_PR
     """Encoded prompts (question + answer, with the image when there is one) from a JSON list of
     ``{"question", "answer", "image"}`` items (the world's ``questions/*.json``; image paths relative to the
     file's world folder, i.e. the file's grandparent), ``limit`` of them sampled with ``seed``; with the
-    source description and each prompt's subject (an item's ``entity``, for a visual question; else None)."""
+    source description and what each visual prompt asks about (its ``entity`` and ``relation``; else None)."""
     path = Path(path)
     try:
         items = json.loads(path.read_text())
@@ -209,7 +209,9 @@ def prompts_from_file(vlm: VLM, path: str | os.PathLike, limit: int = DEFAULT_PR
         )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     info = {"prompts": str(path), "prompts_sha256": digest, "sampled": len(out), "seed": seed}
-    return out, info, [it.get("entity") if it.get("image") else None for it in items]
+    # what a constraint key is the key of: the fact (subject and relation) where the file says, else the subject
+    facts = [":".join(str(it[k]) for k in ("entity", "relation") if it.get(k)) or None for it in items]
+    return out, info, [f if it.get("image") else None for f, it in zip(facts, items)]
 
 
 def compute_statistics(

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from vlm.loading import VLM
 
 LOSSES = ("rel", "gen", "loc", "im_up", "im_down", "im_attr")
+SCOPES = ("key", "fact", "subject")  # KeyGate: what an edit of a known fact claims
 
 
 class TrainError(ConfigError):
@@ -87,6 +88,12 @@ class KeyGateConfig:
         "An edit whose key is at least this close to an earlier edit's key (the same subject asked the same way) "
         "writes into that edit's entry.",
     )
+    scope: str = option(
+        "fact",
+        "What an edit of a fact the model knows takes over (its key within same_subject_cos of the statistics' "
+        "key of a known prompt): key (only such keys), fact (every rendering and wording of that fact), or "
+        "subject (every question about that subject).",
+    )
     guard: bool = option(
         True,
         "The model's own keys (the preservation statistics' reference keys) compete with the edits' keys: the "
@@ -107,6 +114,8 @@ class KeyGateConfig:
         for name in ("threshold", "same_subject_cos"):
             if not -1 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be a cosine in [-1, 1]")
+        if self.scope not in SCOPES:
+            raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, not {self.scope!r}")
 
 
 @dataclass

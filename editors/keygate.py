@@ -56,7 +56,7 @@ from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import score_answers
 
 from .base import EditSetBase
-from .configs import KeyGateConfig
+from .configs import SCOPES, KeyGateConfig
 from .edit_set import _adding_hook, check_linear_shapes
 from .files import (
     EditSetError,
@@ -160,6 +160,20 @@ class AttachedGates:
         self.remove()
 
 
+def _labels(stats: PreservationStats, scope: str) -> torch.Tensor:
+    """Each reference key's claim group for ``scope``: its fact (subject and relation), its subject, or none
+    (key: -1 everywhere, only keys close to an edit's are claimed)."""
+    facts = stats.reference_subject
+    if scope == "key" or not facts.numel():
+        return torch.full_like(facts, -1)
+    if scope == "fact":
+        return facts
+    subjects = [name.split(":")[0] for name in stats.subjects]
+    ids = {s: i for i, s in enumerate(dict.fromkeys(subjects))}
+    table = torch.tensor([ids[s] for s in subjects] + [-1], dtype=torch.int64)  # -1 indexes the last: -1
+    return table[facts]
+
+
 @dataclass
 class KeyGateEditSet(EditSetBase):
     """Gates (one per edited layer) and one record per edit; each record names its ``layer``, ``key_index``
@@ -176,6 +190,7 @@ class KeyGateEditSet(EditSetBase):
     statistics: str = ""
     same_subject_cos: float = 0.999
     guard: bool = True
+    scope: str = "fact"
 
     def gate(self, layer: int) -> Gate | None:
         return next((g for g in self.gates if g.layer == layer), None)
@@ -199,7 +214,7 @@ class KeyGateEditSet(EditSetBase):
                 g = replace(
                     g,
                     reference=stats.reference,
-                    reference_subject=stats.reference_subject,
+                    reference_subject=_labels(stats, self.scope),
                     claimed=claimed,
                     _cache=None,
                 )
@@ -278,6 +293,7 @@ class KeyGateEditSet(EditSetBase):
             "statistics": self.statistics,
             "same_subject_cos": self.same_subject_cos,
             "guard": self.guard,
+            "scope": self.scope,
             "gates": [
                 {
                     "layer": g.layer,
@@ -347,6 +363,8 @@ class KeyGateEditSet(EditSetBase):
                 raise EditSetError(f"{source}: gate {i}'s threshold must be a cosine in [-1, 1]")
             gates.append(Gate(int(info["layer"]), str(info["module"]), mean, keys, entry_of, values, float(thr)))
         check_no_extra(tensors, expected, source)
+        if man.get("scope", "fact") not in SCOPES:
+            raise EditSetError(f"{source}: scope must be one of {', '.join(SCOPES)}")
         return cls(
             gates,
             str(man["base_fingerprint"]),
@@ -356,6 +374,7 @@ class KeyGateEditSet(EditSetBase):
             statistics=str(man.get("statistics") or ""),
             same_subject_cos=float(man.get("same_subject_cos", 0.999)),
             guard=bool(man.get("guard", True)),
+            scope=str(man.get("scope", "fact")),
         )
 
     def check_compatible(self, vlm: VLM) -> None:
@@ -392,6 +411,7 @@ class KeyGate(MultEdit):
             statistics=stats.digest,
             same_subject_cos=self.config.same_subject_cos,
             guard=self.config.guard,
+            scope=self.config.scope,
         )
 
     def _check_onto(self, onto: EditSetBase | None) -> None:

@@ -165,7 +165,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., served: _Optional[_Union[Served, _Mapping]] = ..., done: _Optional[bool] = ..., answer_tokens: _Optional[int] = ...) -> None: ...
 
 class KeyGateOptions(_message.Message):
-    __slots__ = ("layer", "steps", "lr", "lr_scale", "max_norm", "target_prob", "threshold", "same_subject_cos", "guard")
+    __slots__ = ("layer", "steps", "lr", "lr_scale", "max_norm", "target_prob", "threshold", "same_subject_cos", "guard", "scope")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class KeyGateOptions(_message.Message):
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SAME_SUBJECT_COS_FIELD_NUMBER: _ClassVar[int]
     GUARD_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     layer: int
     steps: int
     lr: float
@@ -184,7 +185,8 @@ class KeyGateOptions(_message.Message):
     threshold: float
     same_subject_cos: float
     guard: bool
-    def __init__(self, layer: _Optional[int] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_scale: _Optional[str] = ..., max_norm: _Optional[float] = ..., target_prob: _Optional[float] = ..., threshold: _Optional[float] = ..., same_subject_cos: _Optional[float] = ..., guard: _Optional[bool] = ...) -> None: ...
+    scope: str
+    def __init__(self, layer: _Optional[int] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_scale: _Optional[str] = ..., max_norm: _Optional[float] = ..., target_prob: _Optional[float] = ..., threshold: _Optional[float] = ..., same_subject_cos: _Optional[float] = ..., guard: _Optional[bool] = ..., scope: _Optional[str] = ...) -> None: ...
 
 class AlphaEditOptions(_message.Message):
     __slots__ = ("layer", "steps", "lr", "lam", "max_norm", "target_prob", "lr_scale", "null_threshold", "keep_earlier")

@@ -23,6 +23,22 @@ class TrainError(ConfigError):
     """Training cannot start or go on (a bad setting, an unreadable checkpoint, no training cases)."""
 
 
+def check_key_and_value(config: Any, vlm: VLM) -> None:
+    """The checks of the settings MultEdit, AlphaEdit and KeyGate share (layer, value optimisation, subjects)."""
+    if config.layer != "auto" and (not isinstance(config.layer, int) or not 0 <= config.layer < vlm.num_layers):
+        raise ConfigError(f"layer {config.layer!r} is outside 0..{vlm.num_layers - 1} (or use 'auto')")
+    if config.steps < 0 or config.lr <= 0:
+        raise ConfigError("steps must be >= 0 and lr > 0")
+    if config.lr_scale not in ("none", "residual"):
+        raise ConfigError(f"lr_scale must be 'none' or 'residual', not {config.lr_scale!r}")
+    if config.max_norm is not None and config.max_norm <= 0:
+        raise ConfigError("max_norm must be positive")
+    if not 0 < config.target_prob <= 1:
+        raise ConfigError("target_prob must be in (0, 1]")
+    if not -1 <= config.same_subject_cos <= 1:
+        raise ConfigError("same_subject_cos must be a cosine in [-1, 1]")
+
+
 @dataclass
 class MultEditConfig:
     """MultEdit's settings; each field's default and help are what the CLI and the server offer."""
@@ -48,20 +64,9 @@ class MultEditConfig:
     keep_earlier: bool = option(True, "Sequential edits: the earlier edits' keys (other subjects) keep their outputs.")
 
     def check(self, vlm: VLM) -> None:
-        if self.layer != "auto" and (not isinstance(self.layer, int) or not 0 <= self.layer < vlm.num_layers):
-            raise ConfigError(f"layer {self.layer!r} is outside 0..{vlm.num_layers - 1} (or use 'auto')")
+        check_key_and_value(self, vlm)
         if self.lam <= 0:
             raise ConfigError("λ must be positive")
-        if self.steps < 0 or self.lr <= 0:
-            raise ConfigError("steps must be >= 0 and lr > 0")
-        if self.lr_scale not in ("none", "residual"):
-            raise ConfigError(f"lr_scale must be 'none' or 'residual', not {self.lr_scale!r}")
-        if self.max_norm is not None and self.max_norm <= 0:
-            raise ConfigError("max_norm must be positive")
-        if not 0 < self.target_prob <= 1:
-            raise ConfigError("target_prob must be in (0, 1]")
-        if not -1 <= self.same_subject_cos <= 1:
-            raise ConfigError("same_subject_cos must be a cosine in [-1, 1]")
 
 
 @dataclass
@@ -101,19 +106,9 @@ class KeyGateConfig:
     )
 
     def check(self, vlm: VLM) -> None:
-        if self.layer != "auto" and (not isinstance(self.layer, int) or not 0 <= self.layer < vlm.num_layers):
-            raise ConfigError(f"layer {self.layer!r} is outside 0..{vlm.num_layers - 1} (or use 'auto')")
-        if self.steps < 0 or self.lr <= 0:
-            raise ConfigError("steps must be >= 0 and lr > 0")
-        if self.lr_scale not in ("none", "residual"):
-            raise ConfigError(f"lr_scale must be 'none' or 'residual', not {self.lr_scale!r}")
-        if self.max_norm is not None and self.max_norm <= 0:
-            raise ConfigError("max_norm must be positive")
-        if not 0 < self.target_prob <= 1:
-            raise ConfigError("target_prob must be in (0, 1]")
-        for name in ("threshold", "same_subject_cos"):
-            if not -1 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name} must be a cosine in [-1, 1]")
+        check_key_and_value(self, vlm)
+        if not -1 <= self.threshold <= 1:
+            raise ConfigError("threshold must be a cosine in [-1, 1]")
         if self.scope not in SCOPES:
             raise ConfigError(f"scope must be one of {', '.join(SCOPES)}, not {self.scope!r}")
 

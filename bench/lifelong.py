@@ -77,8 +77,8 @@ def _score_cases(vlm: VLM, cps: list[M.CasePrompts], loc_text, loc_modal) -> dic
                 "reliability": rel.token_accuracy,
                 "text_generality": tgen.token_accuracy,
                 "modal_generality": mgen.token_accuracy,
-                "text_locality": M._agreement(loc_text[i], tloc),
-                "modal_locality": M._agreement(loc_modal[i], mloc),
+                "text_locality": M.agreement(loc_text[i], tloc),
+                "modal_locality": M.agreement(loc_modal[i], mloc),
                 "modal_generality_heldout": held.token_accuracy,
                 "efficacy": rel.prob,
             }

@@ -44,7 +44,7 @@ def run(
     tick: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The lineage benchmark (module docstring); returns a JSON-ready dict."""
-    from bench.serve import _in_thread, _latencies
+    from bench.serve import in_thread, latencies
     from client.sdk import EditLensClient
     from registry import Registry
     from server.app import EditLensServer
@@ -124,7 +124,7 @@ def run(
                     "base model": lambda: lens.generate(img, q, base=True),
                     f"{edits} live edits": lambda: lens.generate(img, q, adapter=adapter),
                 }
-                gen = _in_thread(lambda: _latencies(fns, requests))
+                gen = in_thread(lambda: latencies(fns, requests))
                 gen["ratio_median"] = round(gen[f"{edits} live edits"]["median_ms"] / gen["base model"]["median_ms"], 3)
                 result["generate"] = gen
                 middle = max(1, last.version // 2)

@@ -37,7 +37,7 @@ def _timed(fn: Callable, repeat: int = 1) -> tuple[float, object]:
     return best, out
 
 
-def _latencies(fns: dict[str, Callable], requests: int, warmup: int = 2) -> dict[str, dict]:
+def latencies(fns: dict[str, Callable], requests: int, warmup: int = 2) -> dict[str, dict]:
     """Time every function ``requests`` times, round-robin (so that a load that comes and goes on the
     machine spreads over all rows alike)."""
     for fn in fns.values():
@@ -61,7 +61,7 @@ def _latencies(fns: dict[str, Callable], requests: int, warmup: int = 2) -> dict
     return out
 
 
-def _in_thread(fn: Callable):
+def in_thread(fn: Callable):
     """Run ``fn`` in a fresh thread, as the server runs every request (torch's intra-op threading differs
     between the main thread and others; on a loaded machine the main thread's can be much slower)."""
     import threading
@@ -123,7 +123,7 @@ def run(
         for r, c in zip(reqs, cases):
             r.answer = c["alt"]
         t0 = time.perf_counter()
-        singles = _in_thread(lambda: MultEdit(vlm, MultEditConfig(layer=0, steps=steps)).edit_each(reqs, batch_size=25))
+        singles = in_thread(lambda: MultEdit(vlm, MultEditConfig(layer=0, steps=steps)).edit_each(reqs, batch_size=25))
         result["edit_seconds"] = round(time.perf_counter() - t0, 2)
         sets = {}
         for n in edit_counts:
@@ -158,7 +158,7 @@ def run(
                     )
                 # in a thread of its own, as the server runs every request (torch's intra-op threading
                 # differs between the main thread and others)
-                result["generate"] = _in_thread(lambda: _latencies(fns, requests))
+                result["generate"] = in_thread(lambda: latencies(fns, requests))
 
                 stage("version switch (rollback) against a base-model reload")
                 order = sorted(versions)
@@ -189,7 +189,7 @@ def run(
                 lens.promote(hi, adapter="bench")
                 stage("reloading the base model from disk")
                 reload = [
-                    _in_thread(lambda: _timed(lambda: load_vlm(vlm.path, device=vlm.device, dtype=vlm.dtype))[0])
+                    in_thread(lambda: _timed(lambda: load_vlm(vlm.path, device=vlm.device, dtype=vlm.dtype))[0])
                     for _ in range(2)
                 ]
                 bundle = server.service.host.versions.bundle("bench", hi)

@@ -257,7 +257,7 @@ class AttachedDeltas:
         self._hooks = Hooks()
         with self._hooks.installing():
             for path, ds in by_module.items():
-                self._hooks.add(vlm.module(path), _adding_hook(tuple(ds)))
+                self._hooks.add(vlm.module(path), adding_hook(tuple(ds)))
 
     def remove(self) -> None:
         self._hooks.remove()
@@ -269,7 +269,7 @@ class AttachedDeltas:
         self.remove()
 
 
-def _adding_hook(deltas: tuple[Delta, ...]):
+def adding_hook(deltas: tuple[Delta, ...]):
     def hook(_mod, args, out):
         x = args[0]
         add = deltas[0].contribution(x)

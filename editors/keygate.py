@@ -57,7 +57,7 @@ from vlm.scoring import score_answers
 
 from .base import EditSetBase
 from .configs import SCOPES, KeyGateConfig
-from .edit_set import _adding_hook, check_linear_shapes
+from .edit_set import adding_hook, check_linear_shapes
 from .files import (
     EditSetError,
     check_fingerprint,
@@ -148,7 +148,7 @@ class AttachedGates:
         self._hooks = Hooks()
         with self._hooks.installing():
             for g in gates:
-                self._hooks.add(vlm.module(g.module), _adding_hook((g,)))
+                self._hooks.add(vlm.module(g.module), adding_hook((g,)))
 
     def remove(self) -> None:
         self._hooks.remove()

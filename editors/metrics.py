@@ -154,7 +154,7 @@ def specificity_panel(
     ]
 
 
-def _agreement(before: AnswerScore, after: AnswerScore) -> float:
+def agreement(before: AnswerScore, after: AnswerScore) -> float:
     same = [a == b for a, b in zip(before.predicted_ids, after.predicted_ids)]
     return sum(same) / len(same)
 
@@ -191,8 +191,8 @@ def score_case(vlm: VLM, cp: CasePrompts, i: int, base: Baseline) -> dict[str, f
         "reliability": rel.token_accuracy,
         "text_generality": tgen.token_accuracy,
         "modal_generality": mgen.token_accuracy,
-        "text_locality": _agreement(base.text_locality[i], tloc),
-        "modal_locality": _agreement(base.modal_locality[i], mloc),
+        "text_locality": agreement(base.text_locality[i], tloc),
+        "modal_locality": agreement(base.modal_locality[i], mloc),
         "efficacy": rel.prob,
         "generalisation": tgen.prob,
         "modal_generalisation": mgen.prob,

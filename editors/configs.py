@@ -94,7 +94,7 @@ class KeyGateConfig:
         "writes into that edit's entry.",
     )
     scope: str = option(
-        "fact",
+        "key",
         "What an edit of a fact the model knows takes over (its key within same_subject_cos of the statistics' "
         "key of a known prompt): key (only such keys), fact (every rendering and wording of that fact), or "
         "subject (every question about that subject).",

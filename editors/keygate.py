@@ -20,10 +20,12 @@ by MultEdit's subject key and guarded by the model's own keys):
   entry's δ added; otherwise nothing is added and the output is the base
   model's, bit for bit. A reference key within ``same_subject_cos`` of an
   edit's key is *claimed* by that edit (it is the same subject to the model: a
-  counterfactual of a known fact) and no longer guards; so are all the other
-  reference keys of that fact (its other renderings and wordings, where the
-  statistics' prompts name their subject and relation), which the edit is now
-  to answer; the subject's other facts stay guarded.
+  counterfactual of a known fact) and no longer guards. With ``scope`` fact (or
+  subject) so are all the other reference keys of that fact (of that subject):
+  its other renderings and wordings, where the statistics' prompts name their
+  subject and relation, which the edit is then to answer. The default, key,
+  claims nothing more: it keeps more of what the model knew
+  (``docs/lifelong.md``).
 
 An edit whose key is within ``same_subject_cos`` of an existing edit key joins
 that entry: the entry's δ is optimised again, from zero, on the new prompt and
@@ -190,7 +192,7 @@ class KeyGateEditSet(EditSetBase):
     statistics: str = ""
     same_subject_cos: float = 0.999
     guard: bool = True
-    scope: str = "fact"
+    scope: str = "key"
 
     def gate(self, layer: int) -> Gate | None:
         return next((g for g in self.gates if g.layer == layer), None)
@@ -363,7 +365,7 @@ class KeyGateEditSet(EditSetBase):
                 raise EditSetError(f"{source}: gate {i}'s threshold must be a cosine in [-1, 1]")
             gates.append(Gate(int(info["layer"]), str(info["module"]), mean, keys, entry_of, values, float(thr)))
         check_no_extra(tensors, expected, source)
-        if man.get("scope", "fact") not in SCOPES:
+        if man.get("scope", "key") not in SCOPES:
             raise EditSetError(f"{source}: scope must be one of {', '.join(SCOPES)}")
         return cls(
             gates,
@@ -374,7 +376,7 @@ class KeyGateEditSet(EditSetBase):
             statistics=str(man.get("statistics") or ""),
             same_subject_cos=float(man.get("same_subject_cos", 0.999)),
             guard=bool(man.get("guard", True)),
-            scope=str(man.get("scope", "fact")),
+            scope=str(man.get("scope", "key")),
         )
 
     def check_compatible(self, vlm: VLM) -> None:

@@ -14,6 +14,15 @@ every edit made so far is scored with all of them attached:
   generality on a rendering never used in training, and efficacy (mean P(O*));
 * the specificity panel: exact-match accuracy on held-out questions about
   known entities that no edit so far touched, before (base model) and after;
+* for an editor with a scope gate (VisEdit's, ``editors.visedit.scope``), the gate's
+  decisions on every image of the benchmark, with the edits so far live: its
+  recall (an image of an edited subject — the edit image, another rendering, a
+  held-out one — opens an edit of that subject), its precision (of the edits it
+  opens, those of the image's subject) and its false-accept rate on images of
+  subjects no edit is about, split into the model's known images (the m_loc and
+  specificity-panel images, which are among the gate's references) and images
+  outside the references (held-out renderings of unedited known entities,
+  renderings of stream entities no edit so far is about);
 * the mean latency of the edits since the previous mark (key, value and
   update included; facts differ in how many optimisation steps they need), and
   the latency of one fixed probe edit (the stream's next fact) made on the
@@ -56,6 +65,59 @@ StageFn = Callable[[str], None]
 TickFn = Callable[[int, int], None]
 METRICS = M.EVQA + ("modal_generality_heldout", "efficacy")
 SINGLE_PANEL = 40
+
+
+class GateProbes:
+    """Every image the benchmark shows, with its subject, for scoring a scope gate (visual states read once)."""
+
+    def __init__(self, vlm: VLM, world_dir: Path, records: list[dict], panel, pixels):
+        import json
+
+        spec = json.loads((Path(world_dir) / "world.json").read_text())
+        n_train = int(spec["config"]["train_renderings"])
+        owner = {img: e["id"] for e in spec["entities"] for img in e["images"]}
+        items: dict[str, tuple[str, str]] = {}  # image path -> (entity, group)
+        for r in records:
+            for k in ("image", "image_rephrase", "image_heldout"):
+                items.setdefault(r[k], (r["entity"], "stream"))
+            items.setdefault(r["m_loc"], (owner[r["m_loc"]], "reference"))
+        for e in spec["entities"]:
+            if e["known"]:
+                for img in e["images"][n_train:]:
+                    items.setdefault(img, (e["id"], "outside"))
+        self.pixels = [pixels(p) for p in items]
+        self.entities = [ent for ent, _ in items.values()]
+        self.groups = [group for _, group in items.values()]
+        for ent, prompt in panel:  # the specificity panel's images: training renderings of known entities
+            self.pixels.append(prompt.pixel_values)
+            self.entities.append(ent)
+            self.groups.append("reference")
+        self._vlm, self._layer, self._visual = vlm, None, None
+
+    def visual(self, layer: int) -> torch.Tensor:
+        if layer != self._layer:
+            from editors.visedit.calibration import visual_states
+
+            self._visual, self._layer = visual_states(self._vlm, layer, self.pixels), layer
+        return self._visual
+
+    def report(self, edit_set: Any, edit_entities: list[str]) -> dict[str, Any]:
+        """Recall, precision and false-accept rates of ``edit_set``'s gate on every probe image."""
+        selected = edit_set.gate()(self.visual(edit_set.config.layer).to(edit_set.vead.w1.weight.device)).cpu()
+        edited = set(edit_entities)
+        ents = torch.tensor([[a == b for b in edit_entities] for a in self.entities])  # (P, E) same subject
+        opened_right = (selected & ents).any(1)
+        in_scope = torch.tensor([e in edited for e in self.entities])
+        out = {"probes": len(self.pixels)}
+        out["recall"] = round(float(opened_right[in_scope].float().mean()), 4) if in_scope.any() else None
+        pairs = int(selected.sum())
+        out["precision"] = round(float((selected & ents).sum()) / pairs, 4) if pairs else None
+        for group in ("reference", "outside", "stream"):
+            rows = torch.tensor([g == group for g in self.groups]) & ~in_scope
+            if rows.any():
+                out[f"false_accept_{group}"] = round(float(selected[rows].any(1).float().mean()), 5)
+                out[f"unrelated_{group}_images"] = int(rows.sum())
+        return out
 
 
 def marks_for(edits: int) -> list[int]:
@@ -176,7 +238,10 @@ def run(
     t_start = time.time()
     say(f"the edit stream: {edits} facts")
     records = edit_stream(load_world(world_dir), edits + 1)
-    drawn = render_stream_images(world_dir, records)
+    later = edit_stream(load_world(world_dir))[edits + 1 :]  # facts no edit of this run is about: unrelated images
+    foreign = [r for r in later if r["type"] == "new_entity" and r["entity"] not in {x["entity"] for x in records}]
+    foreign = list({r["entity"]: r for r in foreign}.values())[:200]
+    drawn = render_stream_images(world_dir, records + foreign)
     probe_record, records = records[-1], records[:-1]
     if drawn:
         say(f"drew {drawn} images of new entities")
@@ -200,9 +265,14 @@ def run(
     say("key geometry of the stream")
     result["key_geometry"] = key_geometry(vlm, cps, layer)
     marks = marks_for(edits)
+    probes = None
     for name in editors:
         editor = make_editor(name, vlm, layer, world_dir, (overrides or {}).get(name))
         entry: dict[str, Any] = {"hyperparameters": editor.hyperparameters("sequential")}
+        gated = getattr(getattr(editor, "adapter", None), "scope", None) is not None
+        if gated and probes is None:
+            say("the scope gate's probe images")
+            probes = GateProbes(vlm, world_dir, records + foreign, panel, pixels)
         if single:
             say(f"{name}: {min(single, edits)} single edits")
             singles = editor.edit_each(requests[:single], batch_size=32)
@@ -235,6 +305,7 @@ def run(
             with tempfile.TemporaryDirectory() as d:
                 size = current.save(Path(d) / "lifelong.safetensors")
             since = latencies[-(mark - (curve[-1]["edits"] if curve else 0)) :]
+            gate = probes.report(current, [r["entity"] for r in records[:mark]]) if gated else None
             point = {
                 "edits": mark,
                 **{k: round(v, 4) for k, v in scores.items() if k != "by_type"},
@@ -247,12 +318,15 @@ def run(
                 "norm": update_norm(current, vlm),
                 "by_type": scores["by_type"],
             }
+            if gate is not None:
+                point["gate"] = gate
             curve.append(point)
             say(
                 f"{name} after {mark}: rel {point['reliability']:.3f} tgen {point['text_generality']:.3f} "
                 f"mgen {point['modal_generality']:.3f} tloc {point['text_locality']:.3f} "
                 f"mloc {point['modal_locality']:.3f} spec {point['specificity_before']:.3f}->"
                 f"{point['specificity_after']:.3f} ({point['edit_ms']} ms/edit)"
+                + (f" gate recall {gate['recall']} precision {gate['precision']}" if gate else "")
             )
         entry["curve"] = curve
         entry["final"] = {k: v for k, v in curve[-1].items() if k != "by_type"}

@@ -35,6 +35,7 @@ TRAIN_FLAGS = (
     "eval_every",
     "checkpoint_every",
     "im_tokens",
+    "scope_far",
 )
 
 
@@ -131,6 +132,59 @@ def _train_locally(out, world, world_seed, device, cfg, as_json) -> None:
     typer.echo(f"  adapter: {result['adapter_path']}")
     if result.get("layer_evidence"):
         typer.echo(f"  layer: {result['layer_evidence']['criterion']}")
+
+
+@visedit_app.command("calibrate")
+def calibrate_cmd(
+    adapter: Path | None = typer.Option(None, help="The trained adapter to gate (default: the world's); rewritten."),
+    far: float = typer.Option(
+        1e-3, help="Target false-accept rate of the scope gate on unrelated image pairs (sets the threshold)."
+    ),
+    off: bool = typer.Option(False, "--off", help="Remove the scope gate instead (the paper's ungated form)."),
+    world: Path | None = WORLD,
+    seed: int = SEED,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+) -> None:
+    """Give a trained adapter its scope gate: reference keys from the images of the subjects the model
+    knows, and a threshold calibrated to --far on renderings drawn for the purpose. Edits made with the
+    adapter afterwards touch an image only when it is in their scope; others see the base model."""
+    from editors.edit_set import EditSetError
+    from editors.visedit import VisEditSet
+    from editors.visedit.calibration import calibrate_world_scope
+    from editors.visedit.train import default_adapter_path
+
+    if not off and not 0 < far < 1:
+        fail(f"--far is a false-accept rate in (0, 1), not {far}")
+    folder, vlm = world_and_model(world, seed, device)
+    adapter = adapter or default_adapter_path(folder)
+    if not adapter.is_file():
+        fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
+    try:
+        trained = VisEditSet.load(adapter, vlm)
+        if trained.num_edits:
+            fail(f"{adapter} holds {trained.num_edits} edit(s); calibrate the trained adapter, then edit with it")
+        scope = None if off else calibrate_world_scope(vlm, trained.vead, folder, far)
+        trained.with_scope(scope).save(adapter)
+    except (EditSetError, ValueError) as exc:
+        fail(str(exc))
+    result = {"adapter": str(adapter), "scope": None if scope is None else scope.to_manifest()["calibration"]}
+    if scope is not None:
+        result["threshold"] = scope.threshold
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    if scope is None:
+        typer.echo(f"removed the scope gate of {adapter}")
+        return
+    cal = scope.calibration
+    typer.echo(
+        f"scope gate of {adapter}: threshold {scope.threshold:.4f} (false-accept {cal['false_accept']:.2g} on "
+        f"{cal['negative_pairs']} unrelated pairs, target {far:g}); recall {cal['recall']:.3f} on "
+        f"{cal['positive_pairs']} same-subject pairs; {cal['reference_images']} reference images"
+    )
+    for rate, lv in cal["levels"].items():
+        typer.echo(f"  at false-accept {rate}: threshold {lv['threshold']:.4f}, recall {lv['recall']:.3f}")
 
 
 @visedit_app.command("edit")

@@ -214,6 +214,11 @@ class VisEditTrainConfig:
         help="Weight of each loss (default 1 each, the paper's).", factory=lambda: dict.fromkeys(LOSSES, 1.0)
     )
     recommend_cases: int = option(8, "Training cases the auto layers are chosen on.")
+    scope_far: float = option(
+        1e-3,
+        "Calibrate the adapter's scope gate to this false-accept rate on unrelated images after training "
+        "(0: no gate, the paper's form where every edit reaches every image through its influence map).",
+    )
 
     def check(self) -> None:
         for name in (
@@ -232,6 +237,8 @@ class VisEditTrainConfig:
             raise TrainError(f"{self.heads} heads must divide the width {self.width}")
         if self.lr <= 0:
             raise TrainError("lr must be positive")
+        if not 0 <= self.scope_far < 1:
+            raise TrainError("scope_far is a false-accept rate in [0, 1) (0: no scope gate)")
         if self.mapper_tied and not (self.mapper_context and self.summary_token == "image"):
             raise TrainError(
                 "the tied influence mapper compares images: it needs summary_token='image' and "
@@ -251,4 +258,5 @@ class VisEditTrainConfig:
         d.pop("steps")
         d.pop("eval_every")
         d.pop("checkpoint_every")
+        d.pop("scope_far")  # the gate is calibrated after training: it does not change the steps
         return d

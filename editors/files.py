@@ -69,7 +69,7 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str]
 
 
 def read_manifest(
-    meta: dict[str, str], source: str, fmt: str, version: int, what: str, required: Sequence[str]
+    meta: dict[str, str], source: str, fmt: str, version: int | Sequence[int], what: str, required: Sequence[str]
 ) -> dict[str, Any]:
     """The ``editlens`` manifest of a file's metadata, checked for its format, version and ``required`` keys;
     an ``EditSetError`` naming ``source`` and what is wrong otherwise."""
@@ -81,9 +81,11 @@ def read_manifest(
         raise EditSetError(f"{source}: the manifest is not valid JSON ({exc})") from None
     if not isinstance(man, dict) or man.get("format") != fmt:
         raise EditSetError(f"{source} is not {what} (format {man.get('format') if isinstance(man, dict) else None!r})")
-    if man.get("format_version") != version:
+    versions = (version,) if isinstance(version, int) else tuple(version)
+    if man.get("format_version") not in versions:
         raise EditSetError(
-            f"{source} has format version {man.get('format_version')!r}; this EditLens reads version {version}"
+            f"{source} has format version {man.get('format_version')!r}; this EditLens reads version "
+            + " or ".join(str(v) for v in versions)
         )
     for key in required:
         if key not in man:

@@ -110,6 +110,7 @@ class EditSignal:
 
     states: torch.Tensor  # (N_e, d)
     last: torch.Tensor  # (d,) or (N_v, d)
+    key: torch.Tensor | None = None  # (k,) the edit image's scope key (``scope.image_keys``), with a scope gate
 
 
 class SignalBatch:
@@ -128,6 +129,7 @@ class SignalBatch:
             self.states[i, : s.states.shape[0]] = s.states.to(device, dtype)
             self.mask[i, : s.states.shape[0]] = True
         self.last = torch.stack([s.last.to(device, dtype) for s in signals])
+        self.signals = list(signals)
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -217,11 +219,14 @@ class VEAD(nn.Module):
         logits = self.influence_logits(h, q)
         return h + self.cross_attention(h, keys, values, mask) * torch.sigmoid(logits).unsqueeze(-1), logits
 
-    def all_edits(self, h: torch.Tensor, prepared) -> torch.Tensor:
-        """Serving form: every row of h (B, N_v, d) gets Σ_e ḣ_e ⊙ C_e over all E live edits."""
+    def all_edits(self, h: torch.Tensor, prepared, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Serving form: every row of h (B, N_v, d) gets Σ_e ḣ_e ⊙ C_e over all E live edits, or with
+        ``select`` (B, E) over the edits selected for the row only."""
         keys, values, mask, q = prepared
         hv = h.unsqueeze(1)  # (B, 1, N_v, d)
         gate = torch.sigmoid(self.influence_logits(hv, q.unsqueeze(0)))  # (B, E, N_v)
+        if select is not None:
+            gate = gate * select.unsqueeze(-1).to(gate.dtype)
         dh = self.cross_attention(hv, keys.unsqueeze(0), values.unsqueeze(0), mask.unsqueeze(0))  # (B, E, N_v, d)
         return h + (dh * gate.unsqueeze(-1)).sum(1)
 
@@ -241,17 +246,30 @@ class VisualPositions:
 class AttachedVEAD:
     """VEAD on ``vlm`` at its layer. ``mode="all"``: every row gets every signal (serving);
     ``mode="paired"``: row b gets signal b (training), and the influence logits of the
-    last pass are kept in ``self.logits`` ((B, N_v)) with the visual states in ``self.inputs``."""
+    last pass are kept in ``self.logits`` ((B, N_v)) with the visual states in ``self.inputs``.
 
-    def __init__(self, vlm: VLM, vead: VEAD, signals: SignalBatch, mode: str = "all"):
+    With a ``gate`` (``mode="all"`` only: a callable from the image rows' visual states (B, N_v, d) to
+    a (B, E) selection of the live edits, ``VisEditSet.attach`` passes its scope gate) a row gets only the
+    edits selected for it, and a row with none, or a pass with none at all, is left exactly as it was.
+    ``self.selected`` keeps the last image pass's selection."""
+
+    def __init__(self, vlm: VLM, vead: VEAD, signals: SignalBatch | Sequence[EditSignal], mode: str = "all", gate=None):
         if mode not in ("all", "paired"):
             raise ValueError(f"mode must be 'all' or 'paired', not {mode!r}")
+        if gate is not None and mode != "all":
+            raise ValueError("a scope gate selects among live edits: it needs mode='all'")
         self.vead, self.mode = vead, mode
         self.logits: torch.Tensor | None = None
         self.inputs: torch.Tensor | None = None
+        self.selected: torch.Tensor | None = None
         self.positions = VisualPositions(vlm)
-        signals_on = signals
-        prepared = None if mode == "paired" else vead.prepare(signals_on)
+        device = vlm.input_device
+        if gate is not None:  # the selected edits' signals are prepared when a row is in their scope
+            listed = list(signals.signals if isinstance(signals, SignalBatch) else signals)
+            signals_on, prepared = None, None
+        else:
+            signals_on = signals if isinstance(signals, SignalBatch) else SignalBatch(signals, device=device)
+            prepared = None if mode == "paired" else vead.prepare(signals_on)
 
         def pre(_mod, args, kwargs):
             h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -270,6 +288,18 @@ class AttachedVEAD:
             if mode == "paired":
                 new, self.logits = vead.paired(x, signals_on)
                 self.inputs = x
+            elif gate is not None:
+                select = gate(x)  # (rows, E)
+                self.selected = select
+                hit = select.any(1)
+                if not bool(hit.any()):
+                    return None  # no row is in any edit's scope: the base model, bit for bit
+                used = select.any(0).nonzero().squeeze(1)  # only the edits some row is in the scope of
+                part = vead.prepare(SignalBatch([listed[i] for i in used.tolist()], device=device, dtype=x.dtype))
+                new = vead.all_edits(x[hit], part, select[hit][:, used])
+                mask = mask.clone()
+                image_rows = rows.nonzero().squeeze(1)
+                mask[image_rows[~hit]] = False  # rows out of every scope keep their states
             else:
                 new = vead.all_edits(x, prepared)
             h = h.clone()

@@ -1,7 +1,11 @@
 """The VisEdit edit-set format: one trained adapter plus one signal per edit, in one safetensors file.
 
 * tensors ``vead.<name>`` — the adapter's parameters (``VEAD.state_dict()``), once;
-* tensors ``signal.<i>.states`` (N_i × d) and ``signal.<i>.last`` (d) — edit i's signal;
+* tensors ``signal.<i>.states`` (N_i × d) and ``signal.<i>.last`` (d) — edit i's signal, and with a
+  scope gate ``signal.<i>.key`` (k) — its edit image's scope key;
+* with a scope gate (``scope.py``): ``scope.reference`` (R × k), the reference keys, and in the
+  manifest ``adapter.scope`` (threshold τ, target false-accept rate, the references' subjects, the
+  calibration report);
 * metadata key ``editlens``: a JSON manifest with ``format`` ("editlens.visedit_set"),
   ``format_version``, ``base_fingerprint`` (``vlm.loading``), ``editor`` ("visedit"),
   ``adapter`` (its ``config``, ``parameter_count``, ``sha256`` of the weights, and
@@ -36,10 +40,12 @@ from editors.files import (
 )
 from vlm.loading import VLM
 
-from .adapter import VEAD, AttachedVEAD, EditSignal, SignalBatch, VEADConfig
+from .adapter import VEAD, AttachedVEAD, EditSignal, VEADConfig
+from .scope import Scope, image_keys
 
 FORMAT = "editlens.visedit_set"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the optional scope gate; version 1 files (no gate) are read as they are
+READS_VERSIONS = (1, 2)
 
 
 def weights_digest(vead: VEAD) -> str:
@@ -62,6 +68,7 @@ class VisEditSet(EditSetBase):
     records: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     editor: str = "visedit"
+    scope: Scope | None = None  # the calibrated scope gate (None: the paper's ungated form)
 
     @property
     def config(self) -> VEADConfig:
@@ -78,6 +85,16 @@ class VisEditSet(EditSetBase):
             "adapter": self.config.to_dict(),
             "adapter_sha256": weights_digest(self.vead),
             "layer_evidence": self.training.get("layer_evidence"),
+            "scope": None if self.scope is None else self._scope_summary(),
+        }
+
+    def _scope_summary(self) -> dict[str, Any]:
+        cal = self.scope.calibration
+        return {
+            "threshold": round(self.scope.threshold, 6),
+            "far_target": self.scope.far_target,
+            "recall": cal.get("recall"),
+            "references": len(self.scope.subjects),
         }
 
     def manifest(self) -> dict[str, Any]:
@@ -91,6 +108,7 @@ class VisEditSet(EditSetBase):
                 "parameter_count": self.vead.parameter_count(),
                 "sha256": weights_digest(self.vead),
                 "training": self.training,
+                "scope": None if self.scope is None else self.scope.to_manifest(),
             },
             "signals": [{"rows": int(s.states.shape[0])} for s in self.signals],
             "records": self.records,
@@ -107,11 +125,27 @@ class VisEditSet(EditSetBase):
             self.records + list(records),
             dict(self.training),
             self.editor,
+            self.scope,
         )
 
     def without_edits(self) -> VisEditSet:
         """The same trained adapter with no edits (what a new lineage starts from)."""
-        return VisEditSet(self.vead, self.base_fingerprint, [], [], dict(self.training), self.editor)
+        return VisEditSet(self.vead, self.base_fingerprint, [], [], dict(self.training), self.editor, self.scope)
+
+    def with_scope(self, scope: Scope | None, vlm: VLM | None = None, pixel_values=None) -> VisEditSet:
+        """The same adapter and edits under another scope gate (None: ungated). Edits without a key need
+        their edit images' ``pixel_values`` (one per edit, in order) and ``vlm`` to compute it."""
+        signals = list(self.signals)
+        if scope is not None and any(s.key is None for s in signals):
+            if vlm is None or pixel_values is None or len(pixel_values) != len(signals):
+                raise EditSetError("these edits have no scope keys: give their edit images to compute them")
+            from .calibration import keys_of_images
+
+            keys = keys_of_images(vlm, self.vead, pixel_values)
+            signals = [EditSignal(s.states, s.last, k) for s, k in zip(signals, keys)]
+        return VisEditSet(
+            self.vead, self.base_fingerprint, signals, list(self.records), dict(self.training), self.editor, scope
+        )
 
     def describe(self, size_bytes: int | None = None) -> dict[str, Any]:
         return {
@@ -119,19 +153,39 @@ class VisEditSet(EditSetBase):
             "adapter": self.config.to_dict(),
             "parameter_count": self.vead.parameter_count(),
             "adapter_sha256": weights_digest(self.vead),
+            "scope": None if self.scope is None else self._scope_summary(),
         }
 
     def same_adapter(self, other: VisEditSet) -> bool:
         """Whether ``other`` holds the same trained adapter (its weights, not just its config)."""
         return weights_digest(other.vead) == weights_digest(self.vead)
 
+    def edit_keys(self) -> torch.Tensor:
+        """(E, k) the edits' scope keys (a scope gate's edit sets only)."""
+        if self.scope is None or any(s.key is None for s in self.signals):
+            raise EditSetError("this edit set has no scope gate")
+        return torch.stack([s.key.float() for s in self.signals])
+
+    def gate(self):
+        """The scope decision of this edit set's live edits: visual states (B, N_v, d) → (B, E) selection.
+        An edit of a subject the model knows (its image is one of the references) matches through all of that
+        subject's reference images."""
+        scope, vead = self.scope, self.vead
+        keys = self.edit_keys()
+        claims = scope.claims(keys)
+
+        def decide(visual: torch.Tensor) -> torch.Tensor:
+            return scope.decide(image_keys(vead, visual), keys.to(visual.device), claims)
+
+        return decide
+
     def attach(self, vlm: VLM) -> AttachedVEAD | _Nothing:
-        """Hooks that apply every edit's signal (thread-scoped; ``remove()`` restores the base model)."""
+        """Hooks that apply the edits (thread-scoped; ``remove()`` restores the base model): with a scope gate
+        each image row gets only the edits whose scope it is in, otherwise every edit's signal."""
         if not self.signals:
             return _Nothing()
-        dev = vlm.input_device
-        self.vead.to(dev)
-        return AttachedVEAD(vlm, self.vead, SignalBatch(self.signals, device=dev), mode="all")
+        self.vead.to(vlm.input_device)
+        return AttachedVEAD(vlm, self.vead, self.signals, mode="all", gate=None if self.scope is None else self.gate())
 
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -140,6 +194,12 @@ class VisEditSet(EditSetBase):
         for i, s in enumerate(self.signals):
             out[f"signal.{i}.states"] = s.states.detach().float().contiguous().cpu()
             out[f"signal.{i}.last"] = s.last.detach().float().contiguous().cpu()
+            if self.scope is not None:
+                if s.key is None:
+                    raise EditSetError(f"edit {i} has no scope key; an edit set with a scope gate needs one per edit")
+                out[f"signal.{i}.key"] = s.key.detach().float().contiguous().cpu()
+        if self.scope is not None:
+            out["scope.reference"] = self.scope.reference.detach().float().contiguous().cpu()
         return out
 
     def save(self, path: str | os.PathLike) -> int:
@@ -166,7 +226,7 @@ class VisEditSet(EditSetBase):
             meta,
             source,
             FORMAT,
-            FORMAT_VERSION,
+            READS_VERSIONS,
             "a VisEdit edit set",
             ("base_fingerprint", "adapter", "signals", "records"),
         )
@@ -195,6 +255,16 @@ class VisEditSet(EditSetBase):
         vead.load_state_dict({k: t.float() for k, t in given.items()})
         vead.eval()
         vead.requires_grad_(False)
+        scope = None
+        if man["adapter"].get("scope") is not None:
+            if "scope.reference" not in tensors:
+                raise EditSetError(f"{source}: the scope gate's reference keys are missing")
+            try:
+                scope = Scope.from_manifest(man["adapter"]["scope"], tensors["scope.reference"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EditSetError(f"{source}: the scope gate is malformed ({exc})") from None
+            if scope.reference.dim() != 2 or not -1 <= scope.threshold <= 1:
+                raise EditSetError(f"{source}: the scope gate needs (R, k) reference keys and a cosine threshold")
         n = len(man["signals"])
         if len(man["records"]) != n:
             raise EditSetError(f"{source}: {n} signals but {len(man['records'])} records")
@@ -215,8 +285,17 @@ class VisEditSet(EditSetBase):
                     f"{source}: signal {i} has shapes {tuple(states.shape)} / {tuple(last.shape)}; "
                     f"expected (N, {config.hidden_size}) / {want}"
                 )
-            signals.append(EditSignal(states, last))
-        known = {f"vead.{k}" for k in expected} | {f"signal.{i}.{p}" for i in range(n) for p in ("states", "last")}
+            key = None
+            if scope is not None:
+                key = tensors.get(f"signal.{i}.key")
+                if key is None or key.dim() != 1 or key.shape[0] != scope.reference.shape[1]:
+                    raise EditSetError(f"{source}: signal {i} has no scope key of size {scope.reference.shape[1]}")
+                key = key.float()
+            signals.append(EditSignal(states, last, key))
+        parts = ("states", "last", "key") if scope is not None else ("states", "last")
+        known = {f"vead.{k}" for k in expected} | {f"signal.{i}.{p}" for i in range(n) for p in parts}
+        if scope is not None:
+            known.add("scope.reference")
         extra = sorted(set(tensors) - known)
         if extra:
             raise EditSetError(f"{source}: unexpected tensors {extra[:5]}")
@@ -230,6 +309,7 @@ class VisEditSet(EditSetBase):
             list(man["records"]),
             dict(man["adapter"].get("training") or {}),
             str(man.get("editor", "visedit")),
+            scope,
         )
 
     def check_compatible(self, vlm: VLM) -> None:

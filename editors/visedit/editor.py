@@ -28,9 +28,10 @@ from vlm.patching import run_patched
 from vlm.prompts import EncodedPrompt, collate, encode
 from vlm.scoring import score_answers
 
-from .adapter import EditSignal
+from .adapter import VEAD, EditSignal
 from .edit_set import FORMAT as EDIT_SET_FORMAT
 from .edit_set import VisEditSet
+from .scope import image_keys
 
 
 def signal_state(layer: int) -> tuple[str, int]:
@@ -46,11 +47,14 @@ def compute_signals(
     summary_layer: int | None = None,
     summary_token: str = "last",
     batch_size: int = 32,
+    scope_of: VEAD | None = None,
 ) -> list[EditSignal]:
     """Signals of edit prompts encoded with their answers: the rows (every position of the prompt and
     answer) at the input of ``signal_layer``; the mapper's key, the row of the last prompt token (or
     of the constraint's last token, ``summary_token="constraint"``, or the mean of the image rows,
-    ``"image"``) at the input of ``summary_layer`` (default: the same layer)."""
+    ``"image"``) at the input of ``summary_layer`` (default: the same layer). With ``scope_of`` (the
+    adapter of an edit set with a scope gate), each signal also gets its edit image's scope key, from
+    the visual states at the adapter's layer."""
     if summary_token == "constraint" and any(not p.constraint_spans for p in prompts):
         raise ValueError(
             "this VisEdit adapter reads its influence mapper's key at the visual constraint: "
@@ -58,6 +62,12 @@ def compute_signals(
         )
     summary_layer = signal_layer if summary_layer is None else summary_layer
     keys = [signal_state(signal_layer), signal_state(summary_layer)]
+    deepest = max(signal_layer, summary_layer)
+    if scope_of is not None:
+        if any(not p.image_positions for p in prompts):
+            raise ValueError("a VisEdit edit needs an image")
+        keys.append(signal_state(scope_of.config.layer))
+        deepest = max(deepest, scope_of.config.layer)
     out: list[EditSignal] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -65,16 +75,22 @@ def compute_signals(
             vlm,
             collate(chunk, vlm.tokenizer.pad_token_id),
             capture=set(keys),
-            stop_after_layer=max(max(signal_layer, summary_layer) - 1, 0),
+            stop_after_layer=max(deepest - 1, 0),
         )
         states = run.captured[keys[0]].float().cpu()
         summary = run.captured[keys[1]].float().cpu()
+        scope_keys = None
+        if scope_of is not None:
+            at_layer = run.captured[keys[2]].float()
+            visual = torch.stack([at_layer[i, p.image_positions] for i, p in enumerate(chunk)])
+            scope_keys = image_keys(scope_of, visual.to(scope_of.w1.weight.device)).cpu()
         for i, p in enumerate(chunk):
             if summary_token == "image":
                 key = summary[i, p.image_positions]
             else:
                 key = summary[i, p.constraint_last if summary_token == "constraint" else p.last_prompt_pos]
-            out.append(EditSignal(states[i, : p.length].clone(), key.clone()))
+            scope_key = None if scope_keys is None else scope_keys[i].clone()
+            out.append(EditSignal(states[i, : p.length].clone(), key.clone(), scope_key))
     return out
 
 
@@ -125,7 +141,10 @@ class VisEdit(EditorBase):
         prompts = [self.encode(r) for r in requests]
         t0 = time.perf_counter()
         cfg = self.adapter.config
-        signals = compute_signals(self.vlm, prompts, cfg.signal_layer, cfg.last_layer, cfg.summary_token)
+        scope_of = self.adapter.vead if self.adapter.scope is not None else None
+        signals = compute_signals(
+            self.vlm, prompts, cfg.signal_layer, cfg.last_layer, cfg.summary_token, scope_of=scope_of
+        )
         t_signal = (time.perf_counter() - t0) / len(requests)
         p_before = [s.prob for s in score_answers(self.vlm, prompts)]
         return prompts, signals, t_signal, p_before

@@ -67,7 +67,7 @@ def stable_seed(key: Any) -> int:
 
 @dataclass
 class TrainProgress:
-    """``stage``: prepare | layers | train | validate | checkpoint | done."""
+    """``stage``: prepare | layers | train | validate | checkpoint | calibrate | done."""
 
     stage: str
     step: int = 0
@@ -484,6 +484,14 @@ class Trainer:
                 self.say(TrainProgress("checkpoint", step, cfg.steps, message=str(self._checkpoint_path())))
         result = summary()
         result["adapter_path"] = str(best_path)
+        if cfg.scope_far > 0 and best_path.is_file():
+            from .calibration import calibrate_world_scope
+
+            self.say(TrainProgress("calibrate", state["step"], cfg.steps, message="calibrating the scope gate"))
+            best = VisEditSet.load(best_path, self.vlm)
+            scope = calibrate_world_scope(self.vlm, best.vead, self.world_dir, cfg.scope_far, seed=cfg.seed)
+            best.with_scope(scope).save(best_path)
+            result["scope"] = {"threshold": scope.threshold, **scope.calibration}
         result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
         (self.out / "training.json").write_text(
             json.dumps({**result, "curve": state["curve"], "validation": state["validation"]}, indent=1)

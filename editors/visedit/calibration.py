@@ -1,0 +1,104 @@
+"""Calibrating a trained adapter's scope gate on a world (``editlens visedit calibrate``).
+
+* reference keys: the training renderings of the world's known entities — the
+  images the model has learned its subjects from — labelled by entity;
+* calibration pairs: renderings drawn for the occasion (seeds no other part of
+  EditLens uses, so never an image that an edit, a metric or a reference
+  uses) of every world entity and of new looks no world entity has; a pair of
+  renderings of one look is a same-subject pair, of two looks an unrelated one;
+* τ: the cosine above which at most ``far`` of the unrelated pairs fall
+  (``scope.calibrate``), stored with the adapter together with the recall it
+  leaves and the recall at other false-accept rates.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.loading import VLM
+from vlm.patching import run_patched
+from vlm.prompts import collate, encode
+
+from .adapter import VEAD
+from .editor import signal_state
+from .scope import Scope, calibrate, image_keys
+
+CALIBRATION_RENDERINGS = 3  # fresh renderings per look
+CALIBRATION_LOOKS = 360  # looks (world entities first, then new looks) the pairs are drawn from
+
+
+@torch.no_grad()
+def visual_states(vlm: VLM, layer: int, pixel_values: Sequence[torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+    """(n, N_v, d) visual states at the input of decoder ``layer`` for each image (a neutral question)."""
+    out = []
+    for start in range(0, len(pixel_values), batch_size):
+        prompts = [
+            encode(vlm.processor, "what is this ?", pixel_values=p) for p in pixel_values[start : start + batch_size]
+        ]
+        key = signal_state(layer)
+        run = run_patched(
+            vlm, collate(prompts, vlm.tokenizer.pad_token_id), capture={key}, stop_after_layer=max(layer - 1, 0)
+        )
+        states = run.captured[key].float().cpu()
+        out += [states[i, p.image_positions] for i, p in enumerate(prompts)]
+    return torch.stack(out)
+
+
+def keys_of_images(vlm: VLM, vead: VEAD, images: Sequence[Any]) -> torch.Tensor:
+    """Unit image keys (n, k) of PIL images (or pixel tensors)."""
+    pix = [
+        im
+        if isinstance(im, torch.Tensor)
+        else vlm.processor.image_processor(im, return_tensors="pt")["pixel_values"][0]
+        for im in images
+    ]
+    vead = vead.to(vlm.input_device)
+    return image_keys(vead, visual_states(vlm, vead.config.layer, pix).to(vlm.input_device)).cpu()
+
+
+def calibrate_world_scope(
+    vlm: VLM, vead: VEAD, world_dir: str | Path, far: float = 1e-3, looks: int = CALIBRATION_LOOKS, seed: int = 0
+) -> Scope:
+    """The scope gate of ``vead`` on a built world (module docstring)."""
+    from vlm.images import load_image
+    from vlm.world.render import render_entity
+    from vlm.world.stream import load_world, new_entities
+
+    t0 = time.perf_counter()
+    world_dir = Path(world_dir)
+    spec = json.loads((world_dir / "world.json").read_text())
+    n_train = int(spec["config"]["train_renderings"])
+    known = [e for e in spec["entities"] if e["known"]]
+    ref_paths = [(e["id"], p) for e in known for p in e["images"][:n_train]]
+    reference = keys_of_images(vlm, vead, [load_image(world_dir / p) for _, p in ref_paths])
+    pool = [(e["kind"], e["look"]) for e in spec["entities"]]
+    pool += [(e.kind, e.look) for e in new_entities(load_world(world_dir))]
+    rng = random.Random(f"visedit-scope-{seed}")
+    chosen = pool[: len(spec["entities"])] + rng.sample(
+        pool[len(spec["entities"]) :], max(0, looks - len(spec["entities"]))
+    )
+    images, owner = [], []
+    for i, (kind, look) in enumerate(chosen):
+        for r in range(CALIBRATION_RENDERINGS):
+            images.append(render_entity(kind, look, f"scope-calibration-{seed}-{i}-{r}"))
+            owner.append(i)
+    keys = keys_of_images(vlm, vead, images)
+    own = torch.tensor(owner)
+    cos = keys @ keys.T
+    same = own[:, None] == own[None, :]
+    upper = torch.triu(torch.ones_like(same), diagonal=1)
+    tau, report = calibrate(cos[same & upper], cos[~same & upper], far)
+    report.update(
+        looks=len(chosen),
+        renderings_per_look=CALIBRATION_RENDERINGS,
+        reference_images=len(ref_paths),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    return Scope(tau, reference, [s for s, _ in ref_paths], far, report)

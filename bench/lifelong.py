@@ -12,6 +12,10 @@ every edit made so far is scored with all of them attached:
 * the five E-VQA metrics (``editors.metrics``: reliability, text and modal
   generality, text and modal locality against the pre-edit model), the modal
   generality on a rendering never used in training, and efficacy (mean P(O*));
+  beside modal locality, the same over the probes whose own fact no edit so far
+  rewrote (``modal_locality_unedited``): a probe image of a known entity, asked
+  a fact that a later edit of the stream rewrote, should answer the new value;
+
 * the specificity panel: exact-match accuracy on held-out questions about
   known entities that no edit so far touched, before (base model) and after;
 * for an editor with a scope gate (VisEdit's, ``editors.visedit.scope``), the gate's
@@ -23,6 +27,10 @@ every edit made so far is scored with all of them attached:
   specificity-panel images, which are among the gate's references) and images
   outside the references (held-out renderings of unedited known entities,
   renderings of stream entities no edit so far is about);
+* with ``--serve N``, the final edit set registered as one version of a real
+  server (gRPC on 127.0.0.1, MLflow on sqlite) and N Generate calls timed
+  with it against the base model, inside the first edit's scope and outside
+  every edit's;
 * the mean latency of the edits since the previous mark (key, value and
   update included; facts differ in how many optimisation steps they need), and
   the latency of one fixed probe edit (the stream's next fact) made on the
@@ -102,8 +110,9 @@ class GateProbes:
         return self._visual
 
     def report(self, edit_set: Any, edit_entities: list[str]) -> dict[str, Any]:
-        """Recall, precision and false-accept rates of ``edit_set``'s gate on every probe image."""
-        selected = edit_set.gate()(self.visual(edit_set.config.layer).to(edit_set.vead.w1.weight.device)).cpu()
+        """Recall, precision and false-accept rates of the image half of ``edit_set``'s gate on every probe
+        image (whether the question asks what an opened edit asks is the metrics' part)."""
+        selected = edit_set.image_gate()(self.visual(edit_set.config.layer).to(edit_set.vead.w1.weight.device)).cpu()
         edited = set(edit_entities)
         ents = torch.tensor([[a == b for b in edit_entities] for a in self.entities])  # (P, E) same subject
         opened_right = (selected & ents).any(1)
@@ -120,13 +129,65 @@ class GateProbes:
         return out
 
 
+def served_latency(vlm: VLM, world_dir: Path, edit_set: Any, records: list[dict], requests: int) -> dict[str, Any]:
+    """Generate through a real server (gRPC on 127.0.0.1, MLflow on sqlite in a temporary folder) with the
+    final edit set registered as one version, against the base model: an image question inside the first
+    edit's scope and one outside every edit's (the first case's unrelated image), ``requests`` each."""
+    from bench.serve import in_thread, latencies
+    from client.sdk import EditLensClient
+    from registry import Registry
+    from server.app import EditLensServer
+    from server.bundles import publish
+    from server.config import ServerConfig
+
+    first = records[0]
+    with tempfile.TemporaryDirectory(prefix="editlens-bench-lifelong-") as tmp:
+        registry = Registry(data_dir=Path(tmp) / "registry")
+        t0 = time.perf_counter()
+        info = publish(registry, vlm, "lifelong", {edit_set.editor: edit_set}, edits=edit_set.records)
+        t_publish = time.perf_counter() - t0
+        server = EditLensServer(ServerConfig(port=0), vlm=vlm, registry=registry)
+        address = server.start()
+        server.wait_ready(120)
+        try:
+            with EditLensClient(address) as lens:
+                inside = (Path(world_dir) / first["image"], first["src"])
+                outside = (Path(world_dir) / first["m_loc"], first["m_loc_q"])
+                served = lens.generate(*inside, adapter="lifelong")
+                fns = {
+                    "base model, in scope": lambda: lens.generate(*inside, base=True),
+                    f"{edit_set.num_edits} live edits, in scope": lambda: lens.generate(*inside, adapter="lifelong"),
+                    "base model, out of scope": lambda: lens.generate(*outside, base=True),
+                    f"{edit_set.num_edits} live edits, out of scope": lambda: lens.generate(
+                        *outside, adapter="lifelong"
+                    ),
+                }
+                out = in_thread(lambda: latencies(fns, requests))
+        finally:
+            server.stop(0)
+    n = edit_set.num_edits
+    for where in ("in scope", "out of scope"):
+        out[f"ratio_median_{where.replace(' ', '_')}"] = round(
+            out[f"{n} live edits, {where}"]["median_ms"] / out[f"base model, {where}"]["median_ms"], 3
+        )
+    out.update(
+        version=info.version,
+        publish_ms=round(1000 * t_publish, 1),
+        answer_in_scope=served.text,
+        expected_in_scope=first["alt"],
+        requests=requests,
+    )
+    return out
+
+
 def marks_for(edits: int) -> list[int]:
     """The marks up to ``edits`` (and ``edits`` itself)."""
     return sorted({m for m in MARKS if m <= edits} | {edits})
 
 
 def _score_cases(vlm: VLM, cps: list[M.CasePrompts], loc_text, loc_modal) -> dict[str, float]:
-    """Means over cases of the E-VQA metrics, with whatever is attached now."""
+    """Means over cases of the E-VQA metrics, with whatever is attached now; and the modal locality over
+    the probes whose fact no edit so far rewrote (a probe that asks an edited fact should change)."""
     kinds = ("reliability", "text_generality", "modal_generality", "text_locality", "modal_locality", "modal_heldout")
     prompts = [getattr(cp, k) for cp in cps for k in kinds]
     scores = score_answers(vlm, prompts, batch_size=64)
@@ -141,11 +202,16 @@ def _score_cases(vlm: VLM, cps: list[M.CasePrompts], loc_text, loc_modal) -> dic
                 "modal_generality": mgen.token_accuracy,
                 "text_locality": M.agreement(loc_text[i], tloc),
                 "modal_locality": M.agreement(loc_modal[i], mloc),
+                "probe_fact": (cps[i].case.get("m_loc_entity"), cps[i].case.get("m_loc_relation")),
                 "modal_generality_heldout": held.token_accuracy,
                 "efficacy": rel.prob,
             }
         )
     out = {k: sum(r[k] for r in rows) / len(rows) for k in METRICS}
+    edited = {(cp.case["entity"], cp.case["relation"]) for cp in cps}
+    untouched = [r["modal_locality"] for r in rows if r["probe_fact"] not in edited]
+    out["modal_locality_unedited"] = sum(untouched) / len(untouched) if untouched else float("nan")
+    out["modal_locality_probes_unedited"] = len(untouched)
     out["evqa_mean"] = sum(out[k] for k in M.EVQA) / len(M.EVQA)
     out["by_type"] = {
         t: {k: round(sum(r[k] for r in rows if r["type"] == t) / n, 4) for k in M.EVQA} | {"cases": n}
@@ -225,12 +291,13 @@ def run(
     overrides: dict[str, dict[str, Any]] | None = None,
     stage: StageFn | None = None,
     tick: TickFn | None = None,
+    serve_requests: int = 0,
 ) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-ready dict (module docstring)."""
     say = stage or (lambda s: None)
     world_dir = Path(world_dir)
-    if edits < 1 or single < 0 or panel_size < 1:
-        raise ValueError("--edits and --panel must be at least 1, --single at least 0")
+    if edits < 1 or single < 0 or panel_size < 1 or serve_requests < 0:
+        raise ValueError("--edits and --panel must be at least 1, --single and --serve at least 0")
     if not 0 <= layer < vlm.num_layers:
         raise ValueError(f"layer {layer} is outside 0..{vlm.num_layers - 1}")
     for name in editors:
@@ -324,13 +391,17 @@ def run(
             say(
                 f"{name} after {mark}: rel {point['reliability']:.3f} tgen {point['text_generality']:.3f} "
                 f"mgen {point['modal_generality']:.3f} tloc {point['text_locality']:.3f} "
-                f"mloc {point['modal_locality']:.3f} spec {point['specificity_before']:.3f}->"
+                f"mloc {point['modal_locality']:.3f} (unedited facts {point['modal_locality_unedited']:.3f}) "
+                f"spec {point['specificity_before']:.3f}->"
                 f"{point['specificity_after']:.3f} ({point['edit_ms']} ms/edit)"
                 + (f" gate recall {gate['recall']} precision {gate['precision']}" if gate else "")
             )
         entry["curve"] = curve
         entry["final"] = {k: v for k, v in curve[-1].items() if k != "by_type"}
         entry["first_edit_ms"] = round(1000 * latencies[0], 1)
+        if serve_requests:
+            say(f"{name}: Generate through the service with the {edits} edits as one version")
+            entry["served"] = served_latency(vlm, world_dir, current, records, serve_requests)
         result["editors"][name] = entry
     result["seconds"] = round(time.time() - t_start, 1)
     return result

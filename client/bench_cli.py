@@ -121,6 +121,11 @@ def bench_lifelong(
     layer: int = typer.Option(0, help="The edited layer."),
     panel: int = typer.Option(200, help="Held-out questions about known entities for specificity."),
     figure: Path | None = typer.Option(None, help="Also draw the curves into this PNG."),
+    serve: int = typer.Option(
+        0,
+        help="Also register each editor's final edits as one version of a real server and time N Generate calls "
+        "with them against the base model (in and out of scope).",
+    ),
     world: Path | None = WORLD,
     seed: int = SEED,
     device: str = DEVICE,
@@ -131,7 +136,8 @@ def bench_lifelong(
 
     Per mark: the five E-VQA metrics, modal generality on a held-out rendering, efficacy, specificity on
     known entities no edit touched (before -> after), ms per edit, bytes per edit and the update's norm;
-    the single-edit figures beside; the key geometry of the stream at the layer.
+    the single-edit figures beside; the key geometry of the stream at the layer; for a gated editor
+    (VisEdit with a scope gate) the gate's recall, precision and false accepts.
     """
     from bench import lifelong
     from editors.files import EditSetError
@@ -158,6 +164,7 @@ def bench_lifelong(
                 overrides=parsed,
                 stage=stage_printer(console),
                 tick=tick,
+                serve_requests=serve,
             )
     except (ValueError, EditSetError) as exc:
         fail(str(exc))
@@ -176,6 +183,7 @@ def _print_lifelong(result) -> None:
         "modal_generality",
         "text_locality",
         "modal_locality",
+        "modal_locality_unedited",
         "specificity_before",
         "specificity_after",
         "edit_ms",
@@ -194,6 +202,20 @@ def _print_lifelong(result) -> None:
         ]
         for label, row in rows:
             typer.echo(f"  {label:>6s}" + "".join(f"{_num(row.get(k)):>13s}" for k in keys))
+        gates = [(p["edits"], p["gate"]) for p in entry["curve"] if p.get("gate")]
+        for edits, g in gates:
+            typer.echo(
+                f"  scope gate after {edits}: recall {_num(g['recall'])}, precision {_num(g['precision'])}, "
+                f"false accepts {_num(g.get('false_accept_reference'))} (reference images) / "
+                f"{_num(g.get('false_accept_outside'))} (other known renderings) / "
+                f"{_num(g.get('false_accept_stream'))} (unedited stream subjects)"
+            )
+        if entry.get("served"):
+            sv = entry["served"]
+            typer.echo(
+                f"  served as version {sv['version']}: Generate median ratio {sv['ratio_median_in_scope']} in scope, "
+                f"{sv['ratio_median_out_of_scope']} out of scope (edits live / base model)"
+            )
     if result.get("figure"):
         typer.echo(f"figure: {result['figure']}")
 

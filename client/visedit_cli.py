@@ -141,6 +141,11 @@ def calibrate_cmd(
         1e-3, help="Target false-accept rate of the scope gate on unrelated image pairs (sets the threshold)."
     ),
     off: bool = typer.Option(False, "--off", help="Remove the scope gate instead (the paper's ungated form)."),
+    signal_rows: str | None = typer.Option(
+        None,
+        help="Also set what each later edit's signal keeps: all rows of the edit sample (the paper's), or text "
+        "(not the image's rows: the adapter reads them little, and they are most of the bytes).",
+    ),
     world: Path | None = WORLD,
     seed: int = SEED,
     device: str = DEVICE,
@@ -164,11 +169,17 @@ def calibrate_cmd(
         trained = VisEditSet.load(adapter, vlm)
         if trained.num_edits:
             fail(f"{adapter} holds {trained.num_edits} edit(s); calibrate the trained adapter, then edit with it")
+        if signal_rows is not None:
+            trained = trained.with_signal_rows(signal_rows)
         scope = None if off else calibrate_world_scope(vlm, trained.vead, folder, far)
         trained.with_scope(scope).save(adapter)
     except (EditSetError, ValueError) as exc:
         fail(str(exc))
-    result = {"adapter": str(adapter), "scope": None if scope is None else scope.to_manifest()["calibration"]}
+    result = {
+        "adapter": str(adapter),
+        "signal_rows": trained.config.signal_rows,
+        "scope": None if scope is None else scope.to_manifest()["calibration"],
+    }
     if scope is not None:
         result["threshold"] = scope.threshold
     if as_json:

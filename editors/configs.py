@@ -214,6 +214,9 @@ class VisEditTrainConfig:
         help="Weight of each loss (default 1 each, the paper's).", factory=lambda: dict.fromkeys(LOSSES, 1.0)
     )
     recommend_cases: int = option(8, "Training cases the auto layers are chosen on.")
+    signal_rows: str = option(
+        "all", "What an edit's signal keeps: all rows of the edit sample (paper), or text (not the image's rows)."
+    )
     scope_far: float = option(
         1e-3,
         "Calibrate the adapter's scope gate to this false-accept rate on unrelated images after training "
@@ -237,6 +240,8 @@ class VisEditTrainConfig:
             raise TrainError(f"{self.heads} heads must divide the width {self.width}")
         if self.lr <= 0:
             raise TrainError("lr must be positive")
+        if self.signal_rows not in ("all", "text"):
+            raise TrainError(f"signal_rows must be all or text, not {self.signal_rows!r}")
         if not 0 <= self.scope_far < 1:
             raise TrainError("scope_far is a false-accept rate in [0, 1) (0: no scope gate)")
         if self.mapper_tied and not (self.mapper_context and self.summary_token == "image"):

@@ -160,3 +160,93 @@ def test_calibrate_cli_gives_an_adapter_its_gate_and_removes_it(vlm, world_dir, 
     assert off.exit_code == 0 and VisEditSet.load(path, vlm).scope is None
     bad = CliRunner().invoke(app, ["visedit", "calibrate", "--adapter", str(path), "--far", "2"])
     assert bad.exit_code != 0 and "false-accept rate" in bad.output
+
+
+@pytest.fixture(scope="module")
+def asking(vlm, world_dir, test_cases):
+    """A gate that reads questions too (the world's training questions as references), one edit."""
+    from editors.visedit.calibration import world_questions
+
+    vead = _vead(vlm)
+    case, key, _, far_cos = _far_apart(vlm, vead, world_dir, test_cases)
+    questions, labels = world_questions(vlm, world_dir)
+    scope = Scope((1.0 + far_cos) / 2, torch.zeros(0, key.shape[0]), [], 1e-3, {}, questions, labels)
+    trained = VisEditSet(vead, vlm.fingerprint, scope=scope)
+    return VisEdit(vlm, trained).edit([EditRequest.from_case(case, world_dir)]), case
+
+
+def test_the_gate_reads_the_question_another_question_about_the_edited_image_is_left_alone(vlm, world_dir, asking):
+    """The edit image asked another relation's question is the base model bit for bit; asked the edit's
+    question in other words (a held-out template of its relation), the edit acts."""
+    from vlm.world.spec import KIND_CONSTRAINT, RELATIONS
+
+    edited, case = asking
+    kind = next(r.kind for r in RELATIONS if r.name == case["relation"])
+    own = next(r for r in RELATIONS if r.name == case["relation"])
+    other = next(r for r in RELATIONS if r.kind == kind and r.name != case["relation"])
+    s = KIND_CONSTRAINT[kind]
+    image = world_dir / case["image"]
+    asked_other = encode(vlm.processor, other.train_templates[0].format(s=s), image=image)
+    reworded = encode(vlm.processor, own.heldout_templates[0].format(s=s), image=image)
+    base = _logits(vlm, [asked_other, reworded])
+    with edited.attach(vlm) as att:
+        got = _logits(vlm, [asked_other, reworded])
+        assert att.selected.tolist() == [[False], [True]]
+    assert torch.equal(got[0], base[0]), "another question about the edited image keeps the base answer"
+    assert not torch.equal(got[1], base[1]), "the edit's question in other words gets the edit"
+
+
+def test_an_asking_gate_round_trips_with_its_question_keys(vlm, asking, tmp_path):
+    edited, _ = asking
+    edited.save(tmp_path / "q.safetensors")
+    back = VisEditSet.load(tmp_path / "q.safetensors", vlm)
+    assert back.scope.asks and back.scope.question_labels == edited.scope.question_labels
+    assert torch.equal(back.signals[0].question, edited.signals[0].question)
+    tensors = load_file(str(tmp_path / "q.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    save_file({k: v for k, v in tensors.items() if k != "signal.0.question"}, str(tmp_path / "b.safetensors"), meta)
+    with pytest.raises(EditSetError, match="no question key"):
+        VisEditSet.load(tmp_path / "b.safetensors")
+
+
+def test_text_signal_rows_drop_the_image_rows_and_still_edit(vlm, world_dir, gated):
+    edited, case, _ = gated
+    text_only = edited.without_edits().with_signal_rows("text")
+    one = VisEdit(vlm, text_only).edit([EditRequest.from_case(case, world_dir)])
+    full = edited.signals[0].states
+    p = encode(vlm.processor, case["src"], answer=case["alt"], image=world_dir / case["image"])
+    assert one.signals[0].states.shape[0] == full.shape[0] - len(p.image_positions)
+    assert torch.equal(one.signals[0].states, torch.cat([full[: p.image_span[0]], full[p.image_span[1] :]]))
+    assert one.records[0]["metrics"]["p_after"] != one.records[0]["metrics"]["p_before"]
+    with pytest.raises(EditSetError, match="chosen before the first edit"):
+        edited.with_signal_rows("text")
+    with pytest.raises(EditSetError, match="signal rows must be one of"):
+        edited.without_edits().with_signal_rows("some")
+
+
+def test_bench_lifelong_reports_the_gate_and_serves_the_final_version(vlm, world_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from client.cli import app
+    from editors.visedit.calibration import calibrate_world_scope
+
+    vead = _vead(vlm)
+    adapter = tmp_path / "adapter.safetensors"
+    trained = VisEditSet(vead, vlm.fingerprint).with_signal_rows("text")
+    trained.with_scope(calibrate_world_scope(vlm, trained.vead, world_dir, 1e-3)).save(adapter)
+    args = ["bench", "lifelong", "--world", str(world_dir), "--edits", "12", "--single", "0", "--panel", "20"]
+    args += ["--editor", "visedit", "--set", f"visedit.adapter={adapter}", "--serve", "2", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    entry = json.loads(res.stdout)["editors"]["visedit"]
+    marks = [p["edits"] for p in entry["curve"]]
+    assert marks == [10, 12] and all("gate" in p for p in entry["curve"])
+    gate = entry["final"]["gate"]
+    assert 0 <= gate["recall"] <= 1 and gate["false_accept_reference"] == 0.0
+    assert entry["final"]["modal_locality_unedited"] == 1.0, "no unrelated fact changes when the gate is closed"
+    assert entry["final"]["specificity_after"] == entry["final"]["specificity_before"]
+    served = entry["served"]
+    assert served["requests"] == 2 and served["ratio_median_out_of_scope"] > 0 and served["version"] == 1

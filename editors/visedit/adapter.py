@@ -47,6 +47,7 @@ from vlm.hooks import Hooks
 from vlm.loading import VLM
 
 SUMMARY_TOKENS = ("last", "constraint", "image")
+SIGNAL_ROWS = ("all", "text")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class VEADConfig:
     mapper_context: bool = False  # f1 sees each visual state and the image's mean state (paper: the state)
     mapper_tied: bool = False  # one MLP for both sides of the mapper (needs the image key and context):
     # C = sigmoid(f([h_n, mean h]) · f([mean h̄, mean h̄]) / √d_a + b)
+    signal_rows: str = "all"  # which rows of the edit sample a signal keeps: "all" (paper) or "text" (not the
+    # image's: the cross-attention reads them little, and at 576 image tokens they are 95 % of the bytes)
 
     @property
     def last_layer(self) -> int:
@@ -80,6 +83,7 @@ class VEADConfig:
             summary_token=str(d.get("summary_token", "last")),
             mapper_context=bool(d.get("mapper_context", False)),
             mapper_tied=bool(d.get("mapper_tied", False)),
+            signal_rows=str(d.get("signal_rows", "all")),
         )
 
     def check(self, num_layers: int, hidden_size: int) -> None:
@@ -95,6 +99,8 @@ class VEADConfig:
             raise ValueError(
                 "a tied influence mapper compares images: it needs summary_token='image' and mapper_context"
             )
+        if self.signal_rows not in SIGNAL_ROWS:
+            raise ValueError(f"signal_rows must be one of {SIGNAL_ROWS}, not {self.signal_rows!r}")
         if self.summary_token not in SUMMARY_TOKENS:
             raise ValueError(f"summary_token must be one of {SUMMARY_TOKENS}, not {self.summary_token!r}")
         if self.heads < 1 or self.width % self.heads or self.hidden_size % self.heads:
@@ -106,11 +112,13 @@ class VEADConfig:
 @dataclass
 class EditSignal:
     """One edit's signal: the edit sample's hidden states and the influence mapper's key: the last prompt
-    token's row (d,), or with ``summary_token="image"`` the edit image's rows (N_v, d)."""
+    token's row (d,), or with ``summary_token="image"`` the mean of the edit image's rows (1, d) (all the
+    mapper reads of them; files that hold every row (N_v, d) are read as their mean)."""
 
     states: torch.Tensor  # (N_e, d)
     last: torch.Tensor  # (d,) or (N_v, d)
     key: torch.Tensor | None = None  # (k,) the edit image's scope key (``scope.image_keys``), with a scope gate
+    question: torch.Tensor | None = None  # (d,) the edit question's key (``scope.QuestionReader``), likewise
 
 
 class SignalBatch:
@@ -236,10 +244,12 @@ class VisualPositions:
 
     def __init__(self, vlm: VLM):
         self.mask: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
         self.image_id = vlm.image_token_id
 
     def hook(self, _mod, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
+        self.ids = ids
         self.mask = None if ids is None else ids == self.image_id
 
 
@@ -248,8 +258,9 @@ class AttachedVEAD:
     ``mode="paired"``: row b gets signal b (training), and the influence logits of the
     last pass are kept in ``self.logits`` ((B, N_v)) with the visual states in ``self.inputs``.
 
-    With a ``gate`` (``mode="all"`` only: a callable from the image rows' visual states (B, N_v, d) to
-    a (B, E) selection of the live edits, ``VisEditSet.attach`` passes its scope gate) a row gets only the
+    With a ``gate`` (``mode="all"`` only: a callable from the image rows' visual states (B, N_v, d), token
+    ids (B, T) and image ends (B,) to a (B, E) selection of the live edits; ``VisEditSet.attach`` passes its
+    scope gate) a row gets only the
     edits selected for it, and a row with none, or a pass with none at all, is left exactly as it was.
     ``self.selected`` keeps the last image pass's selection."""
 
@@ -289,7 +300,9 @@ class AttachedVEAD:
                 new, self.logits = vead.paired(x, signals_on)
                 self.inputs = x
             elif gate is not None:
-                select = gate(x)  # (rows, E)
+                image_rows = rows.nonzero().squeeze(1)
+                ends = [int(m.nonzero().max()) + 1 for m in mask[image_rows]]
+                select = gate(x, self.positions.ids[image_rows], ends)  # (rows, E)
                 self.selected = select
                 hit = select.any(1)
                 if not bool(hit.any()):
@@ -298,7 +311,6 @@ class AttachedVEAD:
                 part = vead.prepare(SignalBatch([listed[i] for i in used.tolist()], device=device, dtype=x.dtype))
                 new = vead.all_edits(x[hit], part, select[hit][:, used])
                 mask = mask.clone()
-                image_rows = rows.nonzero().squeeze(1)
                 mask[image_rows[~hit]] = False  # rows out of every scope keep their states
             else:
                 new = vead.all_edits(x, prepared)

@@ -6,6 +6,8 @@
   EditLens uses, so never an image that an edit, a metric or a reference
   uses) of every world entity and of new looks no world entity has; a pair of
   renderings of one look is a same-subject pair, of two looks an unrelated one;
+* reference questions: every distinct visual question the model was trained
+  on (``questions/train.json``), labelled with its relation;
 * τ: the cosine above which at most ``far`` of the unrelated pairs fall
   (``scope.calibrate``), stored with the adapter together with the recall it
   leaves and the recall at other false-accept rates.
@@ -28,7 +30,7 @@ from vlm.prompts import collate, encode
 
 from .adapter import VEAD
 from .editor import signal_state
-from .scope import Scope, calibrate, image_keys
+from .scope import QuestionReader, Scope, calibrate, image_keys
 
 CALIBRATION_RENDERINGS = 3  # fresh renderings per look
 CALIBRATION_LOOKS = 360  # looks (world entities first, then new looks) the pairs are drawn from
@@ -101,4 +103,21 @@ def calibrate_world_scope(
         reference_images=len(ref_paths),
         seconds=round(time.perf_counter() - t0, 1),
     )
-    return Scope(tau, reference, [s for s, _ in ref_paths], far, report)
+    questions, labels = world_questions(vlm, world_dir)
+    report["reference_questions"] = len(labels)
+    return Scope(tau, reference, [s for s, _ in ref_paths], far, report, questions, labels)
+
+
+def world_questions(vlm: VLM, world_dir: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """Keys (Q, d) of the distinct visual questions of a world's training set, and their relations."""
+    from PIL import Image
+
+    items = json.loads((Path(world_dir) / "questions" / "train.json").read_text())
+    asked = {q["question"]: q["relation"] for q in items if q.get("image") and q.get("relation")}
+    if not asked:
+        return torch.zeros(0, 0), []
+    reader = QuestionReader(vlm)
+    pix = vlm.processor.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"][0]
+    prompts = [encode(vlm.processor, q, pixel_values=pix) for q in asked]
+    keys = torch.cat([reader.keys(p.input_ids.unsqueeze(0), [p.image_span[1]]) for p in prompts])
+    return keys, list(asked.values())

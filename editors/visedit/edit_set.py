@@ -40,8 +40,8 @@ from editors.files import (
 )
 from vlm.loading import VLM
 
-from .adapter import VEAD, AttachedVEAD, EditSignal, VEADConfig
-from .scope import Scope, image_keys
+from .adapter import SIGNAL_ROWS, VEAD, AttachedVEAD, EditSignal, VEADConfig
+from .scope import QuestionReader, Scope, image_keys
 
 FORMAT = "editlens.visedit_set"
 FORMAT_VERSION = 2  # 2: the optional scope gate; version 1 files (no gate) are read as they are
@@ -69,6 +69,7 @@ class VisEditSet(EditSetBase):
     training: dict[str, Any] = field(default_factory=dict)
     editor: str = "visedit"
     scope: Scope | None = None  # the calibrated scope gate (None: the paper's ungated form)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)  # the gate's tables, made once
 
     @property
     def config(self) -> VEADConfig:
@@ -132,17 +133,29 @@ class VisEditSet(EditSetBase):
         """The same trained adapter with no edits (what a new lineage starts from)."""
         return VisEditSet(self.vead, self.base_fingerprint, [], [], dict(self.training), self.editor, self.scope)
 
-    def with_scope(self, scope: Scope | None, vlm: VLM | None = None, pixel_values=None) -> VisEditSet:
-        """The same adapter and edits under another scope gate (None: ungated). Edits without a key need
-        their edit images' ``pixel_values`` (one per edit, in order) and ``vlm`` to compute it."""
-        signals = list(self.signals)
-        if scope is not None and any(s.key is None for s in signals):
-            if vlm is None or pixel_values is None or len(pixel_values) != len(signals):
-                raise EditSetError("these edits have no scope keys: give their edit images to compute them")
-            from .calibration import keys_of_images
+    def with_signal_rows(self, rows: str) -> VisEditSet:
+        """The same trained adapter (no edits) keeping ``rows`` of each later edit's signal ("all" or "text")."""
+        from dataclasses import replace
 
-            keys = keys_of_images(vlm, self.vead, pixel_values)
-            signals = [EditSignal(s.states, s.last, k) for s, k in zip(signals, keys)]
+        if self.signals:
+            raise EditSetError("what a signal keeps is chosen before the first edit; this set holds edits")
+        if rows not in SIGNAL_ROWS:
+            raise EditSetError(f"signal rows must be one of {', '.join(SIGNAL_ROWS)}, not {rows!r}")
+        vead = VEAD(replace(self.config, signal_rows=rows))
+        vead.load_state_dict(self.vead.state_dict())
+        vead.eval()
+        vead.requires_grad_(False)
+        return VisEditSet(vead, self.base_fingerprint, [], [], dict(self.training), self.editor, self.scope)
+
+    def with_scope(self, scope: Scope | None) -> VisEditSet:
+        """The same adapter and edits under another scope gate (None: ungated); edits made without a gate
+        have no keys and are refused."""
+        signals = list(self.signals)
+        missing = scope is not None and any(s.key is None or (scope.asks and s.question is None) for s in signals)
+        if missing:
+            raise EditSetError(
+                "these edits have no scope keys; edit again with the gated adapter (edits keep their requests)"
+            )
         return VisEditSet(
             self.vead, self.base_fingerprint, signals, list(self.records), dict(self.training), self.editor, scope
         )
@@ -166,16 +179,40 @@ class VisEditSet(EditSetBase):
             raise EditSetError("this edit set has no scope gate")
         return torch.stack([s.key.float() for s in self.signals])
 
-    def gate(self):
-        """The scope decision of this edit set's live edits: visual states (B, N_v, d) → (B, E) selection.
-        An edit of a subject the model knows (its image is one of the references) matches through all of that
-        subject's reference images."""
+    def image_gate(self):
+        """The image half of the scope decision: visual states (B, N_v, d) → (B, E) (``Scope.decide``)."""
         scope, vead = self.scope, self.vead
-        keys = self.edit_keys()
-        claims = scope.claims(keys)
+        if "image" not in self._cache:
+            keys = self.edit_keys()
+            self._cache["image"] = (keys, scope.claims(keys))
+        keys, claims = self._cache["image"]
 
         def decide(visual: torch.Tensor) -> torch.Tensor:
             return scope.decide(image_keys(vead, visual), keys.to(visual.device), claims)
+
+        return decide
+
+    def gate(self, vlm: VLM):
+        """The scope decision of this edit set's live edits: (visual states (B, N_v, d), token ids (B, T),
+        image ends) → (B, E) selection (``scope.py``). An edit of a subject the model knows (its image is one
+        of the references) matches through all of that subject's reference images; with reference questions,
+        an edit opens only for questions that ask what its own asks."""
+        scope, by_image = self.scope, self.image_gate()
+        if scope.asks and "questions" not in self._cache:
+            if any(s.question is None for s in self.signals):
+                raise EditSetError("this scope gate reads questions, but some edits have no question key")
+            questions = torch.stack([s.question.float() for s in self.signals])
+            self._cache["questions"] = (questions, scope.question_claims(questions))
+
+        def decide(visual: torch.Tensor, ids: torch.Tensor, image_ends: list[int]) -> torch.Tensor:
+            select = by_image(visual)
+            if scope.asks and bool(select.any()):  # the question is read only where an image is in scope
+                if self._cache.get("reader", (None,))[0] is not vlm:
+                    self._cache["reader"] = (vlm, QuestionReader(vlm))
+                questions, q_claims = self._cache["questions"]
+                asked = self._cache["reader"][1].keys(ids, image_ends).to(visual.device)
+                select = select & scope.question_match(asked, questions, q_claims)
+            return select
 
         return decide
 
@@ -185,7 +222,9 @@ class VisEditSet(EditSetBase):
         if not self.signals:
             return _Nothing()
         self.vead.to(vlm.input_device)
-        return AttachedVEAD(vlm, self.vead, self.signals, mode="all", gate=None if self.scope is None else self.gate())
+        return AttachedVEAD(
+            vlm, self.vead, self.signals, mode="all", gate=None if self.scope is None else self.gate(vlm)
+        )
 
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -198,8 +237,14 @@ class VisEditSet(EditSetBase):
                 if s.key is None:
                     raise EditSetError(f"edit {i} has no scope key; an edit set with a scope gate needs one per edit")
                 out[f"signal.{i}.key"] = s.key.detach().float().contiguous().cpu()
+                if self.scope.asks:
+                    if s.question is None:
+                        raise EditSetError(f"edit {i} has no question key; this scope gate reads questions")
+                    out[f"signal.{i}.question"] = s.question.detach().float().contiguous().cpu()
         if self.scope is not None:
             out["scope.reference"] = self.scope.reference.detach().float().contiguous().cpu()
+            if self.scope.asks:
+                out["scope.question_reference"] = self.scope.question_reference.detach().float().contiguous().cpu()
         return out
 
     def save(self, path: str | os.PathLike) -> int:
@@ -260,7 +305,9 @@ class VisEditSet(EditSetBase):
             if "scope.reference" not in tensors:
                 raise EditSetError(f"{source}: the scope gate's reference keys are missing")
             try:
-                scope = Scope.from_manifest(man["adapter"]["scope"], tensors["scope.reference"])
+                scope = Scope.from_manifest(
+                    man["adapter"]["scope"], tensors["scope.reference"], tensors.get("scope.question_reference")
+                )
             except (KeyError, TypeError, ValueError) as exc:
                 raise EditSetError(f"{source}: the scope gate is malformed ({exc})") from None
             if scope.reference.dim() != 2 or not -1 <= scope.threshold <= 1:
@@ -274,6 +321,8 @@ class VisEditSet(EditSetBase):
             if any(x not in tensors for x in names):
                 raise EditSetError(f"{source}: signal {i} is missing")
             states, last = tensors[names[0]].float(), tensors[names[1]].float()
+            if config.summary_token == "image" and last.dim() == 2 and last.shape[0] > 1:
+                last = last.mean(0, keepdim=True)  # an older file: every image row (the mapper reads their mean)
             key_ok = (
                 last.dim() == 2 and last.shape[1] == config.hidden_size
                 if config.summary_token == "image"
@@ -285,17 +334,29 @@ class VisEditSet(EditSetBase):
                     f"{source}: signal {i} has shapes {tuple(states.shape)} / {tuple(last.shape)}; "
                     f"expected (N, {config.hidden_size}) / {want}"
                 )
-            key = None
+            key = question = None
             if scope is not None:
                 key = tensors.get(f"signal.{i}.key")
                 if key is None or key.dim() != 1 or key.shape[0] != scope.reference.shape[1]:
                     raise EditSetError(f"{source}: signal {i} has no scope key of size {scope.reference.shape[1]}")
                 key = key.float()
-            signals.append(EditSignal(states, last, key))
-        parts = ("states", "last", "key") if scope is not None else ("states", "last")
+                if scope.asks:
+                    question = tensors.get(f"signal.{i}.question")
+                    width = scope.question_reference.shape[1]
+                    if question is None or question.dim() != 1 or question.shape[0] != width:
+                        raise EditSetError(f"{source}: signal {i} has no question key of size {width}")
+                    question = question.float()
+            signals.append(EditSignal(states, last, key, question))
+        parts = (
+            ("states", "last")
+            + (("key",) if scope is not None else ())
+            + (("question",) if scope and scope.asks else ())
+        )
         known = {f"vead.{k}" for k in expected} | {f"signal.{i}.{p}" for i in range(n) for p in parts}
         if scope is not None:
             known.add("scope.reference")
+            if scope.asks:
+                known.add("scope.question_reference")
         extra = sorted(set(tensors) - known)
         if extra:
             raise EditSetError(f"{source}: unexpected tensors {extra[:5]}")

@@ -31,7 +31,7 @@ from vlm.scoring import score_answers
 from .adapter import VEAD, EditSignal
 from .edit_set import FORMAT as EDIT_SET_FORMAT
 from .edit_set import VisEditSet
-from .scope import image_keys
+from .scope import QuestionReader, image_keys
 
 
 def signal_state(layer: int) -> tuple[str, int]:
@@ -48,6 +48,7 @@ def compute_signals(
     summary_token: str = "last",
     batch_size: int = 32,
     scope_of: VEAD | None = None,
+    rows: str = "all",
 ) -> list[EditSignal]:
     """Signals of edit prompts encoded with their answers: the rows (every position of the prompt and
     answer) at the input of ``signal_layer``; the mapper's key, the row of the last prompt token (or
@@ -86,11 +87,14 @@ def compute_signals(
             scope_keys = image_keys(scope_of, visual.to(scope_of.w1.weight.device)).cpu()
         for i, p in enumerate(chunk):
             if summary_token == "image":
-                key = summary[i, p.image_positions]
+                key = summary[i, p.image_positions].mean(0, keepdim=True)
             else:
                 key = summary[i, p.constraint_last if summary_token == "constraint" else p.last_prompt_pos]
             scope_key = None if scope_keys is None else scope_keys[i].clone()
-            out.append(EditSignal(states[i, : p.length].clone(), key.clone(), scope_key))
+            kept = states[i, : p.length]
+            if rows == "text" and p.image_span:
+                kept = torch.cat([kept[: p.image_span[0]], kept[p.image_span[1] :]])
+            out.append(EditSignal(kept.clone(), key.clone(), scope_key))
     return out
 
 
@@ -106,6 +110,7 @@ class VisEdit(EditorBase):
     def __init__(self, vlm: VLM, adapter: VisEditSet, source: dict[str, Any] | None = None):
         adapter.check_compatible(vlm)
         self.vlm, self.adapter, self.source = vlm, adapter, dict(source or {})
+        self._reader: QuestionReader | None = None  # made when the first edit needs question keys
         adapter.vead.to(vlm.input_device)
 
     @property
@@ -141,10 +146,21 @@ class VisEdit(EditorBase):
         prompts = [self.encode(r) for r in requests]
         t0 = time.perf_counter()
         cfg = self.adapter.config
-        scope_of = self.adapter.vead if self.adapter.scope is not None else None
+        scope = self.adapter.scope
         signals = compute_signals(
-            self.vlm, prompts, cfg.signal_layer, cfg.last_layer, cfg.summary_token, scope_of=scope_of
+            self.vlm,
+            prompts,
+            cfg.signal_layer,
+            cfg.last_layer,
+            cfg.summary_token,
+            scope_of=self.adapter.vead if scope is not None else None,
+            rows=cfg.signal_rows,
         )
+        if scope is not None and scope.asks:
+            if self._reader is None:
+                self._reader = QuestionReader(self.vlm)
+            for p, sig in zip(prompts, signals):
+                sig.question = self._reader.keys(p.input_ids.unsqueeze(0), [p.image_span[1]])[0]
         t_signal = (time.perf_counter() - t0) / len(requests)
         p_before = [s.prob for s in score_answers(self.vlm, prompts)]
         return prompts, signals, t_signal, p_before

@@ -14,9 +14,19 @@ front of it, GRACE's and LiveEdit's idea on images:
 * the gate also holds **reference keys**: images of the subjects the model
   already knows (on a world: the training renderings of its known entities),
   each labelled with its subject. An input is in an edit's scope when its
-  key's cosine with the edit's key is at least the threshold τ *and* no
-  reference key is nearer: an image of a subject the model knows stays with
-  that subject. An edit whose image is one of a known subject's references
+  key's cosine with the edit's key is at least the threshold τ, no reference
+  key is nearer (an image of a subject the model knows stays with that
+  subject) and no other edit's key is nearer (only the nearest edit image's
+  edits open, as in GRACE's codebook: with E live edits a false accept then
+  costs one wrong subject, not one per edit above τ);
+* and the gate reads the **question**: its key is the mean of the question's
+  unit token embeddings (``QuestionReader``), compared with the edit
+  question's and with **reference questions** — the model's training
+  questions, labelled with what they ask (the relation). An edit opens only
+  when its question, or a reference question with its label, is nearer than
+  every reference question with another label: another question about the
+  edited subject's image keeps the base model's answer, and of several edits
+  about one subject each question gets only its own. An edit whose image is one of a known subject's references
   (cosine ≥ ``CLAIM_COS``) claims that subject: it is a counterfactual of what
   the model knows, so every reference image of the subject becomes a key of
   the edit (and stops guarding);
@@ -37,8 +47,11 @@ from typing import Any
 
 import torch
 
+from vlm.loading import VLM
+
 from .adapter import VEAD
 
+NEAREST_TIE = 1e-4  # edit keys within this of the nearest one are the same image: all of them open
 CLAIM_COS = 0.999  # an edit key this close to a reference key is that reference's image: the edit claims its subject
 FAR_LEVELS = (1e-2, 1e-3, 1e-4)  # false-accept rates whose recall a calibration reports
 
@@ -51,39 +64,134 @@ def image_keys(vead: VEAD, visual: torch.Tensor) -> torch.Tensor:
     return k / k.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
+class QuestionReader:
+    """Finds a prompt's question among its token ids (after the image, before the chat template's turn
+    end) and makes its key: the mean of its tokens' unit input embeddings, as a unit vector."""
+
+    def __init__(self, vlm: VLM):
+        from PIL import Image
+
+        from vlm.prompts import encode
+
+        probe = "what is this ?"
+        pix = vlm.processor.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"][0]
+        p = encode(vlm.processor, probe, pixel_values=pix, constraints=[probe])
+        start, end = p.constraint_spans[0]
+        self.gap = start - p.image_span[1]  # template tokens between the image and the question
+        self.suffix = p.input_ids[end:].tolist()  # the template after the question (the turn end)
+        self.pad = vlm.tokenizer.pad_token_id
+        self.embeddings = vlm.model.get_input_embeddings()
+
+    def span(self, ids: torch.Tensor, image_end: int) -> tuple[int, int]:
+        """[start, end) of the question in one row's ids whose image ends at ``image_end``."""
+        ids = ids.tolist()
+        start, n, k = image_end + self.gap, len(ids), len(self.suffix)
+        for i in range(start, n - k + 1):
+            if k and ids[i : i + k] == self.suffix:
+                return start, i
+        while n > start and ids[n - 1] == self.pad:
+            n -= 1
+        return start, n
+
+    @torch.no_grad()
+    def keys(self, ids: torch.Tensor, image_ends: list[int]) -> torch.Tensor:
+        """(B, d) unit question keys of rows ``ids`` (B, T)."""
+        out = []
+        for row, end in zip(ids, image_ends):
+            a, b = self.span(row, end)
+            if b <= a:
+                out.append(torch.zeros(self.embeddings.weight.shape[1]))
+                continue
+            e = self.embeddings(row[a:b].to(self.embeddings.weight.device)).float()
+            k = (e / e.norm(dim=-1, keepdim=True).clamp(min=1e-12)).mean(0)
+            out.append((k / k.norm().clamp(min=1e-12)).cpu())
+        return torch.stack(out)
+
+
 @dataclass
 class Scope:
-    """A calibrated scope gate: threshold τ, the reference keys (R, k) and their subject labels."""
+    """A calibrated scope gate: threshold τ, the reference keys (R, k) and their subject labels, and the
+    reference question keys (Q, d) with their labels (what each question asks; empty: images only)."""
 
     threshold: float
     reference: torch.Tensor
     subjects: list[str]
     far_target: float
     calibration: dict[str, Any] = field(default_factory=dict)
+    question_reference: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    question_labels: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.subjects) != int(self.reference.shape[0]):
             raise ValueError("one subject label per reference key")
+        if len(self.question_labels) != int(self.question_reference.shape[0]):
+            raise ValueError("one label per reference question")
         ids = {s: i for i, s in enumerate(dict.fromkeys(self.subjects))}
         self._subject_ids = torch.tensor([ids[s] for s in self.subjects], dtype=torch.int64)
+        qids = {s: i for i, s in enumerate(dict.fromkeys(self.question_labels))}
+        self._question_ids = torch.tensor([qids[s] for s in self.question_labels], dtype=torch.int64)
+
+    @property
+    def asks(self) -> bool:
+        """Whether the gate also reads the question (it has reference questions)."""
+        return bool(self.question_labels)
 
     def to_manifest(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold,
             "far_target": self.far_target,
             "subjects": self.subjects,
+            "question_labels": self.question_labels,
             "calibration": self.calibration,
         }
 
     @classmethod
-    def from_manifest(cls, man: dict[str, Any], reference: torch.Tensor) -> Scope:
+    def from_manifest(
+        cls, man: dict[str, Any], reference: torch.Tensor, question_reference: torch.Tensor | None = None
+    ) -> Scope:
+        labels = [str(s) for s in man.get("question_labels") or []]
+        if labels and question_reference is None:
+            raise ValueError("the reference question keys are missing")
         return cls(
             float(man["threshold"]),
             reference.float(),
             [str(s) for s in man["subjects"]],
             float(man["far_target"]),
             dict(man.get("calibration") or {}),
+            question_reference.float() if labels else torch.zeros(0, 0),
+            labels,
         )
+
+    def question_claims(self, edit_questions: torch.Tensor) -> torch.Tensor:
+        """(E,) the label of the reference question each edit's question is (cosine ≥ CLAIM_COS), or -1."""
+        out = torch.full((edit_questions.shape[0],), -1, dtype=torch.int64)
+        if self.asks and edit_questions.shape[0]:
+            best = (edit_questions.float() @ self.question_reference.T).max(dim=1)
+            hit = best.values >= CLAIM_COS
+            out[hit] = self._question_ids[best.indices[hit]]
+        return out
+
+    def question_match(self, questions: torch.Tensor, edit_questions: torch.Tensor, claims: torch.Tensor):
+        """(B, E) whether each input question (B, d) asks what each edit's question (E, d) asks: the edit's
+        question, or a reference question with the edit's label, is nearer than every reference question
+        with another label."""
+        dev = questions.device
+        q = questions.float()
+        own = q @ edit_questions.to(dev, torch.float32).T  # (B, E)
+        ref = q @ self.question_reference.to(dev).T  # (B, Q)
+        labels = self._question_ids.to(dev)
+        n = int(labels.max()) + 1
+        by_label = torch.full((q.shape[0], n), -2.0, device=dev)
+        by_label.scatter_reduce_(1, labels.expand_as(ref), ref, reduce="amax")
+        claims = claims.to(dev)
+        has = claims >= 0
+        if bool(has.any()):
+            own[:, has] = torch.maximum(own[:, has], by_label[:, claims[has]])
+        top = by_label.topk(min(2, n), dim=1)
+        first, first_label = top.values[:, :1], top.indices[:, :1]
+        second = top.values[:, 1:2] if n > 1 else torch.full_like(first, -2.0)
+        other = torch.where(first_label == claims.unsqueeze(0), second, first)  # best reference of another label
+        return own >= other
 
     def claims(self, edit_keys: torch.Tensor) -> torch.Tensor:
         """(E,) the subject each edit claims — the subject one of whose reference images is the edit's
@@ -117,7 +225,8 @@ class Scope:
                 best = torch.full((keys.shape[0], n), -2.0, device=dev)
                 best.scatter_reduce_(1, subjects.expand_as(ref), ref, reduce="amax")
                 scores[:, has] = torch.maximum(scores[:, has], best[:, claims[has]])
-        return (scores >= self.threshold) & (scores >= guard.unsqueeze(1))
+        nearest = scores.max(dim=1, keepdim=True).values if scores.shape[1] else scores
+        return (scores >= self.threshold) & (scores >= guard.unsqueeze(1)) & (scores >= nearest - NEAREST_TIE)
 
 
 def calibrate(positives: torch.Tensor, negatives: torch.Tensor, far: float) -> tuple[float, dict[str, Any]]:

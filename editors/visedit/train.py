@@ -164,7 +164,12 @@ class Trainer:
         if todo:
             vc = self.vead_config
             sig = compute_signals(
-                self.vlm, [self.rows(s).rel for s in todo], vc.signal_layer, vc.last_layer, vc.summary_token
+                self.vlm,
+                [self.rows(s).rel for s in todo],
+                vc.signal_layer,
+                vc.last_layer,
+                vc.summary_token,
+                rows=vc.signal_rows,
             )
             for s, x in zip(todo, sig):
                 self._signals[self._key(s)] = x
@@ -259,6 +264,7 @@ class Trainer:
             summary_token=cfg.summary_token,
             mapper_context=cfg.mapper_context,
             mapper_tied=cfg.mapper_tied,
+            signal_rows=cfg.signal_rows,
         )
         try:
             vc.check(self.vlm.num_layers, self.vlm.hidden_size)

@@ -19,8 +19,9 @@ seed, so any prefix is a deterministic mix of the three kinds. Each record
 has the E-VQA shape of the world's edit cases (``src`` a training template,
 ``rephrase`` a held-out one, ``image_rephrase`` another rendering,
 ``image_heldout`` a rendering never used in training, text and modal
-locality probes about other entities), plus ``type`` (counterfactual /
-insertion / new_entity) and ``stream_index``.
+locality probes about other entities; ``m_loc_entity`` and
+``m_loc_relation`` say which fact the modal-locality probe asks), plus
+``type`` (counterfactual / insertion / new_entity) and ``stream_index``.
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def edit_stream(world: World, n: int | None = None) -> list[dict[str, Any]]:
                 "m_loc": mq.image,
                 "m_loc_q": mq.question,
                 "m_loc_a": mq.answer,
+                "m_loc_entity": mq.entity,
+                "m_loc_relation": mq.relation,
             }
         )
     return records

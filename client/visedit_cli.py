@@ -198,6 +198,42 @@ def calibrate_cmd(
         typer.echo(f"  at false-accept {rate}: threshold {lv['threshold']:.4f}, recall {lv['recall']:.3f}")
 
 
+@visedit_app.command("gate-map")
+def gate_map_cmd(
+    out: Path = typer.Option(..., help="PNG to write."),
+    cases: int = typer.Option(30, help="Test cases, each edited alone."),
+    adapter: Path | None = typer.Option(None, help="The trained adapter with its scope gate (default: the world's)."),
+    world: Path | None = WORLD,
+    seed: int = SEED,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+) -> None:
+    """The scope gate after one edit per test case: how close each probe image's key is to the edit image's
+    and whether the gate opens, for the edit image, another rendering, a held-out one, the unrelated image
+    and a similar-looking entity (same shape and colours, another pattern)."""
+    from editors.edit_set import EditSetError
+    from editors.visedit.figures import gate_map
+    from editors.visedit.train import default_adapter_path
+
+    if cases < 1:
+        fail("--cases must be at least 1")
+    folder, vlm = world_and_model(world, seed, device)
+    adapter = adapter or default_adapter_path(folder)
+    if not adapter.is_file():
+        fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
+    chosen = json.loads((folder / "edit_cases" / "test.json").read_text())[:cases]
+    try:
+        result = gate_map(vlm, adapter, folder, chosen, out)
+    except (EditSetError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    typer.echo(f"wrote {out} (threshold {result['threshold']:.4f}, {result['cases']} cases)")
+    for name, p in result["probes"].items():
+        typer.echo(f"  {name}: mean cosine {p['mean_cos']:.3f}, the gate opens for {p['opens']:.0%}")
+
+
 @visedit_app.command("edit")
 def edit_cmd(
     image: Path = typer.Option(..., help="The edit image."),

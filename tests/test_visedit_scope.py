@@ -227,16 +227,45 @@ def test_text_signal_rows_drop_the_image_rows_and_still_edit(vlm, world_dir, gat
         edited.without_edits().with_signal_rows("some")
 
 
-def test_bench_lifelong_reports_the_gate_and_serves_the_final_version(vlm, world_dir, tmp_path):
+@pytest.fixture(scope="module")
+def calibrated(vlm, world_dir, tmp_path_factory):
+    """A (random-weight) adapter file with a scope gate calibrated on the world and text-only signals."""
+    from editors.visedit.calibration import calibrate_world_scope
+
+    adapter = tmp_path_factory.mktemp("calibrated") / "adapter.safetensors"
+    trained = VisEditSet(_vead(vlm), vlm.fingerprint).with_signal_rows("text")
+    trained.with_scope(calibrate_world_scope(vlm, trained.vead, world_dir, 1e-3)).save(adapter)
+    return adapter
+
+
+def test_gate_map_draws_the_gate_on_each_kind_of_probe(world_dir, calibrated, tmp_path):
     from typer.testing import CliRunner
 
     from client.cli import app
-    from editors.visedit.calibration import calibrate_world_scope
 
-    vead = _vead(vlm)
-    adapter = tmp_path / "adapter.safetensors"
-    trained = VisEditSet(vead, vlm.fingerprint).with_signal_rows("text")
-    trained.with_scope(calibrate_world_scope(vlm, trained.vead, world_dir, 1e-3)).save(adapter)
+    png = tmp_path / "gate.png"
+    args = ["visedit", "gate-map", "--out", str(png), "--cases", "3", "--adapter", str(calibrated)]
+    res = CliRunner().invoke(app, [*args, "--world", str(world_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert png.is_file() and out["cases"] == 3
+    assert out["probes"]["edit image"] == {"cases": 3, "mean_cos": 1.0, "opens": 1.0}
+    assert out["probes"]["unrelated image"]["opens"] == 0.0
+    assert set(out["probes"]) == {
+        "edit image",
+        "another rendering",
+        "held-out rendering",
+        "unrelated image",
+        "similar-looking entity",
+    }
+
+
+def test_bench_lifelong_reports_the_gate_and_serves_the_final_version(vlm, world_dir, calibrated):
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    adapter = calibrated
     args = ["bench", "lifelong", "--world", str(world_dir), "--edits", "12", "--single", "0", "--panel", "20"]
     args += ["--editor", "visedit", "--set", f"visedit.adapter={adapter}", "--serve", "2", "--json"]
     res = CliRunner().invoke(app, args)

@@ -100,3 +100,91 @@ def mapper_separation(
         "separated_edit_image": sum(r["image"] > r["m_loc"] for r in rows) / n,
         "separated_other_image": sum(r["image_rephrase"] > r["m_loc"] for r in rows) / n,
     }
+
+
+GATE_PROBES = (
+    ("edit image", "image"),
+    ("another rendering", "image_rephrase"),
+    ("held-out rendering", "image_heldout"),
+    ("unrelated image", "m_loc"),
+    ("similar-looking entity", None),
+)
+
+
+def similar_look(world_dir: str | Path, entity: str, seed: int = 0):
+    """A rendering of a look like ``entity``'s (same kind, shape and colours) but with another pattern,
+    drawn for the purpose (no entity of the world has it unless by chance)."""
+    import json
+    import random
+
+    from vlm.world.render import PATTERNS, render_entity
+
+    spec = json.loads((Path(world_dir) / "world.json").read_text())
+    ent = next(e for e in spec["entities"] if e["id"] == entity)
+    rng = random.Random(f"similar-{seed}-{entity}")
+    look = dict(ent["look"], pattern=rng.choice([p for p in PATTERNS if p != ent["look"]["pattern"]]))
+    return render_entity(ent["kind"], look, f"similar-{seed}-{entity}")
+
+
+def gate_map(
+    vlm: VLM, adapter_path: str | Path, world_dir: str | Path, cases: list[dict[str, Any]], out: str | Path
+) -> dict[str, Any]:
+    """The scope gate (``scope.py``) after one edit per test case: the cosine of each probe image's key with
+    the edit image's key, and whether the gate opens for it (threshold, references and claims included),
+    for the edit image, another rendering, a held-out rendering, the unrelated image and a similar-looking
+    entity (same shape and colours, another pattern). A strip plot per probe with the threshold drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .calibration import keys_of_images, visual_states
+
+    world_dir = Path(world_dir)
+    trained = VisEditSet.load(adapter_path, vlm)
+    if trained.scope is None:
+        raise ValueError(f"{adapter_path} has no scope gate; run `editlens visedit calibrate` first")
+    editor = VisEdit(vlm, trained)
+    singles = editor.edit_each([EditRequest.from_case(c, world_dir) for c in cases])
+    rows: dict[str, list[tuple[float, bool]]] = {name: [] for name, _ in GATE_PROBES}
+    layer = trained.config.layer
+    for case, one in zip(cases, singles):
+        images = [
+            load_image(world_dir / case[field]) if field else similar_look(world_dir, case["entity"])
+            for _, field in GATE_PROBES
+            if not field or case.get(field)
+        ]
+        names = [name for name, field in GATE_PROBES if not field or case.get(field)]
+        pix = [vlm.processor.image_processor(im, return_tensors="pt")["pixel_values"][0] for im in images]
+        keys = keys_of_images(vlm, trained.vead, pix)
+        opened = one.image_gate()(visual_states(vlm, layer, pix).to(vlm.input_device)).cpu()[:, 0]
+        cos = keys @ one.signals[0].key.float()
+        for name, c, o in zip(names, cos.tolist(), opened.tolist()):
+            rows[name].append((c, bool(o)))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, vals in enumerate(rows.values()):
+        jitter = torch.linspace(-0.25, 0.25, max(len(vals), 1)).tolist()
+        ax.scatter(
+            [i + j for j in jitter[: len(vals)]],
+            [c for c, _ in vals],
+            c=["tab:red" if o else "tab:grey" for _, o in vals],
+            s=12,
+        )
+    ax.axhline(trained.scope.threshold, color="k", lw=1, ls="--", label=f"threshold τ = {trained.scope.threshold:.3f}")
+    ax.set_xticks(range(len(rows)), list(rows), rotation=15)
+    ax.set_ylabel("cosine with the edit image's key")
+    ax.set_title(f"VisEdit scope gate over {len(cases)} test cases (red: the gate opens)")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    summary = {
+        name: {
+            "cases": len(vals),
+            "mean_cos": round(sum(c for c, _ in vals) / len(vals), 4) if vals else None,
+            "opens": round(sum(o for _, o in vals) / len(vals), 4) if vals else None,
+        }
+        for name, vals in rows.items()
+    }
+    return {"out": str(out), "threshold": trained.scope.threshold, "cases": len(cases), "probes": summary}

@@ -39,6 +39,16 @@ TRAIN_FLAGS = (
 )
 
 
+def _trained_adapter(adapter: Path | None, world: Path) -> Path:
+    """The adapter file given, or the world's; a CLI message if there is none."""
+    from editors.visedit.train import default_adapter_path
+
+    adapter = adapter or default_adapter_path(world)
+    if not adapter.is_file():
+        fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
+    return adapter
+
+
 @visedit_app.command("train")
 @config_options(VisEditTrainConfig, TRAIN_FLAGS, "settings", only_given=True)
 def train_cmd(
@@ -157,14 +167,11 @@ def calibrate_cmd(
     from editors.edit_set import EditSetError
     from editors.visedit import VisEditSet
     from editors.visedit.calibration import calibrate_world_scope
-    from editors.visedit.train import default_adapter_path
 
     if not off and not 0 < far < 1:
         fail(f"--far is a false-accept rate in (0, 1), not {far}")
     folder, vlm = world_and_model(world, seed, device)
-    adapter = adapter or default_adapter_path(folder)
-    if not adapter.is_file():
-        fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
+    adapter = _trained_adapter(adapter, folder)
     try:
         trained = VisEditSet.load(adapter, vlm)
         if trained.num_edits:
@@ -213,14 +220,11 @@ def gate_map_cmd(
     and a similar-looking entity (same shape and colours, another pattern)."""
     from editors.edit_set import EditSetError
     from editors.visedit.figures import gate_map
-    from editors.visedit.train import default_adapter_path
 
     if cases < 1:
         fail("--cases must be at least 1")
     folder, vlm = world_and_model(world, seed, device)
-    adapter = adapter or default_adapter_path(folder)
-    if not adapter.is_file():
-        fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
+    adapter = _trained_adapter(adapter, folder)
     chosen = json.loads((folder / "edit_cases" / "test.json").read_text())[:cases]
     try:
         result = gate_map(vlm, adapter, folder, chosen, out)
@@ -304,16 +308,13 @@ def influence_map_cmd(
     after one edit (the paper's Fig. 3); with --cases N, the same summarised over N test cases."""
     from editors.edit_set import EditSetError
     from editors.visedit.figures import influence_maps, mapper_separation
-    from editors.visedit.train import default_adapter_path
 
     folder, vlm = world_and_model(world, seed, device)
     cases_all = json.loads((folder / "edit_cases" / "test.json").read_text())
     chosen = next((c for c in cases_all if c["case_id"] == case), None) if case else cases_all[0]
     if chosen is None:
         fail(f"no test case {case!r} in {folder}/edit_cases/test.json")
-    adapter = adapter or default_adapter_path(folder)
-    if not adapter.is_file():
-        fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
+    adapter = _trained_adapter(adapter, folder)
     if cases < 0:
         fail("--cases must be 0 or more")
     try:

@@ -33,11 +33,27 @@ app = typer.Typer(
 
 
 @app.callback()
-def main() -> None:
+def main(
+    tls_ca: Path | None = typer.Option(
+        None,
+        envvar="EDITLENS_TLS_CA",
+        help="Reach the server over TLS, trusting the certificates this PEM CA signed (remote commands).",
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, envvar="EDITLENS_TLS_CERT", help="This client's PEM certificate, for a server that asks (mutual TLS)."
+    ),
+    tls_key: Path | None = typer.Option(None, envvar="EDITLENS_TLS_KEY", help="The private key of --tls-cert."),
+    token_file: Path | None = typer.Option(
+        None,
+        envvar="EDITLENS_TOKEN_FILE",
+        help="Read the bearer token from this file when a command gets no --token (a process list shows argv).",
+    ),
+) -> None:
     """EditLens: edit and inspect LLaVA-family vision-language models."""
     from registry import quiet_mlflow
 
     quiet_mlflow()  # this process's MLflow settings: no telemetry, no progress bars, fast failures
+    service_cli.TRANSPORT.update(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file)
 
 
 world_app = typer.Typer(

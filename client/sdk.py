@@ -403,6 +403,16 @@ def _fill_options(req: pb.EditRequest, editor: str, options: dict[str, Any]) -> 
     _set_fields(getattr(req, editor), options, f"{editor} option")
 
 
+def _pem(value: str | os.PathLike | bytes | None, what: str) -> bytes | None:
+    """PEM bytes given as bytes or as a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {value} ({exc.strerror or exc})") from None
+
+
 # ------------------------------------------------------------------- client
 class EditLensClient:
     """A client of one EditLens server (``host:port``).
@@ -410,7 +420,9 @@ class EditLensClient:
     ``token``: sent as ``authorization: Bearer <token>`` (needed for edit,
     promote, rollback and delete when the server has one). ``timeout``:
     seconds per unary call (streaming jobs run until they finish unless
-    ``job_timeout`` is set).
+    ``job_timeout`` is set). ``tls_ca``: talk TLS, trusting the server
+    certificates this PEM CA (a path or bytes) signed; with ``tls_cert`` and
+    ``tls_key`` present this client's own certificate (mutual TLS).
     """
 
     def __init__(
@@ -420,18 +432,31 @@ class EditLensClient:
         timeout: float | None = 60.0,
         job_timeout: float | None = None,
         max_message_bytes: int = 64 << 20,
+        tls_ca: str | os.PathLike | bytes | None = None,
+        tls_cert: str | os.PathLike | bytes | None = None,
+        tls_key: str | os.PathLike | bytes | None = None,
     ):
         self.target = target
         self.token = token
         self.timeout = timeout
         self.job_timeout = job_timeout
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("a client certificate needs both tls_cert and tls_key")
+        if tls_cert is not None and tls_ca is None:
+            raise ValueError("a client certificate (mutual TLS) needs tls_ca, the CA of the server's certificate")
+        if tls_ca is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca, "tls_ca"),
+                private_key=_pem(tls_key, "tls_key"),
+                certificate_chain=_pem(tls_cert, "tls_cert"),
+            )
+            self._channel = grpc.secure_channel(target, creds, options=options)
         self._stub = pb_grpc.EditLensStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

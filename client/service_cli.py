@@ -35,6 +35,11 @@ SERVE_FLAGS = (
     "registry_uri",
     "default_adapter",
     "token",
+    "token_file",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "insecure",
     "live_ttl",
     "bundle_cache",
     "job_workers",
@@ -42,12 +47,29 @@ SERVE_FLAGS = (
 LIMIT_FLAGS = ("max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_new_tokens", "max_queued_jobs")
 
 
+#: how the remote commands reach the server, from `editlens --tls-ca ... --token-file ...` (the global options)
+TRANSPORT: dict[str, Path | None] = {"tls_ca": None, "tls_cert": None, "tls_key": None, "token_file": None}
+
+
 @contextmanager
 def connect(server: str | None, token: str | None = None):
-    """An SDK client; every SDK error becomes ``error: CODE: message`` and exit code 2."""
+    """An SDK client; every SDK error becomes ``error: CODE: message`` and exit code 2. TLS and the token
+    file come from the global options (``TRANSPORT``)."""
+    from server.config import read_token_file
+    from vlm.options import ConfigError
+
     from .sdk import EditLensClient, EditLensError
 
-    client = EditLensClient(server or os.environ.get("EDITLENS_SERVER") or DEFAULT_SERVER, token=token)
+    if token is None and TRANSPORT["token_file"] is not None:
+        try:
+            token = read_token_file(TRANSPORT["token_file"])
+        except ConfigError as exc:
+            fail(str(exc))
+    tls = {k: TRANSPORT[k] for k in ("tls_ca", "tls_cert", "tls_key")}
+    try:
+        client = EditLensClient(server or os.environ.get("EDITLENS_SERVER") or DEFAULT_SERVER, token=token, **tls)
+    except ValueError as exc:
+        fail(str(exc))
     try:
         yield client
     except EditLensError as exc:

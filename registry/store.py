@@ -29,6 +29,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterable
@@ -63,6 +64,7 @@ TAG_FILES = "editlens.files"
 TAG_SHA256 = "editlens.sha256"
 TAG_HISTORY = "editlens.live_history"
 TAG_FORMAT = "editlens.format"
+TAG_AUDIT = "editlens.audit."  # + a nanosecond timestamp: one registered-model tag per mutation
 FORMAT_VERSION = "1"
 HISTORY_LIMIT = 100
 
@@ -680,6 +682,28 @@ class Registry:
                     lambda: self.client.set_registered_model_alias(adapter, alias, str(version)),
                 )
             return self._info(self._model_version(adapter, version))
+
+    def audit(self, adapter: str, event: dict[str, Any]) -> None:
+        """Record one mutation of ``adapter`` (what, when, by whom) as a tag of the adapter; never raises for
+        an adapter that is gone (a delete of its last version removes it)."""
+        check_adapter_name(adapter)
+        key = f"{TAG_AUDIT}{time.time_ns()}"
+        try:
+            self.client.set_registered_model_tag(adapter, key, json.dumps(event, sort_keys=True))
+        except Exception as e:  # the mutation itself has happened; a missing audit entry is logged
+            log.warning("could not record the audit entry %s of adapter '%s': %s", event, adapter, e)
+
+    def audit_log(self, adapter: str) -> list[dict[str, Any]]:
+        """Every recorded mutation of ``adapter``, oldest first."""
+        check_adapter_name(adapter)
+        tags = self._registered_model(adapter).tags or {}
+        out = []
+        for key in sorted((k for k in tags if k.startswith(TAG_AUDIT)), key=lambda k: int(k[len(TAG_AUDIT) :])):
+            try:
+                out.append(json.loads(tags[key]))
+            except json.JSONDecodeError:
+                out.append({"unreadable": tags[key]})
+        return out
 
     def delete_alias(self, adapter: str, alias: str) -> None:
         """Remove ``alias`` from the adapter (NotFoundError when it has no such alias)."""

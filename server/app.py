@@ -75,7 +75,11 @@ class EditLensServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self._set_health(False)
         try:
-            self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            where = f"{cfg.host}:{cfg.port}"
+            if cfg.tls:
+                self.port = self._server.add_secure_port(where, cfg.server_credentials())
+            else:
+                self.port = self._server.add_insecure_port(where)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
         if not self.port:

@@ -1,4 +1,4 @@
-"""Bearer-token authorization of the calls that change the registry."""
+"""Bearer-token authorization of the calls that change the registry, and who made them (for the audit)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,24 @@ def check_token(token: str | None, context) -> None:
         raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, "the authorization metadata must read 'Bearer <token>'")
     if not hmac.compare_digest(value.strip().encode(), token.encode()):
         raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "the token is not valid for this server")
+
+
+def caller(context, token_checked: bool) -> dict[str, str]:
+    """Who made a call, for the audit trail: the peer address, the TLS client certificate's common name
+    when the client presented one (mutual TLS), whether a valid token came with it (never the token), and
+    the UTC time."""
+    import datetime
+
+    out = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "peer": context.peer() or "",
+        "token": "valid" if token_checked else "none required",
+    }
+    try:
+        auth = context.auth_context() or {}
+    except Exception:  # a context without TLS
+        auth = {}
+    names = auth.get("x509_common_name") or []
+    if names:
+        out["client_certificate"] = names[0].decode() if isinstance(names[0], bytes) else str(names[0])
+    return out

@@ -41,6 +41,30 @@ class Limits:
             self.default_new_tokens = self.max_new_tokens
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` listens only on this machine."""
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The token in a file (its first line, stripped); a ConfigError naming the file otherwise."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the token file {path}: {exc.strerror or exc}") from None
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not token:
+        raise ConfigError(f"the token file {path} is empty")
+    return token
+
+
 @dataclass
 class ServerConfig:
     """Everything ``editlens serve`` is started with; the command's options come from these fields."""
@@ -62,9 +86,23 @@ class ServerConfig:
     default_adapter: str = option("default", "The adapter served when a request names none.", flag="--adapter")
     token: str | None = option(
         help="Require 'authorization: Bearer <token>' on edit, train, promote, rollback and delete "
-        "(default: $EDITLENS_TOKEN; none: no auth).",
+        "(default: $EDITLENS_TOKEN; none: no auth). A process list shows the command line: prefer "
+        "--token-file or the environment.",
         factory=lambda: os.environ.get("EDITLENS_TOKEN") or None,
         envvar="EDITLENS_TOKEN",
+    )
+    token_file: Path | None = option(
+        None, "Read the token from this file (its first line) instead.", envvar="EDITLENS_TOKEN_FILE"
+    )
+    tls_cert: Path | None = option(None, "PEM certificate chain of the server: serve TLS (with --tls-key).")
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = option(
+        None, "PEM CA certificate(s): require every client to present a certificate they signed (mutual TLS)."
+    )
+    insecure: bool = option(
+        False,
+        "Allow a non-loopback --host without a token and TLS (every mutating call open to the network, "
+        "tokens in clear text).",
     )
     limits: Limits = option(help="Per-request limits.", factory=Limits)
     live_ttl: float = option(
@@ -86,4 +124,35 @@ class ServerConfig:
             raise ConfigError("bundle_cache and job_workers must be >= 1, grpc_workers >= 2")
         if self.token is not None and not self.token.strip():
             self.token = None
+        if self.token_file is not None:
+            self.token = read_token_file(self.token_file)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs the server's own --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"--{name.replace('_', '-')}: no file {path}")
+        if not is_loopback(self.host) and not self.insecure and (self.token is None or self.tls_cert is None):
+            missing = " and ".join(
+                w for w, gone in (("a token", self.token is None), ("TLS", self.tls_cert is None)) if gone
+            )
+            raise ConfigError(
+                f"--host {self.host} listens beyond this machine without {missing}: anyone who reaches it could "
+                "edit, roll back and delete versions, and a token would travel in clear text. Give --token-file "
+                "(or $EDITLENS_TOKEN) and --tls-cert/--tls-key, or say --insecure if this network is trusted"
+            )
         self.limits.check()
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def server_credentials(self):
+        """gRPC server credentials for the TLS settings (mutual TLS with a client CA)."""
+        import grpc
+
+        ca = Path(self.tls_client_ca).read_bytes() if self.tls_client_ca is not None else None
+        pair = (Path(self.tls_key).read_bytes(), Path(self.tls_cert).read_bytes())
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class EditPlan:
     request: EditRequest
     promote: bool
     description: str
+    caller: dict[str, Any] = field(default_factory=dict)  # who asked (time, peer, ...): the version's audit
 
 
 def plan_edit(host: Host, request: pb.EditRequest) -> EditPlan:
@@ -121,10 +122,11 @@ def run_edit(host: Host, job, plan: EditPlan):
             parent=live.version if live is not None else None,
             description=plan.description,
             figures=evidence_figures(plan.editor.layer_evidence, Path(tmp)),
+            extra={"audit": {"action": "edit", **plan.caller}},
             promote=plan.promote,
             before_register=_registering(job, f"registering a new version of adapter '{plan.adapter}'"),
         )
-    _after_publish(host, plan.adapter, info)
+    _after_publish(host, plan.adapter, info, {"action": "edit", **plan.caller})
     return info
 
 
@@ -136,8 +138,10 @@ def _registering(job, message: str) -> Callable[[], None]:
     return before
 
 
-def _after_publish(host: Host, adapter: str, info) -> None:
+def _after_publish(host: Host, adapter: str, info, audit: dict[str, Any] | None = None) -> None:
     host.versions.forget(adapter)
+    if audit is not None:
+        host.registry.audit(adapter, {**audit, "version": info.version, "live": "live" in info.aliases})
     try:  # load the new version now (from its registered files), so its first request is fast
         host.versions.bundle(adapter, info.version, info)
     except Exception as exc:  # a request for it will report the problem with its status
@@ -187,6 +191,7 @@ class TrainPlan:
     world: Path
     config: Any
     promote: bool
+    caller: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_training(host: Host, request: pb.TrainVisEditRequest) -> TrainPlan:
@@ -236,9 +241,9 @@ def run_training(host: Host, job, plan: TrainPlan):
             edits=[],
             description=f"a trained {spec.name} editor",
             figures=figures,
-            extra={"training": {"editor": spec.name, **training}},
+            extra={"training": {"editor": spec.name, **training}, "audit": {"action": "train", **plan.caller}},
             promote=plan.promote,
             before_register=_registering(job, f"registering the trained editor as a version of '{plan.adapter}'"),
         )
-    _after_publish(host, plan.adapter, info)
+    _after_publish(host, plan.adapter, info, {"action": "train", **plan.caller})
     return info

@@ -28,7 +28,7 @@ from editors import editor_names
 from registry import LIVE, ConflictError, NotFoundError, RegistryError
 
 from . import convert, diagnosing, editing, generation
-from .auth import check_token
+from .auth import caller, check_token
 from .bundles import BundleError
 from .config import ServerConfig
 from .errors import invalid, rpc, unavailable
@@ -93,6 +93,10 @@ class EditLensService(pb_grpc.EditLensServicer):
         check_token(self.config.token, context)
         return self._ready()
 
+    def _audit(self, host: Host, adapter: str, context, action: str, **what) -> None:
+        """Record a mutation of ``adapter`` with its time and caller (registry tags ``editlens.audit.*``)."""
+        host.registry.audit(adapter, {"action": action, **what, **caller(context, bool(self.config.token))})
+
     # ------------------------------------------------------------ generate
     @rpc
     def Generate(self, request, context):
@@ -119,6 +123,7 @@ class EditLensService(pb_grpc.EditLensServicer):
     def Edit(self, request, context):
         host = self._mutating(context)
         plan = editing.plan_edit(host, request)
+        plan.caller = caller(context, bool(self.config.token))
         job, ahead = self.jobs.submit(
             "edit", lambda job: convert.version(editing.run_edit(host, job, plan)), adapter=plan.adapter
         )
@@ -128,6 +133,7 @@ class EditLensService(pb_grpc.EditLensServicer):
     def TrainVisEdit(self, request, context):
         host = self._mutating(context)
         plan = editing.plan_training(host, request)
+        plan.caller = caller(context, bool(self.config.token))
         job, ahead = self.jobs.submit(
             "train", lambda job: convert.version(editing.run_training(host, job, plan)), adapter=plan.adapter
         )
@@ -186,6 +192,7 @@ class EditLensService(pb_grpc.EditLensServicer):
             raise invalid("name the version to point the alias at (>= 1)")
         with self.jobs.adapter_lock(adapter):
             info = host.registry.set_alias(adapter, request.alias or LIVE, request.version)
+            self._audit(host, adapter, context, "set_alias", alias=request.alias or LIVE, version=request.version)
         host.versions.forget(adapter)
         return convert.version(info)
 
@@ -204,6 +211,7 @@ class EditLensService(pb_grpc.EditLensServicer):
                 # model answers again (promote brings the version back)
                 host.registry.delete_alias(adapter, LIVE)
                 info = None
+            self._audit(host, adapter, context, "rollback", previous=before or 0, live=info.version if info else 0)
         host.versions.forget(adapter)
         return pb.RollbackResponse(previous_version=before or 0, live=convert.version(info) if info else None)
 
@@ -215,6 +223,7 @@ class EditLensService(pb_grpc.EditLensServicer):
             raise invalid("name the version to delete (>= 1)")
         with self.jobs.adapter_lock(adapter):
             host.registry.delete_version(adapter, request.version)
+            self._audit(host, adapter, context, "delete_version", version=request.version)
         host.versions.dropped(adapter, request.version)
         return pb.DeleteVersionResponse(adapter=adapter, version=request.version)
 

@@ -102,6 +102,12 @@ class InternalError(EditLensError):
     code = grpc.StatusCode.INTERNAL
 
 
+class AbortedError(EditLensError):
+    """The registry changed under the call (another replica made a version live first): retry it."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 _ERRORS = {
     cls.code: cls
     for cls in (
@@ -116,6 +122,7 @@ _ERRORS = {
         CancelledError,
         DeadlineExceededError,
         InternalError,
+        AbortedError,
     )
 }
 

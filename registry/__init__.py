@@ -11,6 +11,7 @@ from .errors import (
     InvalidArgumentError,
     NotFoundError,
     RegistryError,
+    StaleParentError,
     UnavailableError,
 )
 from .store import (
@@ -32,6 +33,7 @@ __all__ = [
     "AliasNotFoundError",
     "UnavailableError",
     "ConflictError",
+    "StaleParentError",
     "InvalidArgumentError",
     "NotFoundError",
     "Registry",

@@ -29,6 +29,11 @@ class ConflictError(RegistryError):
     fingerprint that differs from the adapter's)."""
 
 
+class StaleParentError(ConflictError):
+    """A new version was built on a live version that is no longer live (another replica made a version
+    live in the meantime); nothing was registered. Retrying builds on the new live version."""
+
+
 class InvalidArgumentError(RegistryError):
     """A malformed name, reference or argument."""
 

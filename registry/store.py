@@ -43,6 +43,7 @@ from .errors import (
     InvalidArgumentError,
     NotFoundError,
     RegistryError,
+    StaleParentError,
     from_mlflow,
 )
 from .version_info import VersionInfo
@@ -515,11 +516,16 @@ class Registry:
         parent: int | None,
         description: str = "",
         set_live: bool = True,
+        parent_must_be_live: bool = False,
     ) -> VersionInfo:
         """Register a new immutable version built from local ``files`` (artifact name -> path)
         and ``manifest`` (written as manifest.json). Creates the adapter if absent. All or
         nothing: on any failure no run, version or new adapter is left behind and the live
-        alias is unchanged. With ``set_live`` the new version becomes live."""
+        alias is unchanged. With ``set_live`` the new version becomes live; with
+        ``parent_must_be_live`` only if ``parent`` (None: no version) is still the live version
+        when it is about to move — read from the tracking store right before the alias moves, so
+        that of two replicas editing one adapter at once the second raises ``StaleParentError``
+        instead of making live a version that lacks the first one's edit."""
         check_adapter_name(adapter)
         staged = self._check_inputs(files, manifest, base_fingerprint, editor, num_edits, parent, description)
         with tempfile.TemporaryDirectory(prefix="editlens-stage-") as tmp:
@@ -561,6 +567,15 @@ class Registry:
                     if str(mv.status) != "READY":  # create_model_version waited; it did not get there
                         raise RegistryError(f"adapter '{adapter}': the new version is {mv.status}, not READY")
                     version = int(mv.version)
+                    if set_live and parent_must_be_live:
+                        now = self._registered_model(adapter).aliases or {}
+                        live_now = int(now[LIVE]) if LIVE in now else None
+                        if live_now != parent:
+                            raise StaleParentError(
+                                f"adapter '{adapter}': version {live_now} became live while this version was being "
+                                f"made on {'the base model' if parent is None else f'version {parent}'}; nothing "
+                                "was registered. Retry: the edit will build on the new live version"
+                            )
                     if set_live:
                         self._move_live(adapter, version, push_current=True)
                 except BaseException as e:

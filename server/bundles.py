@@ -127,6 +127,7 @@ def publish(
     extra: Mapping[str, Any] | None = None,
     promote: bool = True,
     before_register: Callable[[], None] | None = None,
+    parent_must_be_live: bool = False,
 ):
     """Register a new version of ``adapter`` holding ``edit_sets`` (editor name -> edit set); returns its
     ``VersionInfo``.
@@ -134,7 +135,8 @@ def publish(
     ``edits``: every edit of the version, oldest first, as the manifest records them; ``parent``: the
     version it was made on top of; ``figures``: PNG files by name; ``extra``: further manifest sections
     (e.g. ``training``). ``before_register`` runs once everything is written, right before the registry
-    is touched (the last point at which a cancelled job leaves no trace). All or nothing.
+    is touched (the last point at which a cancelled job leaves no trace). ``parent_must_be_live``: promote
+    only if ``parent`` is still live (``Registry.create_version``; else ``StaleParentError``). All or nothing.
     """
     if not edit_sets:
         raise ValueError("a version holds at least one edit set")
@@ -163,6 +165,7 @@ def publish(
             parent=parent,
             description=description,
             set_live=promote,
+            parent_must_be_live=parent_must_be_live,
         )
 
 

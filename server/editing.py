@@ -124,6 +124,7 @@ def run_edit(host: Host, job, plan: EditPlan):
             figures=evidence_figures(plan.editor.layer_evidence, Path(tmp)),
             extra={"audit": {"action": "edit", **plan.caller}},
             promote=plan.promote,
+            parent_must_be_live=True,  # a replica that made a version live meanwhile: ABORTED, not a lost edit
             before_register=_registering(job, f"registering a new version of adapter '{plan.adapter}'"),
         )
     _after_publish(host, plan.adapter, info, {"action": "edit", **plan.caller})

@@ -63,6 +63,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         InvalidArgumentError,
         NotFoundError,
         RegistryError,
+        StaleParentError,
         UnavailableError,
     )
     from vlm.errors import ModelLoadError, VLMError
@@ -75,6 +76,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.CANCELLED, str(exc) or "the job was cancelled"
     if isinstance(exc, NotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, StaleParentError):  # another replica made a version live first: retrying succeeds
+        return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, ConflictError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, InvalidArgumentError):

@@ -369,6 +369,28 @@ def test_replica_follows_alias(registry, edit_file):
     assert registry.rollback("a").version == 1  # the history is shared through MLflow
 
 
+def test_a_version_built_on_a_live_version_that_moved_is_refused_and_leaves_nothing(registry, edit_file):
+    """Two replicas edit one adapter at once, both on version 1: the first to register makes version 2 live;
+    the second, still on version 1, is refused (StaleParentError) instead of hiding version 2's edit."""
+    from registry import StaleParentError
+
+    make(registry, "a", edit_file, 1)
+    replica = Registry(data_dir=registry.data_dir)
+    args = {"base_fingerprint": "fp-base", "editor": "multedit", "num_edits": 2, "parent": 1}
+    files, manifest = {"multedit.safetensors": edit_file}, {"edits": [0, 1]}
+    v2 = replica.create_version("a", files, manifest, parent_must_be_live=True, **args)
+    assert v2.version == 2 and registry.live_version_number("a") == 2
+    with pytest.raises(StaleParentError, match="version 2 became live while this version was being made on version 1"):
+        registry.create_version("a", files, manifest, parent_must_be_live=True, **args)
+    assert [v.version for v in registry.versions("a")] == [1, 2] and registry.live_version_number("a") == 2
+    v3 = registry.create_version("a", files, manifest, parent_must_be_live=True, **{**args, "parent": 2})
+    assert registry.live_version_number("a") == v3.version > 2  # the retry, on the new live version
+    registry.create_version("a", files, manifest, **args)  # without the check: the old behaviour
+    with pytest.raises(StaleParentError, match="made on the base model"):  # a first version raced by another
+        registry.create_version("b", files, manifest, parent_must_be_live=True, **{**args, "parent": None})
+        registry.create_version("b", files, manifest, parent_must_be_live=True, **{**args, "parent": None})
+
+
 def test_threads_read_live_while_a_job_creates_versions(registry, edit_file):
     make(registry, "a", edit_file, 1)
     errors: list[BaseException] = []

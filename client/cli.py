@@ -21,6 +21,7 @@ from .bench_cli import bench_app
 from .cli_support import console, fail, load_model, progress_bar, stage_printer
 from .diagnose_cli import diagnose_app
 from .options import ADAPTER, DEVICE, DTYPE, JSON, MODEL, SEED, TOKEN, WORLD, config_options, parse_settings
+from .registry_cli import registry_app
 from .visedit_cli import visedit_app
 
 app = typer.Typer(
@@ -63,6 +64,7 @@ app.add_typer(world_app, name="world")
 app.add_typer(bench_app, name="bench")
 app.add_typer(diagnose_app, name="diagnose")
 app.add_typer(visedit_app, name="visedit")
+app.add_typer(registry_app, name="registry")
 service_cli.register(app)  # serve, generate, versions, promote, rollback, delete (the gRPC service)
 
 #: the default editor's (KeyGate's) settings offered as flags of `editlens edit` (from KeyGateConfig: default and

@@ -85,6 +85,16 @@ def registry_template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def registry_dir(registry_template, tmp_path):
+    """A registry folder holding a private copy of the template database (for subprocess servers)."""
+    from registry import copy_database
+
+    folder = tmp_path / "registry"
+    copy_database(registry_template / "mlflow.db", folder / "mlflow.db")
+    return folder
+
+
+@pytest.fixture
 def registry(registry_template, tmp_path):
     """A Registry on a private copy of the template database (data_dir = tmp_path/registry)."""
     from registry import Registry, copy_database

@@ -235,6 +235,29 @@ def test_corrupted_or_missing_artifact_detected(registry, edit_file):
     assert [p.name for p in cache.iterdir()] == []
 
 
+def test_registry_check_finds_bad_versions_and_orphan_runs_and_repairs_them(registry, edit_file):
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    make(registry, "a", edit_file, 2)
+    registry.download("a", 1)  # a verified cached copy must not hide a corrupted stored one
+    orphan = registry.client.create_run(registry._experiment()).info.run_id  # a registration that died
+    check = ["registry", "check", "--registry-dir", str(registry.data_dir), "--json"]
+    found = json.loads(CliRunner().invoke(app, check).stdout)
+    assert found["versions"] == 2 and not found["bad_versions"] and not found["bad_aliases"]
+    assert [r["run_id"] for r in found["orphan_runs"]] == [orphan] and not found["deleted_runs"]
+    young = json.loads(CliRunner().invoke(app, [*check, "--repair"]).stdout)
+    assert not young["deleted_runs"], "an orphan younger than --grace may be a registration in flight"
+    fixed = json.loads(CliRunner().invoke(app, [*check, "--repair", "--grace", "0"]).stdout)
+    assert fixed["deleted_runs"] == [orphan]
+    stored = sorted(artifact_root(registry).rglob("multedit.safetensors"))[0]
+    stored.write_bytes(stored.read_bytes()[:-1] + b"X")
+    bad = CliRunner().invoke(app, check[:-1])
+    assert bad.exit_code == 1 and "bad: adapter a version" in bad.output and "corrupted" in bad.output
+    assert json.loads(CliRunner().invoke(app, check).stdout)["orphan_runs"] == []
+
+
 def test_corrupted_cached_copy_is_replaced(registry, edit_file):
     make(registry, "a", edit_file, 1)
     folder = registry.download("a", 1)

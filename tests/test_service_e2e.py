@@ -74,15 +74,6 @@ class ServeProcess:
         return self.proc.returncode
 
 
-@pytest.fixture
-def registry_dir(registry_template, tmp_path):
-    from registry import copy_database
-
-    folder = tmp_path / "registry"
-    copy_database(registry_template / "mlflow.db", folder / "mlflow.db")
-    return folder
-
-
 def _answers(lens, c, world_dir, **ref):
     ask = lambda q, img: lens.generate(world_dir / img, q, **ref)
     out = [

@@ -5,7 +5,9 @@
   made on another replica reaches this one within that time; changes made
   through this server are seen at once: ``forget`` drops the entry). An
   adapter that does not exist is cached as such too, so the default adapter
-  before its first edit costs no registry call per request.
+  before its first edit costs no registry call per request. While the registry
+  is unavailable (an MLflow server restarting) the version last seen live
+  keeps serving, and the lookup is tried again after each TTL.
 * ``resolve(ref)``: an ``AdapterRef`` (adapter + version, alias, base or
   nothing: the live alias) to the ``Served`` message and the ``Bundle`` to
   attach, resolved once per request so an answer never mixes two versions.
@@ -17,6 +19,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -28,6 +31,7 @@ from registry import UnavailableError as RegistryUnavailableError
 from .bundles import Bundle, BundleCache, BundleError, load_bundle
 from .errors import invalid, not_found, precondition
 
+log = logging.getLogger(__name__)
 _MISSING = object()  # the adapter does not exist (cached like a version number)
 
 
@@ -57,6 +61,15 @@ class Versions:
             value = self.registry.live_version_number(adapter)
         except NotFoundError:
             value = _MISSING
+        except RegistryUnavailableError:
+            if hit is None:
+                raise
+            # the registry (an MLflow server) is down: keep serving the version last seen live; the next
+            # lookup after the TTL asks again, so the server recovers by itself when the registry is back
+            log.warning("the registry is unavailable; adapter '%s' keeps its last live version", adapter)
+            with self._lock:
+                self._live[adapter] = (hit[0], now)
+            return hit[0]
         with self._lock:
             self._live[adapter] = (value, now)
         return value
@@ -76,9 +89,21 @@ class Versions:
             return None
 
     def forget(self, adapter: str) -> None:
-        """Drop the cached live version (after this server changed it)."""
+        """This server changed the adapter's live version: read it again now (so that it is known should the
+        registry become unavailable later), or expire the cached one if the registry cannot be read."""
+        now = time.monotonic()
+        try:
+            value = self.registry.live_version_number(adapter)
+        except NotFoundError:
+            value = _MISSING
+        except RegistryUnavailableError:
+            with self._lock:
+                hit = self._live.get(adapter)
+                if hit is not None:
+                    self._live[adapter] = (hit[0], float("-inf"))  # stale: asked again at the next lookup
+            return
         with self._lock:
-            self._live.pop(adapter, None)
+            self._live[adapter] = (value, now)
 
     def dropped(self, adapter: str, version: int) -> None:
         """A version was deleted: forget its bundle and the live alias."""

@@ -36,10 +36,11 @@ def _editlens_exe() -> str:
 class ServeProcess:
     """`editlens serve --port 0` in a subprocess; the bound address is parsed from its stdout."""
 
-    def __init__(self, registry_dir: Path, log: Path, token: str = TOKEN):
+    def __init__(self, registry_dir: Path, log: Path, token: str = TOKEN, extra: list[str] | None = None):
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [_editlens_exe(), "serve", "--port", "0", "--registry-dir", str(registry_dir), "--token", token],
+            [_editlens_exe(), "serve", "--port", "0", "--registry-dir", str(registry_dir), "--token", token]
+            + list(extra or []),
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,

@@ -1,0 +1,140 @@
+"""Replicas on a real MLflow tracking server: `mlflow server` (its own sqlite backend store and artifact root
+in a temporary folder, artifacts served through it) and two `editlens serve --registry-uri http://...`
+processes. An edit on one is served by the other, a rollback on the other reaches the first, and the MLflow
+server restarted mid-run leaves both serving their cached versions and recovering by themselves."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_service_e2e import TOKEN, ServeProcess
+
+from client.sdk import EditLensClient
+
+pytestmark = pytest.mark.skipif(
+    subprocess.run([sys.executable, "-c", "import mlflow.server"], capture_output=True).returncode != 0,
+    reason="the full mlflow package (pip install -e '.[server]') brings `mlflow server`",
+)
+TTL = 0.3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a sqlite backend store and served artifacts in ``folder``."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.proc = folder, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self):
+        exe = Path(sys.executable).parent / "mlflow"
+        self.log = open(self.folder / "mlflow-server.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+                "--serve-artifacts",
+            ],
+            stdout=self.log,
+            stderr=self.log,
+            env={**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false"},
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError(
+            f"mlflow server did not come up: {(self.folder / 'mlflow-server.log').read_text()[-2000:]}"
+        )
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc is not None:
+            self.log.close()
+
+
+def _eventually(fn, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = fn()
+            if got:
+                return got
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("never happened")
+        time.sleep(0.2)
+
+
+def test_two_replicas_on_a_real_mlflow_server(test_cases, world_dir, tmp_path):
+    mlflow = MlflowServer(tmp_path, _free_port()).start()
+    extra = ["--registry-uri", mlflow.uri, "--live-ttl", str(TTL)]
+    a = ServeProcess(tmp_path / "a", tmp_path / "a.log", extra=extra)
+    b = ServeProcess(tmp_path / "b", tmp_path / "b.log", extra=extra)
+    first, second = test_cases[0], next(c for c in test_cases if c["entity"] != test_cases[0]["entity"])
+    try:
+        with EditLensClient(a.address, token=TOKEN) as la, EditLensClient(b.address, token=TOKEN) as lb:
+            la.wait_ready(120), lb.wait_ready(120)
+            img1, img2 = world_dir / first["image"], world_dir / second["image"]
+            before = lb.generate(img1, first["src"], base=True).text
+            v1 = la.edit(
+                img1, first["src"], first["constraint"], first["alt"], adapter="shared", editor="multedit", layer=0
+            )
+            # an edit on A is served by B within the live-cache time
+            got = _eventually(
+                lambda: (g := lb.generate(img1, first["src"], adapter="shared")).served.version == v1.version and g
+            )
+            assert got.text == first["alt"] != before
+            v2 = lb.edit(
+                img2, second["src"], second["constraint"], second["alt"], adapter="shared", editor="multedit", layer=0
+            )
+            assert v2.parent == v1.version
+            _eventually(lambda: la.generate(img2, second["src"], adapter="shared").served.version == v2.version)
+            # a rollback on B reaches A
+            lb.rollback(adapter="shared")
+            _eventually(lambda: la.generate(img1, first["src"], adapter="shared").served.version == v1.version)
+            # the MLflow server goes away: both replicas keep serving the version they have
+            mlflow.stop()
+            time.sleep(2 * TTL)
+            for lens in (la, lb):
+                g = lens.generate(img1, first["src"], adapter="shared")
+                assert g.served.version == v1.version and g.text == first["alt"]
+            # ... and recover by themselves when it is back (same port, same store)
+            mlflow.start()
+            la.promote(v2.version, adapter="shared")
+            _eventually(lambda: lb.generate(img2, second["src"], adapter="shared").served.version == v2.version, 60)
+    finally:
+        a.stop(), b.stop(), mlflow.stop()

@@ -1,9 +1,11 @@
-"""Replicas on a real MLflow tracking server: `mlflow server` (its own sqlite backend store and artifact root
-in a temporary folder, artifacts served through it) and two `editlens serve --registry-uri http://...`
-processes. An edit on one is served by the other, a rollback on the other reaches the first, and the MLflow
-server restarted mid-run leaves both serving their cached versions and recovering by themselves."""
+"""Replicas on a real MLflow tracking server: `mlflow server` (its own backend store — sqlite, and PostgreSQL
+where the machine has it — and artifact root in a temporary folder, artifacts served through it) and two
+`editlens serve --registry-uri http://...` processes. An edit on one is served by the other, a rollback
+on the other reaches the first, and the MLflow server restarted mid-run leaves both serving their cached
+versions and recovering by themselves."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,11 +31,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a sqlite backend store and served artifacts in ``folder``."""
+class Postgres:
+    """A throwaway PostgreSQL cluster in a temporary folder on 127.0.0.1 (run as ``nobody`` when the tests run as root,
+    which initdb refuses), trust authentication, stopped by ``stop``."""
 
-    def __init__(self, folder: Path, port: int):
+    def __init__(self):
+        import tempfile
+
+        # its own folder: the unprivileged user cannot enter pytest's (mode 700)
+        self.folder, self.port = Path(tempfile.mkdtemp(prefix="editlens-pg-")), _free_port()
+        self.as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.folder, "nobody")
+        self._run("initdb", "-D", str(self.folder / "data"), "-A", "trust", "-U", "editlens")
+        opts = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-l", str(self.folder / "log"), "-o", opts, "-w", "start")
+        self.uri = f"postgresql://editlens@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *cmd):
+        subprocess.run([*self.as_user, *cmd], check=True, capture_output=True, timeout=120)
+
+    def stop(self):
+        try:
+            self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _postgres_available() -> str | None:
+    """Why PostgreSQL cannot back the test here, or None when it can."""
+    if not all(shutil.which(t) for t in ("initdb", "pg_ctl")):
+        return "no PostgreSQL server binaries (initdb, pg_ctl) on this machine"
+    if os.geteuid() == 0 and not shutil.which("runuser"):
+        return "running as root without runuser (initdb refuses root)"
+    if subprocess.run([sys.executable, "-c", "import psycopg2"], capture_output=True).returncode != 0:
+        return "no psycopg2 (pip install -e '.[server]')"
+    return None
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with the ``store`` backend (default: sqlite in ``folder``) and served
+    artifacts in ``folder``."""
+
+    def __init__(self, folder: Path, port: int, store: str | None = None):
         self.folder, self.port, self.proc = folder, port, None
+        self.store = store or f"sqlite:///{folder / 'mlflow.db'}"
         self.uri = f"http://127.0.0.1:{port}"
 
     def start(self):
@@ -99,8 +141,25 @@ def _eventually(fn, timeout=30.0):
         time.sleep(0.2)
 
 
-def test_two_replicas_on_a_real_mlflow_server(test_cases, world_dir, tmp_path):
-    mlflow = MlflowServer(tmp_path, _free_port()).start()
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_two_replicas_on_a_real_mlflow_server(store, test_cases, world_dir, tmp_path):
+    postgres = None
+    if store == "postgresql":
+        why = _postgres_available()
+        if why:
+            pytest.skip(why)
+        postgres = Postgres()
+    try:
+        _replicas(
+            MlflowServer(tmp_path, _free_port(), postgres.uri if postgres else None), test_cases, world_dir, tmp_path
+        )
+    finally:
+        if postgres is not None:
+            postgres.stop()
+
+
+def _replicas(mlflow, test_cases, world_dir, tmp_path):
+    mlflow.start()
     extra = ["--registry-uri", mlflow.uri, "--live-ttl", str(TTL)]
     a = ServeProcess(tmp_path / "a", tmp_path / "a.log", extra=extra)
     b = ServeProcess(tmp_path / "b", tmp_path / "b.log", extra=extra)

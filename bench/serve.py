@@ -13,6 +13,11 @@
   it takes tens of seconds, while the switch stays the same.
 * Registry operation times (MLflow on sqlite in a temporary folder); ``publish_ms`` is what registering a
   version costs the server (the edit set written, the manifest built, the version created).
+* With ``clients``: N concurrent clients (one SDK channel and one thread each) sending Generate calls with
+  mixed versions (round-robin over the base model and every registered version), ``requests`` each;
+  requests/s over the wall time, p50 and p99 latency per client count, and the throughput over one
+  client's. Every request runs its own forward pass today (no batching across requests): this is the
+  reference a batched serving path is to be measured against.
 """
 
 from __future__ import annotations
@@ -73,6 +78,53 @@ def in_thread(fn: Callable):
     return box["out"]
 
 
+def concurrent_clients(address, image, question, refs, counts, requests: int) -> list[dict]:
+    """For each client count N: N threads, each with its own client, send ``requests`` Generate calls
+    round-robin over ``refs`` (the request's version: ``{"base": True}`` or adapter and version); rows
+    ``{"clients", "requests_per_s", "p50_ms", "p99_ms", "throughput_vs_1_client"}``."""
+    import threading
+
+    from client.sdk import EditLensClient
+
+    def measure(n: int) -> dict:
+        times: list[float] = []
+        lock = threading.Lock()
+        start = threading.Barrier(n + 1)
+
+        def client(i: int) -> None:
+            with EditLensClient(address) as lens:
+                lens.generate(image, question, base=True)  # warm the channel
+                start.wait()
+                for k in range(requests):
+                    t0 = time.perf_counter()
+                    lens.generate(image, question, **refs[(i + k) % len(refs)])
+                    with lock:
+                        times.append(time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        times.sort()
+        return {
+            "clients": n,
+            "requests": len(times),
+            "requests_per_s": round(len(times) / wall, 2),
+            "p50_ms": _ms(times[len(times) // 2]),
+            "p99_ms": _ms(times[min(len(times) - 1, int(0.99 * len(times)))]),
+        }
+
+    rows = [measure(n) for n in counts]
+    base = next((r["requests_per_s"] for r in rows if r["clients"] == 1), None)
+    for r in rows:
+        r["throughput_vs_1_client"] = round(r["requests_per_s"] / base, 3) if base else None
+    return rows
+
+
 def run(
     vlm,
     world_dir: Path,
@@ -80,6 +132,7 @@ def run(
     requests: int = 20,
     steps: int = 25,
     stage: Callable[[str], None] = lambda m: None,
+    clients: tuple[int, ...] = (),
 ) -> dict:
     """The serving benchmark (see the module docstring); returns a JSON-ready dict."""
     import json
@@ -100,6 +153,8 @@ def run(
         raise ValueError("edit counts must be positive")
     if requests < 1:
         raise ValueError("requests must be positive")
+    if clients and min(clients) < 1:
+        raise ValueError("client counts must be positive")
     cases = json.loads((world_dir / "edit_cases" / "test.json").read_text())
     n_max = max(edit_counts)
     if n_max > len(cases):
@@ -159,6 +214,10 @@ def run(
                 # in a thread of its own, as the server runs every request (torch's intra-op threading
                 # differs between the main thread and others)
                 result["generate"] = in_thread(lambda: latencies(fns, requests))
+                if clients:
+                    stage(f"{'/'.join(map(str, clients))} concurrent clients, {requests} requests each")
+                    refs = [{"base": True}] + [{"adapter": "bench", "version": v} for v in versions.values()]
+                    result["clients"] = concurrent_clients(address, image, question, refs, clients, requests)
 
                 stage("version switch (rollback) against a base-model reload")
                 order = sorted(versions)

@@ -501,7 +501,13 @@ def bench_lineage_cmd(
 @bench_app.command("serve")
 def bench_serve_cmd(
     edits: list[int] | None = typer.Option(None, "--edits", help="Live-edit counts to time (default: 1 10 100)."),
-    requests: int = typer.Option(20, help="Generate requests timed per row."),
+    requests: int = typer.Option(20, help="Generate requests timed per row (per client with --clients)."),
+    clients: list[int] | None = typer.Option(
+        None,
+        "--clients",
+        help="Also N concurrent clients (repeatable: --clients 1 --clients 8) with mixed versions: requests/s, "
+        "p50 and p99 per client count.",
+    ),
     steps: int = typer.Option(
         25,
         help="Value-optimisation steps of the benchmark's edits (their quality does "
@@ -527,6 +533,7 @@ def bench_serve_cmd(
             edit_counts=tuple(edits or (1, 10, 100)),
             requests=requests,
             steps=steps,
+            clients=tuple(clients or ()),
             stage=stage_printer(console),
         )
     except ValueError as exc:
@@ -551,6 +558,11 @@ def bench_serve_cmd(
         f"  base-model reload {s['base_model_reload_ms']:.1f} ms: {s['reload_over_attach']}x the attach, "
         f"{s['reload_over_switch']}x the rollback ({s['reload_over_cold_switch']}x cold)"
     )
+    for row in r.get("clients", []):
+        typer.echo(
+            f"{row['clients']:3d} client(s), mixed versions: {row['requests_per_s']:.1f} requests/s "
+            f"({row['throughput_vs_1_client']}x one client), p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms"
+        )
     typer.echo(
         "registry operations (ms): "
         + ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in r["registry"].items() if not isinstance(v, dict))

@@ -285,9 +285,16 @@ def test_bench_serve_prints_the_figures(world_dir):
         "2",
         "--steps",
         "1",
+        "--clients",
+        "1",
+        "--clients",
+        "3",
         "--json",
     )
     r = json.loads(res.stdout)
+    rows = {row["clients"]: row for row in r["clients"]}
+    assert set(rows) == {1, 3} and rows[3]["requests"] == 6 and rows[1]["throughput_vs_1_client"] == 1.0
+    assert all(row["requests_per_s"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0 for row in rows.values())
     assert set(r["generate"]) == {"in-process, no gRPC, no edit", "no edit", "1 live edit", "2 live edits"}
     assert all({"median_ms", "mean_ms", "p90_ms"} <= set(row) for row in r["generate"].values())
     s = r["switch"]

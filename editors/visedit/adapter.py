@@ -116,7 +116,7 @@ class EditSignal:
     mapper reads of them; files that hold every row (N_v, d) are read as their mean)."""
 
     states: torch.Tensor  # (N_e, d)
-    last: torch.Tensor  # (d,) or (N_v, d)
+    last: torch.Tensor  # (d,) or, with summary_token="image", (1, d)
     key: torch.Tensor | None = None  # (k,) the edit image's scope key (``scope.image_keys``), with a scope gate
     question: torch.Tensor | None = None  # (d,) the edit question's key (``scope.QuestionReader``), likewise
 
@@ -137,7 +137,6 @@ class SignalBatch:
             self.states[i, : s.states.shape[0]] = s.states.to(device, dtype)
             self.mask[i, : s.states.shape[0]] = True
         self.last = torch.stack([s.last.to(device, dtype) for s in signals])
-        self.signals = list(signals)
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -260,8 +259,8 @@ class AttachedVEAD:
 
     With a ``gate`` (``mode="all"`` only: a callable from the image rows' visual states (B, N_v, d), token
     ids (B, T) and image ends (B,) to a (B, E) selection of the live edits; ``VisEditSet.attach`` passes its
-    scope gate) a row gets only the
-    edits selected for it, and a row with none, or a pass with none at all, is left exactly as it was.
+    scope gate) a row gets only the edits selected for it, and a row with none, or a pass with none at all,
+    is left exactly as it was.
     ``self.selected`` keeps the last image pass's selection."""
 
     def __init__(self, vlm: VLM, vead: VEAD, signals: SignalBatch | Sequence[EditSignal], mode: str = "all", gate=None):
@@ -276,7 +275,9 @@ class AttachedVEAD:
         self.positions = VisualPositions(vlm)
         device = vlm.input_device
         if gate is not None:  # the selected edits' signals are prepared when a row is in their scope
-            listed = list(signals.signals if isinstance(signals, SignalBatch) else signals)
+            if isinstance(signals, SignalBatch):
+                raise ValueError("a scope gate selects among the edits' own signals: pass them as a list")
+            listed = list(signals)
             signals_on, prepared = None, None
         else:
             signals_on = signals if isinstance(signals, SignalBatch) else SignalBatch(signals, device=device)

@@ -13,11 +13,13 @@
   it takes tens of seconds, while the switch stays the same.
 * Registry operation times (MLflow on sqlite in a temporary folder); ``publish_ms`` is what registering a
   version costs the server (the edit set written, the manifest built, the version created).
-* With ``clients``: N concurrent clients (one SDK channel and one thread each) sending Generate calls with
-  mixed versions (round-robin over the base model and every registered version), ``requests`` each;
-  requests/s over the wall time, p50 and p99 latency per client count, and the throughput over one
-  client's. Every request runs its own forward pass today (no batching across requests): this is the
-  reference a batched serving path is to be measured against.
+* With ``clients``: N concurrent clients (one SDK channel and one thread each, in a separate load-generator
+  process) sending Generate calls with mixed versions (round-robin over the base model and the versions:
+  every registered one, or ``mixed_versions`` of them), ``requests`` each after an unmeasured warm-up;
+  requests/s over the wall time, p50 and p99 latency per client count, the throughput over one client's and
+  the mean batch the server decoded. The same clients then run against a server that does not batch
+  (``max_batch_size=1``: every request its own forward passes in its own thread), the reference of the
+  same run (``clients_unbatched``, ``batched_over_unbatched``).
 """
 
 from __future__ import annotations
@@ -78,47 +80,66 @@ def in_thread(fn: Callable):
     return box["out"]
 
 
-def concurrent_clients(address, image, question, refs, counts, requests: int) -> list[dict]:
-    """For each client count N: N threads, each with its own client, send ``requests`` Generate calls
-    round-robin over ``refs`` (the request's version: ``{"base": True}`` or adapter and version); rows
-    ``{"clients", "requests_per_s", "p50_ms", "p99_ms", "throughput_vs_1_client"}``."""
+def _client_load(address: str, image: str, question: str, refs: list[dict], n: int, requests: int) -> dict:
+    """In a process of its own (a load generator, as real clients are: they do not share the server's
+    interpreter lock): ``n`` threads, each with its own channel, send ``requests // 4`` unmeasured Generate
+    calls (the server's steady state), then ``requests`` measured ones round-robin over ``refs``."""
     import threading
 
     from client.sdk import EditLensClient
 
-    def measure(n: int) -> dict:
-        times: list[float] = []
-        lock = threading.Lock()
-        start = threading.Barrier(n + 1)
+    times: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(n + 1)
+    warm = max(2, requests // 4)
 
-        def client(i: int) -> None:
-            with EditLensClient(address) as lens:
-                lens.generate(image, question, base=True)  # warm the channel
-                start.wait()
-                for k in range(requests):
-                    t0 = time.perf_counter()
-                    lens.generate(image, question, **refs[(i + k) % len(refs)])
-                    with lock:
-                        times.append(time.perf_counter() - t0)
+    def client(i: int) -> None:
+        with EditLensClient(address) as lens:
+            for k in range(warm):
+                lens.generate(image, question, **refs[(i + k) % len(refs)])
+            start.wait()
+            for k in range(requests):
+                t0 = time.perf_counter()
+                lens.generate(image, question, **refs[(i + k) % len(refs)])
+                with lock:
+                    times.append(time.perf_counter() - t0)
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        start.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        times.sort()
-        return {
-            "clients": n,
-            "requests": len(times),
-            "requests_per_s": round(len(times) / wall, 2),
-            "p50_ms": _ms(times[len(times) // 2]),
-            "p99_ms": _ms(times[min(len(times) - 1, int(0.99 * len(times)))]),
-        }
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    times.sort()
+    return {
+        "clients": n,
+        "requests": len(times),
+        "requests_per_s": round(len(times) / wall, 2),
+        "p50_ms": _ms(times[len(times) // 2]),
+        "p99_ms": _ms(times[min(len(times) - 1, int(0.99 * len(times)))]),
+    }
 
-    rows = [measure(n) for n in counts]
+
+def concurrent_clients(address, image, question, refs, counts, requests: int, batcher=None) -> list[dict]:
+    """For each client count N: N concurrent clients (threads of one separate load-generator process) send
+    ``requests`` Generate calls each, round-robin over ``refs`` (the request's version: ``{"base": True}`` or
+    adapter and version); rows ``{"clients", "requests_per_s", "p50_ms", "p99_ms", "throughput_vs_1_client"}``
+    and, given the server's ``batcher``, the mean batch it decoded for that client count."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    with ctx.Pool(1) as pool:
+        for n in counts:
+            before = batcher.stats() if batcher is not None else None
+            row = pool.apply(_client_load, (address, str(image), question, refs, n, requests))
+            if before is not None:
+                after = batcher.stats()
+                batches = after["batches"] - before["batches"]
+                row["mean_batch"] = round((after["rows"] - before["rows"]) / batches, 2) if batches else None
+            rows.append(row)
     base = next((r["requests_per_s"] for r in rows if r["clients"] == 1), None)
     for r in rows:
         r["throughput_vs_1_client"] = round(r["requests_per_s"] / base, 3) if base else None
@@ -133,6 +154,7 @@ def run(
     steps: int = 25,
     stage: Callable[[str], None] = lambda m: None,
     clients: tuple[int, ...] = (),
+    mixed_versions: int | None = None,
 ) -> dict:
     """The serving benchmark (see the module docstring); returns a JSON-ready dict."""
     import json
@@ -151,10 +173,14 @@ def run(
 
     if not edit_counts or min(edit_counts) < 1:
         raise ValueError("edit counts must be positive")
+    if len(set(edit_counts)) < 2:
+        raise ValueError("give at least two different --edits counts (the version switch goes from one to another)")
     if requests < 1:
         raise ValueError("requests must be positive")
     if clients and min(clients) < 1:
         raise ValueError("client counts must be positive")
+    if mixed_versions is not None and mixed_versions < 0:
+        raise ValueError("--versions must be >= 0")
     cases = json.loads((world_dir / "edit_cases" / "test.json").read_text())
     n_max = max(edit_counts)
     if n_max > len(cases):
@@ -195,8 +221,14 @@ def run(
             versions[n] = info.version
             ops.setdefault("publish_ms", {})[str(n)] = _ms(t)
             sizes[str(n)] = s.save(tmp / f"edits-{n}.safetensors")
+        mix = list(versions.values())  # the versions concurrent clients ask for (besides the base model)
+        k = len(mix) if mixed_versions is None else mixed_versions
+        for j in range(len(mix), k):  # more versions than edit counts: one more version per single edit
+            one = singles[j % len(singles)]
+            mix.append(publish(registry, vlm, "bench", {one.editor: one}, edits=one.records, promote=False).version)
+        mix = mix[:k]
 
-        server = EditLensServer(ServerConfig(port=0, bundle_cache=len(edit_counts) + 2), vlm=vlm, registry=registry)
+        server = EditLensServer(ServerConfig(port=0, bundle_cache=len(mix) + 2), vlm=vlm, registry=registry)
         address = server.start()
         server.wait_ready(60)
         try:
@@ -215,9 +247,33 @@ def run(
                 # differs between the main thread and others)
                 result["generate"] = in_thread(lambda: latencies(fns, requests))
                 if clients:
-                    stage(f"{'/'.join(map(str, clients))} concurrent clients, {requests} requests each")
-                    refs = [{"base": True}] + [{"adapter": "bench", "version": v} for v in versions.values()]
-                    result["clients"] = concurrent_clients(address, image, question, refs, clients, requests)
+                    stage(
+                        f"{'/'.join(map(str, clients))} concurrent clients, {requests} requests each, the base "
+                        f"model and {len(mix)} version(s) mixed: batched"
+                    )
+                    refs = [{"base": True}] + [{"adapter": "bench", "version": v} for v in mix]
+                    result["versions_mixed"] = len(mix)
+                    result["batching"] = {
+                        "max_batch_size": server.config.max_batch_size,
+                        "batch_wait_ms": server.config.batch_wait_ms,
+                    }
+                    result["clients"] = concurrent_clients(
+                        address, image, question, refs, clients, requests, server.service.host.batcher
+                    )
+                    stage("the same clients against a server that does not batch (--max-batch-size 1)")
+                    plain = EditLensServer(
+                        ServerConfig(port=0, bundle_cache=len(mix) + 2, max_batch_size=1), vlm=vlm, registry=registry
+                    )
+                    try:
+                        plain_address = plain.start()
+                        plain.wait_ready(60)
+                        result["clients_unbatched"] = concurrent_clients(
+                            plain_address, image, question, refs, clients, requests
+                        )
+                    finally:
+                        plain.stop(0)
+                    for row, ref in zip(result["clients"], result["clients_unbatched"]):
+                        row["batched_over_unbatched"] = round(row["requests_per_s"] / ref["requests_per_s"], 3)
 
                 stage("version switch (rollback) against a base-model reload")
                 order = sorted(versions)

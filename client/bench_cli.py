@@ -506,7 +506,12 @@ def bench_serve_cmd(
         None,
         "--clients",
         help="Also N concurrent clients (repeatable: --clients 1 --clients 8) with mixed versions: requests/s, "
-        "p50 and p99 per client count.",
+        "p50 and p99 per client count, against the batching server and against one that does not batch.",
+    ),
+    versions: int | None = typer.Option(
+        None,
+        "--versions",
+        help="Versions the concurrent clients mix (besides the base model; default: one per --edits count).",
     ),
     steps: int = typer.Option(
         25,
@@ -534,6 +539,7 @@ def bench_serve_cmd(
             requests=requests,
             steps=steps,
             clients=tuple(clients or ()),
+            mixed_versions=versions,
             stage=stage_printer(console),
         )
     except ValueError as exc:
@@ -558,10 +564,19 @@ def bench_serve_cmd(
         f"  base-model reload {s['base_model_reload_ms']:.1f} ms: {s['reload_over_attach']}x the attach, "
         f"{s['reload_over_switch']}x the rollback ({s['reload_over_cold_switch']}x cold)"
     )
-    for row in r.get("clients", []):
+    if r.get("clients"):
         typer.echo(
-            f"{row['clients']:3d} client(s), mixed versions: {row['requests_per_s']:.1f} requests/s "
-            f"({row['throughput_vs_1_client']}x one client), p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms"
+            f"concurrent clients, the base model and {r['versions_mixed']} version(s) mixed "
+            f"(batches of at most {r['batching']['max_batch_size']}, "
+            f"waiting at most {r['batching']['batch_wait_ms']} ms)"
+        )
+    for row, ref in zip(r.get("clients", []), r.get("clients_unbatched", [])):
+        typer.echo(
+            f"{row['clients']:3d} client(s): {row['requests_per_s']:.1f} requests/s "
+            f"({row['throughput_vs_1_client']}x one client; mean batch {row['mean_batch']}), "
+            f"p50 {row['p50_ms']:.1f} ms, "
+            f"p99 {row['p99_ms']:.1f} ms; without batching {ref['requests_per_s']:.1f} requests/s "
+            f"({ref['throughput_vs_1_client']}x), p99 {ref['p99_ms']:.1f} ms"
         )
     typer.echo(
         "registry operations (ms): "

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar
 
+from vlm.hooks import Rows
 from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt, encode
 
@@ -50,9 +51,11 @@ class EditSetBase(ABC):
         """Read and validate a file; with ``vlm``, also check that it fits that model."""
 
     @abstractmethod
-    def attach(self, vlm: VLM):
+    def attach(self, vlm: VLM, rows: Rows | None = None):
         """Apply the edits to ``vlm`` in the calling thread; returns an object with ``remove()`` that is also
-        a context manager. Removing gives back the base model's outputs bit for bit."""
+        a context manager. Removing gives back the base model's outputs bit for bit. With ``rows``
+        (``vlm.hooks.Rows``) only those rows of a batch are edited, each exactly as it would be alone; the
+        other rows keep the base model's outputs (batched serving of several versions at once)."""
 
     @abstractmethod
     def check_compatible(self, vlm: VLM) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from vlm.hooks import Hooks
+from vlm.hooks import Hooks, Rows
 from vlm.loading import VLM
 
 from .base import EditSetBase
@@ -139,8 +139,8 @@ class EditSet(EditSetBase):
             self.records + other.records,
         )
 
-    def attach(self, vlm: VLM) -> AttachedDeltas:
-        return AttachedDeltas(vlm, self.deltas)
+    def attach(self, vlm: VLM, rows: Rows | None = None) -> AttachedDeltas:
+        return AttachedDeltas(vlm, self.deltas, rows)
 
     def describe(self, size_bytes: int | None = None) -> dict[str, Any]:
         return {
@@ -248,16 +248,17 @@ def check_finite(deltas: Iterable[LowRankDelta], source: str = "edit set") -> No
 
 
 class AttachedDeltas:
-    """Forward hooks that add the deltas' contributions; ``remove()`` restores the base model exactly."""
+    """Forward hooks that add the deltas' contributions (to ``rows`` of the batch only, when given);
+    ``remove()`` restores the base model exactly."""
 
-    def __init__(self, vlm: VLM, deltas: Sequence[Delta]):
+    def __init__(self, vlm: VLM, deltas: Sequence[Delta], rows: Rows | None = None):
         by_module: dict[str, list[Delta]] = {}
         for d in deltas:
             by_module.setdefault(d.module, []).append(d)
         self._hooks = Hooks()
         with self._hooks.installing():
             for path, ds in by_module.items():
-                self._hooks.add(vlm.module(path), adding_hook(tuple(ds)))
+                self._hooks.add(vlm.module(path), adding_hook(tuple(ds), rows))
 
     def remove(self) -> None:
         self._hooks.remove()
@@ -269,13 +270,26 @@ class AttachedDeltas:
         self.remove()
 
 
-def adding_hook(deltas: tuple[Delta, ...]):
-    def hook(_mod, args, out):
-        x = args[0]
+def adding_hook(deltas: tuple[Delta, ...], rows: Rows | None = None):
+    """A forward hook adding the deltas' contributions to the module's output: every row's, or those of
+    ``rows`` (the other rows of the batch keep the base output; each row's sum is the one it would get
+    alone)."""
+
+    def added(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         add = deltas[0].contribution(x)
         for d in deltas[1:]:
             add = add + d.contribution(x)
         return (out.float() + add).to(out.dtype)
+
+    def hook(_mod, args, out):
+        if rows is None:
+            return added(args[0], out)
+        if not len(rows):
+            return None
+        index = rows.index.to(out.device)
+        new = out.clone()
+        new[index] = added(args[0][index], out[index])
+        return new
 
     return hook
 
@@ -296,15 +310,19 @@ class Attached:
         self.remove()
 
 
-def attach(vlm: VLM, *edits: EditSetBase | Sequence[Delta] | None) -> Attached:
-    """Attach edit sets (of any editor) and/or lists of deltas to ``vlm`` for the calling thread; ``None``
-    is skipped. Usable as a context manager; if attaching one of them fails, none stays attached."""
+def attach(vlm: VLM, *edits: EditSetBase | Sequence[Delta] | None, rows: Rows | None = None) -> Attached:
+    """Attach edit sets (of any editor) and/or lists of deltas to ``vlm`` for the calling thread (and, with
+    ``rows``, for those rows of a batch only); ``None`` is skipped. Usable as a context manager; if attaching
+    one of them fails, none stays attached."""
     stack = contextlib.ExitStack()
     try:
         for e in edits:
             if e is None:
                 continue
-            stack.enter_context(AttachedDeltas(vlm, e) if isinstance(e, (list, tuple)) else e.attach(vlm))
+            if isinstance(e, (list, tuple)):
+                stack.enter_context(AttachedDeltas(vlm, e, rows))
+            else:
+                stack.enter_context(e.attach(vlm, rows) if rows is not None else e.attach(vlm))
     except BaseException:
         stack.close()
         raise

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from vlm.hooks import Rows
 from vlm.loading import VLM
 from vlm.patching import run_patched
 from vlm.prompts import EncodedPrompt, collate
@@ -94,8 +95,8 @@ class FineTuneEditSet(EditSetBase):
     def _delta_entries(self) -> list[dict[str, Any]]:
         return [{"layer": d.layer, "module": d.module, "shape": list(d.W.shape)} for d in self.deltas]
 
-    def attach(self, vlm: VLM) -> AttachedDeltas:
-        return AttachedDeltas(vlm, self.deltas)
+    def attach(self, vlm: VLM, rows: Rows | None = None) -> AttachedDeltas:
+        return AttachedDeltas(vlm, self.deltas, rows)
 
     def describe(self, size_bytes: int | None = None) -> dict[str, Any]:
         return {

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from vlm.hooks import Hooks
+from vlm.hooks import Hooks, Rows
 from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import score_answers
@@ -146,11 +146,11 @@ class Gate:
 class AttachedGates:
     """Forward hooks adding each gate's output; ``remove()`` restores the base model exactly."""
 
-    def __init__(self, vlm: VLM, gates: Sequence[Gate]):
+    def __init__(self, vlm: VLM, gates: Sequence[Gate], rows: Rows | None = None):
         self._hooks = Hooks()
         with self._hooks.installing():
             for g in gates:
-                self._hooks.add(vlm.module(g.module), adding_hook((g,)))
+                self._hooks.add(vlm.module(g.module), adding_hook((g,), rows))
 
     def remove(self) -> None:
         self._hooks.remove()
@@ -224,10 +224,10 @@ class KeyGateEditSet(EditSetBase):
             gates.append(g)
         return replace(self, gates=gates)
 
-    def attach(self, vlm: VLM) -> AttachedGates:
+    def attach(self, vlm: VLM, rows: Rows | None = None) -> AttachedGates:
         if self.guard and any(not g.reference.numel() for g in self.gates):
             self.gates = self.with_references(vlm).gates  # once: later attaches (every request) reuse them
-        return AttachedGates(vlm, self.gates)
+        return AttachedGates(vlm, self.gates, rows)
 
     def describe(self, size_bytes: int | None = None) -> dict[str, Any]:
         return {

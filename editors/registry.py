@@ -119,10 +119,22 @@ def unregister_editor(name: str) -> None:
     _EDITORS.pop(name, None)
 
 
+def _builtin_rank(spec: EditorSpec) -> int:
+    """The place of a built-in editor's module in ``BUILTIN_EDITORS``; after them, every other editor."""
+    module = spec.editor_class.__module__
+    for i, name in enumerate(BUILTIN_EDITORS):
+        if module == name or module.startswith(name + "."):
+            return i
+    return len(BUILTIN_EDITORS)
+
+
 def editor_names() -> list[str]:
-    """The registered editors: the built-in ones (multedit, visedit, ft), then any registered later."""
+    """The registered editors: the built-in ones in ``BUILTIN_EDITORS`` order (whichever module was imported
+    first), then any registered later, in the order they were registered. A version's manifest lists its
+    editors in this order."""
     _load_builtins()
-    return list(_EDITORS)
+    order = {name: i for i, name in enumerate(_EDITORS)}
+    return sorted(_EDITORS, key=lambda n: (_builtin_rank(_EDITORS[n]), order[n]))
 
 
 def get_editor(name: str) -> EditorSpec:

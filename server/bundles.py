@@ -36,6 +36,7 @@ from editors import editor_names, get_editor
 from editors.base import EditSetBase
 from editors.edit_set import attach
 from editors.files import EditSetError, FingerprintMismatchError
+from vlm.hooks import Rows
 from vlm.loading import VLM
 
 from .convert import json_safe
@@ -60,9 +61,10 @@ class Bundle:
         return sum(e.num_edits for e in self.edit_sets.values())
 
     @contextlib.contextmanager
-    def attached(self, vlm: VLM) -> Iterator[Bundle]:
-        """All of this version's edits applied to ``vlm`` in the calling thread only."""
-        with attach(vlm, *self.edit_sets.values()):
+    def attached(self, vlm: VLM, rows: Rows | None = None) -> Iterator[Bundle]:
+        """All of this version's edits applied to ``vlm`` in the calling thread only (and, with ``rows``, to
+        those rows of a batch only: batched serving)."""
+        with attach(vlm, *self.edit_sets.values(), rows=rows):
             yield self
 
     def without(self, editor: str) -> Bundle:

@@ -113,6 +113,16 @@ class ServerConfig:
     bundle_cache: int = option(8, "Loaded versions kept in memory.")
     job_workers: int = option(1, "Jobs run at once.")
     grpc_workers: int = option(16, "Threads serving RPCs.")
+    max_batch_size: int = option(
+        16,
+        "Generate/GenerateStream requests decoded together, one forward pass per step, each row with its own "
+        "version's edits (1: every request decodes alone in its own thread).",
+    )
+    batch_wait_ms: float = option(
+        5.0,
+        "How long a batch may wait, in milliseconds, for requests the server is still reading (a lone request "
+        "never waits; requests that came while the previous batch ran join at once).",
+    )
     max_concurrent_rpcs: int | None = option(None, "Most RPCs at once (default: unlimited; RESOURCE_EXHAUSTED beyond).")
 
     def check(self) -> None:
@@ -122,6 +132,10 @@ class ServerConfig:
             raise ConfigError("live_ttl must be >= 0")
         if self.bundle_cache < 1 or self.job_workers < 1 or self.grpc_workers < 2:
             raise ConfigError("bundle_cache and job_workers must be >= 1, grpc_workers >= 2")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1 (1: no batching), not {self.max_batch_size}")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ConfigError(f"batch_wait_ms must be within 0..1000, not {self.batch_wait_ms}")
         if self.token is not None and not self.token.strip():
             self.token = None
         if self.token_file is not None:

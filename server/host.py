@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .batching import Batcher
 from .config import ServerConfig
 from .inputs import Inputs
 from .versions import Versions
@@ -13,13 +14,15 @@ from .versions import Versions
 @dataclass
 class Host:
     """The loaded model (``vlm``), the registry, version resolution (``versions``), the input checks
-    (``inputs``) and the world's named-entity phrases (the causal trace's replacements)."""
+    (``inputs``), the world's named-entity phrases (the causal trace's replacements) and the generation
+    ``batcher`` (None: every request decodes alone in its own thread)."""
 
     vlm: object
     registry: object
     versions: Versions
     inputs: Inputs
     phrases: list[str] = field(default_factory=list)
+    batcher: Batcher | None = None
 
     @classmethod
     def create(cls, vlm, registry, config: ServerConfig) -> Host:
@@ -27,4 +30,13 @@ class Host:
         from diagnostics.cases import world_phrases
 
         versions = Versions(registry, vlm, config.default_adapter, config.live_ttl, config.bundle_cache)
-        return cls(vlm, registry, versions, Inputs(config.limits, vlm), world_phrases(Path(vlm.path).parent))
+        batcher = (
+            Batcher(vlm, config.max_batch_size, config.batch_wait_ms / 1000) if config.max_batch_size > 1 else None
+        )
+        phrases = world_phrases(Path(vlm.path).parent)
+        return cls(vlm, registry, versions, Inputs(config.limits, vlm), phrases, batcher)
+
+    def close(self) -> None:
+        """Stop the batcher (requests still waiting are answered UNAVAILABLE)."""
+        if self.batcher is not None:
+            self.batcher.close()

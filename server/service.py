@@ -3,10 +3,12 @@
 How a request is served:
 
 * the model is loaded once (``server.app`` hands it over, ``Host``); every
-  version of every adapter is applied to it per request, in the request's own
-  thread (``Bundle.attached``: thread-scoped forward hooks), so generation of
+  version of every adapter is applied to it per request (``Bundle.attached``:
+  thread-scoped forward hooks, and row-scoped in a batch), so generation of
   different versions, an edit job and a diagnostic run at the same time on the
-  same weights, which are never copied or reloaded;
+  same weights, which are never copied or reloaded; concurrent generation
+  requests are decoded together, one forward pass per step
+  (``server.batching``), each row with its own version's edits;
 * a request resolves its version once (``server.versions``: the live alias
   through a cache at most ``live_ttl`` old, or the version/alias it names) and
   uses that version for the whole request, so an answer never mixes two;
@@ -77,6 +79,8 @@ class EditLensService(pb_grpc.EditLensServicer):
 
     def close(self) -> None:
         self.jobs.close()
+        if self.host is not None:
+            self.host.close()
 
     def _ready(self) -> Host:
         if self.host is None:
@@ -102,8 +106,8 @@ class EditLensService(pb_grpc.EditLensServicer):
     def Generate(self, request, context):
         t0 = time.perf_counter()
         host = self._ready()
-        plan = generation.plan_generation(host, request)
-        text, tokens = generation.generate(host, plan)
+        plan = generation.start_generation(host, request)
+        text, tokens = generation.generate(host, plan, context)
         return pb.GenerateResponse(
             text=text,
             served=plan.served,
@@ -115,7 +119,7 @@ class EditLensService(pb_grpc.EditLensServicer):
     @rpc
     def GenerateStream(self, request, context):
         host = self._ready()
-        plan = generation.plan_generation(host, request)
+        plan = generation.start_generation(host, request)
         yield from generation.stream(host, plan, context)
 
     # ---------------------------------------------------------------- jobs

@@ -42,8 +42,8 @@ class ZeroEditSet(EditSetBase):
         w = vlm.module(module).weight
         return LowRankDelta(self.layer, module, torch.zeros(w.shape[0], 1), torch.zeros(w.shape[1], 1))
 
-    def attach(self, vlm):
-        return AttachedDeltas(vlm, [self._delta(vlm)])
+    def attach(self, vlm, rows=None):
+        return AttachedDeltas(vlm, [self._delta(vlm)], rows)
 
     def check_compatible(self, vlm) -> None:
         check_fingerprint(self.base_fingerprint, vlm, "this zero edit set")

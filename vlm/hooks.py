@@ -17,6 +17,11 @@ knockouts, attached edit sets, VisEdit adapters), never through its weights.
   TransformerLens' ``hooks()``): leaving a ``with Hooks()`` block, or a
   ``with hooks.installing()`` block that raises, removes every hook registered
   so far, whatever failed.
+* **Row-scoped, when asked.** Batched serving runs one forward pass over rows
+  of different versions; an attachment given ``Rows`` changes only those rows
+  of the batch (the others pass through untouched), so each version's edits
+  act on its own requests. ``Rows`` is mutable: a batch that drops finished
+  rows re-indexes it, and the hooks read the current index on every call.
 """
 
 from __future__ import annotations
@@ -26,7 +31,30 @@ import functools
 import threading
 from collections.abc import Callable, Iterator
 
+import torch
 import torch.nn as nn
+
+
+class Rows:
+    """The rows of a batch an attachment acts on (``index``: their positions, ascending).
+
+    Hooks read ``index`` when they run, so the owner of the batch may change it between forward passes
+    (rows that finished leave the batch). An attachment given ``rows=None`` acts on every row."""
+
+    def __init__(self, index) -> None:
+        self.index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+
+    def __len__(self) -> int:
+        return int(self.index.numel())
+
+    def mask(self, batch: int, device=None) -> torch.Tensor:
+        """A (batch,) boolean mask of these rows."""
+        out = torch.zeros(batch, dtype=torch.bool, device=device)
+        out[self.index.to(out.device)] = True
+        return out
+
+    def __repr__(self) -> str:
+        return f"Rows({self.index.tolist()})"
 
 
 def thread_scoped(hook: Callable) -> Callable:

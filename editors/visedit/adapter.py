@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from vlm.hooks import Hooks
+from vlm.hooks import Hooks, Rows
 from vlm.loading import VLM
 
 SUMMARY_TOKENS = ("last", "constraint", "image")
@@ -261,14 +261,26 @@ class AttachedVEAD:
     ids (B, T) and image ends (B,) to a (B, E) selection of the live edits; ``VisEditSet.attach`` passes its
     scope gate) a row gets only the edits selected for it, and a row with none, or a pass with none at all,
     is left exactly as it was.
-    ``self.selected`` keeps the last image pass's selection."""
+    ``self.selected`` keeps the last image pass's selection.
+    With ``rows`` (``vlm.hooks.Rows``) only those rows of a batch are edited; the others keep their states."""
 
-    def __init__(self, vlm: VLM, vead: VEAD, signals: SignalBatch | Sequence[EditSignal], mode: str = "all", gate=None):
+    def __init__(
+        self,
+        vlm: VLM,
+        vead: VEAD,
+        signals: SignalBatch | Sequence[EditSignal],
+        mode: str = "all",
+        gate=None,
+        rows: Rows | None = None,
+    ):
         if mode not in ("all", "paired"):
             raise ValueError(f"mode must be 'all' or 'paired', not {mode!r}")
         if gate is not None and mode != "all":
             raise ValueError("a scope gate selects among live edits: it needs mode='all'")
+        if rows is not None and mode != "all":
+            raise ValueError("only the serving form (mode='all') edits some rows of a batch")
         self.vead, self.mode = vead, mode
+        only = rows
         self.logits: torch.Tensor | None = None
         self.inputs: torch.Tensor | None = None
         self.selected: torch.Tensor | None = None
@@ -286,8 +298,12 @@ class AttachedVEAD:
         def pre(_mod, args, kwargs):
             h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             mask = self.positions.mask
-            if mask is None or mask.shape != h.shape[:2] or not bool(mask.any()):
+            if mask is None or mask.shape != h.shape[:2]:
                 return None  # a decoding step (no image tokens) or a pass without input ids
+            if only is not None:  # the rows of the batch this attachment edits
+                mask = mask & only.mask(mask.shape[0], mask.device).unsqueeze(1)
+            if not bool(mask.any()):
+                return None
             counts = mask.sum(1)
             rows = counts > 0  # text-only rows have nothing to change
             n_v = int(counts[rows][0])

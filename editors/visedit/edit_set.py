@@ -38,6 +38,7 @@ from editors.files import (
     read_safetensors,
     write_safetensors,
 )
+from vlm.hooks import Rows
 from vlm.loading import VLM
 
 from .adapter import SIGNAL_ROWS, VEAD, AttachedVEAD, EditSignal, VEADConfig
@@ -216,14 +217,15 @@ class VisEditSet(EditSetBase):
 
         return decide
 
-    def attach(self, vlm: VLM) -> AttachedVEAD | _Nothing:
+    def attach(self, vlm: VLM, rows: Rows | None = None) -> AttachedVEAD | _Nothing:
         """Hooks that apply the edits (thread-scoped; ``remove()`` restores the base model): with a scope gate
-        each image row gets only the edits whose scope it is in, otherwise every edit's signal."""
+        each image row gets only the edits whose scope it is in, otherwise every edit's signal; with ``rows``
+        only those rows of a batch."""
         if not self.signals:
             return _Nothing()
         self.vead.to(vlm.input_device)
         return AttachedVEAD(
-            vlm, self.vead, self.signals, mode="all", gate=None if self.scope is None else self.gate(vlm)
+            vlm, self.vead, self.signals, mode="all", gate=None if self.scope is None else self.gate(vlm), rows=rows
         )
 
     # ------------------------------------------------------------------ files

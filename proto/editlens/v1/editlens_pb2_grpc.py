@@ -101,6 +101,8 @@ class EditLensServicer:
 
     def Generate(self, request, context):
         """Greedy answer to one (image, prompt) with the chosen adapter version.
+        Concurrent calls are decoded together, each with its own version's edits
+        (serve --max-batch-size); the answer is the one the call would get alone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +111,7 @@ class EditLensServicer:
     def GenerateStream(self, request, context):
         """The same answer, streamed token by token. The first chunk names the
         version that serves the whole request; the last one has done = true.
+        Cancelling the call takes it out of its batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -395,6 +395,11 @@ def bench_diagnostics(
     figure: Path | None = typer.Option(
         None, help="Write the ground truth's mean MLP effect per edited layer as a PNG heatmap."
     ),
+    shape: str | None = typer.Option(
+        None,
+        help="llava-1.5: time the engines on a LLaVA-1.5-shaped random-weight model instead (576 image tokens, "
+        "narrow and shallow; built once under $EDITLENS_HOME/shapes from the world's tokenizer); no ground truth.",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """The batched diagnostics engine against the naive reference (times, ratio, largest difference), and
@@ -404,6 +409,17 @@ def bench_diagnostics(
 
     console = stderr_console()
     folder, vlm = world_and_model(world, seed, device)
+    if shape is not None:
+        from vlm import load_vlm
+        from vlm.world import editlens_home
+        from vlm.world.shapes import llava15_shaped
+
+        if shape != "llava-1.5":
+            fail(f"unknown --shape {shape!r}; the one shape is llava-1.5")
+        stage_printer(console)("building the LLaVA-1.5-shaped random-weight model (once)")
+        shaped = llava15_shaped(vlm.path, editlens_home() / "shapes" / f"llava-1.5-{vlm.fingerprint[:12]}")
+        vlm = load_vlm(shaped, device=device)
+        ground_truth_cases = 0  # random weights know no facts
     try:
         result = diag_bench.run(
             vlm,

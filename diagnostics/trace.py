@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from vlm.loading import VLM
-from vlm.patching import Patch, run_patched
+from vlm.patching import Patch, PrefixCache, run_patched, run_suffix
 from vlm.prompts import collate, encode
 
 from .cases import DiagnosticCase, Prepared, prepare
@@ -185,7 +185,12 @@ def _restore_patch(clean, kind: str, layers: list[int], positions: list[int]) ->
 
 # ------------------------------------------------------- token replacement
 def replace_constraint(
-    vlm: VLM, prep: Prepared, replacement: str | None = None, candidates: Sequence[str] = (), max_candidates: int = 32
+    vlm: VLM,
+    prep: Prepared,
+    replacement: str | None = None,
+    candidates: Sequence[str] = (),
+    max_candidates: int = 32,
+    mode: str = "batched",
 ) -> tuple[str, str, object]:
     """(replacement, corrupted question, corrupted prompt) with the same token length and layout.
 
@@ -194,7 +199,10 @@ def replace_constraint(
     ``GENERIC_REPLACEMENTS``) the first ``max_candidates`` that fit are
     scored in one batch and the one with the lowest P(O) is taken: the
     corruption should remove the answer (P_corrupt ≪ P_clean), and a named
-    entity the model does not tie to O does that best.
+    entity the model does not tie to O does that best. In the ``batched``
+    mode the candidates share the clean prompt's cached prefix (everything
+    before the constraint, the image included); ``naive`` and ``uncached``
+    run each candidate whole.
     """
     case, p = prep.case, prep.prompt
     c0, c1 = p.constraint_spans[0]
@@ -243,9 +251,29 @@ def replace_constraint(
             f"tried {', '.join(tried[:8])}{' ...' if len(tried) > 8 else ''}. Give one with --replace."
         )
     # of the phrases that fit, the one that removes the answer most: lowest P_corrupt(O)
-    run = run_patched(vlm, collate([f[2] for f in fitting], vlm.tokenizer.pad_token_id))
-    probs = torch.softmax(run.logits_at(list(range(len(fitting))), [p.last_prompt_pos] * len(fitting)), dim=-1)
+    logits = _candidate_logits(vlm, p, [f[2] for f in fitting], mode)
+    probs = torch.softmax(logits, dim=-1)
     return fitting[int(probs[:, prep.target_id].argmin())]
+
+
+def _candidate_logits(vlm: VLM, clean, corrupted: Sequence, mode: str) -> torch.Tensor:
+    """Logits at the last prompt position of each corrupted prompt (equal to the clean one outside the
+    constraint). ``batched``: over the clean prompt's cached prefix up to the constraint, from the clean
+    embeddings with the suffix's token embeddings swapped in (the vision tower runs once)."""
+    n, last = len(corrupted), [clean.last_prompt_pos] * len(corrupted)
+    c0 = clean.constraint_spans[0][0]
+    after_image = clean.image_span is None or clean.image_span[1] <= c0
+    if mode != "batched" or not after_image or c0 < 1:
+        run = run_patched(vlm, collate(list(corrupted), vlm.tokenizer.pad_token_id))
+        return run.logits_at(list(range(n)), last)
+    inputs = collate([clean], vlm.tokenizer.pad_token_id)
+    embeds = run_patched(vlm, inputs, capture=[("embeds", -1)], stop_after_layer=0).captured[("embeds", -1)]
+    table = vlm.model.get_input_embeddings()
+    with torch.no_grad():
+        tail = table(torch.stack([cp.input_ids[c0:] for cp in corrupted]).to(vlm.input_device))
+    rows = torch.cat([embeds[:, :c0].expand(n, -1, -1), tail.to(embeds.dtype)], dim=1)
+    run = run_suffix(vlm, rows, PrefixCache.build(vlm, embeds, c0))
+    return run.logits_at(list(range(n)), last)
 
 
 def _trace(
@@ -341,7 +369,7 @@ def causal_trace(
     with clean_context() if clean_context is not None else contextlib.nullcontext():
         prep = case if isinstance(case, Prepared) else prepare(vlm, case)
         phrase, new_q, corrupt = replace_constraint(
-            vlm, prep, replacement, list(candidates) + list(prep.case.replacements)
+            vlm, prep, replacement, list(candidates) + list(prep.case.replacements), mode=mode
         )
         clean = _clean_states(vlm, prep, kinds)
     held = _clean_states(vlm, replace(prep, prompt=corrupt), kinds) if isolate else None

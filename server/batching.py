@@ -3,8 +3,9 @@
 Each request becomes a ``Ticket`` submitted to the ``Batcher``. Its one worker
 thread takes the oldest waiting tickets (at most ``max_batch``: those that
 arrived while the previous batch ran join at once), waits at most ``wait``
-seconds for requests whose RPC threads are still reading them (``arriving``;
-a lone request does not wait at all), and decodes them together
+seconds for more while RPC threads are still reading requests (``arriving``)
+or the previous batch had several rows (requests that come one at a time do
+not wait at all), and decodes them together
 (``vlm.decoding.greedy_batch``): every row with its own version's edits
 (``Bundle.attached(vlm, rows)``: rank-one deltas, key gates, dense deltas and
 VisEdit adapters act on their rows of the batch only), the base model for rows
@@ -89,9 +90,10 @@ class Ticket:
 
 class Batcher:
     """The worker thread that decodes waiting tickets in batches of at most ``max_batch``. Once a ticket
-    waits, the batch waits at most ``wait`` seconds for the requests still *arriving* (inside ``arriving()``:
-    being read and checked by their RPC threads) and starts at once when none is, so a lone request never
-    waits. ``stats()``: batches and rows decoded so far."""
+    waits, the batch waits at most ``wait`` seconds for more while requests are still *arriving* (inside
+    ``arriving()``: being read and checked by their RPC threads) or the previous batch had several rows
+    (clients are busy); otherwise it starts at once, so requests that come one at a time never wait.
+    ``stats()``: batches and rows decoded so far."""
 
     def __init__(self, vlm, max_batch: int = 16, wait: float = 0.005):
         if max_batch < 1:

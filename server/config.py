@@ -120,8 +120,9 @@ class ServerConfig:
     )
     batch_wait_ms: float = option(
         5.0,
-        "How long a batch may wait, in milliseconds, for requests the server is still reading (a lone request "
-        "never waits; requests that came while the previous batch ran join at once).",
+        "How long a batch may wait, in milliseconds, for more requests while the server is still reading some "
+        "or the previous batch had several rows (requests that come one at a time never wait; those that came "
+        "while the previous batch ran join at once).",
     )
     max_concurrent_rpcs: int | None = option(None, "Most RPCs at once (default: unlimited; RESOURCE_EXHAUSTED beyond).")
 

@@ -49,7 +49,6 @@ class Ticket:
     def __init__(self, prompt: EncodedPrompt, new_tokens: int, bundle: Bundle | None):
         self.prompt, self.new_tokens, self.bundle = prompt, new_tokens, bundle
         self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
         self._events: queue.Queue = queue.Queue()
         self.emitted = 0
 

@@ -18,9 +18,10 @@ from server.batching import Batcher
 from server.bundles import publish
 from server.config import ServerConfig
 from vlm import encode
-from vlm.decoding import DecodeRow, greedy_batch, left_padded
+from vlm.decoding import DecodeRow, greedy_batch
 from vlm.hooks import Rows
 from vlm.options import ConfigError
+from vlm.prompts import left_padded
 
 
 def _request(world_dir, case) -> EditRequest:

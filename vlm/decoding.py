@@ -31,7 +31,7 @@ import torch
 
 from .hooks import Rows
 from .loading import VLM
-from .prompts import EncodedPrompt, PromptError
+from .prompts import EncodedPrompt, left_padded
 
 
 @dataclass
@@ -60,29 +60,6 @@ def _cache_argument(model) -> str:
 def _cache_of(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
-
-
-def left_padded(vlm: VLM, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
-    """Model inputs for ``prompts``, left-padded: input_ids, attention_mask, position_ids (each row's own
-    0, 1, 2, … over its real tokens) and the image rows' pixel_values in row order."""
-    if not prompts:
-        raise PromptError("empty batch")
-    T = max(p.length for p in prompts)
-    ids = torch.full((len(prompts), T), vlm.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - p.length :] = p.input_ids
-        mask[i, T - p.length :] = 1
-    dev = vlm.input_device
-    out = {
-        "input_ids": ids.to(dev),
-        "attention_mask": mask.to(dev),
-        "position_ids": (mask.cumsum(1) - 1).clamp(min=0).to(dev),
-    }
-    pix = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    if pix:
-        out["pixel_values"] = torch.stack(pix).to(dev, vlm.dtype)
-    return out
 
 
 def greedy_batch(vlm: VLM, rows: Sequence[DecodeRow], attach: Attach | None = None) -> list[list[int]]:

@@ -181,3 +181,26 @@ def collate(
     if dtype is not None and "pixel_values" in out:
         out["pixel_values"] = out["pixel_values"].to(dtype)
     return out
+
+
+def left_padded(vlm, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
+    """Left-pad a batch into ``vlm``'s inputs for generation: input_ids, attention_mask, position_ids (each
+    row's own 0, 1, 2, … over its real tokens) and the image rows' pixel_values in row order, on its device."""
+    if not prompts:
+        raise PromptError("empty batch")
+    T = max(p.length for p in prompts)
+    ids = torch.full((len(prompts), T), vlm.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - p.length :] = p.input_ids
+        mask[i, T - p.length :] = 1
+    dev = vlm.input_device
+    out = {
+        "input_ids": ids.to(dev),
+        "attention_mask": mask.to(dev),
+        "position_ids": (mask.cumsum(1) - 1).clamp(min=0).to(dev),
+    }
+    pix = [p.pixel_values for p in prompts if p.pixel_values is not None]
+    if pix:
+        out["pixel_values"] = torch.stack(pix).to(dev, vlm.dtype)
+    return out

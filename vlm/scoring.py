@@ -18,7 +18,7 @@ import torch
 from .images import ImageInput
 from .loading import VLM
 from .patching import Knockout, Patch, run_patched
-from .prompts import EncodedPrompt, collate, encode
+from .prompts import EncodedPrompt, collate, encode, left_padded
 
 
 @dataclass
@@ -88,16 +88,9 @@ def generate(vlm: VLM, prompts: Sequence[EncodedPrompt], max_new_tokens: int = 1
     tok = vlm.tokenizer
     results: list[str] = []
     for chunk in batches(prompts, batch_size):
-        T = max(p.length for p in chunk)
-        ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):  # left padding for generation
-            ids[i, T - p.length :] = p.input_ids
-            mask[i, T - p.length :] = 1
-        kwargs = {"input_ids": ids.to(vlm.input_device), "attention_mask": mask.to(vlm.input_device)}
-        pix = [p.pixel_values for p in chunk if p.pixel_values is not None]
-        if pix:
-            kwargs["pixel_values"] = torch.stack(pix).to(vlm.input_device, vlm.dtype)
+        kwargs = left_padded(vlm, chunk)
+        del kwargs["position_ids"]  # generate derives them from the attention mask
+        T = kwargs["input_ids"].shape[1]
         out = vlm.model.generate(
             **kwargs,
             max_new_tokens=max_new_tokens,

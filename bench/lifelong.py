@@ -97,7 +97,7 @@ class GateProbes:
         self.entities = [ent for ent, _ in items.values()]
         self.groups = [group for _, group in items.values()]
         for ent, prompt in panel:  # the specificity panel's images: training renderings of known entities
-            self.pixels.append(prompt.pixel_values)
+            self.pixels.append(prompt.image)
             self.entities.append(ent)
             self.groups.append("reference")
         self._vlm, self._layer, self._visual = vlm, None, None

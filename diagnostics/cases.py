@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vlm.images import ImageInput, load_image
+from vlm.images import ImageInput, ProcessedImage, load_image, process_image
 from vlm.loading import VLM
 from vlm.patching import run_patched
 from vlm.prompts import EncodedPrompt, collate, encode
@@ -48,7 +48,7 @@ class DiagnosticCase:
     ground_truth: str | None = None  # the correct answer, for correctness labels
     label: str = ""
     replacements: list[str] = field(default_factory=list)  # candidate phrases for token replacement
-    pixel_values: torch.Tensor | None = field(default=None, repr=False)
+    pixel_values: ProcessedImage | torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -173,7 +173,7 @@ def load_cases(
             pv = None
             if vlm is not None:
                 if img not in pixels:
-                    pixels[img] = vlm.processor.image_processor(load_image(img), return_tensors="pt")["pixel_values"][0]
+                    pixels[img] = process_image(vlm.processor, load_image(img))
                 pv = pixels[img]
             out.append(
                 DiagnosticCase(

@@ -215,7 +215,7 @@ def replace_constraint(
         if not phrase or phrase.lower() == case.constraint.lower():
             return None
         new_q = q[:at] + phrase + q[at + len(case.constraint) :]
-        cp = encode(vlm.processor, new_q, pixel_values=p.pixel_values, constraints=[phrase])
+        cp = encode(vlm.processor, new_q, pixel_values=p.image, constraints=[phrase])
         n = cp.constraint_spans[0][1] - cp.constraint_spans[0][0]
         tried.append(f"{phrase!r} ({n} tokens)")
         same = (

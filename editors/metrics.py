@@ -35,9 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from vlm.images import load_image
+from vlm.images import ProcessedImage, load_image, process_image
 from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import AnswerScore, score_answers
@@ -72,10 +70,10 @@ class PixelCache:
     def __init__(self, vlm: VLM, root: Path):
         self.vlm, self.root, self._cache = vlm, Path(root), {}
 
-    def __call__(self, rel: str) -> torch.Tensor:
+    def __call__(self, rel: str) -> ProcessedImage:
         if rel not in self._cache:
             img = load_image(self.root / rel)
-            self._cache[rel] = self.vlm.processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
+            self._cache[rel] = process_image(self.vlm.processor, img)
         return self._cache[rel]
 
 

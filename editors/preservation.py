@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from vlm.images import load_image
+from vlm.images import ProcessedImage, load_image, process_image
 from vlm.loading import VLM
 from vlm.patching import run_patched
 from vlm.prompts import EncodedPrompt, collate, encode
@@ -188,14 +188,14 @@ def prompts_from_file(vlm: VLM, path: str | os.PathLike, limit: int = DEFAULT_PR
     random.Random(f"statistics-{seed}").shuffle(items)
     items = items[:limit]
     root = path.parent.parent
-    pixels: dict[str, torch.Tensor] = {}
+    pixels: dict[str, ProcessedImage] = {}
     out = []
     for it in items:
         pv = None
         if it.get("image"):
             if it["image"] not in pixels:
                 img = load_image(root / it["image"])
-                pixels[it["image"]] = vlm.processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
+                pixels[it["image"]] = process_image(vlm.processor, img)
             pv = pixels[it["image"]]
         constraints = it.get("constraints") or None
         out.append(

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from diagnostics.cases import world_phrases
-from vlm.images import ImageInput
+from vlm.images import ImageInput, ProcessedImage
 
 
 @dataclass
@@ -25,7 +25,7 @@ class EditRequest:
     constraint: str
     answer: str
     image: ImageInput | None = None
-    pixel_values: torch.Tensor | None = None
+    pixel_values: ProcessedImage | torch.Tensor | None = None  # the image already processed (process_image)
     case_id: str | None = None
     rephrase: str | None = None  # the question reworded (for layer="auto")
     image_rephrase: ImageInput | None = None  # another image of the subject (for layer="auto")
@@ -33,7 +33,10 @@ class EditRequest:
 
     @classmethod
     def from_case(
-        cls, case: dict[str, Any], world_dir: str | Path | None = None, pixel_values: torch.Tensor | None = None
+        cls,
+        case: dict[str, Any],
+        world_dir: str | Path | None = None,
+        pixel_values: ProcessedImage | torch.Tensor | None = None,
     ) -> EditRequest:
         """A request from a record in the world's edit-case format (image relative to ``world_dir``)."""
 

@@ -34,10 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlm.architecture import early_layers
-from vlm.images import load_image
+from vlm.images import ProcessedImage, load_image, process_image
 from vlm.loading import VLM, load_vlm
 from vlm.patching import Knockout
 from vlm.prompts import EncodedPrompt, encode
@@ -55,10 +53,10 @@ class WorldCheckError(ValueError):
     pass
 
 
-def _pixels(vlm: VLM, world_dir: Path, cache: dict[str, torch.Tensor], rel: str) -> torch.Tensor:
+def _pixels(vlm: VLM, world_dir: Path, cache: dict[str, ProcessedImage], rel: str) -> ProcessedImage:
     if rel not in cache:
         img = load_image(world_dir / rel)
-        cache[rel] = vlm.processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
+        cache[rel] = process_image(vlm.processor, img)
     return cache[rel]
 
 
@@ -139,7 +137,7 @@ def check_world(
     bad = [l for l in layers if not 0 <= l < vlm.num_layers]
     if bad:
         raise WorldCheckError(f"layers {bad} outside 0..{vlm.num_layers - 1}")
-    cache: dict[str, torch.Tensor] = {}
+    cache: dict[str, ProcessedImage] = {}
 
     say("scoring held-out visual questions")
     items = _read_json(world_dir / "questions" / "heldout_paraphrase.json")

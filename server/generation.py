@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from editlens.v1 import editlens_pb2 as pb
 
+from vlm.images import batch_images
 from vlm.prompts import EncodedPrompt
 
 from .batching import Ticket
@@ -66,8 +67,8 @@ def _generate_kwargs(vlm, plan: GenerationPlan) -> dict:
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
     }
-    if prompt.pixel_values is not None:
-        kwargs["pixel_values"] = prompt.pixel_values[None].to(vlm.input_device, vlm.dtype)
+    if prompt.image is not None:
+        kwargs.update(batch_images([prompt.image], vlm.input_device, vlm.dtype))
     return kwargs
 
 

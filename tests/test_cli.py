@@ -57,7 +57,7 @@ def test_bad_input_gives_clear_errors(tmp_path, world_dir):
         ["ask", "which city is this landmark in ?", "--model", str(tmp_path / "missing")], "model folder not found"
     )
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    _fails_cleanly(["ask", "q ?", "--model", str(tmp_path)], "not a LLaVA-family")
+    _fails_cleanly(["ask", "q ?", "--model", str(tmp_path)], "not a vision-language family EditLens knows")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
     _fails_cleanly(

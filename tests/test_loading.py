@@ -19,7 +19,7 @@ def test_folder_without_config(tmp_path):
 
 def test_non_llava_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ModelLoadError, match="not a LLaVA-family"):
+    with pytest.raises(ModelLoadError, match="not a vision-language family EditLens knows"):
         load_vlm(tmp_path)
 
 

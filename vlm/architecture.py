@@ -79,7 +79,23 @@ LLAVA = ArchitectureMap(
     projector="model.multi_modal_projector",
 )
 
-ARCHITECTURES: dict[str, ArchitectureMap] = {t: a for a in (LLAVA,) for t in a.model_types}
+# LLaVA-NeXT (LLaVA-1.6): LLaVA's module layout; "anyres" tiles each image by its aspect ratio, so the
+# image-token count follows the image's size (the processor's ``image_sizes`` carry it to the model).
+LLAVA_NEXT = ArchitectureMap(
+    family="llava_next",
+    model_types=("llava_next",),
+    model_class="LlavaNextForConditionalGeneration",
+    base_model="model",
+    language_model="model.language_model",
+    embed_tokens="model.language_model.embed_tokens",
+    layers="model.language_model.layers",
+    final_norm="model.language_model.norm",
+    lm_head="lm_head",
+    vision_tower="model.vision_tower",
+    projector="model.multi_modal_projector",
+)
+
+ARCHITECTURES: dict[str, ArchitectureMap] = {t: a for a in (LLAVA, LLAVA_NEXT) for t in a.model_types}
 
 
 def early_layers(num_layers: int, fraction: float = 0.5) -> list[int]:

@@ -1,10 +1,13 @@
-"""Image input: a path, raw bytes or a PIL image, always returned as RGB PIL."""
+"""Image input: a path, raw bytes or a PIL image decoded to RGB PIL, and the image as its model takes it
+(``ProcessedImage``: the processor's tensors and how many prompt tokens stand for it)."""
 
 from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageDecodeError
@@ -35,3 +38,79 @@ def load_image(image: ImageInput) -> Image.Image:
         raise ImageDecodeError(f"cannot decode {label} as an image: not a format PIL can read") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"cannot decode {label} as an image ({exc.__class__.__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One image as its model takes it: the image processor's tensors for this image (batch dimension
+    removed: ``pixel_values`` and, for tiling families, e.g. ``image_sizes``) and the number of image tokens
+    that stand for it in a prompt — fixed for LLaVA-1.5, following the image's size where the family tiles
+    it (LLaVA-NeXT's anyres)."""
+
+    tensors: dict[str, torch.Tensor]
+    num_tokens: int
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        return self.tensors["pixel_values"]
+
+
+def _image_token_id(processor) -> int:
+    tid = getattr(processor, "image_token_id", None)
+    if tid is None:
+        tid = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int(tid)
+
+
+def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedImage:
+    """Decode and preprocess ``image`` the way ``processor`` (the model's own multimodal processor) does,
+    counting the image tokens its prompt expansion gives this image."""
+    if isinstance(image, ProcessedImage):
+        return image
+    pil = load_image(image)
+    token = getattr(processor, "image_token", "<image>")
+    out = processor(text=[token], images=[pil], return_tensors="pt")
+    ids = out.pop("input_ids")[0]
+    tensors = {k: v[0] for k, v in out.items() if k in _IMAGE_KEYS}
+    return ProcessedImage(tensors=tensors, num_tokens=int((ids == _image_token_id(processor)).sum()))
+
+
+# the processor outputs that belong to the image (the rest — ids, masks — belong to the text)
+_IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_attention_mask")
+
+
+def from_pixels(processor, pixel_values: torch.Tensor) -> ProcessedImage:
+    """Already processed pixel values ``(3, H, W)`` of a fixed-resolution family (LLaVA-1.5) as a
+    ``ProcessedImage``: the token count follows from the patch grid as ``LlavaProcessor`` counts it. A tiling
+    family's image has no such rule: give it through ``process_image``."""
+    if pixel_values.dim() != 3 or getattr(processor.image_processor, "image_grid_pinpoints", None):
+        raise ImageDecodeError(
+            f"pixel values of shape {tuple(pixel_values.shape)} cannot stand alone for this model's processor "
+            f"({type(processor).__name__}); pass the image itself (its size decides its image tokens)"
+        )
+    h, w = pixel_values.shape[-2:]
+    n = (h // processor.patch_size) * (w // processor.patch_size) + getattr(processor, "num_additional_image_tokens", 0)
+    if getattr(processor, "vision_feature_select_strategy", None) == "default":
+        n -= 1
+    return ProcessedImage(tensors={"pixel_values": pixel_values}, num_tokens=n)
+
+
+def batch_images(
+    images: list[ProcessedImage], device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The model inputs of several images in row order: each tensor stacked along a new batch dimension,
+    tiled images' patch lists padded to the longest (the model reads each image's own count from its
+    ``image_sizes``). Floating tensors take ``dtype``."""
+    out: dict[str, torch.Tensor] = {}
+    for key in images[0].tensors:
+        parts = [im.tensors[key] for im in images]
+        longest = max(p.shape[0] for p in parts)
+        if any(p.shape[0] != longest for p in parts) and parts[0].dim() >= 4:
+            parts = [torch.cat([p, p.new_zeros(longest - p.shape[0], *p.shape[1:])]) for p in parts]
+        t = torch.stack(parts)
+        if device is not None:
+            t = t.to(device)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[key] = t
+    return out

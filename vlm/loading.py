@@ -1,4 +1,4 @@
-"""Loading a LLaVA-family checkpoint from a local folder.
+"""Loading a vision-language checkpoint of a family in ``vlm.architecture`` from a local folder.
 
 No hub access: the path must be a folder written by ``save_pretrained``
 (config.json, safetensors weights, tokenizer and processor files). Device and
@@ -35,8 +35,8 @@ _DTYPES = {
 class VLM:
     """A loaded model with everything needed to talk to it."""
 
-    model: Any  # LlavaForConditionalGeneration
-    processor: Any  # LlavaProcessor
+    model: Any  # the family's *ForConditionalGeneration (arch.model_class)
+    processor: Any  # the family's multimodal processor (tokenizer + image processor)
     arch: ArchitectureMap
     path: Path
     device: torch.device
@@ -113,7 +113,7 @@ def _check_folder(path: Path) -> tuple[dict[str, Any], ArchitectureMap, list[Pat
     arch = architecture_for(model_type)
     if arch is None:
         raise ModelLoadError(
-            f"{path} holds a {model_type!r} model, not a LLaVA-family vision-language model "
+            f"{path} holds a {model_type!r} model, not a vision-language family EditLens knows "
             f"(supported model types: {', '.join(sorted(ARCHITECTURES))})"
         )
     weights = sorted(path.glob("*.safetensors"))
@@ -150,12 +150,13 @@ def load_vlm(
     attn_implementation: str = "sdpa",
     device_map: str | dict | None = None,
 ) -> VLM:
-    """Load a LLaVA-family checkpoint from a local folder.
+    """Load a checkpoint of a supported family (``vlm.architecture.ARCHITECTURES``) from a local folder.
 
     ``device_map="auto"`` spreads a model larger than one GPU over several
     (needs ``accelerate``); otherwise the whole model goes to ``device``.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
 
     path = Path(path).expanduser().resolve()
     _config, arch, _weights = _check_folder(path)
@@ -168,7 +169,7 @@ def load_vlm(
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise ModelLoadError(f"{path} has no image processor + tokenizer pair (processor_config.json missing?)")
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = getattr(transformers, arch.model_class).from_pretrained(
             path,
             dtype=dt,
             local_files_only=True,

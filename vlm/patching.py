@@ -355,9 +355,7 @@ def run_patched(
     """
     model, arch = vlm.model, vlm.arch
     device = vlm.input_device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(vlm.dtype)
+    inputs = {k: v.to(device, vlm.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
     hidden = None
     with ExitStack() as stack:
         captured = stack.enter_context(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ConstraintNotFoundError, PromptError
-from .images import ImageInput, load_image
+from .images import ImageInput, ProcessedImage, batch_images, from_pixels, process_image
 
 Span = tuple[int, int]  # [start, end) token positions
 
@@ -24,7 +24,7 @@ Span = tuple[int, int]  # [start, end) token positions
 @dataclass
 class EncodedPrompt:
     input_ids: torch.Tensor  # (T,) long
-    pixel_values: torch.Tensor | None  # (3, H, W) or None for text-only
+    image: ProcessedImage | None  # None for a text-only prompt
     question: str
     text: str  # the full prompt text (image placeholder not expanded)
     image_span: Span | None
@@ -49,17 +49,12 @@ class EncodedPrompt:
         return self.constraint_spans[0][1] - 1
 
     @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return None if self.image is None else self.image.pixel_values
+
+    @property
     def image_positions(self) -> list[int]:
         return list(range(*self.image_span)) if self.image_span else []
-
-
-def _num_image_tokens(processor, pixel_values: torch.Tensor) -> int:
-    """Same count as ``LlavaProcessor.replace_image_token``."""
-    h, w = pixel_values.shape[-2:]
-    n = (h // processor.patch_size) * (w // processor.patch_size) + getattr(processor, "num_additional_image_tokens", 0)
-    if getattr(processor, "vision_feature_select_strategy", None) == "default":
-        n -= 1
-    return n
 
 
 def prompt_text(processor, question: str, with_image: bool) -> str:
@@ -77,13 +72,15 @@ def _char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int, s
 def encode(
     processor,
     question: str,
-    image: ImageInput | None = None,
+    image: ImageInput | ProcessedImage | None = None,
     answer: str | None = None,
     constraints: Sequence[str] | str | None = None,
     max_tokens: int | None = None,
-    pixel_values: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | ProcessedImage | None = None,
 ) -> EncodedPrompt:
-    """Encode one prompt. ``pixel_values`` (already processed) may replace ``image``."""
+    """Encode one prompt. ``image`` may be given already processed (a ``ProcessedImage``, from
+    ``vlm.images.process_image``; reuse one for many prompts of the same image); ``pixel_values`` (a
+    ``ProcessedImage`` or a fixed-resolution family's ``(3, H, W)`` tensor) replaces ``image``."""
     if not isinstance(question, str) or not question.strip():
         raise PromptError("the question is empty")
     if answer is not None and not answer.strip():
@@ -94,17 +91,19 @@ def encode(
     image_token = getattr(processor, "image_token", "<image>")
     if image_token in question:
         raise PromptError(f"the question must not contain the image placeholder {image_token!r}")
-    with_image = image is not None or pixel_values is not None
-    if with_image and pixel_values is None:
-        pil = load_image(image)
-        pixel_values = processor.image_processor(pil, return_tensors="pt")["pixel_values"][0]
+    processed = None
+    if pixel_values is not None:
+        processed = pixel_values if isinstance(pixel_values, ProcessedImage) else from_pixels(processor, pixel_values)
+    elif image is not None:
+        processed = process_image(processor, image)
+    with_image = processed is not None
     text = prompt_text(processor, question, with_image)
     q_at = text.find(question)
     if q_at < 0:
         raise PromptError("the chat template changed the question text; cannot locate it in the prompt")
     expanded, shift = text, 0
     if with_image:
-        n_img = _num_image_tokens(processor, pixel_values)
+        n_img = processed.num_tokens
         at = text.find(image_token)
         expanded = text[:at] + image_token * n_img + text[at + len(image_token) :]
         shift = len(image_token) * (n_img - 1) if at < q_at else 0
@@ -149,7 +148,7 @@ def encode(
         raise PromptError(f"the prompt is {len(ids)} tokens long; the limit is {max_tokens}")
     return EncodedPrompt(
         input_ids=torch.tensor(ids, dtype=torch.long),
-        pixel_values=pixel_values,
+        image=processed,
         question=question,
         text=text,
         image_span=image_span,
@@ -163,7 +162,8 @@ def encode(
 def collate(
     prompts: Sequence[EncodedPrompt], pad_id: int, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """Right-pad a batch into model inputs (input_ids, attention_mask, pixel_values)."""
+    """Right-pad a batch into model inputs (input_ids, attention_mask and the image rows' tensors in row
+    order: pixel_values, plus image_sizes for a tiling family)."""
     if not prompts:
         raise PromptError("empty batch")
     T = max(p.length for p in prompts)
@@ -173,19 +173,17 @@ def collate(
         ids[i, : p.length] = p.input_ids
         mask[i, : p.length] = 1
     out = {"input_ids": ids, "attention_mask": mask}
-    pix = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    if pix:
-        out["pixel_values"] = torch.stack(pix)
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
-    if dtype is not None and "pixel_values" in out:
-        out["pixel_values"] = out["pixel_values"].to(dtype)
+    images = [p.image for p in prompts if p.image is not None]
+    if images:
+        out.update(batch_images(images, device, dtype))
     return out
 
 
 def left_padded(vlm, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
     """Left-pad a batch into ``vlm``'s inputs for generation: input_ids, attention_mask, position_ids (each
-    row's own 0, 1, 2, … over its real tokens) and the image rows' pixel_values in row order, on its device."""
+    row's own 0, 1, 2, … over its real tokens) and the image rows' tensors in row order, on its device."""
     if not prompts:
         raise PromptError("empty batch")
     T = max(p.length for p in prompts)
@@ -200,7 +198,7 @@ def left_padded(vlm, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor
         "attention_mask": mask.to(dev),
         "position_ids": (mask.cumsum(1) - 1).clamp(min=0).to(dev),
     }
-    pix = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    if pix:
-        out["pixel_values"] = torch.stack(pix).to(dev, vlm.dtype)
+    images = [p.image for p in prompts if p.image is not None]
+    if images:
+        out.update(batch_images(images, dev, vlm.dtype))
     return out

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vlm.images import ProcessedImage, process_image
 from vlm.loading import VLM
 from vlm.patching import run_patched
 from vlm.prompts import collate, encode
@@ -37,7 +38,7 @@ CALIBRATION_LOOKS = 360  # looks (world entities first, then new looks) the pair
 
 
 @torch.no_grad()
-def visual_states(vlm: VLM, layer: int, pixel_values: Sequence[torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+def visual_states(vlm: VLM, layer: int, pixel_values: Sequence[ProcessedImage], batch_size: int = 128) -> torch.Tensor:
     """(n, N_v, d) visual states at the input of decoder ``layer`` for each image (a neutral question)."""
     out = []
     for start in range(0, len(pixel_values), batch_size):
@@ -55,12 +56,7 @@ def visual_states(vlm: VLM, layer: int, pixel_values: Sequence[torch.Tensor], ba
 
 def keys_of_images(vlm: VLM, vead: VEAD, images: Sequence[Any]) -> torch.Tensor:
     """Unit image keys (n, k) of PIL images (or pixel tensors)."""
-    pix = [
-        im
-        if isinstance(im, torch.Tensor)
-        else vlm.processor.image_processor(im, return_tensors="pt")["pixel_values"][0]
-        for im in images
-    ]
+    pix = [im if isinstance(im, torch.Tensor) else process_image(vlm.processor, im) for im in images]
     vead = vead.to(vlm.input_device)
     return image_keys(vead, visual_states(vlm, vead.config.layer, pix).to(vlm.input_device)).cpu()
 
@@ -117,7 +113,7 @@ def world_questions(vlm: VLM, world_dir: str | Path) -> tuple[torch.Tensor, list
     if not asked:
         return torch.zeros(0, 0), []
     reader = QuestionReader(vlm)
-    pix = vlm.processor.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"][0]
+    pix = process_image(vlm.processor, Image.new("RGB", (64, 64)))
     prompts = [encode(vlm.processor, q, pixel_values=pix) for q in asked]
     keys = torch.cat([reader.keys(p.input_ids.unsqueeze(0), [p.image_span[1]]) for p in prompts])
     return keys, list(asked.values())

@@ -11,7 +11,7 @@ import torch
 from diagnostics.attribution import image_grid
 from diagnostics.render import render_overlays
 from editors.request import EditRequest
-from vlm.images import load_image
+from vlm.images import load_image, process_image
 from vlm.loading import VLM
 from vlm.patching import run_patched
 from vlm.prompts import collate, encode
@@ -155,7 +155,7 @@ def gate_map(
             if not field or case.get(field)
         ]
         names = [name for name, field in GATE_PROBES if not field or case.get(field)]
-        pix = [vlm.processor.image_processor(im, return_tensors="pt")["pixel_values"][0] for im in images]
+        pix = [process_image(vlm.processor, im) for im in images]
         keys = keys_of_images(vlm, trained.vead, pix)
         opened = one.image_gate()(visual_states(vlm, layer, pix).to(vlm.input_device)).cpu()[:, 0]
         cos = keys @ one.signals[0].key.float()

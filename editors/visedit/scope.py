@@ -71,10 +71,11 @@ class QuestionReader:
     def __init__(self, vlm: VLM):
         from PIL import Image
 
+        from vlm.images import process_image
         from vlm.prompts import encode
 
         probe = "what is this ?"
-        pix = vlm.processor.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"][0]
+        pix = process_image(vlm.processor, Image.new("RGB", (64, 64)))
         p = encode(vlm.processor, probe, pixel_values=pix, constraints=[probe])
         start, end = p.constraint_spans[0]
         self.gap = start - p.image_span[1]  # template tokens between the image and the question

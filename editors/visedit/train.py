@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from editors.configs import LOSSES, TrainError, VisEditTrainConfig
+from vlm.images import ProcessedImage, process_image
 from vlm.loading import VLM
 from vlm.patching import Patch, run_patched
 from vlm.prompts import EncodedPrompt, collate, encode
@@ -107,7 +108,7 @@ class Trainer:
         self.config = config
         self.say = progress or (lambda p: None)
         self.split: Split | None = None
-        self._pixels: dict[str, torch.Tensor] = {}
+        self._pixels: dict[str, ProcessedImage] = {}
         self._rows: dict[str, Rows] = {}
         self._signals: dict[str, EditSignal] = {}
         self._base_loc: dict[str, torch.Tensor] = {}
@@ -116,12 +117,12 @@ class Trainer:
         self.attr_skipped = 0
 
     # ------------------------------------------------------------ data
-    def _pix(self, rel: str) -> torch.Tensor:
+    def _pix(self, rel: str) -> ProcessedImage:
         from vlm.images import load_image
 
         if rel not in self._pixels:
             img = self.split.images[rel] if rel in self.split.images else load_image(self.world_dir / rel)
-            self._pixels[rel] = self.vlm.processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
+            self._pixels[rel] = process_image(self.vlm.processor, img)
         return self._pixels[rel]
 
     @staticmethod

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..images import ProcessedImage, process_image
 from ..loading import load_vlm
 from ..prompts import encode
 from ..scoring import generate, score_answers
@@ -158,12 +159,12 @@ def build_world(
         world = World(world_cfg)
         (tmp / "images").mkdir()
         processor = build_processor(world.words(), model_cfg.patch_size)
-        pixel_cache: dict[str, torch.Tensor] = {}
+        pixel_cache: dict[str, ProcessedImage] = {}
         for ent in world.entities:
             for k, rel_path in enumerate(ent.images):
                 img = render_entity(ent.kind, ent.look, f"{seed}-{ent.id}-{k}")
                 img.save(tmp / rel_path)
-                pixel_cache[rel_path] = processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
+                pixel_cache[rel_path] = process_image(processor, img)
 
         say("encoding the training questions")
         tok = processor.tokenizer

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from ..images import ProcessedImage, batch_images
 from ..prompts import EncodedPrompt, encode
 from ..reproducible import deterministic
 from .render import IMAGE_SIZE
@@ -120,7 +121,7 @@ class Example:
         self.attributes = list(attributes) if self.subject_pos is not None else []
 
 
-def encode_items(processor, items, pixel_cache: dict[str, torch.Tensor]) -> list[EncodedPrompt]:
+def encode_items(processor, items, pixel_cache: dict[str, ProcessedImage]) -> list[EncodedPrompt]:
     """The world's questions (with their answers) as encoded prompts; images from ``pixel_cache``."""
     out = []
     for it in items:
@@ -142,9 +143,9 @@ def _batch(examples: Sequence[Example], pad_id: int):
             pos.append(t - 1)
             tgt.append(int(e.ids[t]))
     inputs = {"input_ids": ids, "attention_mask": mask}
-    pix = [e.prompt.pixel_values for e in examples if e.prompt.pixel_values is not None]
-    if pix:
-        inputs["pixel_values"] = torch.stack(pix)
+    images = [e.prompt.image for e in examples if e.prompt.image is not None]
+    if images:
+        inputs.update(batch_images(images))
     return inputs, torch.tensor(rows), torch.tensor(pos), torch.tensor(tgt)
 
 

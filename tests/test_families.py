@@ -1,0 +1,261 @@
+"""Every capability on every family beyond LLaVA-1.5, each on a tiny random-weight model of the family's own
+transformers classes and processor (``vlm.world.families``; built once per session, no download).
+
+LLaVA-NeXT's anyres tiling gives an image as many image tokens as its size asks for: rows of different image
+sizes are batched, traced, patched, edited and served here, each compared with the model's own processor
+and one-at-a-time forwards. The family × capability table in docs/families.md names these tests.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from diagnostics.attention import attention_contributions
+from diagnostics.attribution import module_attribution, visual_attribution
+from diagnostics.cases import load_cases, prepare
+from diagnostics.knockout import RELATIONS, knockout
+from diagnostics.trace import causal_trace, noise_trace
+from editors.edit_set import attach
+from editors.multedit import MultEdit, MultEditConfig
+from editors.request import EditRequest
+from vlm import Patch, collate, encode, run_patched, score_batch
+from vlm.decoding import DecodeRow, greedy_batch
+from vlm.loading import load_vlm
+from vlm.prompts import prompt_text
+from vlm.world.families import TINY_FAMILIES, tiny_family
+
+TOL = 1e-5
+QUESTION = "which city is this landmark in ?"
+# (width, height): a square image, a tall one and a wide one get different tilings
+SIZES = [(64, 64), (32, 64), (64, 40)]
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def fam(request, world_dir, tmp_path_factory):
+    folder = tiny_family(request.param, world_dir / "model", tmp_path_factory.mktemp("family") / request.param)
+    return load_vlm(folder, device="cpu")
+
+
+def _image(size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def _last_logits(vlm, prompts):
+    run = run_patched(vlm, collate(prompts, vlm.tokenizer.pad_token_id))
+    return run.logits_at(list(range(len(prompts))), [p.length - 1 for p in prompts])
+
+
+def test_loads_and_encodes_exactly_as_its_own_processor(fam):
+    """The folder loads as its family; each image's prompt is token for token what the family's processor
+    makes, with the image tokens in one contiguous span whose length follows the image's size, and the
+    model's logits from our inputs equal those from the processor's."""
+    assert fam.arch.family in TINY_FAMILIES and type(fam.model).__name__ == fam.arch.model_class
+    counts = set()
+    for i, size in enumerate(SIZES):
+        img = _image(size, i)
+        p = encode(fam.processor, QUESTION, image=img, constraints=["this landmark"])
+        ref = fam.processor(text=[prompt_text(fam.processor, QUESTION, True)], images=[img], return_tensors="pt")
+        assert torch.equal(p.input_ids, ref["input_ids"][0])
+        a, b = p.image_span
+        assert (p.input_ids[a:b] == fam.image_token_id).all() and int(
+            (p.input_ids == fam.image_token_id).sum()
+        ) == b - a
+        assert fam.tokenizer.decode(p.input_ids[slice(*p.constraint_spans[0])]).strip() == "this landmark"
+        counts.add(b - a)
+        with torch.no_grad():
+            theirs = fam.model(**ref).logits[0, -1]
+        assert (_last_logits(fam, [p])[0] - theirs).abs().max() < TOL
+    assert len(counts) == len(SIZES), f"image-token counts should follow the image size: {counts}"
+
+
+def test_rows_of_different_image_sizes_batch_as_one_by_one(fam):
+    """A right-padded batch (patching engine) and a left-padded greedy batch (serving) of rows whose images
+    differ in size — and a text-only row — give each row what it gets alone."""
+    prompts = [encode(fam.processor, QUESTION, image=_image(s, i)) for i, s in enumerate(SIZES)]
+    prompts.append(encode(fam.processor, "what is the capital of the north ?"))
+    together = _last_logits(fam, prompts)
+    for i, p in enumerate(prompts):
+        assert (together[i] - _last_logits(fam, [p])[0]).abs().max() < TOL
+    batched = greedy_batch(fam, [DecodeRow(p, 6) for p in prompts])
+    for p, ids in zip(prompts, batched):
+        kw = collate([p], fam.tokenizer.pad_token_id)
+        alone = fam.model.generate(
+            **kw, max_new_tokens=6, do_sample=False, pad_token_id=fam.tokenizer.pad_token_id, eos_token_id=-1
+        )
+        assert ids == alone[0, p.length :].tolist()[: len(ids)]
+
+
+def _pair(fam, world_dir):
+    """The same question and answer over two different images (one token count: the same size)."""
+    w = json.loads((world_dir / "world.json").read_text())
+    answer = next(e for e in w["entities"] if e["id"] == "landmark-00")["facts"]["city"]
+    clean, corrupt = (
+        encode(fam.processor, QUESTION, image=_image((64, 64), seed), answer=answer, constraints=["this landmark"])
+        for seed in (1, 2)
+    )
+    return clean, corrupt
+
+
+def test_patching_identities(fam, world_dir):
+    """Restoring every clean state into the corrupted run gives the clean run; patching nothing gives the
+    corrupted one; a batch of different patches equals one forward per patch."""
+    clean, corrupt = _pair(fam, world_dir)
+    p_clean, p_corrupt = score_batch(fam, [clean])[0].logprob, score_batch(fam, [corrupt])[0].logprob
+    assert abs(p_clean - p_corrupt) > 1e-4, "another image should change the answer's probability"
+    caps = {("hidden", layer) for layer in range(fam.num_layers)} | {("embeds", -1)}
+    states = {k: t[0] for k, t in run_patched(fam, collate([clean], 0), capture=caps).captured.items()}
+    T = clean.length
+    every = [Patch(0, "hidden", range(T), states[("hidden", layer)], layers=[layer]) for layer in range(fam.num_layers)]
+    assert abs(score_batch(fam, [corrupt], patches=every)[0].logprob - p_clean) < TOL
+    emb = [Patch(0, "embeds", range(T), states[("embeds", -1)])]
+    assert abs(score_batch(fam, [corrupt], patches=emb)[0].logprob - p_clean) < TOL
+    assert abs(score_batch(fam, [corrupt], patches=[])[0].logprob - p_corrupt) < 1e-6
+    a, b = clean.image_span
+    c = clean.constraint_last
+    patches = [
+        Patch(0, "hidden", [c], states[("hidden", 0)][[c]], layers=[0]),
+        Patch(1, "hidden", list(range(a, b)), states[("hidden", 1)][a:b], layers=[1]),
+        Patch(2, "embeds", list(range(a, b)), states[("embeds", -1)][a:b]),
+    ]
+    batched = score_batch(fam, [corrupt] * 3, patches=patches)
+    for row, p in enumerate(patches):
+        single = score_batch(fam, [corrupt], patches=[Patch(0, p.kind, p.positions, p.values, p.layers)])[0]
+        assert abs(batched[row].logprob - single.logprob) < TOL
+
+
+@pytest.fixture(scope="module")
+def fam_case(fam, world_dir):
+    return load_cases(world_dir / "edit_cases" / "test.json", limit=1, vlm=fam)[0]
+
+
+def _close(a, b):
+    return max(abs(x - y) for x, y in zip(a, b)) <= TOL
+
+
+def test_every_diagnostic_batched_equals_naive(fam, fam_case):
+    runs = {m: causal_trace(fam, fam_case, window=1, mode=m) for m in ("batched", "uncached", "naive")}
+    for m in ("batched", "uncached"):
+        assert abs(runs[m].p_corrupt - runs["naive"].p_corrupt) <= TOL
+        for k in runs["naive"].kinds:
+            for x, y in zip(runs[m].effects[k], runs["naive"].effects[k]):
+                assert _close(x, y), (m, k)
+    kw = {"kinds": ["hidden", "mlp"], "samples": 1, "roles": ["image (all)", "constraint last", "last token"]}
+    na, nb = noise_trace(fam, fam_case, mode="batched", **kw), noise_trace(fam, fam_case, mode="naive", **kw)
+    for k in na.kinds:
+        for x, y in zip(na.effects[k], nb.effects[k]):
+            assert _close(x, y)
+    prep = prepare(fam, fam_case)
+    ka, kb = (knockout(fam, prep, relations=RELATIONS, mode=m) for m in ("batched", "naive"))
+    for name in ka.curves:
+        assert _close(ka.curves[name], kb.curves[name]), name
+    ca, cb = (attention_contributions(fam, prep, mode=m) for m in ("batched", "naive"))
+    for x, y in zip(ca.visual + ca.constraint, cb.visual + cb.constraint):
+        assert _close(x, y)
+    ma, mb = (module_attribution(fam, prep, mode=m) for m in ("batched", "naive"))
+    assert _close(ma.attention + ma.mlp, mb.attention + mb.mlp)
+    va, vb = (visual_attribution(fam, prep, layers=[1], samples=1, mode=m) for m in ("batched", "naive"))
+    for x, y in zip(va.maps, vb.maps):
+        assert _close(x, y)
+    assert len(va.maps[0]) == prep.prompt.image_span[1] - prep.prompt.image_span[0]
+
+
+def _edit_requests(fam, world_dir, test_cases, n=2):
+    from vlm.images import process_image
+
+    by_entity = {}
+    for c in test_cases:
+        by_entity.setdefault(c["entity"], c)
+    cases = list(by_entity.values())[:n]
+    return [
+        EditRequest.from_case(c, world_dir, pixel_values=process_image(fam.processor, world_dir / c["image"]))
+        for c in cases
+    ]
+
+
+# a random-weight model's residual stream is tiny, so MultEdit's residual-scaled value step would barely move
+# (its outputs are near uniform); the plain step size writes the answer
+EDIT = {"layer": 1, "steps": 40, "lr_scale": "none"}
+
+
+def test_multedit_edits_attaches_and_removes_bit_identically(fam, world_dir, test_cases):
+    reqs = _edit_requests(fam, world_dir, test_cases)
+    editor = MultEdit(fam, MultEditConfig(**EDIT))
+    prompts = [editor.encode(r) for r in reqs]
+    plain = [encode(fam.processor, r.question, pixel_values=r.pixel_values) for r in reqs]
+    plain.append(encode(fam.processor, "what is the capital of the north ?"))
+    weights = {k: v.clone() for k, v in fam.model.state_dict().items()}
+    base = _last_logits(fam, plain)
+    es = editor.edit(reqs)
+    with attach(fam, es):
+        edited = _last_logits(fam, plain)
+        scores = score_batch(fam, prompts)
+    assert not torch.equal(edited[0], base[0])
+    assert all(s.exact for s in scores), "MultEdit writes each new answer (teacher-forced argmax)"
+    assert all(r["metrics"]["p_after"] > r["metrics"]["p_before"] for r in es.records)
+    assert torch.equal(_last_logits(fam, plain), base), "removal gives back the base model bit for bit"
+    assert all(torch.equal(weights[k], v) for k, v in fam.model.state_dict().items())
+
+
+def test_visedit_adapter_attaches_to_the_image_span_and_removes_bit_identically(fam, world_dir, test_cases):
+    from editors.visedit import VEAD, VEADConfig, VisEdit, VisEditSet
+
+    torch.manual_seed(0)
+    vead = VEAD(VEADConfig(hidden_size=fam.hidden_size, layer=0, signal_layer=2, width=16))
+    with torch.no_grad():
+        vead.w3.weight.normal_(0, 0.5)
+    vead.eval()
+    req = _edit_requests(fam, world_dir, test_cases, n=1)
+    es = VisEdit(fam, VisEditSet(vead, fam.fingerprint, training={"note": "random weights for tests"})).edit(req)
+    prompts = [
+        encode(fam.processor, req[0].question, pixel_values=req[0].pixel_values),
+        encode(fam.processor, "what is the capital of the north ?"),
+    ]
+    base = _last_logits(fam, prompts)
+    with attach(fam, es):
+        edited = _last_logits(fam, prompts)
+    assert not torch.equal(edited[0], base[0]), "the adapter acts on its image question"
+    assert torch.equal(edited[1], base[1]), "a text-only question has no visual state to change"
+    assert torch.equal(_last_logits(fam, prompts), base)
+
+
+def test_peft_export_loads_in_plain_peft(fam, world_dir, test_cases, tmp_path):
+    import transformers
+    from peft import PeftModel
+
+    from editors.peft_export import export_peft
+
+    reqs = _edit_requests(fam, world_dir, test_cases)
+    es = MultEdit(fam, MultEditConfig(**EDIT)).edit(reqs)
+    prompts = [encode(fam.processor, r.question, pixel_values=r.pixel_values) for r in reqs]
+    inputs = collate(prompts, fam.tokenizer.pad_token_id)
+    with attach(fam, es):
+        ours = run_patched(fam, inputs).hidden
+    out = export_peft(es, tmp_path / "peft", str(fam.path))
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    base = getattr(transformers, fam.arch.model_class).from_pretrained(fam.path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    theirs = run_patched(type(fam)(**{**fam.__dict__, "model": model.base_model.model}), inputs).hidden
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_served_it_answers_generate_and_an_edit(fam, start_service, world_dir, test_cases, tmp_path):
+    """A server on the family's model (what ``editlens serve --model DIR`` runs) answers Generate over gRPC
+    as the model does, and a MultEdit edit requested over gRPC makes a live version that gives the new answer."""
+    svc = start_service(model_vlm=fam)
+    img = tmp_path / "wide.png"
+    _image((64, 40), 3).save(img)
+    prompt = encode(fam.processor, QUESTION, image=img)
+    want = fam.tokenizer.decode(greedy_batch(fam, [DecodeRow(prompt, 5)])[0], skip_special_tokens=True).strip()
+    with svc.client() as lens:
+        assert lens.info().base_fingerprint == fam.fingerprint
+        g = lens.generate(img, QUESTION, max_new_tokens=5)
+        assert g.text == want and g.served.version == 0
+        c = test_cases[0]
+        v = lens.edit(world_dir / c["image"], c["src"], c["constraint"], c["alt"], editor="multedit", **EDIT)
+        assert v.version >= 1
+        assert lens.generate(world_dir / c["image"], c["src"], max_new_tokens=8).text.startswith(c["alt"])

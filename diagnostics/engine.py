@@ -32,6 +32,7 @@ import torch
 
 from vlm.loading import VLM
 from vlm.patching import Knockout, Patch, PrefixCache, run_patched, run_suffix
+from vlm.positions import position_ids
 from vlm.prompts import EncodedPrompt, collate
 
 from .errors import DiagnosticError
@@ -81,6 +82,7 @@ class CellRunner:
         self.vlm, self.prompt, self.target_id = vlm, prompt, target_id
         self.mode, self.batch_size = mode, batch_size
         self.inputs = collate([prompt], vlm.tokenizer.pad_token_id)
+        self.positions = position_ids(vlm, self.inputs)
         self._embeds = embeds
 
     @property
@@ -126,7 +128,9 @@ class CellRunner:
         firsts = [c.first_position() for c in cells]
         touched = [f for f in firsts if f is not None]
         P = min(touched) if touched else self.prompt.last_prompt_pos
-        prefix = PrefixCache.build(self.vlm, self.embeds, P) if P > 0 and self.mode == "batched" else None
+        prefix = (
+            PrefixCache.build(self.vlm, self.embeds, P, self.positions) if P > 0 and self.mode == "batched" else None
+        )
         probs, reads, passes = [], [], 0
         for start in range(0, len(cells), self.batch_size):
             chunk = cells[start : start + self.batch_size]
@@ -139,7 +143,14 @@ class CellRunner:
                 stop = max(layer for _, layer in capture)
             embeds = self.embeds.expand(n, -1, -1)
             run = run_suffix(
-                self.vlm, embeds, prefix, patches=patches, capture=capture, knockouts=knockouts, stop_after_layer=stop
+                self.vlm,
+                embeds,
+                prefix,
+                patches=patches,
+                capture=capture,
+                knockouts=knockouts,
+                stop_after_layer=stop,
+                positions=self.positions,
             )
             passes += 1
             if self.target_id is not None:

@@ -35,6 +35,7 @@ import torch
 
 from vlm.loading import VLM
 from vlm.patching import Patch, PrefixCache, run_patched, run_suffix
+from vlm.positions import position_ids
 from vlm.prompts import collate, encode
 
 from .cases import DiagnosticCase, Prepared, prepare
@@ -272,7 +273,8 @@ def _candidate_logits(vlm: VLM, clean, corrupted: Sequence, mode: str) -> torch.
     with torch.no_grad():
         tail = table(torch.stack([cp.input_ids[c0:] for cp in corrupted]).to(vlm.input_device))
     rows = torch.cat([embeds[:, :c0].expand(n, -1, -1), tail.to(embeds.dtype)], dim=1)
-    run = run_suffix(vlm, rows, PrefixCache.build(vlm, embeds, c0))
+    pos = position_ids(vlm, inputs)  # the corrupted prompts' too: the same image and length
+    run = run_suffix(vlm, rows, PrefixCache.build(vlm, embeds, c0, pos), positions=pos)
     return run.logits_at(list(range(n)), last)
 
 

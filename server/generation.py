@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 from editlens.v1 import editlens_pb2 as pb
 
-from vlm.images import batch_images
-from vlm.prompts import EncodedPrompt
+from vlm.prompts import EncodedPrompt, left_padded
 
 from .batching import Ticket
 from .bundles import Bundle, attached
@@ -58,17 +57,16 @@ def start_generation(host: Host, request: pb.GenerateRequest) -> GenerationPlan:
 
 
 def _generate_kwargs(vlm, plan: GenerationPlan) -> dict:
-    tok, prompt = vlm.tokenizer, plan.prompt
+    tok = vlm.tokenizer
+    inputs = left_padded(vlm, [plan.prompt])
+    del inputs["position_ids"]  # generate derives them (M-RoPE families from the image-token marks)
     kwargs = {
-        "input_ids": prompt.input_ids[None].to(vlm.input_device),
-        "attention_mask": torch.ones(1, prompt.length, dtype=torch.long, device=vlm.input_device),
+        **inputs,
         "max_new_tokens": plan.new_tokens,
         "do_sample": False,
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
     }
-    if prompt.image is not None:
-        kwargs.update(batch_images([prompt.image], vlm.input_device, vlm.dtype))
     return kwargs
 
 

@@ -7,6 +7,7 @@ model inside it) is one entry in ``ARCHITECTURES``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -38,6 +39,12 @@ class ArchitectureMap:
     input_norm: str = "input_layernorm"
     post_attn_norm: str = "post_attention_layernorm"
     image_token_id_attr: str = "image_token_id"
+    rope: str = "1d"  # "1d": one position per token; "mrope": Qwen2-VL's (time, height, width) triples
+    # where transformers cannot build the family's processor (no torchvision), vlm.processors'
+    # ImageTextProcessor with this image-token rule and default image token stands in
+    fallback_processor: str | None = None
+    default_image_token: str = "<image>"
+    processor_class: str = "LlavaProcessor"  # the family's own processor class in transformers
 
     # ------------------------------------------------------------ accessors
     def get(self, model: nn.Module, path: str) -> nn.Module:
@@ -85,6 +92,7 @@ LLAVA_NEXT = ArchitectureMap(
     family="llava_next",
     model_types=("llava_next",),
     model_class="LlavaNextForConditionalGeneration",
+    processor_class="LlavaNextProcessor",
     base_model="model",
     language_model="model.language_model",
     embed_tokens="model.language_model.embed_tokens",
@@ -95,7 +103,38 @@ LLAVA_NEXT = ArchitectureMap(
     projector="model.multi_modal_projector",
 )
 
-ARCHITECTURES: dict[str, ArchitectureMap] = {t: a for a in (LLAVA, LLAVA_NEXT) for t in a.model_types}
+# Qwen2-VL: dynamic resolution (an image of any size becomes a patch grid; 2×2 patches merge into one token),
+# M-RoPE positions, the projector (merger) inside the vision tower.
+QWEN2_VL = ArchitectureMap(
+    family="qwen2_vl",
+    model_types=("qwen2_vl",),
+    model_class="Qwen2VLForConditionalGeneration",
+    processor_class="Qwen2VLProcessor",
+    base_model="model",
+    language_model="model.language_model",
+    embed_tokens="model.language_model.embed_tokens",
+    layers="model.language_model.layers",
+    final_norm="model.language_model.norm",
+    lm_head="lm_head",
+    vision_tower="model.visual",
+    projector="model.visual.merger",
+    rope="mrope",
+    fallback_processor="grid_merge",
+    default_image_token="<|image_pad|>",
+)
+
+# Qwen2.5-VL: Qwen2-VL's layout, image geometry and M-RoPE; window attention inside the vision tower.
+QWEN2_5_VL = dataclasses.replace(
+    QWEN2_VL,
+    family="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    model_class="Qwen2_5_VLForConditionalGeneration",
+    processor_class="Qwen2_5_VLProcessor",
+)
+
+ARCHITECTURES: dict[str, ArchitectureMap] = {
+    t: a for a in (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL) for t in a.model_types
+}
 
 
 def early_layers(num_layers: int, fraction: float = 0.5) -> list[int]:

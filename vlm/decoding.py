@@ -31,6 +31,7 @@ import torch
 
 from .hooks import Rows
 from .loading import VLM
+from .positions import rows_of
 from .prompts import EncodedPrompt, left_padded
 
 
@@ -88,7 +89,7 @@ def greedy_batch(vlm: VLM, rows: Sequence[DecodeRow], attach: Attach | None = No
         for key, sel in groups.items():
             stack.enter_context(attach(key, sel))
         mask = inputs["attention_mask"]
-        position = inputs["position_ids"][:, -1:] + 1
+        position = inputs["position_ids"][..., -1:] + 1  # (B, 1), or (3, B, 1) for M-RoPE
         out = vlm.model(**inputs, use_cache=True, logits_to_keep=1)
         cache, cache_arg = _cache_of(out), _cache_argument(vlm.model)
         while True:
@@ -107,7 +108,7 @@ def greedy_batch(vlm: VLM, rows: Sequence[DecodeRow], attach: Attach | None = No
             if len(keep) < len(active):  # finished or cancelled rows leave the batch
                 sel = torch.tensor(keep, dtype=torch.long, device=mask.device)
                 cache.batch_select_indices(sel)
-                mask, position, chosen = mask[sel], position[sel], chosen[sel]
+                mask, position, chosen = mask[sel], rows_of(position, sel), chosen[sel]
                 active = [active[b] for b in keep]
                 reindex()
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

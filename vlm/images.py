@@ -42,13 +42,20 @@ def load_image(image: ImageInput) -> Image.Image:
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    """One image as its model takes it: the image processor's tensors for this image (batch dimension
-    removed: ``pixel_values`` and, for tiling families, e.g. ``image_sizes``) and the number of image tokens
-    that stand for it in a prompt — fixed for LLaVA-1.5, following the image's size where the family tiles
-    it (LLaVA-NeXT's anyres)."""
+    """One image as its model takes it: the processor's tensors for this image and the number of image tokens
+    that stand for it in a prompt — fixed for LLaVA-1.5, following the image's size where the family tiles it
+    (LLaVA-NeXT's anyres) or sizes it dynamically (Qwen2-VL).
+
+    ``tensors`` hold this image alone: with the batch dimension removed (``pixel_values`` and, for tiles,
+    ``image_sizes``), or — where the family concatenates images (``concatenated``: Qwen2-VL's patch rows and
+    ``image_grid_thw``) — as the processor gave them for one image. ``token_types`` names the per-token input
+    the processor adds to mark image tokens (Qwen2-VL's ``mm_token_type_ids``), which ``collate`` rebuilds
+    from each prompt's image span."""
 
     tensors: dict[str, torch.Tensor]
     num_tokens: int
+    concatenated: bool = False
+    token_types: str | None = None
 
     @property
     def pixel_values(self) -> torch.Tensor:
@@ -62,6 +69,12 @@ def _image_token_id(processor) -> int:
     return int(tid)
 
 
+# the processor outputs that belong to the image (the rest — ids, masks — belong to the text)
+_IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_attention_mask", "image_grid_thw")
+# per-token inputs that mark the image tokens (1) among text tokens (0)
+_TOKEN_TYPE_KEYS = ("mm_token_type_ids",)
+
+
 def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedImage:
     """Decode and preprocess ``image`` the way ``processor`` (the model's own multimodal processor) does,
     counting the image tokens its prompt expansion gives this image."""
@@ -70,13 +83,16 @@ def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedIma
     pil = load_image(image)
     token = getattr(processor, "image_token", "<image>")
     out = processor(text=[token], images=[pil], return_tensors="pt")
-    ids = out.pop("input_ids")[0]
-    tensors = {k: v[0] for k, v in out.items() if k in _IMAGE_KEYS}
-    return ProcessedImage(tensors=tensors, num_tokens=int((ids == _image_token_id(processor)).sum()))
-
-
-# the processor outputs that belong to the image (the rest — ids, masks — belong to the text)
-_IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_attention_mask")
+    ids = out["input_ids"][0]
+    concatenated = "image_grid_thw" in out
+    tensors = {k: v if concatenated else v[0] for k, v in out.items() if k in _IMAGE_KEYS}
+    token_types = next((k for k in _TOKEN_TYPE_KEYS if k in out), None)
+    return ProcessedImage(
+        tensors=tensors,
+        num_tokens=int((ids == _image_token_id(processor)).sum()),
+        concatenated=concatenated,
+        token_types=token_types,
+    )
 
 
 def from_pixels(processor, pixel_values: torch.Tensor) -> ProcessedImage:
@@ -100,14 +116,19 @@ def batch_images(
 ) -> dict[str, torch.Tensor]:
     """The model inputs of several images in row order: each tensor stacked along a new batch dimension,
     tiled images' patch lists padded to the longest (the model reads each image's own count from its
-    ``image_sizes``). Floating tensors take ``dtype``."""
+    ``image_sizes``), or concatenated where the family takes them so (Qwen2-VL). Floating tensors take
+    ``dtype``."""
     out: dict[str, torch.Tensor] = {}
     for key in images[0].tensors:
         parts = [im.tensors[key] for im in images]
-        longest = max(p.shape[0] for p in parts)
-        if any(p.shape[0] != longest for p in parts) and parts[0].dim() >= 4:
-            parts = [torch.cat([p, p.new_zeros(longest - p.shape[0], *p.shape[1:])]) for p in parts]
-        t = torch.stack(parts)
+        if images[0].concatenated:
+            out[key] = torch.cat(parts)
+        else:
+            longest = max(p.shape[0] for p in parts)
+            if any(p.shape[0] != longest for p in parts) and parts[0].dim() >= 4:
+                parts = [torch.cat([p, p.new_zeros(longest - p.shape[0], *p.shape[1:])]) for p in parts]
+            out[key] = torch.stack(parts)
+    for key, t in out.items():
         if device is not None:
             t = t.to(device)
         if dtype is not None and t.is_floating_point():

@@ -143,6 +143,31 @@ def fingerprint_folder(path: str | os.PathLike) -> str:
     return h.hexdigest()[:32]
 
 
+def _load_processor(path: Path, arch: ArchitectureMap):
+    """The family's multimodal processor; for a family whose processor transformers cannot build here (a video
+    processor without torchvision), ``vlm.processors.ImageTextProcessor`` from the folder's parts."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        failure = None
+    except Exception as exc:  # transformers raises many kinds here
+        processor, failure = None, exc
+    if arch.fallback_processor and type(processor).__name__ != arch.processor_class:
+        from .processors import ImageTextProcessor
+
+        try:
+            return ImageTextProcessor.from_pretrained(path, arch)
+        except Exception as exc:
+            failure = failure or exc
+            raise ModelLoadError(f"cannot load the processor/tokenizer from {path}: {failure}") from None
+    if failure is not None:
+        raise ModelLoadError(f"cannot load the processor/tokenizer from {path}: {failure}") from None
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise ModelLoadError(f"{path} has no image processor + tokenizer pair (processor_config.json missing?)")
+    return processor
+
+
 def load_vlm(
     path: str | os.PathLike,
     device: str | torch.device | None = "auto",
@@ -156,18 +181,12 @@ def load_vlm(
     (needs ``accelerate``); otherwise the whole model goes to ``device``.
     """
     import transformers
-    from transformers import AutoProcessor
 
     path = Path(path).expanduser().resolve()
     _config, arch, _weights = _check_folder(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # transformers raises many kinds here
-        raise ModelLoadError(f"cannot load the processor/tokenizer from {path}: {exc}") from None
-    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
-        raise ModelLoadError(f"{path} has no image processor + tokenizer pair (processor_config.json missing?)")
+    processor = _load_processor(path, arch)
     try:
         model = getattr(transformers, arch.model_class).from_pretrained(
             path,

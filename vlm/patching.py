@@ -33,6 +33,7 @@ import torch
 
 from .hooks import Hooks
 from .loading import VLM
+from .positions import position_ids, span
 
 STATE_KINDS = ("hidden", "mlp", "attn", "mlp_in", "embeds")
 # captured only: the attention input (the normed layer input) and, under
@@ -356,6 +357,8 @@ def run_patched(
     model, arch = vlm.model, vlm.arch
     device = vlm.input_device
     inputs = {k: v.to(device, vlm.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    if vlm.arch.rope != "1d" and "position_ids" not in inputs:
+        inputs["position_ids"] = position_ids(vlm, inputs)
     hidden = None
     with ExitStack() as stack:
         captured = stack.enter_context(
@@ -386,14 +389,20 @@ class PrefixCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, vlm: VLM, embeds: torch.Tensor, length: int) -> PrefixCache:
-        """``embeds``: (1, T, d) input embeddings of the language model (image features in place)."""
+    def build(cls, vlm: VLM, embeds: torch.Tensor, length: int, positions: torch.Tensor | None = None) -> PrefixCache:
+        """``embeds``: (1, T, d) input embeddings of the language model (image features in place);
+        ``positions``: the sequence's position ids from ``vlm.positions.position_ids`` (default 0..T-1)."""
         if not 0 < length < embeds.shape[1]:
             raise ValueError(f"a prefix must be 1..{embeds.shape[1] - 1} positions long, not {length}")
         lm = vlm.arch.get(vlm.model, vlm.arch.language_model)
         e = embeds[:, :length].to(vlm.input_device, vlm.dtype)
+        if positions is None:
+            positions = torch.arange(embeds.shape[1])[None]
         out = lm(
-            inputs_embeds=e, attention_mask=torch.ones(1, length, dtype=torch.long, device=e.device), use_cache=True
+            inputs_embeds=e,
+            attention_mask=torch.ones(1, length, dtype=torch.long, device=e.device),
+            position_ids=span(positions, 0, length, 1).to(e.device),
+            use_cache=True,
         )
         return cls(length=length, cache=out.cache)
 
@@ -411,6 +420,7 @@ def run_suffix(
     capture: Iterable[tuple[str, int]] = (),
     knockouts: Sequence[Knockout] = (),
     stop_after_layer: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> PatchedRun:
     """Positions prefix.length..T-1 of B rows over a shared cached prefix, with interventions.
 
@@ -420,7 +430,8 @@ def run_suffix(
     ``embeds`` (B, T, d) are whole-sequence input embeddings (rows of equal
     length, no padding); only their suffix is fed. Positions in patches,
     knockouts and ``PatchedRun.logits_at`` stay absolute; ``hidden`` holds
-    the suffix only and ``logits_at`` translates.
+    the suffix only and ``logits_at`` translates. ``positions``: the sequence's position ids (one row, from
+    ``vlm.positions.position_ids``; default 0..T-1), the same for every row.
     """
     B, T, _ = embeds.shape
     P = prefix.length if prefix is not None else 0
@@ -439,7 +450,7 @@ def run_suffix(
                 attention_mask=mask,
                 cache=prefix.expanded(B) if prefix is not None else None,
                 use_cache=prefix is not None,
-                position_ids=torch.arange(P, T, device=device)[None].expand(B, -1),
+                position_ids=span(positions if positions is not None else torch.arange(T)[None], P, T, B).to(device),
             ).last_hidden_state
         except _StopForward:
             pass

@@ -17,6 +17,7 @@ import torch
 
 from .errors import ConstraintNotFoundError, PromptError
 from .images import ImageInput, ProcessedImage, batch_images, from_pixels, process_image
+from .positions import position_ids
 
 Span = tuple[int, int]  # [start, end) token positions
 
@@ -159,6 +160,21 @@ def encode(
     )
 
 
+def _token_types(prompts: Sequence[EncodedPrompt], length: int, left: bool) -> dict[str, torch.Tensor]:
+    """The per-token image marks some families take beside the ids (Qwen2-VL's ``mm_token_type_ids``: 1 on
+    image tokens, 0 elsewhere), as ``{name: (rows, length)}`` for a right- or left-padded batch; empty for a
+    family that takes none."""
+    name = next((p.image.token_types for p in prompts if p.image is not None and p.image.token_types), None)
+    if name is None:
+        return {}
+    marks = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p.image_span is not None:
+            pad = length - p.length if left else 0
+            marks[row, pad + p.image_span[0] : pad + p.image_span[1]] = 1
+    return {name: marks}
+
+
 def collate(
     prompts: Sequence[EncodedPrompt], pad_id: int, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
@@ -172,7 +188,7 @@ def collate(
     for i, p in enumerate(prompts):
         ids[i, : p.length] = p.input_ids
         mask[i, : p.length] = 1
-    out = {"input_ids": ids, "attention_mask": mask}
+    out = {"input_ids": ids, "attention_mask": mask, **_token_types(prompts, T, left=False)}
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
     images = [p.image for p in prompts if p.image is not None]
@@ -183,7 +199,8 @@ def collate(
 
 def left_padded(vlm, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor]:
     """Left-pad a batch into ``vlm``'s inputs for generation: input_ids, attention_mask, position_ids (each
-    row's own 0, 1, 2, … over its real tokens) and the image rows' tensors in row order, on its device."""
+    row's own positions over its real tokens: 0, 1, 2, … or the family's M-RoPE triples) and the image rows'
+    tensors in row order, on its device."""
     if not prompts:
         raise PromptError("empty batch")
     T = max(p.length for p in prompts)
@@ -193,12 +210,10 @@ def left_padded(vlm, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor
         ids[i, T - p.length :] = p.input_ids
         mask[i, T - p.length :] = 1
     dev = vlm.input_device
-    out = {
-        "input_ids": ids.to(dev),
-        "attention_mask": mask.to(dev),
-        "position_ids": (mask.cumsum(1) - 1).clamp(min=0).to(dev),
-    }
+    out = {"input_ids": ids, "attention_mask": mask, **_token_types(prompts, T, left=True)}
+    out = {k: v.to(dev) for k, v in out.items()}
     images = [p.image for p in prompts if p.image is not None]
     if images:
         out.update(batch_images(images, dev, vlm.dtype))
+    out["position_ids"] = position_ids(vlm, out)
     return out

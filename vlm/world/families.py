@@ -8,7 +8,11 @@ facts; it checks that EditLens follows the family's shapes (tiled images, image 
 image's size) exactly, not editing quality.
 
 Families: ``llava_next`` (LLaVA-NeXT's anyres tiling: 32-pixel tiles on a grid chosen by the image's
-aspect ratio, so a 64×64 image has 24 image tokens and a 32×64 one 14).
+aspect ratio, so a 64×64 image has 24 image tokens and a 32×64 one 14) and ``qwen2_vl`` (dynamic
+resolution: 8-pixel patches on a grid that follows the image's size, 2×2 merged per token, so 64×64 gives 16
+tokens and 64×40 gives 8; M-RoPE positions; its processor is ``vlm.processors.ImageTextProcessor``, as
+transformers cannot build Qwen2-VL's without torchvision), and ``qwen2_5_vl`` (Qwen2-VL's decoder, image
+geometry and M-RoPE; a vision tower with window attention).
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_FAMILIES = ("llava_next",)
+TINY_FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")
 
 # 32-pixel tiles, 16-pixel patches: each tile is a 2×2 patch grid
 _TILE, _PATCH = 32, 16
 _PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+# Qwen2-VL: 8-pixel patches, 2×2 merged into one token: a 64×64 image is an 8×8 grid, 16 tokens
+_QWEN_PATCH = 8
+# at the usual initialisation (std 0.02) a narrow model's logits span well under one nat, so no edit can make
+# an answer likely; the readout is scaled up so that edits are measurable
+_READOUT_SCALE = 25.0
 
 
 def _llava_next(world_model: Path):
@@ -87,7 +96,68 @@ def _llava_next(world_model: Path):
     return LlavaNextForConditionalGeneration(config), processor
 
 
-_BUILDERS = {"llava_next": _llava_next}
+def _qwen(world_model: Path, family: str):
+    """Qwen2-VL or Qwen2.5-VL (the same decoder and M-RoPE; Qwen2.5-VL's vision tower has window attention,
+    SwiGLU blocks and its own output width)."""
+    import transformers
+    from transformers import AutoProcessor, LlavaConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from ..architecture import ARCHITECTURES
+    from ..processors import ImageTextProcessor
+
+    arch = ARCHITECTURES[family]
+    base = LlavaConfig.from_pretrained(world_model)
+    world = AutoProcessor.from_pretrained(world_model)
+    text = base.text_config
+    heads, hidden = 2, 64
+    half = hidden // heads // 2  # M-RoPE splits each head's rotary half into (time, height, width) sections
+    text_config = {
+        "vocab_size": text.vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": 256,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8],
+        },
+        "pad_token_id": text.pad_token_id,
+        "bos_token_id": text.bos_token_id,
+        "eos_token_id": text.eos_token_id,
+        "tie_word_embeddings": False,
+    }
+    vision = {"depth": 2, "num_heads": 2, "patch_size": _QWEN_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
+    else:  # the window is in pixels: 32 px = one 2x2 group of merged tokens
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=32)
+        vision["fullatt_block_indexes"] = [1]
+    config_class = getattr(transformers, arch.model_class.replace("ForConditionalGeneration", "Config"))
+    config = config_class(
+        text_config=text_config, vision_config=vision, image_token_id=base.image_token_id, tie_word_embeddings=False
+    )
+    images = Qwen2VLImageProcessorPil(
+        min_pixels=16 * 16,
+        max_pixels=64 * 64,
+        patch_size=_QWEN_PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor = ImageTextProcessor(images, world.tokenizer, world.chat_template, arch, world.image_token)
+    return getattr(transformers, arch.model_class)(config), processor
+
+
+_BUILDERS = {
+    "llava_next": _llava_next,
+    "qwen2_vl": lambda world: _qwen(world, "qwen2_vl"),
+    "qwen2_5_vl": lambda world: _qwen(world, "qwen2_5_vl"),
+}
 
 
 def tiny_family(family: str, world_model: str | Path, out: str | Path, seed: int = 0) -> Path:
@@ -106,6 +176,8 @@ def tiny_family(family: str, world_model: str | Path, out: str | Path, seed: int
     torch.manual_seed(seed)
     model, processor = _BUILDERS[family](world_model)
     model.eval()
+    with torch.no_grad():  # a readout strong enough that one answer can dominate, as in a trained model
+        model.get_output_embeddings().weight.mul_(_READOUT_SCALE)
     text = model.config.get_text_config()
     model.generation_config.pad_token_id = text.pad_token_id
     model.generation_config.eos_token_id = text.eos_token_id

@@ -80,17 +80,24 @@ def world_build(
     ),
     force: bool = typer.Option(False, help="Rebuild even when a cached build with the same recipe exists."),
     steps: int | None = typer.Option(None, help="Training steps (default: the recipe's)."),
+    family: str = typer.Option(
+        "llava",
+        help="The model family to train the world's model in: llava (the default model) or qwen2_vl "
+        "(default folder: $EDITLENS_HOME/worlds/seed-N-qwen2_vl).",
+    ),
     as_json: bool = JSON,
 ) -> None:
-    """Generate the world, train its tiny LLaVA and evaluate it (cached per seed)."""
+    """Generate the world, train its tiny model (LLaVA, or --family) and evaluate it (cached per seed and family)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from vlm.world import TrainConfig, build_world
+    from vlm.world import WORLD_FAMILIES, ModelConfig, TrainConfig, build_world
 
     con = console()
     train_cfg = TrainConfig(steps=steps) if steps else None
     if steps is not None and steps <= 0:
         fail("--steps must be positive")
+    if family not in WORLD_FAMILIES:
+        fail(f"--family must be one of {', '.join(WORLD_FAMILIES)}, not {family!r}")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -108,7 +115,15 @@ def world_build(
             bar.update(task, completed=step, total=total, loss=f"{loss:.3f}", visible=True)
 
         try:
-            summary = build_world(seed=seed, out=out, force=force, train_cfg=train_cfg, stage=stage, progress=progress)
+            summary = build_world(
+                seed=seed,
+                out=out,
+                force=force,
+                model_cfg=ModelConfig(family=family),
+                train_cfg=train_cfg,
+                stage=stage,
+                progress=progress,
+            )
         except (FileExistsError, ValueError) as exc:
             fail(str(exc))
     if as_json:

@@ -75,12 +75,13 @@ def test_saved_folder_works_with_plain_transformers(world_dir):
     assert got["right"] / got["n"] >= 0.9
 
 
-def _small_build(seed, out):
+def _small_build(seed, out, family="llava"):
     return build_world(
         seed=seed,
         out=out,
         world_cfg=WorldConfig(seed=seed, known_per_kind=3, unseen_per_kind=1, renderings=3, train_renderings=2),
         model_cfg=ModelConfig(
+            family=family,
             hidden_size=32,
             num_layers=2,
             num_heads=2,
@@ -96,6 +97,20 @@ def _small_build(seed, out):
 
 def _digest(path):
     return hashlib.sha256((path / "model" / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_a_world_builds_in_qwen2_vl_deterministically_and_serves_its_family(tmp_path):
+    """`world build --family qwen2_vl`: the same world trained in Qwen2-VL (its vision transformer and merger,
+    M-RoPE), as deterministic as the LLaVA build, loading as a Qwen2-VL model whose images are 16 tokens."""
+    from vlm import load_vlm
+
+    a, b = _small_build(3, tmp_path / "a", "qwen2_vl"), _small_build(3, tmp_path / "b", "qwen2_vl")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") and a["train_accuracy"] == b["train_accuracy"]
+    assert a["family"] == "qwen2_vl" and a["counts"]["image_tokens"] == 16
+    vlm = load_vlm(tmp_path / "a" / "model", device="cpu")
+    assert vlm.arch.family == "qwen2_vl" and type(vlm.model).__name__ == "Qwen2VLForConditionalGeneration"
+    llava = _small_build(3, tmp_path / "c")
+    assert llava["build_key"] != a["build_key"], "the family is part of the build key"
 
 
 def test_builds_are_deterministic_per_seed(tmp_path):

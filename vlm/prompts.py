@@ -160,7 +160,7 @@ def encode(
     )
 
 
-def _token_types(prompts: Sequence[EncodedPrompt], length: int, left: bool) -> dict[str, torch.Tensor]:
+def token_type_inputs(prompts: Sequence[EncodedPrompt], length: int, left: bool) -> dict[str, torch.Tensor]:
     """The per-token image marks some families take beside the ids (Qwen2-VL's ``mm_token_type_ids``: 1 on
     image tokens, 0 elsewhere), as ``{name: (rows, length)}`` for a right- or left-padded batch; empty for a
     family that takes none."""
@@ -188,7 +188,7 @@ def collate(
     for i, p in enumerate(prompts):
         ids[i, : p.length] = p.input_ids
         mask[i, : p.length] = 1
-    out = {"input_ids": ids, "attention_mask": mask, **_token_types(prompts, T, left=False)}
+    out = {"input_ids": ids, "attention_mask": mask, **token_type_inputs(prompts, T, left=False)}
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
     images = [p.image for p in prompts if p.image is not None]
@@ -210,7 +210,7 @@ def left_padded(vlm, prompts: Sequence[EncodedPrompt]) -> dict[str, torch.Tensor
         ids[i, T - p.length :] = p.input_ids
         mask[i, T - p.length :] = 1
     dev = vlm.input_device
-    out = {"input_ids": ids, "attention_mask": mask, **_token_types(prompts, T, left=True)}
+    out = {"input_ids": ids, "attention_mask": mask, **token_type_inputs(prompts, T, left=True)}
     out = {k: v.to(dev) for k, v in out.items()}
     images = [p.image for p in prompts if p.image is not None]
     if images:

@@ -2,7 +2,7 @@
 
 from .build import build_world, default_world_dir, editlens_home, load_summary
 from .spec import KIND_CONSTRAINT, RELATIONS, World, WorldConfig
-from .train import ModelConfig, TrainConfig
+from .train import WORLD_FAMILIES, ModelConfig, TrainConfig
 
 __all__ = [
     "build_world",
@@ -14,5 +14,6 @@ __all__ = [
     "World",
     "WorldConfig",
     "ModelConfig",
+    "WORLD_FAMILIES",
     "TrainConfig",
 ]

@@ -64,9 +64,10 @@ def editlens_home() -> Path:
     return Path(os.environ.get("EDITLENS_HOME", Path.home() / ".cache" / "editlens")).expanduser()
 
 
-def default_world_dir(seed: int = 0) -> Path:
-    """Where ``editlens world build --seed N`` puts its world by default."""
-    return editlens_home() / "worlds" / f"seed-{seed}"
+def default_world_dir(seed: int = 0, family: str = "llava") -> Path:
+    """Where ``editlens world build --seed N [--family F]`` puts its world by default (``seed-N``, or
+    ``seed-N-F`` for a family other than LLaVA)."""
+    return editlens_home() / "worlds" / (f"seed-{seed}" if family == "llava" else f"seed-{seed}-{family}")
 
 
 def build_key(world_cfg: WorldConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
@@ -108,7 +109,7 @@ def _image_swap_change_rate(vlm, world: World, pixel_cache, rng: random.Random) 
     return sum(x != y for x, y in zip(a, b)) / len(a)
 
 
-def _vision_pretrain_data(world: World, processor, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _vision_pretrain_data(world: World, processor, seed: int) -> tuple[list[ProcessedImage], dict[str, torch.Tensor]]:
     """Renderings (not the evaluation ones) of every entity with their visual attributes."""
     kinds = sorted(SHAPES)
     shapes = [f"{k}:{s}" for k in kinds for s in SHAPES[k]]
@@ -122,8 +123,7 @@ def _vision_pretrain_data(world: World, processor, seed: int) -> tuple[torch.Ten
             lab["colour"].append(colours.index(ent.look["colour"]))
             lab["accent"].append(colours.index(ent.look["accent"]))
             lab["pattern"].append(PATTERNS.index(ent.look["pattern"]))
-    pixels = processor.image_processor(imgs, return_tensors="pt")["pixel_values"]
-    return pixels, {k: torch.tensor(v) for k, v in lab.items()}
+    return [process_image(processor, im) for im in imgs], {k: torch.tensor(v) for k, v in lab.items()}
 
 
 def build_world(
@@ -136,13 +136,13 @@ def build_world(
     stage: StageFn | None = None,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Build (or return the cached) world for ``seed``; returns the summary dict."""
+    """Build (or return the cached) world for ``seed`` in ``model_cfg.family``; returns the summary dict."""
     world_cfg = world_cfg or WorldConfig(seed=seed)
     if world_cfg.seed != seed:
         raise ValueError("world_cfg.seed and seed disagree")
     model_cfg = model_cfg or ModelConfig()
     train_cfg = train_cfg or TrainConfig()
-    out = Path(out).expanduser().resolve() if out else default_world_dir(seed)
+    out = Path(out).expanduser().resolve() if out else default_world_dir(seed, model_cfg.family)
     key = build_key(world_cfg, model_cfg, train_cfg)
     cached = load_summary(out)
     if cached and cached.get("build_key") == key and not force:
@@ -158,7 +158,7 @@ def build_world(
         say("generating the world and drawing its images")
         world = World(world_cfg)
         (tmp / "images").mkdir()
-        processor = build_processor(world.words(), model_cfg.patch_size)
+        processor = build_processor(world.words(), model_cfg.patch_size, model_cfg.family)
         pixel_cache: dict[str, ProcessedImage] = {}
         for ent in world.entities:
             for k, rel_path in enumerate(ent.images):
@@ -227,6 +227,7 @@ def build_world(
         (tmp / "world.json").write_text(json.dumps(world.to_dict(), indent=1))
         summary = {
             "seed": seed,
+            "family": model_cfg.family,
             "build_key": key,
             "recipe_version": RECIPE_VERSION,
             "train_accuracy": acc["train"],
@@ -245,7 +246,7 @@ def build_world(
                 "edit_cases_train": len(cases["train"]),
                 "edit_cases_test": len(cases["test"]),
                 "vocab_size": len(tok),
-                "image_tokens": processor._get_num_multimodal_tokens([(64, 64)])["num_image_tokens"][0],
+                "image_tokens": next(iter(pixel_cache.values())).num_tokens,
                 "decoder_layers": model_cfg.num_layers,
             },
             "fingerprint": vlm.fingerprint,

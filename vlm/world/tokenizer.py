@@ -1,10 +1,11 @@
-"""A real Hugging Face tokenizer and LLaVA processor for the world's model.
+"""A real Hugging Face tokenizer and processor for the world's model.
 
 The tokenizer is word-level (one token per lower-cased word or punctuation
 mark) built with the ``tokenizers`` library and wrapped as a fast tokenizer,
 so it round-trips through ``save_pretrained`` / ``AutoTokenizer`` and gives
 character offsets. The processor is a stock ``LlavaProcessor`` with a PIL
-CLIP image processor and the LLaVA-1.5 chat template.
+CLIP image processor and the LLaVA-1.5 chat template (a world trained in
+Qwen2-VL: Qwen2-VL's image processor, see ``build_processor``).
 """
 
 from __future__ import annotations
@@ -64,8 +65,28 @@ def build_tokenizer(words: set[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(words: set[str], patch_size: int) -> LlavaProcessor:
-    """A LlavaProcessor for the world: its tokenizer, a CLIP image processor and the LLaVA-1.5 chat template."""
+def build_processor(words: set[str], patch_size: int, family: str = "llava"):
+    """The world's processor: its tokenizer and the LLaVA-1.5 chat template with the family's image processor —
+    for LLaVA a ``LlavaProcessor`` with a CLIP image processor; for Qwen2-VL an ``ImageTextProcessor`` (the
+    stand-in for Qwen2-VL's processor, which transformers cannot build without torchvision) with a Qwen2-VL
+    image processor fixed at 64×64 pixels: 2×2 merged patches of ``patch_size / 2``, as many image tokens as
+    LLaVA's."""
+    if family == "qwen2_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from ..architecture import QWEN2_VL
+        from ..processors import ImageTextProcessor
+
+        images = Qwen2VLImageProcessorPil(
+            min_pixels=IMAGE_SIZE * IMAGE_SIZE,
+            max_pixels=IMAGE_SIZE * IMAGE_SIZE,
+            patch_size=patch_size // 2,
+            merge_size=2,
+            temporal_patch_size=2,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        return ImageTextProcessor(images, build_tokenizer(words), LLAVA15_CHAT_TEMPLATE, QWEN2_VL, IMAGE)
     image_processor = CLIPImageProcessorPil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},

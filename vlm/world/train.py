@@ -1,13 +1,17 @@
-"""Training the world's tiny but genuine ``LlavaForConditionalGeneration``.
+"""Training the world's tiny but genuine vision-language model.
 
-The model is a stock LLaVA: a CLIP vision tower (class token + 16 patch
-tokens, features from the second-to-last layer with the class token dropped,
-as LLaVA-1.5 does), a two-layer GELU projector and a Llama decoder. It is
-trained from scratch, jointly, on the world's training questions with the
-loss on the answer tokens and the end-of-sequence token, under constraint
-routing (``routing.py``) and with the subject-enrichment loss, so that it
-recalls visual facts through the question's constraint tokens as LLaVA does
-(README: "How the world model recalls facts").
+The default model is a stock LLaVA: a CLIP vision tower (class token + 16
+patch tokens, features from the second-to-last layer with the class token
+dropped, as LLaVA-1.5 does), a two-layer GELU projector and a Llama decoder.
+``ModelConfig.family="qwen2_vl"`` trains a stock Qwen2-VL instead: its
+vision transformer (8-pixel patches, 2×2 merged into one of 16 image tokens
+by its merger) and a Qwen2 decoder with M-RoPE positions, at the same
+widths and depths. Either is trained from scratch, jointly, on the world's
+training questions with the loss on the answer tokens and the
+end-of-sequence token, under constraint routing (``routing.py``) and with
+the subject-enrichment loss, so that it recalls visual facts through the
+question's constraint tokens as LLaVA does (README: "How the world model
+recalls facts").
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from ..images import ProcessedImage, batch_images
-from ..prompts import EncodedPrompt, encode
+from ..prompts import EncodedPrompt, encode, token_type_inputs
 from ..reproducible import deterministic
 from .render import IMAGE_SIZE
 from .routing import RoutePlan, constraint_routing, plan_batch
@@ -31,8 +35,13 @@ from .routing import RoutePlan, constraint_routing, plan_batch
 ProgressFn = Callable[[int, int, float], None]
 
 
+#: the families a world can be trained in
+WORLD_FAMILIES = ("llava", "qwen2_vl")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    family: str = "llava"
     hidden_size: int = 128
     num_layers: int = 8
     num_heads: int = 4
@@ -61,9 +70,22 @@ class TrainConfig:
     enrich_weight: float = 0.5  # weight of the enrichment loss; 0 switches it off
 
 
-def make_model(vocab_size: int, special: dict[str, int], cfg: ModelConfig, seed: int) -> LlavaForConditionalGeneration:
-    """A freshly initialised tiny LlavaForConditionalGeneration (CLIP tower, GELU projector, Llama decoder)."""
+def key_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The model config as it enters a build key (the LLaVA world's key predates ``family``)."""
+    d = asdict(cfg)
+    if d["family"] == "llava":
+        del d["family"]
+    return d
+
+
+def make_model(vocab_size: int, special: dict[str, int], cfg: ModelConfig, seed: int):
+    """A freshly initialised tiny model of ``cfg.family``: LLaVA (CLIP tower, GELU projector, Llama decoder) or
+    Qwen2-VL (its vision transformer and merger, a Qwen2 decoder)."""
+    if cfg.family not in WORLD_FAMILIES:
+        raise ValueError(f"a world cannot be trained in {cfg.family!r}; families: {', '.join(WORLD_FAMILIES)}")
     torch.manual_seed(seed)
+    if cfg.family == "qwen2_vl":
+        return _make_qwen2_vl(vocab_size, special, cfg)
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden_size,
         intermediate_size=cfg.vision_intermediate_size,
@@ -100,6 +122,72 @@ def make_model(vocab_size: int, special: dict[str, int], cfg: ModelConfig, seed:
     model.generation_config.eos_token_id = special["eos"]
     model.generation_config.bos_token_id = special["bos"]
     return model
+
+
+def _make_qwen2_vl(vocab_size: int, special: dict[str, int], cfg: ModelConfig):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    half = cfg.hidden_size // cfg.num_heads // 2  # M-RoPE: each head's rotary half split into (t, h, w)
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_heads,
+            "max_position_embeddings": 128,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8],
+            },
+            "pad_token_id": special["pad"],
+            "bos_token_id": special["bos"],
+            "eos_token_id": special["eos"],
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": cfg.vision_layers,
+            "embed_dim": cfg.vision_hidden_size,
+            "hidden_size": cfg.hidden_size,
+            "num_heads": cfg.vision_heads,
+            "mlp_ratio": cfg.vision_intermediate_size // cfg.vision_hidden_size,
+            "patch_size": cfg.patch_size // 2,  # merged 2x2: one image token per patch_size² pixels, as LLaVA's
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=special["image"],
+        tie_word_embeddings=False,
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = special["pad"]
+    model.generation_config.eos_token_id = special["eos"]
+    model.generation_config.bos_token_id = special["bos"]
+    return model
+
+
+def vision_parts(model) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(the whole vision side, the parts frozen after pretraining): LLaVA's CLIP tower (its projector stays
+    trainable); Qwen2-VL's patch embedding and blocks (its merger, the projector, stays trainable)."""
+    if hasattr(model.model, "visual"):
+        v = model.model.visual
+        return v, [v.patch_embed, v.blocks]
+    return model.model.vision_tower, [model.model.vision_tower]
+
+
+def image_features(model, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N, d) mean feature of each image, as the language model will read it: LLaVA's CLIP patch features of
+    the selected layer (class token dropped); Qwen2-VL's merged tokens."""
+    if hasattr(model.model, "visual"):
+        grid = pixels["image_grid_thw"]
+        out = model.model.visual(pixels["pixel_values"], grid_thw=grid).pooler_output
+        per = (grid.prod(-1) // model.model.visual.spatial_merge_size**2).tolist()
+        return torch.stack([f.mean(0) for f in torch.split(out, per)])
+    layer = model.config.vision_feature_layer
+    return (
+        model.model.vision_tower(pixels["pixel_values"], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
+    )
 
 
 class Example:
@@ -142,7 +230,11 @@ def _batch(examples: Sequence[Example], pad_id: int):
             rows.append(i)
             pos.append(t - 1)
             tgt.append(int(e.ids[t]))
-    inputs = {"input_ids": ids, "attention_mask": mask}
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        **token_type_inputs([e.prompt for e in examples], T, left=False),
+    }
     images = [e.prompt.image for e in examples if e.prompt.image is not None]
     if images:
         inputs.update(batch_images(images))
@@ -163,7 +255,7 @@ def _plan(examples: Sequence[Example], seq_len: int, prob: float, rng: random.Ra
 
 @deterministic()
 def train_model(
-    model: LlavaForConditionalGeneration,
+    model,
     examples: list[Example],
     pad_id: int,
     cfg: TrainConfig,
@@ -175,8 +267,9 @@ def train_model(
     torch.manual_seed(seed)
     model.train()
     if cfg.freeze_vision:
-        model.model.vision_tower.requires_grad_(False)
-        model.model.vision_tower.eval()
+        for part in vision_parts(model)[1]:
+            part.requires_grad_(False)
+            part.eval()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.dim() >= 2]
     no_decay = [p for n, p in trainable if p.dim() < 2]
@@ -256,8 +349,8 @@ def _enrichment_loss(model, hidden: torch.Tensor, batch: Sequence[Example]) -> t
 
 @deterministic()
 def pretrain_vision(
-    model: LlavaForConditionalGeneration,
-    pixels: torch.Tensor,
+    model,
+    pixels: list[ProcessedImage],
     labels: dict[str, torch.Tensor],
     cfg: TrainConfig,
     seed: int,
@@ -274,9 +367,8 @@ def pretrain_vision(
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    tower = model.model.vision_tower
-    layer = model.config.vision_feature_layer
-    d = model.config.vision_config.hidden_size
+    tower = vision_parts(model)[0]
+    d = model.config.vision_config.hidden_size  # LLaVA: the CLIP width; Qwen2-VL: the merger's output width
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(d, int(v.max()) + 1) for k, v in labels.items()})
     opt = torch.optim.AdamW(
         list(tower.parameters()) + list(heads.parameters()), lr=cfg.vision_pretrain_lr, weight_decay=0.01
@@ -285,7 +377,7 @@ def pretrain_vision(
     curve, running = [], 0.0
     for step in range(cfg.vision_pretrain_steps):
         idx = torch.randint(0, len(pixels), (cfg.vision_pretrain_batch,), generator=gen)
-        hs = tower(pixels[idx], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
+        hs = image_features(model, batch_images([pixels[i] for i in idx.tolist()]))
         loss = sum(torch.nn.functional.cross_entropy(h(hs), labels[k][idx]) for k, h in heads.items())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -301,4 +393,4 @@ def pretrain_vision(
 
 def config_dict(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     """The model and training configs as one JSON-ready dict (part of the build key)."""
-    return {"model": asdict(model_cfg), "train": asdict(train_cfg)}
+    return {"model": key_dict(model_cfg), "train": asdict(train_cfg)}

@@ -40,9 +40,9 @@ class ArchitectureMap:
     post_attn_norm: str = "post_attention_layernorm"
     image_token_id_attr: str = "image_token_id"
     rope: str = "1d"  # "1d": one position per token; "mrope": Qwen2-VL's (time, height, width) triples
-    # where transformers cannot build the family's processor (no torchvision), vlm.processors'
-    # ImageTextProcessor with this image-token rule and default image token stands in
-    fallback_processor: str | None = None
+    # where transformers cannot build the family's processor (a video processor without torchvision),
+    # vlm.processors.ImageTextProcessor stands in, running the family processor's own image-token code
+    fallback_processor: bool = False
     default_image_token: str = "<image>"
     processor_class: str = "LlavaProcessor"  # the family's own processor class in transformers
 
@@ -103,6 +103,17 @@ LLAVA_NEXT = ArchitectureMap(
     projector="model.multi_modal_projector",
 )
 
+# LLaVA-OneVision: LLaVA-NeXT's layout (SigLIP tower without a class token, a Qwen2 decoder); anyres tiles
+# up to a maximum ("anyres_max_9"), features pooled down beyond it.
+LLAVA_ONEVISION = dataclasses.replace(
+    LLAVA_NEXT,
+    family="llava_onevision",
+    model_types=("llava_onevision",),
+    model_class="LlavaOnevisionForConditionalGeneration",
+    processor_class="LlavaOnevisionProcessor",
+    fallback_processor=True,
+)
+
 # Qwen2-VL: dynamic resolution (an image of any size becomes a patch grid; 2×2 patches merge into one token),
 # M-RoPE positions, the projector (merger) inside the vision tower.
 QWEN2_VL = ArchitectureMap(
@@ -119,7 +130,7 @@ QWEN2_VL = ArchitectureMap(
     vision_tower="model.visual",
     projector="model.visual.merger",
     rope="mrope",
-    fallback_processor="grid_merge",
+    fallback_processor=True,
     default_image_token="<|image_pad|>",
 )
 
@@ -133,7 +144,7 @@ QWEN2_5_VL = dataclasses.replace(
 )
 
 ARCHITECTURES: dict[str, ArchitectureMap] = {
-    t: a for a in (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL) for t in a.model_types
+    t: a for a in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL) for t in a.model_types
 }
 
 

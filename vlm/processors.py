@@ -1,13 +1,14 @@
-"""An image-and-text processor for families whose transformers processor cannot be built on this machine.
+"""A stand-in for a family's processor where transformers cannot build it on this machine.
 
 transformers 5 builds the processors of Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision with a video processor,
 and without torchvision it cannot make one: ``AutoProcessor`` fails on such a folder (``VIDEO_PROCESSOR_MAPPING
 has no attribute '_extra_content'``), and torchvision on a CPU-only x86 machine means a CUDA build of torch.
-EditLens reads images only, so ``ImageTextProcessor`` composes the folder's own tokenizer, image processor and
-chat template and expands each image placeholder by the family's rule — the same rule as the family's
-processor (``tests/test_families.py`` checks it against the processor class's own ``replace_image_token``).
-``load_vlm`` uses it only when the family's processor cannot be built (with torchvision installed the
-family's own processor is used).
+EditLens reads images only, so ``ImageTextProcessor`` composes the folder's own tokenizer, image processor,
+chat template and processor settings (``processor_config.json``: e.g. OneVision's ``num_image_tokens`` and
+``vision_aspect_ratio``) and expands each image placeholder with the family processor's own code: its
+``replace_image_token`` and the helpers it calls are borrowed from the family's processor class and run on
+the stand-in, so the image-token counts are transformers' by construction. ``load_vlm`` uses it only when
+the family's processor cannot be built (with torchvision installed, the family's own processor is used).
 
 It offers what EditLens uses of a processor: ``tokenizer``, ``image_processor``, ``image_token(_id)``,
 ``chat_template``, ``apply_chat_template(..., tokenize=False)``, ``__call__(text=, images=)`` and
@@ -18,33 +19,52 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
+from typing import Any
 
 import torch
 
-# rules for the number of image tokens of image ``i`` given the image processor's output
-RULES = ("grid_merge",)
+# processor settings that are not the tokenizer's, image processor's or template's (kept and saved)
+_SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "patch_size")
 
 
 class ImageTextProcessor:
-    """Tokenizer + image processor + chat template, with the family's image-token rule.
+    """Tokenizer + image processor + chat template + the family processor's settings, expanding images with
+    the family processor class's own ``replace_image_token`` (``arch.processor_class``)."""
 
-    ``grid_merge`` (Qwen2-VL, Qwen2.5-VL): an image of patch grid (t, h, w) stands for t·h·w / merge_size²
-    tokens, and the model takes ``mm_token_type_ids`` (1 on image tokens) beside the ids.
-    """
+    def __init__(
+        self,
+        image_processor,
+        tokenizer,
+        chat_template: str | None,
+        arch,
+        image_token: str | None = None,
+        settings: dict[str, Any] | None = None,
+    ):
+        """``arch``: the family's ``ArchitectureMap`` (its processor class and default image token);
+        ``image_token``: the placeholder (default: the tokenizer's, else the family's); ``settings``: the family
+        processor's own settings (``processor_config.json``)."""
+        import transformers
 
-    def __init__(self, image_processor, tokenizer, chat_template: str | None, arch, image_token: str | None = None):
-        """``arch``: the family's ``ArchitectureMap`` (its image-token rule, default image token and processor
-        class); ``image_token``: the placeholder (default: the tokenizer's, else the family's)."""
-        if arch.fallback_processor not in RULES:
-            raise ValueError(f"unknown image-token rule {arch.fallback_processor!r}; known: {', '.join(RULES)}")
+        self._family = getattr(transformers, arch.processor_class)
+        self.processor_class = arch.processor_class
         self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
-        self.rule, self.processor_class = arch.fallback_processor, arch.processor_class
+        self.settings = {k: v for k, v in (settings or {}).items() if k in _SETTINGS}
+        for k, v in self.settings.items():
+            setattr(self, k, v)
         image_token = image_token or getattr(tokenizer, "image_token", None) or arch.default_image_token
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no image token {image_token!r}")
+
+    def __getattr__(self, name: str):
+        """The family processor's helpers (e.g. ``_get_number_of_features``), bound to the stand-in."""
+        if name.startswith("__") or name == "_family":
+            raise AttributeError(name)
+        attr = getattr(self._family, name)
+        return types.MethodType(attr, self) if callable(attr) else attr
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, arch) -> ImageTextProcessor:
@@ -59,20 +79,25 @@ class ImageTextProcessor:
         elif (path / "chat_template.json").is_file():
             template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
         template = template or getattr(tokenizer, "chat_template", None)
-        return cls(images, tokenizer, template, arch)
+        settings = {}
+        if (path / "processor_config.json").is_file():
+            settings = json.loads((path / "processor_config.json").read_text())
+        return cls(images, tokenizer, template, arch, settings.get("image_token"), settings)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
+        if self.chat_template:
+            (folder / "chat_template.jinja").write_text(self.chat_template)
         # name the family's processor, as its own folders do (with torchvision, AutoProcessor builds that one)
+        config = {**self.settings, "image_token": self.image_token, "processor_class": self.processor_class}
+        (folder / "processor_config.json").write_text(json.dumps(config, indent=2))
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["processor_class"] = self.processor_class
         cfg_path.write_text(json.dumps(cfg, indent=2))
-        if self.chat_template:
-            (folder / "chat_template.jinja").write_text(self.chat_template)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kw):
         return self.tokenizer.apply_chat_template(
@@ -83,19 +108,19 @@ class ImageTextProcessor:
             **kw,
         )
 
-    def num_image_tokens(self, image_inputs, index: int) -> int:
-        """Tokens of image ``index`` of the image processor's output (the family's rule)."""
-        grid = image_inputs["image_grid_thw"][index]
-        return int(grid.prod()) // self.image_processor.merge_size**2
+    def num_image_tokens_of(self, image_inputs, index: int) -> int:
+        """Tokens of image ``index`` of the image processor's output, by the family processor's own rule."""
+        return self._family.replace_image_token(self, image_inputs, image_idx=index).count(self.image_token)
 
     def __call__(self, text=None, images=None, return_tensors: str = "pt", **_ignored):
         """Like the family's processor: each placeholder in ``text`` (one per image, in order) expanded to its
-        image's tokens; returns input_ids, attention_mask, mm_token_type_ids and the image tensors."""
+        image's tokens; returns input_ids, attention_mask, the image tensors and, where the family's processor
+        gives them, mm_token_type_ids."""
         text = [text] if isinstance(text, str) else list(text or [])
         out: dict[str, torch.Tensor] = {}
         if images:
             out.update(self.image_processor(images, return_tensors="pt"))
-            counts = iter(self.num_image_tokens(out, i) for i in range(len(images)))
+            counts = iter(self.num_image_tokens_of(out, i) for i in range(len(images)))
             expanded = []
             for t in text:
                 parts = t.split(self.image_token)
@@ -106,5 +131,7 @@ class ImageTextProcessor:
             text = expanded
         enc = self.tokenizer(text, return_tensors="pt", padding=True)
         out.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
+        out.pop("batch_num_images", None)  # the count's input, not the model's (one image per prompt here)
+        if getattr(self._family, "return_mm_token_type_ids", False):  # Qwen2-VL's image-token marks
+            out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
         return out

@@ -8,7 +8,8 @@ facts; it checks that EditLens follows the family's shapes (tiled images, image 
 image's size) exactly, not editing quality.
 
 Families: ``llava_next`` (LLaVA-NeXT's anyres tiling: 32-pixel tiles on a grid chosen by the image's
-aspect ratio, so a 64×64 image has 24 image tokens and a 32×64 one 14) and ``qwen2_vl`` (dynamic
+aspect ratio, so a 64×64 image has 24 image tokens and a 32×64 one 14), ``llava_onevision`` (the same
+tiling with a SigLIP tower and a Qwen2 decoder; the stand-in processor), ``qwen2_vl`` (dynamic
 resolution: 8-pixel patches on a grid that follows the image's size, 2×2 merged per token, so 64×64 gives 16
 tokens and 64×40 gives 8; M-RoPE positions; its processor is ``vlm.processors.ImageTextProcessor``, as
 transformers cannot build Qwen2-VL's without torchvision), and ``qwen2_5_vl`` (Qwen2-VL's decoder, image
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")
+TINY_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 
 # 32-pixel tiles, 16-pixel patches: each tile is a 2×2 patch grid
 _TILE, _PATCH = 32, 16
@@ -96,6 +97,71 @@ def _llava_next(world_model: Path):
     return LlavaNextForConditionalGeneration(config), processor
 
 
+def _llava_onevision(world_model: Path):
+    from transformers import (
+        AutoProcessor,
+        LlavaConfig,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from ..architecture import LLAVA_ONEVISION
+    from ..processors import ImageTextProcessor
+
+    base = LlavaConfig.from_pretrained(world_model)
+    world = AutoProcessor.from_pretrained(world_model)
+    text = base.text_config
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=_TILE,
+            patch_size=_PATCH,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=text.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=text.pad_token_id,
+            bos_token_id=text.bos_token_id,
+            eos_token_id=text.eos_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=base.image_token_id,
+        image_grid_pinpoints=_PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    images = LlavaOnevisionImageProcessorPil(
+        size={"height": _TILE, "width": _TILE},
+        image_grid_pinpoints=_PINPOINTS,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    settings = {
+        "num_image_tokens": (_TILE // _PATCH) ** 2,
+        "vision_feature_select_strategy": "full",
+        "vision_aspect_ratio": "anyres_max_9",
+    }
+    processor = ImageTextProcessor(
+        images, world.tokenizer, world.chat_template, LLAVA_ONEVISION, world.image_token, settings
+    )
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
 def _qwen(world_model: Path, family: str):
     """Qwen2-VL or Qwen2.5-VL (the same decoder and M-RoPE; Qwen2.5-VL's vision tower has window attention,
     SwiGLU blocks and its own output width)."""
@@ -155,6 +221,7 @@ def _qwen(world_model: Path, family: str):
 
 _BUILDERS = {
     "llava_next": _llava_next,
+    "llava_onevision": _llava_onevision,
     "qwen2_vl": lambda world: _qwen(world, "qwen2_vl"),
     "qwen2_5_vl": lambda world: _qwen(world, "qwen2_5_vl"),
 }

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from vlm.images import TOKEN_TYPE_KEYS
 from vlm.loading import VLM
 from vlm.patching import Knockout, Patch, PrefixCache, run_patched, run_suffix
 from vlm.positions import position_ids
@@ -83,6 +84,7 @@ class CellRunner:
         self.mode, self.batch_size = mode, batch_size
         self.inputs = collate([prompt], vlm.tokenizer.pad_token_id)
         self.positions = position_ids(vlm, self.inputs)
+        self.token_inputs = {k: v for k, v in self.inputs.items() if k in TOKEN_TYPE_KEYS}
         self._embeds = embeds
 
     @property
@@ -128,8 +130,13 @@ class CellRunner:
         firsts = [c.first_position() for c in cells]
         touched = [f for f in firsts if f is not None]
         P = min(touched) if touched else self.prompt.last_prompt_pos
+        span = self.prompt.image_span
+        if self.vlm.arch.image_attention == "bidirectional" and span is not None and P < span[1]:
+            P = 0  # image tokens that attend both ways are computed together: no prefix that splits them
         prefix = (
-            PrefixCache.build(self.vlm, self.embeds, P, self.positions) if P > 0 and self.mode == "batched" else None
+            PrefixCache.build(self.vlm, self.embeds, P, self.positions, self.token_inputs)
+            if P > 0 and self.mode == "batched"
+            else None
         )
         probs, reads, passes = [], [], 0
         for start in range(0, len(cells), self.batch_size):
@@ -151,6 +158,7 @@ class CellRunner:
                 knockouts=knockouts,
                 stop_after_layer=stop,
                 positions=self.positions,
+                token_inputs=self.token_inputs,
             )
             passes += 1
             if self.target_id is not None:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from vlm.images import TOKEN_TYPE_KEYS
 from vlm.loading import VLM
 from vlm.patching import Patch, PrefixCache, run_patched, run_suffix
 from vlm.positions import position_ids
@@ -274,7 +275,8 @@ def _candidate_logits(vlm: VLM, clean, corrupted: Sequence, mode: str) -> torch.
         tail = table(torch.stack([cp.input_ids[c0:] for cp in corrupted]).to(vlm.input_device))
     rows = torch.cat([embeds[:, :c0].expand(n, -1, -1), tail.to(embeds.dtype)], dim=1)
     pos = position_ids(vlm, inputs)  # the corrupted prompts' too: the same image and length
-    run = run_suffix(vlm, rows, PrefixCache.build(vlm, embeds, c0, pos), positions=pos)
+    marks = {k: v for k, v in inputs.items() if k in TOKEN_TYPE_KEYS}
+    run = run_suffix(vlm, rows, PrefixCache.build(vlm, embeds, c0, pos, marks), positions=pos)
     return run.logits_at(list(range(n)), last)
 
 

@@ -45,6 +45,9 @@ class ArchitectureMap:
     fallback_processor: bool = False
     default_image_token: str = "<image>"
     processor_class: str = "LlavaProcessor"  # the family's own processor class in transformers
+    # "causal": image tokens attend causally as text does; "bidirectional": they attend to each other both ways
+    # (Gemma 3), so runs that start the language model mid-sequence must build its own mask
+    image_attention: str = "causal"
 
     # ------------------------------------------------------------ accessors
     def get(self, model: nn.Module, path: str) -> nn.Module:
@@ -143,8 +146,26 @@ QWEN2_5_VL = dataclasses.replace(
     processor_class="Qwen2_5_VLProcessor",
 )
 
+# Gemma 3: a SigLIP tower pooled to a fixed number of soft tokens between begin/end-of-image markers; image
+# tokens attend to each other bidirectionally (the model builds that mask from token_type_ids).
+GEMMA3 = ArchitectureMap(
+    family="gemma3",
+    model_types=("gemma3",),
+    model_class="Gemma3ForConditionalGeneration",
+    processor_class="Gemma3Processor",
+    base_model="model",
+    language_model="model.language_model",
+    embed_tokens="model.language_model.embed_tokens",
+    layers="model.language_model.layers",
+    final_norm="model.language_model.norm",
+    lm_head="lm_head",
+    vision_tower="model.vision_tower",
+    projector="model.multi_modal_projector",
+    image_attention="bidirectional",
+)
+
 ARCHITECTURES: dict[str, ArchitectureMap] = {
-    t: a for a in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL) for t in a.model_types
+    t: a for a in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, GEMMA3) for t in a.model_types
 }
 
 

@@ -49,30 +49,33 @@ class ProcessedImage:
     ``tensors`` hold this image alone: with the batch dimension removed (``pixel_values`` and, for tiles,
     ``image_sizes``), or — where the family concatenates images (``concatenated``: Qwen2-VL's patch rows and
     ``image_grid_thw``) — as the processor gave them for one image. ``token_types`` names the per-token input
-    the processor adds to mark image tokens (Qwen2-VL's ``mm_token_type_ids``), which ``collate`` rebuilds
-    from each prompt's image span."""
+    the processor adds to mark image tokens (Qwen2-VL's ``mm_token_type_ids``, Gemma 3's ``token_type_ids``),
+    which ``collate`` rebuilds from each prompt's image span. ``expansion`` is the text the family's processor
+    puts in place of the prompt's image placeholder (``token`` repeated ``num_tokens`` times, with Gemma 3's
+    begin/end-of-image markers around them), ``token`` the image token the model fills with features."""
 
     tensors: dict[str, torch.Tensor]
     num_tokens: int
     concatenated: bool = False
     token_types: str | None = None
+    expansion: str = ""
+    token: str = "<image>"
 
     @property
     def pixel_values(self) -> torch.Tensor:
         return self.tensors["pixel_values"]
 
 
-def _image_token_id(processor) -> int:
-    tid = getattr(processor, "image_token_id", None)
-    if tid is None:
-        tid = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    return int(tid)
+def image_token(processor) -> str:
+    """The token the model fills with image features: the tokenizer's image token where it names one (Gemma 3's
+    soft token, which differs from its placeholder ``<start_of_image>``), else the processor's."""
+    return getattr(processor.tokenizer, "image_token", None) or getattr(processor, "image_token", "<image>")
 
 
 # the processor outputs that belong to the image (the rest — ids, masks — belong to the text)
 _IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_attention_mask", "image_grid_thw")
 # per-token inputs that mark the image tokens (1) among text tokens (0)
-_TOKEN_TYPE_KEYS = ("mm_token_type_ids",)
+TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 
 def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedImage:
@@ -81,17 +84,23 @@ def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedIma
     if isinstance(image, ProcessedImage):
         return image
     pil = load_image(image)
-    token = getattr(processor, "image_token", "<image>")
-    out = processor(text=[token], images=[pil], return_tensors="pt")
-    ids = out["input_ids"][0]
+    placeholder = getattr(processor, "image_token", "<image>")
+    out = processor(text=[placeholder], images=[pil], return_tensors="pt")
+    token = image_token(processor)
+    try:
+        expansion = processor.replace_image_token(out, image_idx=0)
+    except KeyError:  # it reads an image-processor output the processor does not return (Gemma 3's num_crops)
+        expansion = processor.replace_image_token(processor.image_processor([pil], return_tensors="pt"), image_idx=0)
     concatenated = "image_grid_thw" in out
     tensors = {k: v if concatenated else v[0] for k, v in out.items() if k in _IMAGE_KEYS}
-    token_types = next((k for k in _TOKEN_TYPE_KEYS if k in out), None)
+    token_types = next((k for k in TOKEN_TYPE_KEYS if k in out), None)
     return ProcessedImage(
         tensors=tensors,
-        num_tokens=int((ids == _image_token_id(processor)).sum()),
+        num_tokens=expansion.count(token),
         concatenated=concatenated,
         token_types=token_types,
+        expansion=expansion,
+        token=token,
     )
 
 
@@ -108,7 +117,8 @@ def from_pixels(processor, pixel_values: torch.Tensor) -> ProcessedImage:
     n = (h // processor.patch_size) * (w // processor.patch_size) + getattr(processor, "num_additional_image_tokens", 0)
     if getattr(processor, "vision_feature_select_strategy", None) == "default":
         n -= 1
-    return ProcessedImage(tensors={"pixel_values": pixel_values}, num_tokens=n)
+    token = image_token(processor)
+    return ProcessedImage(tensors={"pixel_values": pixel_values}, num_tokens=n, expansion=token * n, token=token)
 
 
 def batch_images(

@@ -132,8 +132,9 @@ def _check_positions(kind: str, row: int, positions: Sequence[int], lengths: tor
 
 def _knockout_masks(
     knockouts: Sequence[Knockout], attention_mask: torch.Tensor, dtype: torch.dtype, num_layers: int, offset: int = 0
-) -> dict[int, torch.Tensor]:
-    """Additive (B, 1, T - offset, T) masks: causal + padding + the knockouts of each layer.
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: an additive (B, 1, T - offset, T) mask — causal + padding + the layer's knockouts — and the
+    (B, 1, T - offset, T) bool mask of the knocked-out pairs alone.
 
     Rows are the query positions offset..T-1 (a suffix run over a cached prefix
     has only those); columns are all key positions.
@@ -152,16 +153,16 @@ def _knockout_masks(
             by_layer[layer].append(k)
     masks = {}
     for layer, ks in by_layer.items():
-        a = allowed.clone()
+        blocked = torch.zeros_like(allowed)
         for k in ks:
             if not len(k.targets) or not len(k.sources):
                 continue
             t = torch.as_tensor(list(k.targets), dtype=torch.long, device=device) - offset
             s = torch.as_tensor(list(k.sources), dtype=torch.long, device=device)
-            a[k.row, t[:, None], s[None, :]] = False
+            blocked[k.row, t[:, None], s[None, :]] = True
         m = torch.zeros(B, 1, T - offset, T, dtype=dtype, device=device)
-        m.masked_fill_(~a[:, None], neg)
-        masks[layer] = m
+        m.masked_fill_(~(allowed & ~blocked)[:, None], neg)
+        masks[layer] = (m, blocked[:, None])
     return masks
 
 
@@ -272,9 +273,22 @@ HOOK_POINTS: dict[str, _HookPoint] = {
 assert set(HOOK_POINTS) == set(STATE_KINDS + CAPTURE_ONLY_KINDS)
 
 
-def _knockout_hook(mask: torch.Tensor):
+def _knockout_hook(mask: torch.Tensor, blocked: torch.Tensor):
+    """The attention module's mask with the knocked-out pairs removed. It starts from the mask the model built
+    for the layer where there is one (Gemma 3 lets image tokens attend to each other both ways; sliding-window
+    layers see less) and from causal + padding where the model passes none (SDPA's causal shortcut)."""
+
     def pre(mod, args, kwargs):
-        kwargs["attention_mask"] = mask
+        own = kwargs.get("attention_mask")
+        if isinstance(own, torch.Tensor) and own.dim() == 4 and own.shape[-2:] == mask.shape[-2:]:
+            neg = torch.finfo(mask.dtype).min
+            if own.dtype == torch.bool:
+                m = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device).masked_fill_(~own, neg)
+            else:
+                m = own.to(mask.dtype).expand(mask.shape).clone()
+            kwargs["attention_mask"] = m.masked_fill_(blocked, neg)
+        else:
+            kwargs["attention_mask"] = mask
         return args, kwargs
 
     return pre
@@ -331,9 +345,12 @@ def interventions(
             )
         if knockouts:
             masks = _knockout_masks(knockouts, attention_mask, vlm.dtype, vlm.num_layers, offset)
-            for layer, mask in masks.items():
+            for layer, (mask, blocked) in masks.items():
                 hooks.add(
-                    vlm.module(vlm.arch.module_path("attn", layer)), _knockout_hook(mask), pre=True, with_kwargs=True
+                    vlm.module(vlm.arch.module_path("attn", layer)),
+                    _knockout_hook(mask, blocked),
+                    pre=True,
+                    with_kwargs=True,
                 )
         if stop_after_layer is not None:
             hooks.add(vlm.module(vlm.arch.layer_path(stop_after_layer)), _stop_hook)
@@ -389,27 +406,55 @@ class PrefixCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, vlm: VLM, embeds: torch.Tensor, length: int, positions: torch.Tensor | None = None) -> PrefixCache:
+    def build(
+        cls,
+        vlm: VLM,
+        embeds: torch.Tensor,
+        length: int,
+        positions: torch.Tensor | None = None,
+        token_inputs: dict[str, torch.Tensor] | None = None,
+    ) -> PrefixCache:
         """``embeds``: (1, T, d) input embeddings of the language model (image features in place);
-        ``positions``: the sequence's position ids from ``vlm.positions.position_ids`` (default 0..T-1)."""
+        ``positions``: the sequence's position ids from ``vlm.positions.position_ids`` (default 0..T-1);
+        ``token_inputs``: the sequence's per-token image marks from ``collate`` (``token_type_ids``), with which
+        a family whose image tokens attend both ways (Gemma 3) builds its own mask over the prefix."""
         if not 0 < length < embeds.shape[1]:
             raise ValueError(f"a prefix must be 1..{embeds.shape[1] - 1} positions long, not {length}")
-        lm = vlm.arch.get(vlm.model, vlm.arch.language_model)
         e = embeds[:, :length].to(vlm.input_device, vlm.dtype)
         if positions is None:
             positions = torch.arange(embeds.shape[1])[None]
-        out = lm(
-            inputs_embeds=e,
-            attention_mask=torch.ones(1, length, dtype=torch.long, device=e.device),
-            position_ids=span(positions, 0, length, 1).to(e.device),
+        out = _language_pass(
+            vlm,
+            e,
+            torch.ones(1, length, dtype=torch.long, device=e.device),
+            span(positions, 0, length, 1).to(e.device),
+            {k: v[:, :length] for k, v in (token_inputs or {}).items()},
+            cache=None,
             use_cache=True,
         )
-        return cls(length=length, cache=out.cache)
+        return cls(length=length, cache=getattr(out, "cache", None) or out.past_key_values)
 
     def expanded(self, rows: int):
         c = copy.deepcopy(self.cache)
         c.batch_repeat_interleave(rows)
         return c
+
+
+def _language_pass(vlm: VLM, embeds, mask, positions, token_inputs, cache, use_cache: bool):
+    """The language model on input embeddings. A family whose image tokens attend to each other both ways
+    (Gemma 3) runs through its base model with the per-token image marks, so that the model builds its own
+    mask; only a run with no cached prefix or whose queries are text may go straight to the language model."""
+    kwargs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "use_cache": use_cache}
+    if cache is not None:
+        kwargs["cache"] = cache
+    if vlm.arch.image_attention == "bidirectional" and cache is None:
+        if not token_inputs:
+            raise ValueError(
+                f"a {vlm.arch.family} model's image tokens attend to each other both ways: give the prompt's "
+                "per-token image marks (token_inputs / the token_type_ids from collate)"
+            )
+        return vlm.arch.get(vlm.model, vlm.arch.base_model)(**kwargs, **token_inputs)
+    return vlm.arch.get(vlm.model, vlm.arch.language_model)(**kwargs)
 
 
 def run_suffix(
@@ -421,6 +466,7 @@ def run_suffix(
     knockouts: Sequence[Knockout] = (),
     stop_after_layer: int | None = None,
     positions: torch.Tensor | None = None,
+    token_inputs: dict[str, torch.Tensor] | None = None,
 ) -> PatchedRun:
     """Positions prefix.length..T-1 of B rows over a shared cached prefix, with interventions.
 
@@ -431,12 +477,13 @@ def run_suffix(
     length, no padding); only their suffix is fed. Positions in patches,
     knockouts and ``PatchedRun.logits_at`` stay absolute; ``hidden`` holds
     the suffix only and ``logits_at`` translates. ``positions``: the sequence's position ids (one row, from
-    ``vlm.positions.position_ids``; default 0..T-1), the same for every row.
+    ``vlm.positions.position_ids``; default 0..T-1), the same for every row; ``token_inputs``: its per-token
+    image marks (one row, from ``collate``), which a family whose image tokens attend both ways needs when the
+    run covers the image (then without a prefix: a prefix must end before the image or after it).
     """
     B, T, _ = embeds.shape
     P = prefix.length if prefix is not None else 0
     device = vlm.input_device
-    lm = vlm.arch.get(vlm.model, vlm.arch.language_model)
     mask = torch.ones(B, T, dtype=torch.long, device=device)
     hidden = None
     with ExitStack() as stack:
@@ -445,12 +492,14 @@ def run_suffix(
         )
         stack.enter_context(torch.no_grad())
         try:
-            hidden = lm(
-                inputs_embeds=embeds[:, P:].to(device, vlm.dtype),
-                attention_mask=mask,
+            hidden = _language_pass(
+                vlm,
+                embeds[:, P:].to(device, vlm.dtype),
+                mask,
+                span(positions if positions is not None else torch.arange(T)[None], P, T, B).to(device),
+                {k: v[:, P:].expand(B, -1).to(device) for k, v in (token_inputs or {}).items()},
                 cache=prefix.expanded(B) if prefix is not None else None,
                 use_cache=prefix is not None,
-                position_ids=span(positions if positions is not None else torch.arange(T)[None], P, T, B).to(device),
             ).last_hidden_state
         except _StopForward:
             pass

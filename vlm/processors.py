@@ -131,7 +131,6 @@ class ImageTextProcessor:
             text = expanded
         enc = self.tokenizer(text, return_tensors="pt", padding=True)
         out.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        out.pop("batch_num_images", None)  # the count's input, not the model's (one image per prompt here)
         if getattr(self._family, "return_mm_token_type_ids", False):  # Qwen2-VL's image-token marks
             out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
         return out

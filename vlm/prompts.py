@@ -106,19 +106,19 @@ def encode(
     if with_image:
         n_img = processed.num_tokens
         at = text.find(image_token)
-        expanded = text[:at] + image_token * n_img + text[at + len(image_token) :]
-        shift = len(image_token) * (n_img - 1) if at < q_at else 0
+        expanded = text[:at] + processed.expansion + text[at + len(image_token) :]
+        shift = len(processed.expansion) - len(image_token) if at < q_at else 0
     q_start = q_at + shift
     full = expanded if answer is None else expanded + " " + answer.strip()
     enc = tok(full, return_offsets_mapping=True, add_special_tokens=True)
     ids = enc["input_ids"]
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    special_ids = set(tok.all_special_ids) - {getattr(processor, "image_token_id", -1)}
+    img_id = tok.convert_tokens_to_ids(processed.token) if with_image else -1
+    special_ids = set(tok.all_special_ids) - {img_id}
     special = {i for i, t in enumerate(ids) if t in special_ids}
 
     image_span = None
     if with_image:
-        img_id = processor.image_token_id
         pos = [i for i, t in enumerate(ids) if t == img_id]
         if len(pos) != n_img or pos != list(range(pos[0], pos[0] + n_img)):
             raise PromptError(f"expected {n_img} contiguous image tokens, found {len(pos)}")

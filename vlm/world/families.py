@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+TINY_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3")
 
 # 32-pixel tiles, 16-pixel patches: each tile is a 2×2 patch grid
 _TILE, _PATCH = 32, 16
@@ -219,11 +219,84 @@ def _qwen(world_model: Path, family: str):
     return getattr(transformers, arch.model_class)(config), processor
 
 
+def _gemma_tokenizer(world_tokenizer):
+    """The world's tokenizer with Gemma 3's image markers added as special tokens (begin and end of image, the
+    soft token the model fills with features), named as Gemma's own tokenizer names them."""
+    import copy
+
+    from transformers import PreTrainedTokenizerFast
+
+    marks = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    backend = copy.deepcopy(world_tokenizer.backend_tokenizer)
+    backend.add_special_tokens(list(marks.values()))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=world_tokenizer.bos_token,
+        eos_token=world_tokenizer.eos_token,
+        unk_token=world_tokenizer.unk_token,
+        pad_token=world_tokenizer.pad_token,
+        extra_special_tokens=marks,
+        model_max_length=world_tokenizer.model_max_length,
+        padding_side="right",
+    )
+
+
+def _gemma3(world_model: Path):
+    import torch
+    from transformers import AutoProcessor, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    world = AutoProcessor.from_pretrained(world_model)
+    tok = _gemma_tokenizer(world.tokenizer)
+    ids = {name: tok.convert_tokens_to_ids(getattr(tok, name)) for name in ("boi_token", "eoi_token", "image_token")}
+    config = Gemma3Config(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 128,
+            "max_position_embeddings": 256,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": _TILE,
+            "patch_size": 8,
+        },
+        mm_tokens_per_image=4,  # the 4×4 patch grid pooled to 2×2
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+        tie_word_embeddings=False,
+    )
+    images = Gemma3ImageProcessorPil(
+        size={"height": _TILE, "width": _TILE}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    )
+    template = world.chat_template.replace("<image>", tok.boi_token)  # Gemma's placeholder
+    processor = Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=template, image_seq_length=4)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # the projection starts at zero (every image would look the same): give it weights
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 32**-0.5)
+    return model, processor
+
+
 _BUILDERS = {
     "llava_next": _llava_next,
     "llava_onevision": _llava_onevision,
     "qwen2_vl": lambda world: _qwen(world, "qwen2_vl"),
     "qwen2_5_vl": lambda world: _qwen(world, "qwen2_5_vl"),
+    "gemma3": _gemma3,
 }
 
 

@@ -174,8 +174,12 @@ def trace_rows(prep: Prepared, image_block: int | None = None) -> list[TraceRow]
     return rows
 
 
-def _clean_states(vlm: VLM, prep: Prepared, kinds: Sequence[str]) -> dict[tuple[str, int], torch.Tensor]:
-    caps = [(k, l) for k in kinds for l in range(vlm.num_layers)]
+def _clean_states(
+    vlm: VLM, prep: Prepared, kinds: Sequence[str], embeds: bool = False
+) -> dict[tuple[str, int], torch.Tensor]:
+    """Every state of ``kinds`` at every layer of the clean run, by (kind, layer); with ``embeds`` also its
+    language-model input embeddings (key ``("embeds", -1)``)."""
+    caps = [(k, l) for k in kinds for l in range(vlm.num_layers)] + ([("embeds", -1)] if embeds else [])
     run = run_patched(vlm, collate([prep.prompt], vlm.tokenizer.pad_token_id), capture=caps)
     return {key: t[0] for key, t in run.captured.items()}
 
@@ -193,6 +197,7 @@ def replace_constraint(
     candidates: Sequence[str] = (),
     max_candidates: int = 32,
     mode: str = "batched",
+    clean_embeds: torch.Tensor | None = None,
 ) -> tuple[str, str, object]:
     """(replacement, corrupted question, corrupted prompt) with the same token length and layout.
 
@@ -204,7 +209,8 @@ def replace_constraint(
     entity the model does not tie to O does that best. In the ``batched``
     mode the candidates share the clean prompt's cached prefix (everything
     before the constraint, the image included); ``naive`` and ``uncached``
-    run each candidate whole.
+    run each candidate whole. ``clean_embeds``: the clean prompt's (T, d) language-model input embeddings
+    when already computed (the batched mode then runs no vision tower here).
     """
     case, p = prep.case, prep.prompt
     c0, c1 = p.constraint_spans[0]
@@ -253,12 +259,22 @@ def replace_constraint(
             f"tried {', '.join(tried[:8])}{' ...' if len(tried) > 8 else ''}. Give one with --replace."
         )
     # of the phrases that fit, the one that removes the answer most: lowest P_corrupt(O)
-    logits = _candidate_logits(vlm, p, [f[2] for f in fitting], mode)
+    logits = _candidate_logits(vlm, p, [f[2] for f in fitting], mode, clean_embeds)
     probs = torch.softmax(logits, dim=-1)
     return fitting[int(probs[:, prep.target_id].argmin())]
 
 
-def _candidate_logits(vlm: VLM, clean, corrupted: Sequence, mode: str) -> torch.Tensor:
+def _swapped_embeds(vlm: VLM, clean_embeds: torch.Tensor, corrupted, start: int) -> torch.Tensor:
+    """(1, T, d) input embeddings of a corrupted prompt from the clean one's (T, d): its own token embeddings
+    from ``start`` on (it equals the clean prompt before, the image included)."""
+    with torch.no_grad():
+        tail = vlm.model.get_input_embeddings()(corrupted.input_ids[start:].to(vlm.input_device))
+    return torch.cat([clean_embeds[:start], tail.to(clean_embeds.dtype)])[None]
+
+
+def _candidate_logits(
+    vlm: VLM, clean, corrupted: Sequence, mode: str, clean_embeds: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits at the last prompt position of each corrupted prompt (equal to the clean one outside the
     constraint). ``batched``: over the clean prompt's cached prefix up to the constraint, from the clean
     embeddings with the suffix's token embeddings swapped in (the vision tower runs once)."""
@@ -269,7 +285,10 @@ def _candidate_logits(vlm: VLM, clean, corrupted: Sequence, mode: str) -> torch.
         run = run_patched(vlm, collate(list(corrupted), vlm.tokenizer.pad_token_id))
         return run.logits_at(list(range(n)), last)
     inputs = collate([clean], vlm.tokenizer.pad_token_id)
-    embeds = run_patched(vlm, inputs, capture=[("embeds", -1)], stop_after_layer=0).captured[("embeds", -1)]
+    if clean_embeds is None:
+        embeds = run_patched(vlm, inputs, capture=[("embeds", -1)], stop_after_layer=0).captured[("embeds", -1)]
+    else:
+        embeds = clean_embeds[None]
     table = vlm.model.get_input_embeddings()
     with torch.no_grad():
         tail = table(torch.stack([cp.input_ids[c0:] for cp in corrupted]).to(vlm.input_device))
@@ -370,15 +389,28 @@ def causal_trace(
     t0 = time.perf_counter()
     check_window(window, vlm.num_layers)
     kinds = check_kinds(kinds)
+    # the batched mode takes the clean states' input embeddings for the candidates and, with the constraint's
+    # tokens swapped, for the corrupted run: no more vision-tower runs (not under clean_context: an edit could
+    # act there)
+    share = mode == "batched" and clean_context is None
     with clean_context() if clean_context is not None else contextlib.nullcontext():
         prep = case if isinstance(case, Prepared) else prepare(vlm, case)
+        clean = _clean_states(vlm, prep, kinds, embeds=share)
+        embeds = clean.pop(("embeds", -1), None)
         phrase, new_q, corrupt = replace_constraint(
-            vlm, prep, replacement, list(candidates) + list(prep.case.replacements), mode=mode
+            vlm, prep, replacement, list(candidates) + list(prep.case.replacements), mode=mode, clean_embeds=embeds
         )
-        clean = _clean_states(vlm, prep, kinds)
     held = _clean_states(vlm, replace(prep, prompt=corrupt), kinds) if isolate else None
     rows = _select(trace_rows(prep, image_block), roles)
-    runner = CellRunner(vlm, corrupt, prep.target_id, mode=mode, batch_size=batch_size)
+    c0 = prep.prompt.constraint_spans[0][0]
+    runner = CellRunner(
+        vlm,
+        corrupt,
+        prep.target_id,
+        mode=mode,
+        batch_size=batch_size,
+        embeds=_swapped_embeds(vlm, embeds, corrupt, c0) if embeds is not None else None,
+    )
     first = prep.prompt.constraint_spans[0][0]
     effects, p_corrupt, cells, passes = _trace(
         vlm, prep, runner, clean, kinds, window, rows, first, [[]], progress, corrupt=held

@@ -66,6 +66,30 @@ def prompt_text(processor, question: str, with_image: bool) -> str:
     return ("USER: <image>\n" if with_image else "USER: ") + question + " ASSISTANT:"
 
 
+def _tokenize(tok, full: str, image: ProcessedImage | None, img_id: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``full``. The image's run of image tokens (576 for LLaVA-1.5) is
+    tokenized as one token and spliced back: the image token is a special token, which the tokenizer splits
+    around, so the ids are those of the whole string, and tokenizing a prompt costs what its text costs."""
+    run = image.token * image.num_tokens if image is not None else ""
+    at = full.find(run) if image is not None and image.num_tokens > 1 else -1
+    if at < 0:
+        enc = tok(full, return_offsets_mapping=True, add_special_tokens=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+    compact = full[:at] + image.token + full[at + len(run) :]
+    enc = tok(compact, return_offsets_mapping=True, add_special_tokens=True)
+    ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+    where = [i for i, t in enumerate(ids) if t == img_id]
+    if len(where) != 1:  # not split around as a special token would be: tokenize it whole
+        enc = tok(full, return_offsets_mapping=True, add_special_tokens=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+    i, n, w = where[0], image.num_tokens, len(image.token)
+    extra = (n - 1) * w
+    start = offsets[i][0]
+    image_offsets = [(start + k * w, start + (k + 1) * w) for k in range(n)]
+    after = [(a + extra, b + extra) if b > 0 else (a, b) for a, b in offsets[i + 1 :]]
+    return ids[:i] + [img_id] * n + ids[i + 1 :], offsets[:i] + image_offsets + after
+
+
 def _char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int, skip: set[int]) -> list[int]:
     return [i for i, (a, b) in enumerate(offsets) if i not in skip and b > a and a < end and b > start]
 
@@ -110,10 +134,8 @@ def encode(
         shift = len(processed.expansion) - len(image_token) if at < q_at else 0
     q_start = q_at + shift
     full = expanded if answer is None else expanded + " " + answer.strip()
-    enc = tok(full, return_offsets_mapping=True, add_special_tokens=True)
-    ids = enc["input_ids"]
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
     img_id = tok.convert_tokens_to_ids(processed.token) if with_image else -1
+    ids, offsets = _tokenize(tok, full, processed, img_id)
     special_ids = set(tok.all_special_ids) - {img_id}
     special = {i for i, t in enumerate(ids) if t in special_ids}
 

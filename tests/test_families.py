@@ -73,7 +73,10 @@ def test_loads_and_encodes_exactly_as_its_own_processor(fam):
         with torch.no_grad():
             theirs = fam.model(**ref).logits[0, -1]
         assert (_last_logits(fam, [p])[0] - theirs).abs().max() < TOL
-    fixed = getattr(fam.config, "mm_tokens_per_image", None)  # Gemma 3 pools every image to one count
+    # Gemma 3 pools every image to one count; so does Idefics3 without image splitting
+    fixed = getattr(fam.config, "mm_tokens_per_image", None)
+    if not getattr(fam.processor.image_processor, "do_image_splitting", True):
+        fixed = fam.processor.image_seq_len
     if fixed:
         assert counts == {fixed}
     else:
@@ -98,6 +101,22 @@ def test_each_images_token_count_is_the_number_of_features_the_model_makes_of_it
         feats = getattr(out, "pooler_output", out)
         parts = feats if isinstance(feats, (list, tuple)) else [feats]
         assert sum(p.reshape(-1, p.shape[-1]).shape[0] for p in parts) == image.num_tokens
+
+
+def test_an_image_split_into_interleaved_crops_is_refused_clearly(fam):
+    """A processor that splits an image into crops with row/column markers between them (Idefics3's
+    do_image_splitting) would give image tokens that are not one span: encoding refuses it with a message."""
+    import copy
+
+    from vlm.errors import ImageDecodeError, PromptError
+
+    if not hasattr(fam.processor.image_processor, "do_image_splitting"):
+        return  # the family has no such splitting
+    split = copy.deepcopy(fam.processor)
+    split.image_processor.do_image_splitting = True
+    split.image_processor.size = {"longest_edge": 2 * split.image_processor.max_image_size["longest_edge"]}
+    with pytest.raises((ImageDecodeError, PromptError), match="splitting|contiguous"):
+        encode(split, QUESTION, image=_image((64, 64)))
 
 
 def test_rows_of_different_image_sizes_batch_as_one_by_one(fam):

@@ -164,8 +164,26 @@ GEMMA3 = ArchitectureMap(
     image_attention="bidirectional",
 )
 
+# Idefics3 (and SmolVLM, its model_type): a SigLIP tower, a pixel-shuffle connector and a Llama decoder named
+# text_model; the image's tokens sit between <fake_token_around_image> markers. With image splitting on, a large
+# image becomes crops whose tokens interleave with row/column markers: not one span (refused, see families.md).
+IDEFICS3 = ArchitectureMap(
+    family="idefics3",
+    model_types=("idefics3",),
+    model_class="Idefics3ForConditionalGeneration",
+    processor_class="Idefics3Processor",
+    base_model="model",
+    language_model="model.text_model",
+    embed_tokens="model.text_model.embed_tokens",
+    layers="model.text_model.layers",
+    final_norm="model.text_model.norm",
+    lm_head="lm_head",
+    vision_tower="model.vision_model",
+    projector="model.connector",
+)
+
 ARCHITECTURES: dict[str, ArchitectureMap] = {
-    t: a for a in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, GEMMA3) for t in a.model_types
+    t: a for a in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, GEMMA3, IDEFICS3) for t in a.model_types
 }
 
 

@@ -6,7 +6,7 @@ class VLMError(Exception):
 
 
 class ModelLoadError(VLMError):
-    """The folder is missing, is not a Hugging Face checkpoint, or is not LLaVA-family."""
+    """The folder is missing, is not a Hugging Face checkpoint, or is not of a supported family."""
 
 
 class ImageDecodeError(VLMError):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageDecodeError
+from .errors import ImageDecodeError, PromptError
 
 ImageInput = str | os.PathLike | bytes | bytearray | Image.Image
 
@@ -87,10 +87,18 @@ def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedIma
     placeholder = getattr(processor, "image_token", "<image>")
     out = processor(text=[placeholder], images=[pil], return_tensors="pt")
     token = image_token(processor)
-    try:
-        expansion = processor.replace_image_token(out, image_idx=0)
-    except KeyError:  # it reads an image-processor output the processor does not return (Gemma 3's num_crops)
-        expansion = processor.replace_image_token(processor.image_processor([pil], return_tensors="pt"), image_idx=0)
+    expansion = None
+    if hasattr(processor, "replace_image_token"):
+        try:
+            expansion = processor.replace_image_token(out, image_idx=0)
+        except KeyError:  # it reads an image-processor output the processor does not return (Gemma 3's num_crops)
+            try:
+                images = processor.image_processor([pil], return_tensors="pt")
+                expansion = processor.replace_image_token(images, image_idx=0)
+            except KeyError:  # an output the image processor gives only when asked (Idefics3's rows)
+                pass
+    if expansion is None:  # the expansion from the ids the processor gave for a lone placeholder
+        expansion = _expansion_from_ids(processor.tokenizer, out["input_ids"][0].tolist())
     concatenated = "image_grid_thw" in out
     tensors = {k: v if concatenated else v[0] for k, v in out.items() if k in _IMAGE_KEYS}
     token_types = next((k for k in TOKEN_TYPE_KEYS if k in out), None)
@@ -102,6 +110,21 @@ def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedIma
         expansion=expansion,
         token=token,
     )
+
+
+def _expansion_from_ids(tokenizer, ids: list[int]) -> str:
+    """The text of a lone placeholder's expansion from its token ids (the leading BOS dropped), where every
+    token of it is an added token (markers and image tokens), so the text tokenizes back to the same ids."""
+    if ids and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    text = "".join(tokenizer.convert_ids_to_tokens(ids))
+    if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
+        raise PromptError(
+            "cannot tell the text this model's processor puts in place of the image: it is not made of image "
+            "and marker tokens alone (an image split into crops with row/column text, as Idefics3's "
+            "do_image_splitting does, is not supported: turn splitting off)"
+        )
+    return text
 
 
 def from_pixels(processor, pixel_values: torch.Tensor) -> ProcessedImage:

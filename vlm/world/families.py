@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-TINY_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3")
+TINY_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3")
 
 # 32-pixel tiles, 16-pixel patches: each tile is a 2×2 patch grid
 _TILE, _PATCH = 32, 16
@@ -219,26 +220,77 @@ def _qwen(world_model: Path, family: str):
     return getattr(transformers, arch.model_class)(config), processor
 
 
-def _gemma_tokenizer(world_tokenizer):
-    """The world's tokenizer with Gemma 3's image markers added as special tokens (begin and end of image, the
-    soft token the model fills with features), named as Gemma's own tokenizer names them."""
+def _with_tokens(world_tokenizer, marks: dict[str, str], added: Sequence[str] = ()):
+    """The world's tokenizer with a family's image markers as special tokens: ``marks`` named as the family's
+    own tokenizer names them (Gemma 3's ``boi_token``, ...), ``added`` unnamed (Idefics3's)."""
     import copy
 
     from transformers import PreTrainedTokenizerFast
 
-    marks = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
     backend = copy.deepcopy(world_tokenizer.backend_tokenizer)
-    backend.add_special_tokens(list(marks.values()))
+    backend.add_special_tokens([*marks.values(), *added])
+    named = {"image_token": world_tokenizer.image_token, **marks}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=world_tokenizer.bos_token,
         eos_token=world_tokenizer.eos_token,
         unk_token=world_tokenizer.unk_token,
         pad_token=world_tokenizer.pad_token,
-        extra_special_tokens=marks,
+        extra_special_tokens=named,
         model_max_length=world_tokenizer.model_max_length,
         padding_side="right",
     )
+
+
+def _idefics3(world_model: Path):
+    from transformers import AutoProcessor, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    world = AutoProcessor.from_pretrained(world_model)
+    tok = _with_tokens(world.tokenizer, {}, ["<fake_token_around_image>", "<global-img>"])
+    text = _world_text_config(world_model)
+    config = Idefics3Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": _TILE,
+            "patch_size": 8,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tok),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "pad_token_id": text.pad_token_id,
+            "bos_token_id": text.bos_token_id,
+            "eos_token_id": text.eos_token_id,
+            "tie_word_embeddings": False,
+        },
+        scale_factor=2,  # the 4×4 patch grid shuffled into 4 tokens
+        image_token_id=tok.convert_tokens_to_ids(tok.image_token),
+        tie_word_embeddings=False,
+    )
+    images = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": _TILE},
+        max_image_size={"longest_edge": _TILE},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Idefics3Processor(images, tok, image_seq_len=4, chat_template=world.chat_template)
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+def _world_text_config(world_model: Path):
+    from transformers import LlavaConfig
+
+    return LlavaConfig.from_pretrained(world_model).text_config
 
 
 def _gemma3(world_model: Path):
@@ -247,7 +299,10 @@ def _gemma3(world_model: Path):
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     world = AutoProcessor.from_pretrained(world_model)
-    tok = _gemma_tokenizer(world.tokenizer)
+    tok = _with_tokens(
+        world.tokenizer,
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
     ids = {name: tok.convert_tokens_to_ids(getattr(tok, name)) for name in ("boi_token", "eoi_token", "image_token")}
     config = Gemma3Config(
         text_config={
@@ -297,6 +352,7 @@ _BUILDERS = {
     "qwen2_vl": lambda world: _qwen(world, "qwen2_vl"),
     "qwen2_5_vl": lambda world: _qwen(world, "qwen2_5_vl"),
     "gemma3": _gemma3,
+    "idefics3": _idefics3,
 }
 
 

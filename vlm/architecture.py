@@ -1,8 +1,11 @@
 """Where things live inside a model family: the one place that knows module paths.
 
 Every editor and diagnostic reaches a module through an ``ArchitectureMap``,
-so supporting a new family (another LLaVA-style wrapper, another language
-model inside it) is one entry in ``ARCHITECTURES``.
+so supporting a new family is one entry in ``ARCHITECTURES`` — its module
+paths, model and processor classes, and the few ways families differ beyond
+paths: positions (M-RoPE), attention over the image (bidirectional) and a
+processor transformers cannot build here. The families and their tests:
+docs/families.md.
 """
 
 from __future__ import annotations
@@ -91,19 +94,12 @@ LLAVA = ArchitectureMap(
 
 # LLaVA-NeXT (LLaVA-1.6): LLaVA's module layout; "anyres" tiles each image by its aspect ratio, so the
 # image-token count follows the image's size (the processor's ``image_sizes`` carry it to the model).
-LLAVA_NEXT = ArchitectureMap(
+LLAVA_NEXT = dataclasses.replace(
+    LLAVA,
     family="llava_next",
     model_types=("llava_next",),
     model_class="LlavaNextForConditionalGeneration",
     processor_class="LlavaNextProcessor",
-    base_model="model",
-    language_model="model.language_model",
-    embed_tokens="model.language_model.embed_tokens",
-    layers="model.language_model.layers",
-    final_norm="model.language_model.norm",
-    lm_head="lm_head",
-    vision_tower="model.vision_tower",
-    projector="model.multi_modal_projector",
 )
 
 # LLaVA-OneVision: LLaVA-NeXT's layout (SigLIP tower without a class token, a Qwen2 decoder); anyres tiles
@@ -119,17 +115,12 @@ LLAVA_ONEVISION = dataclasses.replace(
 
 # Qwen2-VL: dynamic resolution (an image of any size becomes a patch grid; 2×2 patches merge into one token),
 # M-RoPE positions, the projector (merger) inside the vision tower.
-QWEN2_VL = ArchitectureMap(
+QWEN2_VL = dataclasses.replace(
+    LLAVA,
     family="qwen2_vl",
     model_types=("qwen2_vl",),
     model_class="Qwen2VLForConditionalGeneration",
     processor_class="Qwen2VLProcessor",
-    base_model="model",
-    language_model="model.language_model",
-    embed_tokens="model.language_model.embed_tokens",
-    layers="model.language_model.layers",
-    final_norm="model.language_model.norm",
-    lm_head="lm_head",
     vision_tower="model.visual",
     projector="model.visual.merger",
     rope="mrope",
@@ -148,19 +139,12 @@ QWEN2_5_VL = dataclasses.replace(
 
 # Gemma 3: a SigLIP tower pooled to a fixed number of soft tokens between begin/end-of-image markers; image
 # tokens attend to each other bidirectionally (the model builds that mask from token_type_ids).
-GEMMA3 = ArchitectureMap(
+GEMMA3 = dataclasses.replace(
+    LLAVA,
     family="gemma3",
     model_types=("gemma3",),
     model_class="Gemma3ForConditionalGeneration",
     processor_class="Gemma3Processor",
-    base_model="model",
-    language_model="model.language_model",
-    embed_tokens="model.language_model.embed_tokens",
-    layers="model.language_model.layers",
-    final_norm="model.language_model.norm",
-    lm_head="lm_head",
-    vision_tower="model.vision_tower",
-    projector="model.multi_modal_projector",
     image_attention="bidirectional",
 )
 

@@ -19,10 +19,10 @@ geometry and M-RoPE; a vision tower with window attention).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from .shapes import write_model_folder
 
 TINY_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3")
 
@@ -374,16 +374,4 @@ def tiny_family(family: str, world_model: str | Path, out: str | Path, seed: int
     model.eval()
     with torch.no_grad():  # a readout strong enough that one answer can dominate, as in a trained model
         model.get_output_embeddings().weight.mul_(_READOUT_SCALE)
-    text = model.config.get_text_config()
-    model.generation_config.pad_token_id = text.pad_token_id
-    model.generation_config.eos_token_id = text.eos_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".family-", dir=out.parent) as tmp:
-        folder = Path(tmp) / "model"
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-        (folder / "editlens-family.json").write_text(json.dumps(stamp, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        folder.rename(out)
-    return out
+    return write_model_folder(model, processor, out, marker, stamp)

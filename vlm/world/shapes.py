@@ -113,14 +113,22 @@ def llava15_shaped(world_model: str | Path, out: str | Path, shape: ShapeConfig 
     )
     torch.manual_seed(shape.seed)
     model = LlavaForConditionalGeneration(config).eval()
+    return write_model_folder(model, processor, out, marker, stamp)
+
+
+def write_model_folder(model, processor, out: Path, marker: Path, stamp: dict) -> Path:
+    """Save ``model`` and ``processor`` (end-of-sequence and padding from the text config) with the ``stamp``
+    of the settings that made them at ``marker``, into ``out`` atomically (a half-written folder is never
+    left there); returns ``out``."""
+    text = model.config.get_text_config()
     model.generation_config.pad_token_id = text.pad_token_id
     model.generation_config.eos_token_id = text.eos_token_id
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".shape-", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".model-", dir=out.parent) as tmp:
         folder = Path(tmp) / "model"
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
-        (folder / "editlens-shape.json").write_text(json.dumps(stamp, indent=1))
+        (folder / marker.relative_to(out)).write_text(json.dumps(stamp, indent=1))
         if out.exists():
             shutil.rmtree(out)
         folder.rename(out)

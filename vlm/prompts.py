@@ -70,18 +70,19 @@ def _tokenize(tok, full: str, image: ProcessedImage | None, img_id: int) -> tupl
     """Token ids and character offsets of ``full``. The image's run of image tokens (576 for LLaVA-1.5) is
     tokenized as one token and spliced back: the image token is a special token, which the tokenizer splits
     around, so the ids are those of the whole string, and tokenizing a prompt costs what its text costs."""
+
+    def whole(text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
     run = image.token * image.num_tokens if image is not None else ""
     at = full.find(run) if image is not None and image.num_tokens > 1 else -1
     if at < 0:
-        enc = tok(full, return_offsets_mapping=True, add_special_tokens=True)
-        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
-    compact = full[:at] + image.token + full[at + len(run) :]
-    enc = tok(compact, return_offsets_mapping=True, add_special_tokens=True)
-    ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+        return whole(full)
+    ids, offsets = whole(full[:at] + image.token + full[at + len(run) :])
     where = [i for i, t in enumerate(ids) if t == img_id]
     if len(where) != 1:  # not split around as a special token would be: tokenize it whole
-        enc = tok(full, return_offsets_mapping=True, add_special_tokens=True)
-        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+        return whole(full)
     i, n, w = where[0], image.num_tokens, len(image.token)
     extra = (n - 1) * w
     start = offsets[i][0]

@@ -36,45 +36,47 @@ _QWEN_PATCH = 8
 _READOUT_SCALE = 25.0
 
 
-def _llava_next(world_model: Path):
-    from transformers import (
-        AutoProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextProcessor,
-    )
+_NORM = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+def _decoder(tok, **extra) -> dict:
+    """Every tiny family's decoder: 4 layers, 64 wide, the tokenizer's vocabulary and special ids."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "tie_word_embeddings": False,
+        **extra,
+    }
+
+
+def _vision(**extra) -> dict:
+    """Every tiny family's vision tower: 2 layers, 32 wide, 32-pixel images."""
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": _TILE,
+        **extra,
+    }
+
+
+def _llava_next(world):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    base = LlavaConfig.from_pretrained(world_model)
-    world = AutoProcessor.from_pretrained(world_model)
-    text = base.text_config
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=_TILE,
-            patch_size=_PATCH,
-            projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=text.vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=text.pad_token_id,
-            bos_token_id=text.bos_token_id,
-            eos_token_id=text.eos_token_id,
-            tie_word_embeddings=False,
-        ),
-        image_token_id=base.image_token_id,
+        vision_config=_vision(model_type="clip_vision_model", patch_size=_PATCH, projection_dim=32),
+        text_config=_decoder(world.tokenizer, model_type="llama"),
+        image_token_id=world.image_token_id,
         image_grid_pinpoints=_PINPOINTS,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -84,8 +86,7 @@ def _llava_next(world_model: Path):
         size={"shortest_edge": _TILE},
         crop_size={"height": _TILE, "width": _TILE},
         image_grid_pinpoints=_PINPOINTS,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        **_NORM,
     )
     processor = LlavaNextProcessor(
         image_processor=images,
@@ -98,15 +99,8 @@ def _llava_next(world_model: Path):
     return LlavaNextForConditionalGeneration(config), processor
 
 
-def _llava_onevision(world_model: Path):
-    from transformers import (
-        AutoProcessor,
-        LlavaConfig,
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
+def _llava_onevision(world):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
@@ -114,32 +108,10 @@ def _llava_onevision(world_model: Path):
     from ..architecture import LLAVA_ONEVISION
     from ..processors import ImageTextProcessor
 
-    base = LlavaConfig.from_pretrained(world_model)
-    world = AutoProcessor.from_pretrained(world_model)
-    text = base.text_config
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=_TILE,
-            patch_size=_PATCH,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=text.vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=text.pad_token_id,
-            bos_token_id=text.bos_token_id,
-            eos_token_id=text.eos_token_id,
-            tie_word_embeddings=False,
-        ),
-        image_token_id=base.image_token_id,
+        vision_config=_vision(model_type="siglip_vision_model", patch_size=_PATCH),
+        text_config=_decoder(world.tokenizer, model_type="qwen2"),
+        image_token_id=world.image_token_id,
         image_grid_pinpoints=_PINPOINTS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
@@ -147,10 +119,7 @@ def _llava_onevision(world_model: Path):
         tie_word_embeddings=False,
     )
     images = LlavaOnevisionImageProcessorPil(
-        size={"height": _TILE, "width": _TILE},
-        image_grid_pinpoints=_PINPOINTS,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        size={"height": _TILE, "width": _TILE}, image_grid_pinpoints=_PINPOINTS, **_NORM
     )
     settings = {
         "num_image_tokens": (_TILE // _PATCH) ** 2,
@@ -163,58 +132,35 @@ def _llava_onevision(world_model: Path):
     return LlavaOnevisionForConditionalGeneration(config), processor
 
 
-def _qwen(world_model: Path, family: str):
+def _qwen(world, family: str):
     """Qwen2-VL or Qwen2.5-VL (the same decoder and M-RoPE; Qwen2.5-VL's vision tower has window attention,
     SwiGLU blocks and its own output width)."""
     import transformers
-    from transformers import AutoProcessor, LlavaConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from ..architecture import ARCHITECTURES
     from ..processors import ImageTextProcessor
 
     arch = ARCHITECTURES[family]
-    base = LlavaConfig.from_pretrained(world_model)
-    world = AutoProcessor.from_pretrained(world_model)
-    text = base.text_config
-    heads, hidden = 2, 64
-    half = hidden // heads // 2  # M-RoPE splits each head's rotary half into (time, height, width) sections
-    text_config = {
-        "vocab_size": text.vocab_size,
-        "hidden_size": hidden,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "max_position_embeddings": 256,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8],
-        },
-        "pad_token_id": text.pad_token_id,
-        "bos_token_id": text.bos_token_id,
-        "eos_token_id": text.eos_token_id,
-        "tie_word_embeddings": False,
+    text_config = _decoder(world.tokenizer)
+    half = text_config["hidden_size"] // text_config["num_attention_heads"] // 2  # M-RoPE: (t, h, w) sections
+    text_config["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8],
     }
     vision = {"depth": 2, "num_heads": 2, "patch_size": _QWEN_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2}
     if family == "qwen2_vl":
-        vision.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
+        vision.update(embed_dim=32, hidden_size=text_config["hidden_size"], mlp_ratio=2)
     else:  # the window is in pixels: 32 px = one 2x2 group of merged tokens
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=32)
-        vision["fullatt_block_indexes"] = [1]
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=text_config["hidden_size"])
+        vision.update(window_size=32, fullatt_block_indexes=[1])
     config_class = getattr(transformers, arch.model_class.replace("ForConditionalGeneration", "Config"))
     config = config_class(
-        text_config=text_config, vision_config=vision, image_token_id=base.image_token_id, tie_word_embeddings=False
+        text_config=text_config, vision_config=vision, image_token_id=world.image_token_id, tie_word_embeddings=False
     )
     images = Qwen2VLImageProcessorPil(
-        min_pixels=16 * 16,
-        max_pixels=64 * 64,
-        patch_size=_QWEN_PATCH,
-        merge_size=2,
-        temporal_patch_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        min_pixels=16 * 16, max_pixels=64 * 64, patch_size=_QWEN_PATCH, merge_size=2, temporal_patch_size=2, **_NORM
     )
     processor = ImageTextProcessor(images, world.tokenizer, world.chat_template, arch, world.image_token)
     return getattr(transformers, arch.model_class)(config), processor
@@ -242,102 +188,45 @@ def _with_tokens(world_tokenizer, marks: dict[str, str], added: Sequence[str] = 
     )
 
 
-def _idefics3(world_model: Path):
-    from transformers import AutoProcessor, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+def _idefics3(world):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    world = AutoProcessor.from_pretrained(world_model)
     tok = _with_tokens(world.tokenizer, {}, ["<fake_token_around_image>", "<global-img>"])
-    text = _world_text_config(world_model)
     config = Idefics3Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": _TILE,
-            "patch_size": 8,
-        },
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tok),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 256,
-            "pad_token_id": text.pad_token_id,
-            "bos_token_id": text.bos_token_id,
-            "eos_token_id": text.eos_token_id,
-            "tie_word_embeddings": False,
-        },
+        vision_config=_vision(patch_size=8),
+        text_config=_decoder(tok, model_type="llama"),
         scale_factor=2,  # the 4×4 patch grid shuffled into 4 tokens
         image_token_id=tok.convert_tokens_to_ids(tok.image_token),
         tie_word_embeddings=False,
     )
     images = Idefics3ImageProcessorPil(
-        do_image_splitting=False,
-        size={"longest_edge": _TILE},
-        max_image_size={"longest_edge": _TILE},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        do_image_splitting=False, size={"longest_edge": _TILE}, max_image_size={"longest_edge": _TILE}, **_NORM
     )
     processor = Idefics3Processor(images, tok, image_seq_len=4, chat_template=world.chat_template)
     return Idefics3ForConditionalGeneration(config), processor
 
 
-def _world_text_config(world_model: Path):
-    from transformers import LlavaConfig
-
-    return LlavaConfig.from_pretrained(world_model).text_config
-
-
-def _gemma3(world_model: Path):
+def _gemma3(world):
     import torch
-    from transformers import AutoProcessor, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    world = AutoProcessor.from_pretrained(world_model)
     tok = _with_tokens(
         world.tokenizer,
         {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
     )
     ids = {name: tok.convert_tokens_to_ids(getattr(tok, name)) for name in ("boi_token", "eoi_token", "image_token")}
     config = Gemma3Config(
-        text_config={
-            "vocab_size": len(tok),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 32,
-            "query_pre_attn_scalar": 32,
-            "sliding_window": 128,
-            "max_position_embeddings": 256,
-            "pad_token_id": tok.pad_token_id,
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "tie_word_embeddings": False,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": _TILE,
-            "patch_size": 8,
-        },
+        text_config=_decoder(tok, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=128),
+        vision_config=_vision(patch_size=8),
         mm_tokens_per_image=4,  # the 4×4 patch grid pooled to 2×2
         boi_token_index=ids["boi_token"],
         eoi_token_index=ids["eoi_token"],
         image_token_index=ids["image_token"],
         tie_word_embeddings=False,
     )
-    images = Gemma3ImageProcessorPil(
-        size={"height": _TILE, "width": _TILE}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
-    )
+    images = Gemma3ImageProcessorPil(size={"height": _TILE, "width": _TILE}, **_NORM)
     template = world.chat_template.replace("<image>", tok.boi_token)  # Gemma's placeholder
     processor = Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=template, image_seq_length=4)
     model = Gemma3ForConditionalGeneration(config)
@@ -369,8 +258,11 @@ def tiny_family(family: str, world_model: str | Path, out: str | Path, seed: int
     marker = out / "editlens-family.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
+    from transformers import AutoProcessor
+
+    world = AutoProcessor.from_pretrained(world_model)  # its tokenizer, image token and chat template
     torch.manual_seed(seed)
-    model, processor = _BUILDERS[family](world_model)
+    model, processor = _BUILDERS[family](world)
     model.eval()
     with torch.no_grad():  # a readout strong enough that one answer can dominate, as in a trained model
         model.get_output_embeddings().weight.mul_(_READOUT_SCALE)

@@ -230,8 +230,9 @@ def ask_cmd(
             {"text": c, "tokens": toks[a:b], "span": [a, b]}
             for c, (a, b) in zip(constraint or [], prompt.constraint_spans)
         ]
-        if prompt.image_span:
+        if prompt.image_spans:
             result["image_span"] = list(prompt.image_span)
+            result["image_runs"] = [list(r) for r in prompt.image_spans]
         if answer is not None:
             scored = encode(vlm.processor, question, image=image, answer=answer)
             s = score_answers(vlm, [scored])[0]

@@ -60,8 +60,8 @@ def relation_sets(
 ) -> dict[str, tuple[list[int], list[int]]]:
     """relation name → (targets, sources) positions."""
     p = prep.prompt
-    i0, i1 = p.image_span
-    image = list(range(i0, i1))
+    image = p.image_positions  # in runs where the image was split into crops
+    i1 = p.image_span[1]
     last = [p.last_prompt_pos]
     question = list(range(i1, p.last_prompt_pos))
     bad = [r for r in relations if r not in RELATIONS]
@@ -86,7 +86,7 @@ def relation_sets(
                 bad_idx = [k for k in reg if not 0 <= k < len(image)]
                 if bad_idx or not reg:
                     raise DiagnosticError(f"image region {list(reg)} is outside patches 0..{len(image) - 1}")
-                out[f"image {min(reg)}-{max(reg)}->question"] = (question, [i0 + k for k in reg])
+                out[f"image {min(reg)}-{max(reg)}->question"] = (question, [image[k] for k in reg])
     if not question and any(r.endswith("question") or r.startswith("question") for r in relations):
         raise DiagnosticError("the prompt has no question tokens between the image and the last position")
     return out

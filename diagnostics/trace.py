@@ -140,23 +140,24 @@ def check_kinds(kinds: Sequence[str]) -> list[str]:
 
 
 def trace_rows(prep: Prepared, image_block: int | None = None) -> list[TraceRow]:
-    """Rows in prompt order: text tokens one by one; image tokens as one group and per block."""
+    """Rows in prompt order: text tokens one by one (an image's crop markers too); image tokens as one group
+    and per block (blocks of image tokens counted in order, across the runs of a split image)."""
     p = prep.prompt
-    i0, i1 = p.image_span
-    n_img = i1 - i0
+    image = p.image_positions  # in runs where the image was split into crops
+    i0, on_image = image[0], set(image)
     if image_block is None:  # one row of the patch grid
-        image_block = max(1, int(round(n_img**0.5)))
+        image_block = max(1, int(round(len(image) ** 0.5)))
     if image_block < 1:
         raise DiagnosticError("an image block must hold at least one token")
     c0, c1 = p.constraint_spans[0]
     rows: list[TraceRow] = []
     for pos in range(p.last_prompt_pos + 1):
         if pos == i0:
-            rows.append(TraceRow("image (all)", list(range(i0, i1)), "image (all)"))
-            for _b, s in enumerate(range(i0, i1, image_block)):
-                blk = list(range(s, min(s + image_block, i1)))
-                rows.append(TraceRow(f"image {blk[0] - i0}-{blk[-1] - i0}", blk, "image block"))
-        if i0 <= pos < i1:
+            rows.append(TraceRow("image (all)", image, "image (all)"))
+            for s in range(0, len(image), image_block):
+                blk = image[s : s + image_block]
+                rows.append(TraceRow(f"image {s}-{s + len(blk) - 1}", blk, "image block"))
+        if pos in on_image:
             continue
         if pos < i0:
             role = "prompt start"

@@ -64,21 +64,21 @@ def test_loads_and_encodes_exactly_as_its_own_processor(fam):
         p = encode(fam.processor, QUESTION, image=img, constraints=["this landmark"])
         ref = fam.processor(text=[prompt_text(fam.processor, QUESTION, True)], images=[img], return_tensors="pt")
         assert torch.equal(p.input_ids, ref["input_ids"][0])
-        a, b = p.image_span
-        assert (p.input_ids[a:b] == fam.image_token_id).all() and int(
-            (p.input_ids == fam.image_token_id).sum()
-        ) == b - a
+        on_image = (p.input_ids == fam.image_token_id).nonzero().squeeze(1).tolist()
+        assert p.image_positions == on_image
+        crops = ref["pixel_values"].shape[1] if fam.arch.family == "idefics3" else 1
+        assert len(p.image_spans) == crops, "one run of image tokens per crop, one for an unsplit image"
         assert fam.tokenizer.decode(p.input_ids[slice(*p.constraint_spans[0])]).strip() == "this landmark"
-        counts.add(b - a)
+        counts.add(len(on_image))
         with torch.no_grad():
             theirs = fam.model(**ref).logits[0, -1]
         assert (_last_logits(fam, [p])[0] - theirs).abs().max() < TOL
-    # Gemma 3 pools every image to one count; so does Idefics3 without image splitting
-    fixed = getattr(fam.config, "mm_tokens_per_image", None)
-    if not getattr(fam.processor.image_processor, "do_image_splitting", True):
-        fixed = fam.processor.image_seq_len
-    if fixed:
-        assert counts == {fixed}
+    # Gemma 3 pools every image to one count; Idefics3's crops follow the aspect ratio (both square images are
+    # resized to the same 64 pixels: 2×2 crops; the tall one 2×1)
+    if getattr(fam.config, "mm_tokens_per_image", None):
+        assert counts == {fam.config.mm_tokens_per_image}
+    elif getattr(fam.processor.image_processor, "do_image_splitting", False):
+        assert counts == {5 * fam.processor.image_seq_len, 3 * fam.processor.image_seq_len}
     else:
         assert len(counts) == len(SIZES), f"image-token counts should follow the image size: {counts}"
 
@@ -103,20 +103,31 @@ def test_each_images_token_count_is_the_number_of_features_the_model_makes_of_it
         assert sum(p.reshape(-1, p.shape[-1]).shape[0] for p in parts) == image.num_tokens
 
 
-def test_an_image_split_into_interleaved_crops_is_refused_clearly(fam):
-    """A processor that splits an image into crops with row/column markers between them (Idefics3's
-    do_image_splitting) would give image tokens that are not one span: encoding refuses it with a message."""
-    import copy
+def test_a_split_image_is_runs_of_image_tokens_with_the_crop_markers_between(fam):
+    """Idefics3 / SmolVLM split an image into crops (a row/column marker before each crop's tokens): the prompt
+    holds one run of image tokens per crop; the trace's image rows and the knockout's image sets are the image
+    tokens only, and the markers between the runs are text rows of their own."""
+    from diagnostics.cases import DiagnosticCase
+    from diagnostics.knockout import relation_sets
+    from diagnostics.trace import trace_rows
 
-    from vlm.errors import ImageDecodeError, PromptError
-
-    if not hasattr(fam.processor.image_processor, "do_image_splitting"):
-        return  # the family has no such splitting
-    split = copy.deepcopy(fam.processor)
-    split.image_processor.do_image_splitting = True
-    split.image_processor.size = {"longest_edge": 2 * split.image_processor.max_image_size["longest_edge"]}
-    with pytest.raises((ImageDecodeError, PromptError), match="splitting|contiguous"):
-        encode(split, QUESTION, image=_image((64, 64)))
+    if not getattr(fam.processor.image_processor, "do_image_splitting", False):
+        return  # the family does not split images
+    image = _image((64, 64))
+    prep = prepare(fam, DiagnosticCase(question=QUESTION, constraint="this landmark", image=image))
+    p = prep.prompt
+    assert len(p.image_spans) == 5 and len(p.image_positions) == 20  # 2×2 crops and the whole image, 4 tokens each
+    markers = [i for i in range(*p.image_span) if i not in set(p.image_positions)]
+    assert markers and not (p.input_ids[markers] == fam.image_token_id).any()
+    rows = trace_rows(prep)
+    image_rows = [r for r in rows if r.role in ("image (all)", "image block")]
+    assert image_rows[0].positions == p.image_positions
+    assert sorted(i for r in image_rows[1:] for i in r.positions) == p.image_positions
+    assert set(markers) <= {i for r in rows if r not in image_rows for i in r.positions}
+    sets = relation_sets(prep, ["image->last", "region->question"], image_block=4)
+    assert sets["image->last"][1] == p.image_positions
+    regions = [sources for name, (_, sources) in sets.items() if name.startswith("image ") and name != "image->last"]
+    assert len(regions) == 5 and sorted(i for r in regions for i in r) == p.image_positions
 
 
 def test_rows_of_different_image_sizes_batch_as_one_by_one(fam):
@@ -248,7 +259,7 @@ def test_every_diagnostic_batched_equals_naive(fam, fam_case):
     va, vb = (visual_attribution(fam, prep, layers=[1], samples=1, mode=m) for m in ("batched", "naive"))
     for x, y in zip(va.maps, vb.maps):
         assert _close(x, y)
-    assert len(va.maps[0]) == prep.prompt.image_span[1] - prep.prompt.image_span[0]
+    assert len(va.maps[0]) == len(prep.prompt.image_positions)
 
 
 def _edit_requests(fam, world_dir, test_cases, n=2):
@@ -308,6 +319,12 @@ def test_visedit_adapter_attaches_to_the_image_span_and_removes_bit_identically(
     assert not torch.equal(edited[0], base[0]), "the adapter acts on its image question"
     assert torch.equal(edited[1], base[1]), "a text-only question has no visual state to change"
     assert torch.equal(_last_logits(fam, prompts), base)
+    # rows whose images give different token counts, batched: each row edited as it is alone
+    sized = [encode(fam.processor, req[0].question, image=_image(s, i)) for i, s in enumerate(SIZES)]
+    with attach(fam, es):
+        together = _last_logits(fam, sized)
+        for i, p in enumerate(sized):
+            assert (together[i] - _last_logits(fam, [p])[0]).abs().max() < TOL
 
 
 def test_peft_export_loads_in_plain_peft(fam, world_dir, test_cases, tmp_path):

@@ -52,7 +52,8 @@ class ProcessedImage:
     the processor adds to mark image tokens (Qwen2-VL's ``mm_token_type_ids``, Gemma 3's ``token_type_ids``),
     which ``collate`` rebuilds from each prompt's image span. ``expansion`` is the text the family's processor
     puts in place of the prompt's image placeholder (``token`` repeated ``num_tokens`` times, with Gemma 3's
-    begin/end-of-image markers around them), ``token`` the image token the model fills with features."""
+    begin/end-of-image markers around them; for an image Idefics3 splits into crops, one run of image tokens per
+    crop with row/column markers between the runs), ``token`` the image token the model fills with features."""
 
     tensors: dict[str, torch.Tensor]
     num_tokens: int
@@ -85,10 +86,10 @@ def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedIma
         return image
     pil = load_image(image)
     placeholder = getattr(processor, "image_token", "<image>")
-    out = processor(text=[placeholder], images=[pil], return_tensors="pt")
+    out = processor(text=[placeholder], images=[pil], return_tensors="pt", return_text_replacement_offsets=True)
     token = image_token(processor)
-    expansion = None
-    if hasattr(processor, "replace_image_token"):
+    expansion = _replacement(out)
+    if expansion is None and hasattr(processor, "replace_image_token"):
         try:
             expansion = processor.replace_image_token(out, image_idx=0)
         except KeyError:  # it reads an image-processor output the processor does not return (Gemma 3's num_crops)
@@ -112,6 +113,17 @@ def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedIma
     )
 
 
+def _replacement(out) -> str | None:
+    """The text the processor put in place of the placeholder, where it reports it (transformers' processors
+    do when asked for ``return_text_replacement_offsets``): Idefics3's split image — crops with row/column
+    markers between them — comes out exactly as the processor writes it."""
+    offsets = out.get("text_replacement_offsets") if hasattr(out, "get") else None
+    if not offsets or not offsets[0]:
+        return None
+    found = offsets[0][0]
+    return found.get("replacement") if isinstance(found, dict) else None
+
+
 def _expansion_from_ids(tokenizer, ids: list[int]) -> str:
     """The text of a lone placeholder's expansion from its token ids (the leading BOS dropped), where every
     token of it is an added token (markers and image tokens), so the text tokenizes back to the same ids."""
@@ -121,8 +133,7 @@ def _expansion_from_ids(tokenizer, ids: list[int]) -> str:
     if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
         raise PromptError(
             "cannot tell the text this model's processor puts in place of the image: it is not made of image "
-            "and marker tokens alone (an image split into crops with row/column text, as Idefics3's "
-            "do_image_splitting does, is not supported: turn splitting off)"
+            "and marker tokens alone, and the processor does not report its replacement text"
         )
     return text
 
@@ -148,8 +159,9 @@ def batch_images(
     images: list[ProcessedImage], device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """The model inputs of several images in row order: each tensor stacked along a new batch dimension,
-    tiled images' patch lists padded to the longest (the model reads each image's own count from its
-    ``image_sizes``), or concatenated where the family takes them so (Qwen2-VL). Floating tensors take
+    tiled images' patch lists (and Idefics3's crops with their pixel masks) padded with zeros to the longest, as
+    the family's processor pads them (the model reads each image's own count from its ``image_sizes``; Idefics3
+    drops all-zero crops), or concatenated where the family takes them so (Qwen2-VL). Floating tensors take
     ``dtype``."""
     out: dict[str, torch.Tensor] = {}
     for key in images[0].tensors:
@@ -158,7 +170,7 @@ def batch_images(
             out[key] = torch.cat(parts)
         else:
             longest = max(p.shape[0] for p in parts)
-            if any(p.shape[0] != longest for p in parts) and parts[0].dim() >= 4:
+            if any(p.shape[0] != longest for p in parts) and parts[0].dim() >= 3:  # crops (and their masks)
                 parts = [torch.cat([p, p.new_zeros(longest - p.shape[0], *p.shape[1:])]) for p in parts]
             out[key] = torch.stack(parts)
     for key, t in out.items():

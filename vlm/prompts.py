@@ -1,15 +1,17 @@
 """Prompt encoding with the token spans that editors and diagnostics need.
 
 (image, question, optional answer, optional constraints) → token ids, pixel
-values and: the image-token span, each constraint's token span (found through
-character offsets, so it works for any fast tokenizer), the last prompt
-position (whose logits predict the first answer token) and the answer token
+values and: the image tokens' runs (one, or one per crop where a family
+splits an image), each constraint's token span (found through character
+offsets, so it works for any fast tokenizer), the last prompt position
+(whose logits predict the first answer token) and the answer token
 positions. Batches are right-padded so that a token's index is the same
 position in every row's sequence.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +30,7 @@ class EncodedPrompt:
     image: ProcessedImage | None  # None for a text-only prompt
     question: str
     text: str  # the full prompt text (image placeholder not expanded)
-    image_span: Span | None
+    image_spans: list[Span]  # the image tokens' runs: one, or one per crop where Idefics3 splits an image
     constraint_spans: list[Span]
     last_prompt_pos: int  # logits here predict the first answer token
     answer: str | None = None
@@ -54,8 +56,15 @@ class EncodedPrompt:
         return None if self.image is None else self.image.pixel_values
 
     @property
+    def image_span(self) -> Span | None:
+        """From the first image token to the last (markers between an image's runs included); None without an
+        image. Its end is the first position after the image."""
+        return (self.image_spans[0][0], self.image_spans[-1][1]) if self.image_spans else None
+
+    @property
     def image_positions(self) -> list[int]:
-        return list(range(*self.image_span)) if self.image_span else []
+        """The positions of the image tokens (the model fills these with image features), in order."""
+        return [i for a, b in self.image_spans for i in range(a, b)]
 
 
 def prompt_text(processor, question: str, with_image: bool) -> str:
@@ -67,28 +76,53 @@ def prompt_text(processor, question: str, with_image: bool) -> str:
 
 
 def _tokenize(tok, full: str, image: ProcessedImage | None, img_id: int) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and character offsets of ``full``. The image's run of image tokens (576 for LLaVA-1.5) is
-    tokenized as one token and spliced back: the image token is a special token, which the tokenizer splits
-    around, so the ids are those of the whole string, and tokenizing a prompt costs what its text costs."""
+    """Token ids and character offsets of ``full``. Each run of image tokens (576 for LLaVA-1.5; one per crop
+    where Idefics3 splits an image) is tokenized as one token and spliced back: the image token is a special
+    token, which the tokenizer splits around, so the ids are those of the whole string, and tokenizing a prompt
+    costs what its text costs."""
 
     def whole(text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
         return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
-    run = image.token * image.num_tokens if image is not None else ""
-    at = full.find(run) if image is not None and image.num_tokens > 1 else -1
-    if at < 0:
+    if image is None or image.num_tokens <= 1:
         return whole(full)
-    ids, offsets = whole(full[:at] + image.token + full[at + len(run) :])
+    runs = list(re.finditer(f"(?:{re.escape(image.token)})+", full))
+    w = len(image.token)
+    lengths = [(m.end() - m.start()) // w for m in runs]
+    collapsed, at = [], 0
+    for m in runs:
+        collapsed += [full[at : m.start()], image.token]
+        at = m.end()
+    ids, offsets = whole("".join(collapsed) + full[at:])
     where = [i for i, t in enumerate(ids) if t == img_id]
-    if len(where) != 1:  # not split around as a special token would be: tokenize it whole
+    if len(where) != len(runs):  # not split around as a special token would be: tokenize it whole
         return whole(full)
-    i, n, w = where[0], image.num_tokens, len(image.token)
-    extra = (n - 1) * w
-    start = offsets[i][0]
-    image_offsets = [(start + k * w, start + (k + 1) * w) for k in range(n)]
-    after = [(a + extra, b + extra) if b > 0 else (a, b) for a, b in offsets[i + 1 :]]
-    return ids[:i] + [img_id] * n + ids[i + 1 :], offsets[:i] + image_offsets + after
+    out_ids: list[int] = []
+    out_offsets: list[tuple[int, int]] = []
+    extra, prev = 0, 0  # characters the runs so far lost in the collapsed text
+    for i, n in zip(where, lengths):
+        out_ids += ids[prev:i]
+        out_offsets += [(a + extra, b + extra) if b > 0 else (a, b) for a, b in offsets[prev:i]]
+        start = offsets[i][0] + extra
+        out_ids += [img_id] * n
+        out_offsets += [(start + k * w, start + (k + 1) * w) for k in range(n)]
+        extra += (n - 1) * w
+        prev = i + 1
+    out_ids += ids[prev:]
+    out_offsets += [(a + extra, b + extra) if b > 0 else (a, b) for a, b in offsets[prev:]]
+    return out_ids, out_offsets
+
+
+def _runs(positions: list[int]) -> list[Span]:
+    """Sorted positions as the spans of their consecutive runs."""
+    spans: list[Span] = []
+    for p in positions:
+        if spans and spans[-1][1] == p:
+            spans[-1] = (spans[-1][0], p + 1)
+        else:
+            spans.append((p, p + 1))
+    return spans
 
 
 def _char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int, skip: set[int]) -> list[int]:
@@ -140,12 +174,12 @@ def encode(
     special_ids = set(tok.all_special_ids) - {img_id}
     special = {i for i, t in enumerate(ids) if t in special_ids}
 
-    image_span = None
+    image_spans: list[Span] = []
     if with_image:
         pos = [i for i, t in enumerate(ids) if t == img_id]
-        if len(pos) != n_img or pos != list(range(pos[0], pos[0] + n_img)):
-            raise PromptError(f"expected {n_img} contiguous image tokens, found {len(pos)}")
-        image_span = (pos[0], pos[-1] + 1)
+        if len(pos) != n_img:
+            raise PromptError(f"expected {n_img} image tokens for this image, found {len(pos)}")
+        image_spans = _runs(pos)
         special |= set(pos)
 
     spans: list[Span] = []
@@ -175,7 +209,7 @@ def encode(
         image=processed,
         question=question,
         text=text,
-        image_span=image_span,
+        image_spans=image_spans,
         constraint_spans=spans,
         last_prompt_pos=last,
         answer=answer,
@@ -192,9 +226,9 @@ def token_type_inputs(prompts: Sequence[EncodedPrompt], length: int, left: bool)
         return {}
     marks = torch.zeros(len(prompts), length, dtype=torch.long)
     for row, p in enumerate(prompts):
-        if p.image_span is not None:
-            pad = length - p.length if left else 0
-            marks[row, pad + p.image_span[0] : pad + p.image_span[1]] = 1
+        pad = length - p.length if left else 0
+        for a, b in p.image_spans:
+            marks[row, pad + a : pad + b] = 1
     return {name: marks}
 
 

@@ -295,6 +295,31 @@ class AttachedVEAD:
             signals_on = signals if isinstance(signals, SignalBatch) else SignalBatch(signals, device=device)
             prepared = None if mode == "paired" else vead.prepare(signals_on)
 
+        def edit_group(h, mask, n_v: int, order):
+            """The new visual states of the rows ``mask`` marks (each with ``n_v`` image tokens), as
+            (positions mask, states); None where no row of the group is in any edit's scope."""
+            rows = mask.any(1)
+            x = h[mask].view(int(rows.sum()), n_v, h.shape[-1]).to(vead.w1.weight.dtype)
+            if mode == "paired":
+                new, self.logits = vead.paired(x, signals_on)
+                self.inputs = x
+                return mask, new
+            if gate is None:
+                return mask, vead.all_edits(x, prepared)
+            image_rows = rows.nonzero().squeeze(1)
+            ends = [int(m.nonzero().max()) + 1 for m in mask[image_rows]]
+            select = gate(x, self.positions.ids[image_rows], ends)  # (rows, E)
+            self.selected[order[image_rows]] = select
+            hit = select.any(1)
+            if not bool(hit.any()):
+                return None
+            used = select.any(0).nonzero().squeeze(1)  # only the edits some row is in the scope of
+            part = vead.prepare(SignalBatch([listed[i] for i in used.tolist()], device=device, dtype=x.dtype))
+            new = vead.all_edits(x[hit], part, select[hit][:, used])
+            mask = mask.clone()
+            mask[image_rows[~hit]] = False  # rows out of every scope keep their states
+            return mask, new
+
         def pre(_mod, args, kwargs):
             h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             mask = self.positions.mask
@@ -306,33 +331,27 @@ class AttachedVEAD:
                 return None
             counts = mask.sum(1)
             rows = counts > 0  # text-only rows have nothing to change
-            n_v = int(counts[rows][0])
-            if not bool((counts[rows] == n_v).all()):
-                raise ValueError("every image row of a batch must hold the same number of image tokens")
             if mode == "paired" and not bool(rows.all()):
                 raise ValueError("in the paired (training) form every row needs an image")
-            vis = h[mask].view(int(rows.sum()), n_v, h.shape[-1])
-            x = vis.to(vead.w1.weight.dtype)
-            if mode == "paired":
-                new, self.logits = vead.paired(x, signals_on)
-                self.inputs = x
-            elif gate is not None:
-                image_rows = rows.nonzero().squeeze(1)
-                ends = [int(m.nonzero().max()) + 1 for m in mask[image_rows]]
-                select = gate(x, self.positions.ids[image_rows], ends)  # (rows, E)
-                self.selected = select
-                hit = select.any(1)
-                if not bool(hit.any()):
-                    return None  # no row is in any edit's scope: the base model, bit for bit
-                used = select.any(0).nonzero().squeeze(1)  # only the edits some row is in the scope of
-                part = vead.prepare(SignalBatch([listed[i] for i in used.tolist()], device=device, dtype=x.dtype))
-                new = vead.all_edits(x[hit], part, select[hit][:, used])
-                mask = mask.clone()
-                mask[image_rows[~hit]] = False  # rows out of every scope keep their states
-            else:
-                new = vead.all_edits(x, prepared)
-            h = h.clone()
-            h[mask] = new.to(h.dtype).reshape(-1, h.shape[-1])
+            sizes = counts[rows].unique().tolist()
+            if mode == "paired" and len(sizes) > 1:
+                raise ValueError("in the paired (training) form every row must hold the same number of image tokens")
+            if gate is not None:
+                self.selected = torch.zeros(int(rows.sum()), len(listed), dtype=torch.bool, device=h.device)
+            changed, out = False, h
+            # rows whose images have different token counts (a family that sizes images dynamically) are
+            # edited in groups of one count: every VEAD operation is per visual token, the scope key per row
+            for n_v in sizes:
+                group = mask & (counts == n_v).unsqueeze(1)
+                new = edit_group(h, group, int(n_v), rows.long().cumsum(0) - 1)
+                if new is None:
+                    continue
+                if not changed:
+                    out, changed = h.clone(), True
+                out[new[0]] = new[1].to(h.dtype).reshape(-1, h.shape[-1])
+            if not changed:
+                return None  # no row is in any edit's scope: the base model, bit for bit
+            h = out
             if "hidden_states" in kwargs:
                 kwargs["hidden_states"] = h
                 return args, kwargs

@@ -92,8 +92,10 @@ def compute_signals(
                 key = summary[i, p.constraint_last if summary_token == "constraint" else p.last_prompt_pos]
             scope_key = None if scope_keys is None else scope_keys[i].clone()
             kept = states[i, : p.length]
-            if rows == "text" and p.image_span:
-                kept = torch.cat([kept[: p.image_span[0]], kept[p.image_span[1] :]])
+            if rows == "text" and p.image_spans:
+                text = torch.ones(p.length, dtype=torch.bool)
+                text[p.image_positions] = False
+                kept = kept[text]
             out.append(EditSignal(kept.clone(), key.clone(), scope_key))
     return out
 

@@ -13,7 +13,11 @@ tiling with a SigLIP tower and a Qwen2 decoder; the stand-in processor), ``qwen2
 resolution: 8-pixel patches on a grid that follows the image's size, 2×2 merged per token, so 64×64 gives 16
 tokens and 64×40 gives 8; M-RoPE positions; its processor is ``vlm.processors.ImageTextProcessor``, as
 transformers cannot build Qwen2-VL's without torchvision), and ``qwen2_5_vl`` (Qwen2-VL's decoder, image
-geometry and M-RoPE; a vision tower with window attention).
+geometry and M-RoPE; a vision tower with window attention), ``gemma3`` (image tokens that attend to each other
+both ways, between begin/end-of-image markers; a fixed 4 tokens per image) and ``idefics3`` (SmolVLM's
+model_type; image splitting on as SmolVLM ships it: 32-pixel crops plus the whole image downscaled, each crop a
+run of 4 image tokens after its ``<row_i_col_j>`` marker, so a square image has 5 runs, 20 tokens, and a tall
+one 3 runs).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ _QWEN_PATCH = 8
 _READOUT_SCALE = 25.0
 
 
+# bumped when a builder changes what it writes, so that a folder from an older builder is not reused
+_BUILDER_VERSION = 2
 _NORM = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
@@ -192,7 +198,9 @@ def _idefics3(world):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tok = _with_tokens(world.tokenizer, {}, ["<fake_token_around_image>", "<global-img>"])
+    # SmolVLM's tokenizer has the crop markers <row_i_col_j> as added tokens beside the image markers
+    rows = [f"<row_{i}_col_{j}>" for i in range(1, 3) for j in range(1, 3)]
+    tok = _with_tokens(world.tokenizer, {}, ["<fake_token_around_image>", "<global-img>", *rows])
     config = Idefics3Config(
         vision_config=_vision(patch_size=8),
         text_config=_decoder(tok, model_type="llama"),
@@ -200,8 +208,11 @@ def _idefics3(world):
         image_token_id=tok.convert_tokens_to_ids(tok.image_token),
         tie_word_embeddings=False,
     )
+    # image splitting on, as SmolVLM ships it: an image is resized to 64 on its longest edge and split into
+    # 32-pixel crops (2×2 for a square, 2×1 for a tall one) plus the whole image downscaled, each crop a run of
+    # 4 image tokens with its row/column marker before it (20 tokens for a square image, 12 for a tall one)
     images = Idefics3ImageProcessorPil(
-        do_image_splitting=False, size={"longest_edge": _TILE}, max_image_size={"longest_edge": _TILE}, **_NORM
+        do_image_splitting=True, size={"longest_edge": 2 * _TILE}, max_image_size={"longest_edge": _TILE}, **_NORM
     )
     processor = Idefics3Processor(images, tok, image_seq_len=4, chat_template=world.chat_template)
     return Idefics3ForConditionalGeneration(config), processor
@@ -254,7 +265,7 @@ def tiny_family(family: str, world_model: str | Path, out: str | Path, seed: int
     if family not in _BUILDERS:
         raise ValueError(f"no tiny builder for the family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     world_model, out = Path(world_model), Path(out)
-    stamp = {"family": family, "seed": seed, "tokenizer_of": str(world_model)}
+    stamp = {"family": family, "seed": seed, "tokenizer_of": str(world_model), "builder": _BUILDER_VERSION}
     marker = out / "editlens-family.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out

@@ -4,10 +4,12 @@ Generation is not a job: it is served beside any edit or diagnostic. With
 batching on (``--max-batch-size`` > 1, the default) a request is handed to
 the host's ``Batcher`` (``server.batching``): concurrent requests of any
 versions share one forward pass per decoding step, each row with its own
-version's edits. With ``--max-batch-size 1`` each request runs its own
-``generate`` in the RPC's thread (the stream in a worker thread of its own)
-with the version's edits attached for that thread only; the answers are the
-same (tested).
+version's edits. With ``--max-batch-size 1`` each request is decoded by
+itself in the RPC's thread (the stream in a worker thread of its own) with
+the version's edits attached for that thread only; the answers are the same
+(tested). Both paths decode with ``vlm.decoding.greedy_batch``, which passes
+positions explicitly, so concurrent requests share no state on the model
+(transformers' ``generate`` keeps M-RoPE's ``rope_deltas`` on the module).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from editlens.v1 import editlens_pb2 as pb
 
-from vlm.prompts import EncodedPrompt, left_padded
+from vlm.decoding import DecodeRow, greedy_batch
+from vlm.prompts import EncodedPrompt
 
 from .batching import Ticket
 from .bundles import Bundle, attached
@@ -56,18 +59,11 @@ def start_generation(host: Host, request: pb.GenerateRequest) -> GenerationPlan:
     return plan
 
 
-def _generate_kwargs(vlm, plan: GenerationPlan) -> dict:
-    tok = vlm.tokenizer
-    inputs = left_padded(vlm, [plan.prompt])
-    del inputs["position_ids"]  # generate derives them (M-RoPE families from the image-token marks)
-    kwargs = {
-        **inputs,
-        "max_new_tokens": plan.new_tokens,
-        "do_sample": False,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
-    return kwargs
+def _decode_alone(vlm, plan: GenerationPlan, on_token=None, cancelled=None) -> list[int]:
+    """One request's greedy answer ids, decoded by itself with its version's edits attached for this thread."""
+    row = DecodeRow(plan.prompt, plan.new_tokens, on_token=on_token, cancelled=cancelled)
+    with torch.no_grad(), attached(vlm, plan.bundle):
+        return greedy_batch(vlm, [row])[0]
 
 
 def answer_text(tokenizer, ids: list[int]) -> tuple[str, int]:
@@ -88,9 +84,7 @@ def generate(host: Host, plan: GenerationPlan, context=None) -> tuple[str, int]:
         if ticket.cancelled.is_set():
             raise JobCancelled("the client went away")
         return answer_text(vlm.tokenizer, ids)
-    with torch.no_grad(), attached(vlm, plan.bundle):
-        out = vlm.model.generate(**_generate_kwargs(vlm, plan))
-    return answer_text(vlm.tokenizer, out[0, plan.prompt.length :].tolist())
+    return answer_text(vlm.tokenizer, _decode_alone(vlm, plan))
 
 
 class TextDeltas:
@@ -113,29 +107,6 @@ class TextDeltas:
         delta = text[len(self.sent) :] if text.startswith(self.sent) else text
         self.sent = text
         return delta
-
-
-class _Streamer:
-    """transformers' streamer protocol: ``put(ids)`` per step (the prompt first), ``end()``; each new piece of
-    text goes to ``events`` as ("chunk", text, tokens so far)."""
-
-    def __init__(self, tokenizer, events: queue.Queue, stop: threading.Event):
-        self.events, self.stop = events, stop
-        self.text = TextDeltas(tokenizer)
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if self.stop.is_set():
-            raise JobCancelled("the client went away")
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        delta = self.text.push(value.reshape(-1).tolist())
-        if delta:
-            self.events.put(("chunk", delta, self.text.count))
-
-    def end(self) -> None:
-        pass
 
 
 def _stream_batched(host: Host, plan: GenerationPlan, context) -> Iterator[pb.GenerateChunk]:
@@ -163,10 +134,16 @@ def stream(host: Host, plan: GenerationPlan, context) -> Iterator[pb.GenerateChu
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 
+    text = TextDeltas(vlm.tokenizer)
+
+    def on_token(token: int) -> None:
+        delta = text.push([token])
+        if delta:
+            events.put(("chunk", delta, text.count))
+
     def work() -> None:
         try:
-            with torch.no_grad(), attached(vlm, plan.bundle):  # hooks of this thread only
-                vlm.model.generate(**_generate_kwargs(vlm, plan), streamer=_Streamer(vlm.tokenizer, events, stop))
+            _decode_alone(vlm, plan, on_token, stop.is_set)  # hooks of this thread only
             events.put(("end", None, 0))
         except BaseException as exc:  # reported to the RPC thread, which turns it into a status
             events.put(("error", exc, 0))

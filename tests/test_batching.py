@@ -78,8 +78,8 @@ MIX = {
 
 
 def _unbatched(vlm, prompt, edit_set, new_tokens=8) -> list[int]:
-    """What the unbatched serving path answers: transformers' generate on the one prompt, the edit set attached
-    for the thread."""
+    """The reference every decoding path must match: transformers' generate on the one prompt, the edit set
+    attached for the thread."""
     kwargs = {} if prompt.pixel_values is None else {"pixel_values": prompt.pixel_values[None]}
     with torch.no_grad(), attach(vlm, edit_set):
         out = vlm.model.generate(

@@ -368,3 +368,28 @@ def test_served_it_answers_generate_and_an_edit(fam, start_service, world_dir, t
         with bundle.attached(fam):
             want = fam.tokenizer.decode(greedy_batch(fam, [DecodeRow(edited, 8)])[0], skip_special_tokens=True)
         assert lens.generate(world_dir / c["image"], c["src"], max_new_tokens=8).text == want.strip()
+
+
+def test_decoding_reads_no_state_another_request_leaves_on_the_model(fam):
+    """An M-RoPE family's forward (Qwen2-VL) given no positions reads the ``rope_deltas`` the last prompt left on
+    the module, which a concurrent request's prompt overwrites. EditLens decodes every answer (served, batched
+    or not, and ``vlm.scoring.generate``) with explicit positions: the module's value overwritten before every
+    step, as another request would, changes no answer."""
+    from vlm.scoring import generate
+
+    if fam.arch.rope != "mrope":
+        return  # 1-D positions: nothing is kept on the module
+    prompts = [encode(fam.processor, QUESTION, image=_image(s, i)) for i, s in enumerate(SIZES)]
+    alone = [generate(fam, [p], max_new_tokens=8) for p in prompts]
+    base = fam.model.model
+
+    def another_request(*_):  # what another prompt's prefill leaves on the module
+        base.rope_deltas = torch.full((1, 1), -37, dtype=torch.long)
+
+    hook = base.language_model.register_forward_pre_hook(another_request)
+    try:
+        assert [generate(fam, [p], max_new_tokens=8) for p in prompts] == alone
+        assert generate(fam, prompts, max_new_tokens=8) == [a[0] for a in alone]
+    finally:
+        hook.remove()
+        base.rope_deltas = None

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .decoding import DecodeRow, greedy_batch
 from .images import ImageInput
 from .loading import VLM
 from .patching import Knockout, Patch, run_patched
-from .prompts import EncodedPrompt, collate, encode, left_padded
+from .prompts import EncodedPrompt, collate, encode
 
 
 @dataclass
@@ -84,22 +85,14 @@ def score_answers(vlm: VLM, prompts: Sequence[EncodedPrompt], batch_size: int = 
 
 @torch.no_grad()
 def generate(vlm: VLM, prompts: Sequence[EncodedPrompt], max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
-    """Greedy answers (decoded, special tokens removed) for prompts without answers."""
+    """Greedy answers (decoded, special tokens removed) for prompts without answers, ``batch_size`` rows decoded
+    together (``vlm.decoding.greedy_batch``: the answers each prompt gets alone; positions passed explicitly,
+    so nothing is left on the model between calls)."""
     tok = vlm.tokenizer
     results: list[str] = []
     for chunk in batches(prompts, batch_size):
-        kwargs = left_padded(vlm, chunk)
-        del kwargs["position_ids"]  # generate derives them from the attention mask
-        T = kwargs["input_ids"].shape[1]
-        out = vlm.model.generate(
-            **kwargs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        for row in out[:, T:]:
-            results.append(tok.decode(row, skip_special_tokens=True).strip())
+        for ids in greedy_batch(vlm, [DecodeRow(p, max_new_tokens) for p in chunk]):
+            results.append(tok.decode(ids, skip_special_tokens=True).strip())
     return results
 
 

@@ -393,3 +393,26 @@ def test_decoding_reads_no_state_another_request_leaves_on_the_model(fam):
     finally:
         hook.remove()
         base.rope_deltas = None
+
+
+def test_editlens_serve_with_the_family_folder_answers_generate(fam, tmp_path):
+    """``editlens serve --model DIR`` started as a process on the family's folder (a new registry) loads the
+    family, reports its fingerprint and answers Generate over gRPC as the model does alone; it stops cleanly."""
+    from test_service_e2e import TOKEN, ServeProcess
+
+    from client import sdk
+
+    img = tmp_path / "tall.png"
+    _image((32, 64), 4).save(img)
+    prompt = encode(fam.processor, QUESTION, image=img)
+    want = fam.tokenizer.decode(greedy_batch(fam, [DecodeRow(prompt, 5)])[0], skip_special_tokens=True).strip()
+    log = tmp_path / "serve.log"
+    server = ServeProcess(tmp_path / "registry", log, extra=["--model", str(fam.path), "--device", "cpu"])
+    try:
+        with sdk.EditLensClient(server.address, token=TOKEN) as lens:
+            info = lens.wait_ready(120)
+            assert info.ready and info.base_fingerprint == fam.fingerprint
+            assert lens.generate(img, QUESTION, max_new_tokens=5).text == want
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]

@@ -280,13 +280,21 @@ def _knockout_hook(mask: torch.Tensor, blocked: torch.Tensor):
 
     def pre(mod, args, kwargs):
         own = kwargs.get("attention_mask")
-        if isinstance(own, torch.Tensor) and own.dim() == 4 and own.shape[-2:] == mask.shape[-2:]:
+        if (
+            isinstance(own, torch.Tensor)
+            and own.dim() == 4
+            and own.shape[-2] == mask.shape[-2]
+            and own.shape[-1] <= mask.shape[-1]
+        ):
+            # the model's mask covers the keys the layer holds: all positions, or — a sliding-window layer
+            # continuing from a cache that keeps only its window — the last K of them
+            shape = (*mask.shape[:-1], own.shape[-1])
             neg = torch.finfo(mask.dtype).min
             if own.dtype == torch.bool:
-                m = torch.zeros(mask.shape, dtype=mask.dtype, device=mask.device).masked_fill_(~own, neg)
+                m = torch.zeros(shape, dtype=mask.dtype, device=mask.device).masked_fill_(~own, neg)
             else:
-                m = own.to(mask.dtype).expand(mask.shape).clone()
-            kwargs["attention_mask"] = m.masked_fill_(blocked, neg)
+                m = own.to(mask.dtype).expand(shape).clone()
+            kwargs["attention_mask"] = m.masked_fill_(blocked[..., mask.shape[-1] - own.shape[-1] :], neg)
         else:
             kwargs["attention_mask"] = mask
         return args, kwargs

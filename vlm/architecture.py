@@ -149,8 +149,8 @@ GEMMA3 = dataclasses.replace(
 )
 
 # Idefics3 (and SmolVLM, its model_type): a SigLIP tower, a pixel-shuffle connector and a Llama decoder named
-# text_model; the image's tokens sit between <fake_token_around_image> markers. With image splitting on, a large
-# image becomes crops whose tokens interleave with row/column markers: not one span (refused, see families.md).
+# text_model; the image's tokens sit between <fake_token_around_image> markers. With image splitting on (as
+# SmolVLM ships), an image becomes crops, one run of image tokens per crop after its <row_i_col_j> marker.
 IDEFICS3 = ArchitectureMap(
     family="idefics3",
     model_types=("idefics3",),
@@ -166,8 +166,23 @@ IDEFICS3 = ArchitectureMap(
     projector="model.connector",
 )
 
+# InternVL (2.5 / 3, transformers' internvl): LLaVA's layout with an InternViT tower, a pixel-shuffle projector
+# and a Qwen2 (or Llama) decoder; an image is cut into tiles by its aspect ratio (plus a thumbnail), every
+# tile's tokens in one run between <img> and </img>, the tiles concatenated in pixel_values.
+INTERNVL = dataclasses.replace(
+    LLAVA,
+    family="internvl",
+    model_types=("internvl",),
+    model_class="InternVLForConditionalGeneration",
+    processor_class="InternVLProcessor",
+    fallback_processor=True,
+    default_image_token="<IMG_CONTEXT>",
+)
+
 ARCHITECTURES: dict[str, ArchitectureMap] = {
-    t: a for a in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, GEMMA3, IDEFICS3) for t in a.model_types
+    t: a
+    for a in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, GEMMA3, IDEFICS3, INTERNVL)
+    for t in a.model_types
 }
 
 

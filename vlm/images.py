@@ -100,7 +100,8 @@ def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedIma
                 pass
     if expansion is None:  # the expansion from the ids the processor gave for a lone placeholder
         expansion = _expansion_from_ids(processor.tokenizer, out["input_ids"][0].tolist())
-    concatenated = "image_grid_thw" in out
+    # Qwen2-VL's patch rows and InternVL's tiles are concatenated over a batch's images, not stacked
+    concatenated = "image_grid_thw" in out or "num_patches" in out
     tensors = {k: v if concatenated else v[0] for k, v in out.items() if k in _IMAGE_KEYS}
     token_types = next((k for k in TOKEN_TYPE_KEYS if k in out), None)
     return ProcessedImage(

@@ -1,13 +1,14 @@
 """A stand-in for a family's processor where transformers cannot build it on this machine.
 
-transformers 5 builds the processors of Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision with a video processor,
+transformers 5 builds the processors of Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision and InternVL with a video processor,
 and without torchvision it cannot make one: ``AutoProcessor`` fails on such a folder (``VIDEO_PROCESSOR_MAPPING
 has no attribute '_extra_content'``), and torchvision on a CPU-only x86 machine means a CUDA build of torch.
 EditLens reads images only, so ``ImageTextProcessor`` composes the folder's own tokenizer, image processor,
 chat template and processor settings (``processor_config.json``: e.g. OneVision's ``num_image_tokens`` and
 ``vision_aspect_ratio``) and expands each image placeholder with the family processor's own code: its
 ``replace_image_token`` and the helpers it calls are borrowed from the family's processor class and run on
-the stand-in, so the image-token counts are transformers' by construction. ``load_vlm`` uses it only when
+the stand-in (with the markers such a processor takes from its tokenizer, InternVL's ``<img>``/``</img>``), so
+the text that stands for an image is transformers' by construction. ``load_vlm`` uses it only when
 the family's processor cannot be built (with torchvision installed, the family's own processor is used).
 
 It offers what EditLens uses of a processor: ``tokenizer``, ``image_processor``, ``image_token(_id)``,
@@ -26,7 +27,13 @@ from typing import Any
 import torch
 
 # processor settings that are not the tokenizer's, image processor's or template's (kept and saved)
-_SETTINGS = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "patch_size")
+_SETTINGS = (
+    "num_image_tokens",
+    "vision_feature_select_strategy",
+    "vision_aspect_ratio",
+    "patch_size",
+    "image_seq_length",
+)
 
 
 class ImageTextProcessor:
@@ -63,6 +70,8 @@ class ImageTextProcessor:
         """The family processor's helpers (e.g. ``_get_number_of_features``), bound to the stand-in."""
         if name.startswith("__") or name == "_family":
             raise AttributeError(name)
+        if not hasattr(self._family, name) and name.endswith("_token") and hasattr(self.tokenizer, name):
+            return getattr(self.tokenizer, name)  # a marker the family processor takes from its tokenizer (<img>)
         attr = getattr(self._family, name)
         return types.MethodType(attr, self) if callable(attr) else attr
 
@@ -108,9 +117,10 @@ class ImageTextProcessor:
             **kw,
         )
 
-    def num_image_tokens_of(self, image_inputs, index: int) -> int:
-        """Tokens of image ``index`` of the image processor's output, by the family processor's own rule."""
-        return self._family.replace_image_token(self, image_inputs, image_idx=index).count(self.image_token)
+    def expansion_of(self, image_inputs, index: int) -> str:
+        """The text that stands for image ``index`` of the image processor's output (its image tokens and the
+        family's markers around them), by the family processor's own rule."""
+        return self._family.replace_image_token(self, image_inputs, image_idx=index)
 
     def __call__(self, text=None, images=None, return_tensors: str = "pt", **_ignored):
         """Like the family's processor: each placeholder in ``text`` (one per image, in order) expanded to its
@@ -120,13 +130,13 @@ class ImageTextProcessor:
         out: dict[str, torch.Tensor] = {}
         if images:
             out.update(self.image_processor(images, return_tensors="pt"))
-            counts = iter(self.num_image_tokens_of(out, i) for i in range(len(images)))
+            replacements = iter(self.expansion_of(out, i) for i in range(len(images)))
             expanded = []
             for t in text:
                 parts = t.split(self.image_token)
                 pieces = [parts[0]]
                 for part in parts[1:]:
-                    pieces += [self.image_token * next(counts), part]
+                    pieces += [next(replacements), part]
                 expanded.append("".join(pieces))
             text = expanded
         enc = self.tokenizer(text, return_tensors="pt", padding=True)

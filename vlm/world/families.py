@@ -17,7 +17,8 @@ geometry and M-RoPE; a vision tower with window attention), ``gemma3`` (image to
 both ways, between begin/end-of-image markers; a fixed 4 tokens per image) and ``idefics3`` (SmolVLM's
 model_type; image splitting on as SmolVLM ships it: 32-pixel crops plus the whole image downscaled, each crop a
 run of 4 image tokens after its ``<row_i_col_j>`` marker, so a square image has 5 runs, 20 tokens, and a tall
-one 3 runs).
+one 3 runs) and ``internvl`` (32-pixel tiles on the grid closest to the image's aspect ratio plus a thumbnail,
+4 tokens each, in one run between ``<img>`` and ``</img>``; the stand-in processor).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from .shapes import write_model_folder
 
-TINY_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3")
+TINY_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "internvl")
 
 # 32-pixel tiles, 16-pixel patches: each tile is a 2×2 patch grid
 _TILE, _PATCH = 32, 16
@@ -255,6 +256,45 @@ def _gemma3(world):
     return model, processor
 
 
+def _internvl(world):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from ..architecture import INTERNVL
+    from ..processors import ImageTextProcessor
+
+    marks = {
+        "image_token": "<IMG_CONTEXT>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "video_token": "<video>",
+    }
+    tok = _with_tokens(world.tokenizer, marks)
+    config = InternVLConfig(
+        vision_config=_vision(patch_size=_QWEN_PATCH, image_size=_TILE),
+        text_config=_decoder(tok, model_type="qwen2"),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,  # a 32-pixel tile: 4×4 patches, pixel-shuffled by 0.5 into 4 tokens
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    # tiles as InternVL cuts them: up to 4 32-pixel tiles on the grid closest to the image's aspect ratio, and a
+    # thumbnail when there is more than one (a square image 2×2 + 1 = 5 tiles, a tall one 1×2 + 1 = 3)
+    images = GotOcr2ImageProcessorPil(
+        size={"height": _TILE, "width": _TILE}, crop_to_patches=True, min_patches=1, max_patches=4, **_NORM
+    )
+    processor = ImageTextProcessor(
+        images,
+        tok,
+        world.chat_template.replace("<image>", "<IMG_CONTEXT>"),
+        INTERNVL,
+        "<IMG_CONTEXT>",
+        {"image_seq_length": 4},
+    )
+    return InternVLForConditionalGeneration(config), processor
+
+
 _BUILDERS = {
     "llava_next": _llava_next,
     "llava_onevision": _llava_onevision,
@@ -262,6 +302,7 @@ _BUILDERS = {
     "qwen2_5_vl": lambda world: _qwen(world, "qwen2_5_vl"),
     "gemma3": _gemma3,
     "idefics3": _idefics3,
+    "internvl": _internvl,
 }
 
 

@@ -122,7 +122,8 @@ def average_modules(results: Sequence[ModuleAttribution]) -> ModuleAttribution:
 
 
 def image_grid(n: int) -> tuple[int, int]:
-    """The patch grid's (rows, columns) for ``n`` image tokens."""
+    """The (rows, columns) to draw ``n`` image tokens on where the image gives no grid of its own: square when
+    ``n`` is a square (LLaVA-1.5's patch grid), else one row (tiles and crops)."""
     side = int(round(n**0.5))
     return (side, n // side) if side * (n // side) == n else (1, n)
 
@@ -175,7 +176,7 @@ def visual_attribution(
     return VisualAttribution(
         layers=layers,
         maps=[maps[l].tolist() for l in layers],
-        grid=image_grid(len(img)),
+        grid=p.image.grid if p.image.grid and p.image.grid[0] * p.image.grid[1] == len(img) else image_grid(len(img)),
         samples=samples,
         noise_scale=noise_scale,
         seed=seed,
@@ -195,6 +196,11 @@ def average_visual(results: Sequence[VisualAttribution]) -> VisualAttribution:
         raise DiagnosticError("nothing to average")
     n = len(results)
     first = results[0]
+    if any(r.grid != first.grid or r.layers != first.layers for r in results):
+        raise DiagnosticError(
+            "the cases' images have different token grids (or the runs different layers): average visual "
+            "attributions of images of one size only"
+        )
     maps = torch.stack([torch.tensor(r.maps) for r in results]).mean(0)
     return VisualAttribution(
         layers=first.layers,

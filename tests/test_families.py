@@ -416,3 +416,21 @@ def test_editlens_serve_with_the_family_folder_answers_generate(fam, tmp_path):
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
+
+
+def test_visual_attribution_draws_a_dynamic_resolution_image_on_its_own_token_grid(fam):
+    """A Qwen2-VL image of any aspect ratio is a grid of merged patches: its visual attribution comes on that
+    grid (a 64×32 image: 2 rows of 4 tokens), not on a square guess; maps of images of different grids are not
+    averaged."""
+    from diagnostics.attribution import average_visual
+    from diagnostics.cases import DiagnosticCase
+    from diagnostics.errors import DiagnosticError
+
+    if "image_grid_thw" not in getattr(fam.processor.image_processor, "model_input_names", []):
+        return  # the family gives no token grid of its own
+    wide = visual_attribution(fam, DiagnosticCase(QUESTION, "this landmark", _image((64, 32))), layers=[1], samples=1)
+    assert wide.grid == (2, 4) and len(wide.maps[0]) == 8
+    square = visual_attribution(fam, DiagnosticCase(QUESTION, "this landmark", _image((64, 64))), layers=[1], samples=1)
+    assert square.grid == (4, 4)
+    with pytest.raises(DiagnosticError, match="different token grids"):
+        average_visual([wide, square])

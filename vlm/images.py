@@ -61,6 +61,7 @@ class ProcessedImage:
     token_types: str | None = None
     expansion: str = ""
     token: str = "<image>"
+    grid: tuple[int, int] | None = None  # (rows, columns) of the image tokens where they are one known rectangle
 
     @property
     def pixel_values(self) -> torch.Tensor:
@@ -111,7 +112,19 @@ def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedIma
         token_types=token_types,
         expansion=expansion,
         token=token,
+        grid=_token_grid(processor, out),
     )
+
+
+def _token_grid(processor, out) -> tuple[int, int] | None:
+    """The image tokens' (rows, columns) where the processor's outputs give them: a dynamic-resolution image
+    (Qwen2-VL's ``image_grid_thw``: its patch grid, ``merge_size``² patches to a token). None elsewhere (a square
+    count is drawn square; tiles and crops have no single grid)."""
+    thw = out.get("image_grid_thw") if hasattr(out, "get") else None
+    merge = getattr(processor.image_processor, "merge_size", None)
+    if thw is None or not merge or len(thw) != 1 or int(thw[0][0]) != 1:
+        return None
+    return int(thw[0][1]) // merge, int(thw[0][2]) // merge
 
 
 def _replacement(out) -> str | None:

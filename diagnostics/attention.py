@@ -152,9 +152,6 @@ def attention_contributions(
     visual = m[0, : len(img)]  # image → constraint last
     to_last = m[1, len(img) :]  # constraint → last
     early_score = float(to_last[-1, early].mean())
-    n = len(img)
-    side = int(round(n**0.5))
-    grid = (side, n // side) if side * (n // side) == n else (1, n)
     return ContributionResult(
         visual=visual.tolist(),
         constraint=to_last.tolist(),
@@ -165,7 +162,7 @@ def attention_contributions(
         correct=prep.correct,
         answer=prep.target_token,
         question=p.question,
-        image_grid=grid,
+        image_grid=p.image_grid,
         label=prep.case.label,
         seconds=time.perf_counter() - t0,
     )
@@ -205,6 +202,10 @@ def average_contributions(results: Sequence[ContributionResult]) -> Contribution
     if not results:
         raise DiagnosticError("nothing to average")
     n = len(results)
+    if any(tuple(r.image_grid) != tuple(results[0].image_grid) for r in results):
+        raise DiagnosticError(
+            "the cases' images have different token grids: average attention contributions of images of one size only"
+        )
     visual = torch.stack([torch.tensor(r.visual) for r in results]).mean(0)
     k = min(len(r.constraint) for r in results)
     constraint = torch.stack([torch.tensor(r.constraint[-k:]) for r in results]).mean(0)

@@ -121,13 +121,6 @@ def average_modules(results: Sequence[ModuleAttribution]) -> ModuleAttribution:
     )
 
 
-def image_grid(n: int) -> tuple[int, int]:
-    """The (rows, columns) to draw ``n`` image tokens on where the image gives no grid of its own: square when
-    ``n`` is a square (LLaVA-1.5's patch grid), else one row (tiles and crops)."""
-    side = int(round(n**0.5))
-    return (side, n // side) if side * (n // side) == n else (1, n)
-
-
 def visual_attribution(
     vlm: VLM,
     case: DiagnosticCase | Prepared,
@@ -176,7 +169,7 @@ def visual_attribution(
     return VisualAttribution(
         layers=layers,
         maps=[maps[l].tolist() for l in layers],
-        grid=p.image.grid if p.image.grid and p.image.grid[0] * p.image.grid[1] == len(img) else image_grid(len(img)),
+        grid=p.image_grid,
         samples=samples,
         noise_scale=noise_scale,
         seed=seed,

@@ -62,6 +62,7 @@ ROLES = (
     "prompt start",
     "image (all)",
     "image block",
+    "image marker",
     "question before constraint",
     "constraint first",
     "constraint middle",
@@ -161,6 +162,8 @@ def trace_rows(prep: Prepared, image_block: int | None = None) -> list[TraceRow]
             continue
         if pos < i0:
             role = "prompt start"
+        elif pos < p.image_span[1]:
+            role = "image marker"  # between the runs of a split image (Idefics3's crop markers)
         elif pos < c0:
             role = "question before constraint"
         elif pos < c1:

@@ -123,7 +123,7 @@ def test_a_split_image_is_runs_of_image_tokens_with_the_crop_markers_between(fam
     image_rows = [r for r in rows if r.role in ("image (all)", "image block")]
     assert image_rows[0].positions == p.image_positions
     assert sorted(i for r in image_rows[1:] for i in r.positions) == p.image_positions
-    assert set(markers) <= {i for r in rows if r not in image_rows for i in r.positions}
+    assert {i for r in rows if r.role == "image marker" for i in r.positions} == set(markers)
     sets = relation_sets(prep, ["image->last", "region->question"], image_block=4)
     assert sets["image->last"][1] == p.image_positions
     regions = [sources for name, (_, sources) in sets.items() if name.startswith("image ") and name != "image->last"]
@@ -434,3 +434,53 @@ def test_visual_attribution_draws_a_dynamic_resolution_image_on_its_own_token_gr
     assert square.grid == (4, 4)
     with pytest.raises(DiagnosticError, match="different token grids"):
         average_visual([wide, square])
+
+
+def test_visedit_scope_keys_of_images_of_different_sizes_are_each_images_own(fam, test_cases):
+    """A scope gate keys each edit image by its own visual states: images whose token counts differ (a tiling or
+    dynamic-resolution family) get, together, the keys each gets alone — from the edit signals and from the
+    calibration's image keys."""
+    from editors.visedit import VEAD, VEADConfig
+    from editors.visedit.calibration import keys_of_images
+    from editors.visedit.editor import compute_signals
+
+    torch.manual_seed(0)
+    vead = VEAD(VEADConfig(hidden_size=fam.hidden_size, layer=1, signal_layer=2, width=16)).eval()
+    images = [_image(s, i) for i, s in enumerate(SIZES)]
+    prompts = [encode(fam.processor, QUESTION, image=img, answer=test_cases[0]["alt"]) for img in images]
+    together = [s.key for s in compute_signals(fam, prompts, 2, scope_of=vead)]
+    for p, key in zip(prompts, together):
+        (alone,) = compute_signals(fam, [p], 2, scope_of=vead)
+        assert torch.allclose(key, alone.key, atol=1e-5)
+    keys = keys_of_images(fam, vead, images)
+    assert keys.shape[0] == len(images)
+    for img, key in zip(images, keys):
+        assert torch.allclose(key, keys_of_images(fam, vead, [img])[0], atol=1e-5)
+
+
+def test_internvl_tiles_stay_concatenated_when_its_processor_drops_their_count(fam):
+    """transformers' own InternVLProcessor (built where torchvision is installed) drops the tile count from its
+    output; an image's tiles must still be kept whole and concatenated, as the stand-in processor gives them."""
+    from vlm.images import process_image
+
+    if fam.arch.family != "internvl":
+        return
+
+    class InternVLProcessor:  # the family processor's class name and output
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name == "processor_class":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+        def __call__(self, *args, **kwargs):
+            out = dict(self.inner(*args, **kwargs))
+            out.pop("num_patches", None)
+            return out
+
+    image = _image((64, 64))
+    theirs, ours = process_image(InternVLProcessor(fam.processor), image), process_image(fam.processor, image)
+    assert theirs.concatenated and theirs.pixel_values.shape[0] == 5
+    assert torch.equal(theirs.pixel_values, ours.pixel_values) and theirs.expansion == ours.expansion

@@ -76,6 +76,10 @@ def image_token(processor) -> str:
 
 # the processor outputs that belong to the image (the rest — ids, masks — belong to the text)
 _IMAGE_KEYS = ("pixel_values", "image_sizes", "pixel_attention_mask", "image_grid_thw")
+# processors that concatenate a batch's images along the first axis instead of stacking them: Qwen2-VL's patch
+# rows (told by its image_grid_thw) and InternVL's tiles (its image processor reports their num_patches, which
+# InternVLProcessor drops from its own output)
+_CONCATENATING = ("InternVLProcessor",)
 # per-token inputs that mark the image tokens (1) among text tokens (0)
 TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 
@@ -101,8 +105,11 @@ def process_image(processor, image: ImageInput | ProcessedImage) -> ProcessedIma
                 pass
     if expansion is None:  # the expansion from the ids the processor gave for a lone placeholder
         expansion = _expansion_from_ids(processor.tokenizer, out["input_ids"][0].tolist())
-    # Qwen2-VL's patch rows and InternVL's tiles are concatenated over a batch's images, not stacked
-    concatenated = "image_grid_thw" in out or "num_patches" in out
+    concatenated = (
+        "image_grid_thw" in out
+        or "num_patches" in out
+        or bool({type(processor).__name__, getattr(processor, "processor_class", None)} & set(_CONCATENATING))
+    )
     tensors = {k: v if concatenated else v[0] for k, v in out.items() if k in _IMAGE_KEYS}
     token_types = next((k for k in TOKEN_TYPE_KEYS if k in out), None)
     return ProcessedImage(

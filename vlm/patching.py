@@ -284,7 +284,10 @@ def _knockout_hook(mask: torch.Tensor, blocked: torch.Tensor):
             isinstance(own, torch.Tensor)
             and own.dim() == 4
             and own.shape[-2] == mask.shape[-2]
-            and own.shape[-1] <= mask.shape[-1]
+            and (
+                own.shape[-1] == mask.shape[-1]
+                or (own.shape[-1] < mask.shape[-1] and getattr(mod, "sliding_window", None))
+            )
         ):
             # the model's mask covers the keys the layer holds: all positions, or — a sliding-window layer
             # continuing from a cache that keeps only its window — the last K of them

@@ -62,9 +62,27 @@ class EncodedPrompt:
         return (self.image_spans[0][0], self.image_spans[-1][1]) if self.image_spans else None
 
     @property
+    def image_grid(self) -> tuple[int, int] | None:
+        """(rows, columns) to lay the image tokens out on: the image's own token grid where it has one
+        (Qwen2-VL's merged patches), else square when the count is a square (LLaVA-1.5's patch grid), else one
+        row (tiles and crops); None without an image."""
+        n = len(self.image_positions)
+        if not n:
+            return None
+        own = self.image.grid if self.image is not None else None
+        return own if own and own[0] * own[1] == n else token_grid(n)
+
+    @property
     def image_positions(self) -> list[int]:
         """The positions of the image tokens (the model fills these with image features), in order."""
         return [i for a, b in self.image_spans for i in range(a, b)]
+
+
+def token_grid(n: int) -> tuple[int, int]:
+    """(rows, columns) for ``n`` image tokens with no grid of their own: square when ``n`` is a square
+    (LLaVA-1.5's patch grid), else one row."""
+    side = int(round(n**0.5))
+    return (side, side) if side * side == n else (1, n)
 
 
 def prompt_text(processor, question: str, with_image: bool) -> str:
@@ -151,6 +169,8 @@ def encode(
     image_token = getattr(processor, "image_token", "<image>")
     if image_token in question:
         raise PromptError(f"the question must not contain the image placeholder {image_token!r}")
+    if answer is not None and image_token in answer:
+        raise PromptError(f"the answer must not contain the image placeholder {image_token!r}")
     processed = None
     if pixel_values is not None:
         processed = pixel_values if isinstance(pixel_values, ProcessedImage) else from_pixels(processor, pixel_values)

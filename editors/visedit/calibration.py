@@ -37,9 +37,21 @@ CALIBRATION_RENDERINGS = 3  # fresh renderings per look
 CALIBRATION_LOOKS = 360  # looks (world entities first, then new looks) the pairs are drawn from
 
 
-@torch.no_grad()
 def visual_states(vlm: VLM, layer: int, pixel_values: Sequence[ProcessedImage], batch_size: int = 128) -> torch.Tensor:
-    """(n, N_v, d) visual states at the input of decoder ``layer`` for each image (a neutral question)."""
+    """(n, N_v, d) visual states at the input of decoder ``layer`` for each image (a neutral question); the
+    images must give one token count (``visual_state_list`` takes any)."""
+    out = visual_state_list(vlm, layer, pixel_values, batch_size)
+    if len({s.shape[0] for s in out}) > 1:
+        raise ValueError("these images give different numbers of image tokens: use visual_state_list")
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def visual_state_list(
+    vlm: VLM, layer: int, pixel_values: Sequence[ProcessedImage], batch_size: int = 128
+) -> list[torch.Tensor]:
+    """Each image's (N_v, d) visual states at the input of decoder ``layer`` (a neutral question); N_v follows
+    the image where the family sizes images dynamically."""
     out = []
     for start in range(0, len(pixel_values), batch_size):
         prompts = [
@@ -51,14 +63,15 @@ def visual_states(vlm: VLM, layer: int, pixel_values: Sequence[ProcessedImage], 
         )
         states = run.captured[key].float().cpu()
         out += [states[i, p.image_positions] for i, p in enumerate(prompts)]
-    return torch.stack(out)
+    return out
 
 
 def keys_of_images(vlm: VLM, vead: VEAD, images: Sequence[Any]) -> torch.Tensor:
     """Unit image keys (n, k) of PIL images (or pixel tensors)."""
     pix = [im if isinstance(im, torch.Tensor) else process_image(vlm.processor, im) for im in images]
     vead = vead.to(vlm.input_device)
-    return image_keys(vead, visual_states(vlm, vead.config.layer, pix).to(vlm.input_device)).cpu()
+    states = visual_state_list(vlm, vead.config.layer, pix)
+    return torch.stack([image_keys(vead, s.to(vlm.input_device)) for s in states]).cpu()
 
 
 def calibrate_world_scope(

@@ -83,8 +83,10 @@ def compute_signals(
         scope_keys = None
         if scope_of is not None:
             at_layer = run.captured[keys[2]].float()
-            visual = torch.stack([at_layer[i, p.image_positions] for i, p in enumerate(chunk)])
-            scope_keys = image_keys(scope_of, visual.to(scope_of.w1.weight.device)).cpu()
+            device = scope_of.w1.weight.device  # one key per image (their token counts may differ)
+            scope_keys = torch.stack(
+                [image_keys(scope_of, at_layer[i, p.image_positions].to(device)) for i, p in enumerate(chunk)]
+            ).cpu()
         for i, p in enumerate(chunk):
             if summary_token == "image":
                 key = summary[i, p.image_positions].mean(0, keepdim=True)

@@ -8,13 +8,12 @@ from typing import Any
 
 import torch
 
-from diagnostics.attribution import image_grid
 from diagnostics.render import render_overlays
 from editors.request import EditRequest
 from vlm.images import load_image, process_image
 from vlm.loading import VLM
 from vlm.patching import run_patched
-from vlm.prompts import collate, encode
+from vlm.prompts import collate, encode, token_grid
 
 from .adapter import SignalBatch
 from .edit_set import VisEditSet
@@ -58,7 +57,7 @@ def influence_maps(
                 "max": max(scores),
             }
         )
-    grid = image_grid(len(panels[0]["scores"]))
+    grid = token_grid(len(panels[0]["scores"]))
     render_overlays(
         [load_image(world_dir / p["image"]) for p in panels],
         [p["scores"] for p in panels],

@@ -66,8 +66,13 @@ def test_loads_and_encodes_exactly_as_its_own_processor(fam):
         assert torch.equal(p.input_ids, ref["input_ids"][0])
         on_image = (p.input_ids == fam.image_token_id).nonzero().squeeze(1).tolist()
         assert p.image_positions == on_image
-        crops = ref["pixel_values"].shape[1] if fam.arch.family == "idefics3" else 1
-        assert len(p.image_spans) == crops, "one run of image tokens per crop, one for an unsplit image"
+        # one run per Idefics3 crop, per Mistral 3 row of merged 16-pixel patches, else one
+        runs = 1
+        if fam.arch.family == "idefics3":
+            runs = ref["pixel_values"].shape[1]
+        elif fam.arch.family == "mistral3":
+            runs = int(ref["image_sizes"][0][0]) // 16
+        assert len(p.image_spans) == runs
         assert fam.tokenizer.decode(p.input_ids[slice(*p.constraint_spans[0])]).strip() == "this landmark"
         counts.add(len(on_image))
         with torch.no_grad():
@@ -103,20 +108,22 @@ def test_each_images_token_count_is_the_number_of_features_the_model_makes_of_it
         assert sum(p.reshape(-1, p.shape[-1]).shape[0] for p in parts) == image.num_tokens
 
 
-def test_a_split_image_is_runs_of_image_tokens_with_the_crop_markers_between(fam):
-    """Idefics3 / SmolVLM split an image into crops (a row/column marker before each crop's tokens): the prompt
-    holds one run of image tokens per crop; the trace's image rows and the knockout's image sets are the image
-    tokens only, and the markers between the runs are text rows of their own."""
+def test_an_image_in_several_runs_has_its_markers_between_as_text(fam):
+    """Idefics3 / SmolVLM split an image into crops (a row/column marker before each crop's tokens) and Mistral 3
+    puts an [IMG_BREAK] after each row of image tokens: the prompt holds one run of image tokens per crop or
+    row; the trace's image rows and the knockout's image sets and regions are the image tokens only, and the
+    markers between the runs are trace rows of their own role."""
     from diagnostics.cases import DiagnosticCase
     from diagnostics.knockout import relation_sets
     from diagnostics.trace import trace_rows
 
-    if not getattr(fam.processor.image_processor, "do_image_splitting", False):
-        return  # the family does not split images
     image = _image((64, 64))
     prep = prepare(fam, DiagnosticCase(question=QUESTION, constraint="this landmark", image=image))
     p = prep.prompt
-    assert len(p.image_spans) == 5 and len(p.image_positions) == 20  # 2×2 crops and the whole image, 4 tokens each
+    if len(p.image_spans) == 1:
+        return  # the family gives an image one run
+    # Idefics3: 2×2 crops and the whole image, 4 tokens each; Mistral 3: 4 rows of 4 merged patches
+    assert [b - a for a, b in p.image_spans] == [4] * {"idefics3": 5, "mistral3": 4}[fam.arch.family]
     markers = [i for i in range(*p.image_span) if i not in set(p.image_positions)]
     assert markers and not (p.input_ids[markers] == fam.image_token_id).any()
     rows = trace_rows(prep)
@@ -127,7 +134,7 @@ def test_a_split_image_is_runs_of_image_tokens_with_the_crop_markers_between(fam
     sets = relation_sets(prep, ["image->last", "region->question"], image_block=4)
     assert sets["image->last"][1] == p.image_positions
     regions = [sources for name, (_, sources) in sets.items() if name.startswith("image ") and name != "image->last"]
-    assert len(regions) == 5 and sorted(i for r in regions for i in r) == p.image_positions
+    assert regions == [list(range(a, b)) for a, b in p.image_spans]
 
 
 def test_rows_of_different_image_sizes_batch_as_one_by_one(fam):
@@ -484,3 +491,18 @@ def test_internvl_tiles_stay_concatenated_when_its_processor_drops_their_count(f
     theirs, ours = process_image(InternVLProcessor(fam.processor), image), process_image(fam.processor, image)
     assert theirs.concatenated and theirs.pixel_values.shape[0] == 5
     assert torch.equal(theirs.pixel_values, ours.pixel_values) and theirs.expansion == ours.expansion
+
+
+def test_images_batched_one_by_one_are_what_the_processor_makes_of_them_together(fam):
+    """Images processed one at a time and batched by EditLens (tiles and crops padded, Pixtral images padded to
+    the largest height and width, Qwen's and InternVL's concatenated) are the tensors the family's image
+    processor makes of the images together."""
+    from vlm.images import batch_images, process_image
+
+    images = [_image(s, i) for i, s in enumerate(SIZES)]
+    ours = batch_images([process_image(fam.processor, im) for im in images])
+    # Idefics3's image processor takes a batch as one list of images per prompt
+    batch = [[im] for im in images] if fam.arch.family == "idefics3" else images
+    theirs = fam.processor.image_processor(batch, return_tensors="pt")
+    for key, value in ours.items():
+        assert torch.equal(value, theirs[key]), key

@@ -179,9 +179,23 @@ INTERNVL = dataclasses.replace(
     default_image_token="<IMG_CONTEXT>",
 )
 
+# Mistral 3 (Mistral Small 3.1 / 3.2): LLaVA's layout with a Pixtral tower (an image at its own size on a patch
+# grid, 2×2 patches merged in the projector) and a Mistral decoder; the image's tokens come a row at a time, an
+# [IMG_BREAK] after each row and [IMG_END] after the last: one run of image tokens per row.
+MISTRAL3 = dataclasses.replace(
+    LLAVA,
+    family="mistral3",
+    model_types=("mistral3",),
+    model_class="Mistral3ForConditionalGeneration",
+    processor_class="PixtralProcessor",
+    image_token_id_attr="image_token_index",
+    fallback_processor=True,
+    default_image_token="[IMG]",
+)
+
 ARCHITECTURES: dict[str, ArchitectureMap] = {
     t: a
-    for a in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, GEMMA3, IDEFICS3, INTERNVL)
+    for a in (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, GEMMA3, IDEFICS3, INTERNVL, MISTRAL3)
     for t in a.model_types
 }
 

@@ -176,6 +176,14 @@ def from_pixels(processor, pixel_values: torch.Tensor) -> ProcessedImage:
     return ProcessedImage(tensors={"pixel_values": pixel_values}, num_tokens=n, expansion=token * n, token=token)
 
 
+def _zero_padded(t: torch.Tensor, size: list[int]) -> torch.Tensor:
+    if list(t.shape) == size:
+        return t
+    out = t.new_zeros(size)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
 def batch_images(
     images: list[ProcessedImage], device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
@@ -190,9 +198,11 @@ def batch_images(
         if images[0].concatenated:
             out[key] = torch.cat(parts)
         else:
-            longest = max(p.shape[0] for p in parts)
-            if any(p.shape[0] != longest for p in parts) and parts[0].dim() >= 3:  # crops (and their masks)
-                parts = [torch.cat([p, p.new_zeros(longest - p.shape[0], *p.shape[1:])]) for p in parts]
+            if any(p.shape != parts[0].shape for p in parts) and parts[0].dim() >= 3:
+                # tiles and crops (and their masks) padded to the most, images at their own size (Pixtral) to
+                # the largest height and width: zeros after the end of each axis, as the processors pad them
+                size = [max(p.shape[d] for p in parts) for d in range(parts[0].dim())]
+                parts = [_zero_padded(p, size) for p in parts]
             out[key] = torch.stack(parts)
     for key, t in out.items():
         if device is not None:

@@ -8,7 +8,9 @@ chat template and processor settings (``processor_config.json``: e.g. OneVision'
 ``vision_aspect_ratio``) and expands each image placeholder with the family processor's own code: its
 ``replace_image_token`` and the helpers it calls are borrowed from the family's processor class and run on
 the stand-in (with the markers such a processor takes from its tokenizer, InternVL's ``<img>``/``</img>``), so
-the text that stands for an image is transformers' by construction. ``load_vlm`` uses it only when
+the text that stands for an image is transformers' by construction. One exception: Mistral 3's
+``PixtralProcessor`` will not even import without torchvision, so its rule is copied (``_COPIED_RULES``).
+``load_vlm`` uses it only when
 the family's processor cannot be built (with torchvision installed, the family's own processor is used).
 
 It offers what EditLens uses of a processor: ``tokenizer``, ``image_processor``, ``image_token(_id)``,
@@ -33,7 +35,24 @@ _SETTINGS = (
     "vision_aspect_ratio",
     "patch_size",
     "image_seq_length",
+    "spatial_merge_size",
 )
+
+
+def _pixtral_replacement(self, image_inputs, image_idx: int, **_kw) -> str:
+    """``PixtralProcessor.replace_image_token`` of transformers 5.24, copied: without torchvision transformers
+    will not even import that class (its module imports the torchvision image processor), so it cannot be
+    borrowed. A row of ``[IMG]`` per merged patch row, ``[IMG_BREAK]`` after each row, ``[IMG_END]`` last."""
+    patch = self.patch_size * self.spatial_merge_size
+    height, width = (int(v) for v in image_inputs["image_sizes"][image_idx])
+    rows = [[self.image_token] * (width // patch) + [self.image_break_token]] * (height // patch)
+    tokens = [t for row in rows for t in row]
+    tokens[-1] = self.image_end_token
+    return "".join(tokens)
+
+
+# the expansion rules of family processors that transformers cannot import here (not only build)
+_COPIED_RULES = {"PixtralProcessor": _pixtral_replacement}
 
 
 class ImageTextProcessor:
@@ -55,6 +74,13 @@ class ImageTextProcessor:
         import transformers
 
         self._family = getattr(transformers, arch.processor_class)
+        self._copied = None
+        try:
+            self._family.replace_image_token  # noqa: B018 - a placeholder class raises here
+        except ImportError:
+            if arch.processor_class not in _COPIED_RULES:
+                raise
+            self._copied = _COPIED_RULES[arch.processor_class]
         self.processor_class = arch.processor_class
         self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
         self.settings = {k: v for k, v in (settings or {}).items() if k in _SETTINGS}
@@ -68,10 +94,12 @@ class ImageTextProcessor:
 
     def __getattr__(self, name: str):
         """The family processor's helpers (e.g. ``_get_number_of_features``), bound to the stand-in."""
-        if name.startswith("__") or name == "_family":
+        if name.startswith("__") or name in ("_family", "_copied"):
             raise AttributeError(name)
-        if not hasattr(self._family, name) and name.endswith("_token") and hasattr(self.tokenizer, name):
+        if name.endswith("_token") and hasattr(self.tokenizer, name):
             return getattr(self.tokenizer, name)  # a marker the family processor takes from its tokenizer (<img>)
+        if self._copied is not None:  # the family's class cannot be imported here: nothing to borrow
+            raise AttributeError(name)
         attr = getattr(self._family, name)
         return types.MethodType(attr, self) if callable(attr) else attr
 
@@ -120,7 +148,13 @@ class ImageTextProcessor:
     def expansion_of(self, image_inputs, index: int) -> str:
         """The text that stands for image ``index`` of the image processor's output (its image tokens and the
         family's markers around them), by the family processor's own rule."""
+        if self._copied is not None:
+            return self._copied(self, image_inputs, index)
         return self._family.replace_image_token(self, image_inputs, image_idx=index)
+
+    def replace_image_token(self, image_inputs, image_idx: int, **_kw) -> str:
+        """The family processor's ``replace_image_token``, run on the stand-in."""
+        return self.expansion_of(image_inputs, image_idx)
 
     def __call__(self, text=None, images=None, return_tensors: str = "pt", **_ignored):
         """Like the family's processor: each placeholder in ``text`` (one per image, in order) expanded to its
@@ -141,6 +175,6 @@ class ImageTextProcessor:
             text = expanded
         enc = self.tokenizer(text, return_tensors="pt", padding=True)
         out.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        if getattr(self._family, "return_mm_token_type_ids", False):  # Qwen2-VL's image-token marks
+        if self._copied is None and getattr(self._family, "return_mm_token_type_ids", False):  # Qwen2-VL's marks
             out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
         return out

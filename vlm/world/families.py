@@ -18,7 +18,9 @@ both ways, between begin/end-of-image markers; a fixed 4 tokens per image) and `
 model_type; image splitting on as SmolVLM ships it: 32-pixel crops plus the whole image downscaled, each crop a
 run of 4 image tokens after its ``<row_i_col_j>`` marker, so a square image has 5 runs, 20 tokens, and a tall
 one 3 runs) and ``internvl`` (32-pixel tiles on the grid closest to the image's aspect ratio plus a thumbnail,
-4 tokens each, in one run between ``<img>`` and ``</img>``; the stand-in processor).
+4 tokens each, in one run between ``<img>`` and ``</img>``; the stand-in processor) and ``mistral3`` (a
+Pixtral tower on the image at its own size, a row of image tokens per patch row with ``[IMG_BREAK]`` after
+each and ``[IMG_END]`` at the end; the stand-in processor with the copied Pixtral rule).
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ from pathlib import Path
 
 from .shapes import write_model_folder
 
-TINY_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "internvl")
+TINY_FAMILIES = (
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "gemma3",
+    "idefics3",
+    "internvl",
+    "mistral3",
+)
 
 # 32-pixel tiles, 16-pixel patches: each tile is a 2×2 patch grid
 _TILE, _PATCH = 32, 16
@@ -295,6 +306,32 @@ def _internvl(world):
     return InternVLForConditionalGeneration(config), processor
 
 
+def _mistral3(world):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from ..architecture import MISTRAL3
+    from ..processors import ImageTextProcessor
+
+    marks = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+    tok = _with_tokens(world.tokenizer, marks)
+    config = Mistral3Config(
+        vision_config={"model_type": "pixtral", **_vision(patch_size=_QWEN_PATCH, image_size=2 * _TILE)},
+        text_config=_decoder(tok, model_type="mistral", head_dim=32),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    # an image at its own size (longest edge 64) on 8-pixel patches, 2×2 merged per token: 64×64 is 4 rows of
+    # 4 tokens, 32×64 (tall) 4 rows of 2
+    images = PixtralImageProcessorPil(size={"longest_edge": 2 * _TILE}, patch_size=_QWEN_PATCH, **_NORM)
+    settings = {"patch_size": _QWEN_PATCH, "spatial_merge_size": 2}
+    template = world.chat_template.replace("<image>", "[IMG]")
+    processor = ImageTextProcessor(images, tok, template, MISTRAL3, "[IMG]", settings)
+    return Mistral3ForConditionalGeneration(config), processor
+
+
 _BUILDERS = {
     "llava_next": _llava_next,
     "llava_onevision": _llava_onevision,
@@ -303,6 +340,7 @@ _BUILDERS = {
     "gemma3": _gemma3,
     "idefics3": _idefics3,
     "internvl": _internvl,
+    "mistral3": _mistral3,
 }
 
 

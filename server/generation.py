@@ -8,8 +8,9 @@ version's edits. With ``--max-batch-size 1`` each request is decoded by
 itself in the RPC's thread (the stream in a worker thread of its own) with
 the version's edits attached for that thread only; the answers are the same
 (tested). Both paths decode with ``vlm.decoding.greedy_batch``, which passes
-positions explicitly, so concurrent requests share no state on the model
-(transformers' ``generate`` keeps M-RoPE's ``rope_deltas`` on the module).
+positions explicitly, so concurrent requests share no state on the model (an
+M-RoPE model's forward given no positions reads the ``rope_deltas`` the last
+prompt left on the module).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from editlens.v1 import editlens_pb2 as pb
 
 from vlm.decoding import DecodeRow, greedy_batch
@@ -62,7 +62,7 @@ def start_generation(host: Host, request: pb.GenerateRequest) -> GenerationPlan:
 def _decode_alone(vlm, plan: GenerationPlan, on_token=None, cancelled=None) -> list[int]:
     """One request's greedy answer ids, decoded by itself with its version's edits attached for this thread."""
     row = DecodeRow(plan.prompt, plan.new_tokens, on_token=on_token, cancelled=cancelled)
-    with torch.no_grad(), attached(vlm, plan.bundle):
+    with attached(vlm, plan.bundle):
         return greedy_batch(vlm, [row])[0]
 
 

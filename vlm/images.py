@@ -127,7 +127,7 @@ def _token_grid(processor, out) -> tuple[int, int] | None:
     """The image tokens' (rows, columns) where the processor's outputs give them: a dynamic-resolution image
     (Qwen2-VL's ``image_grid_thw``: its patch grid, ``merge_size``² patches to a token). None elsewhere (a square
     count is drawn square; tiles and crops have no single grid)."""
-    thw = out.get("image_grid_thw") if hasattr(out, "get") else None
+    thw = out.get("image_grid_thw")
     merge = getattr(processor.image_processor, "merge_size", None)
     if thw is None or not merge or len(thw) != 1 or int(thw[0][0]) != 1:
         return None
@@ -138,7 +138,7 @@ def _replacement(out) -> str | None:
     """The text the processor put in place of the placeholder, where it reports it (transformers' processors
     do when asked for ``return_text_replacement_offsets``): Idefics3's split image — crops with row/column
     markers between them — comes out exactly as the processor writes it."""
-    offsets = out.get("text_replacement_offsets") if hasattr(out, "get") else None
+    offsets = out.get("text_replacement_offsets")
     if not offsets or not offsets[0]:
         return None
     found = offsets[0][0]

@@ -10,8 +10,8 @@ chat template and processor settings (``processor_config.json``: e.g. OneVision'
 the stand-in (with the markers such a processor takes from its tokenizer, InternVL's ``<img>``/``</img>``), so
 the text that stands for an image is transformers' by construction. One exception: Mistral 3's
 ``PixtralProcessor`` will not even import without torchvision, so its rule is copied (``_COPIED_RULES``).
-``load_vlm`` uses it only when
-the family's processor cannot be built (with torchvision installed, the family's own processor is used).
+``load_vlm`` uses the stand-in only when the family's processor cannot be built (with torchvision installed,
+the family's own processor is used).
 
 It offers what EditLens uses of a processor: ``tokenizer``, ``image_processor``, ``image_token(_id)``,
 ``chat_template``, ``apply_chat_template(..., tokenize=False)``, ``__call__(text=, images=)`` and
@@ -145,16 +145,13 @@ class ImageTextProcessor:
             **kw,
         )
 
-    def expansion_of(self, image_inputs, index: int) -> str:
-        """The text that stands for image ``index`` of the image processor's output (its image tokens and the
-        family's markers around them), by the family processor's own rule."""
-        if self._copied is not None:
-            return self._copied(self, image_inputs, index)
-        return self._family.replace_image_token(self, image_inputs, image_idx=index)
-
     def replace_image_token(self, image_inputs, image_idx: int, **_kw) -> str:
-        """The family processor's ``replace_image_token``, run on the stand-in."""
-        return self.expansion_of(image_inputs, image_idx)
+        """The text that stands for image ``image_idx`` of the image processor's output (its image tokens and
+        the family's markers around them): the family processor's own ``replace_image_token``, run on the
+        stand-in (or its copied rule)."""
+        if self._copied is not None:
+            return self._copied(self, image_inputs, image_idx)
+        return self._family.replace_image_token(self, image_inputs, image_idx=image_idx)
 
     def __call__(self, text=None, images=None, return_tensors: str = "pt", **_ignored):
         """Like the family's processor: each placeholder in ``text`` (one per image, in order) expanded to its
@@ -164,7 +161,7 @@ class ImageTextProcessor:
         out: dict[str, torch.Tensor] = {}
         if images:
             out.update(self.image_processor(images, return_tensors="pt"))
-            replacements = iter(self.expansion_of(out, i) for i in range(len(images)))
+            replacements = iter(self.replace_image_token(out, i) for i in range(len(images)))
             expanded = []
             for t in text:
                 parts = t.split(self.image_token)

@@ -339,11 +339,12 @@ class AttachedVEAD:
             if gate is not None:
                 self.selected = torch.zeros(int(rows.sum()), len(listed), dtype=torch.bool, device=h.device)
             changed, out = False, h
+            order = rows.long().cumsum(0) - 1  # each batch row's index among the image rows
             # rows whose images have different token counts (a family that sizes images dynamically) are
             # edited in groups of one count: every VEAD operation is per visual token, the scope key per row
             for n_v in sizes:
                 group = mask & (counts == n_v).unsqueeze(1)
-                new = edit_group(h, group, int(n_v), rows.long().cumsum(0) - 1)
+                new = edit_group(h, group, int(n_v), order)
                 if new is None:
                     continue
                 if not changed:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from client.cli import app
@@ -22,6 +23,7 @@ def test_world_build_json_reports_the_figures(world_summary):
     assert out["cached"] is True and out["path"] == world_summary["path"]
 
 
+@pytest.mark.numerics
 def test_ask_answers_and_scores(world_dir, test_cases):
     case = next(c for c in test_cases if c["type"] == "counterfactual" and c["pred"] == c["ground_truth"])
     res = runner.invoke(

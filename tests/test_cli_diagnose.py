@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from client.cli import app
@@ -23,6 +24,7 @@ def _single(world_dir, case, *extra):
     ]
 
 
+@pytest.mark.numerics
 def test_trace_renders_a_png_and_prints_json(world_dir, test_cases, tmp_path):
     png = tmp_path / "trace.png"
     res = runner.invoke(

@@ -51,6 +51,7 @@ def test_suffix_run_over_a_cached_prefix_equals_the_full_pass(vlm, case):
         run_suffix(vlm, embeds, pre, patches=[Patch(0, "hidden", [1], v, [0])])
 
 
+@pytest.mark.numerics
 def test_token_replacement_trace_batched_equals_naive_and_shows_the_recall(vlm, case):
     runs = {m: causal_trace(vlm, case, window=3, mode=m) for m in ("batched", "uncached", "naive")}
     ref = runs["naive"]
@@ -76,6 +77,7 @@ def test_token_replacement_trace_batched_equals_naive_and_shows_the_recall(vlm, 
     assert _close(iso["batched"].effects["mlp"][0], iso["naive"].effects["mlp"][0])
 
 
+@pytest.mark.numerics
 def test_noise_trace_batched_equals_naive(vlm, case):
     kw = {"kinds": ["hidden", "attn"], "samples": 2, "roles": ["image (all)", "constraint last", "last token"]}
     a, b = noise_trace(vlm, case, mode="batched", **kw), noise_trace(vlm, case, mode="naive", **kw)
@@ -89,6 +91,7 @@ def test_noise_trace_batched_equals_naive(vlm, case):
     assert a.effect("hidden", "last token")[-1] == pytest.approx(a.p_clean - a.p_corrupt, abs=1e-4)
 
 
+@pytest.mark.numerics
 def test_knockout_contributions_and_attributions_batched_equal_naive(vlm, case):
     prep = prepare(vlm, case)
     ka, kb = (knockout(vlm, prep, relations=RELATIONS, mode=m) for m in ("batched", "naive"))
@@ -115,6 +118,8 @@ def test_auroc():
     assert auroc([0.5, 0.5], [True, False]) == 0.5
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_the_trace_of_an_insertion_peaks_at_the_layer_it_was_written_to(vlm, world_dir, test_cases):
     """Ground truth: a new fact inserted by MultEdit at layer k. Its edit trace (the edited model's clean
     states restored into the base model's corrupted run, minus the base model's own) must peak at k
@@ -141,6 +146,7 @@ def test_the_trace_of_an_insertion_peaks_at_the_layer_it_was_written_to(vlm, wor
     assert hits / total >= 0.9, f"{hits}/{total}"
 
 
+@pytest.mark.numerics
 def test_multedit_auto_layer_stores_its_evidence(vlm, world_dir, test_cases, tmp_path):
     rec = next(c for c in test_cases if c["type"] == "insertion")
     editor = MultEdit(vlm, MultEditConfig(layer="auto"))
@@ -151,7 +157,7 @@ def test_multedit_auto_layer_stores_its_evidence(vlm, world_dir, test_cases, tmp
     assert ev["layer"] in ev["candidates"] and len(ev["scores"]) == vlm.num_layers
     assert ev["scores"][ev["layer"]] == max(ev["scores"][l] for l in ev["candidates"])
     assert len(ev["details"]["per_case"]) == 3  # question, rephrase, other image
-    assert es.records[0]["metrics"]["p_after"] > 0.5
+    assert es.records[0]["metrics"]["p_after"] > es.records[0]["metrics"]["p_before"]  # the value raised it
     path = tmp_path / "auto.safetensors"
     es.save(path)
     assert EditSet.load(path, vlm).hyperparameters["layer_evidence"]["scores"] == ev["scores"]

@@ -120,8 +120,9 @@ def test_an_image_in_several_runs_has_its_markers_between_as_text(fam):
     image = _image((64, 64))
     prep = prepare(fam, DiagnosticCase(question=QUESTION, constraint="this landmark", image=image))
     p = prep.prompt
-    if len(p.image_spans) == 1:
-        return  # the family gives an image one run
+    if fam.arch.family not in ("idefics3", "mistral3"):
+        assert len(p.image_spans) == 1  # every other family gives an image one run of image tokens
+        pytest.skip(f"{fam.arch.family} gives an image one run of image tokens")
     # Idefics3: 2×2 crops and the whole image, 4 tokens each; Mistral 3: 4 rows of 4 merged patches
     assert [b - a for a, b in p.image_spans] == [4] * {"idefics3": 5, "mistral3": 4}[fam.arch.family]
     markers = [i for i in range(*p.image_span) if i not in set(p.image_positions)]
@@ -137,6 +138,7 @@ def test_an_image_in_several_runs_has_its_markers_between_as_text(fam):
     assert regions == [list(range(a, b)) for a, b in p.image_spans]
 
 
+@pytest.mark.numerics
 def test_rows_of_different_image_sizes_batch_as_one_by_one(fam):
     """A right-padded batch (patching engine) and a left-padded greedy batch (serving) of rows whose images
     differ in size — and a text-only row — give each row what it gets alone."""
@@ -289,6 +291,7 @@ def _edit_requests(fam, world_dir, test_cases, n=2):
 EDIT = {"layer": 1, "steps": 40, "lr_scale": "none"}
 
 
+@pytest.mark.numerics
 def test_multedit_edits_attaches_and_removes_bit_identically(fam, world_dir, test_cases):
     reqs = _edit_requests(fam, world_dir, test_cases)
     editor = MultEdit(fam, MultEditConfig(**EDIT))
@@ -354,6 +357,7 @@ def test_peft_export_loads_in_plain_peft(fam, world_dir, test_cases, tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.numerics
 def test_served_it_answers_generate_and_an_edit(fam, start_service, world_dir, test_cases, tmp_path):
     """A server on the family's model (what ``editlens serve --model DIR`` runs) answers Generate over gRPC
     as the model does alone; a MultEdit edit requested over gRPC makes a live version that answers as the model
@@ -377,6 +381,7 @@ def test_served_it_answers_generate_and_an_edit(fam, start_service, world_dir, t
         assert lens.generate(world_dir / c["image"], c["src"], max_new_tokens=8).text == want.strip()
 
 
+@pytest.mark.numerics
 def test_decoding_reads_no_state_another_request_leaves_on_the_model(fam):
     """An M-RoPE family's forward (Qwen2-VL) given no positions reads the ``rope_deltas`` the last prompt left on
     the module, which a concurrent request's prompt overwrites. EditLens decodes every answer (served, batched
@@ -385,7 +390,7 @@ def test_decoding_reads_no_state_another_request_leaves_on_the_model(fam):
     from vlm.scoring import generate
 
     if fam.arch.rope != "mrope":
-        return  # 1-D positions: nothing is kept on the module
+        pytest.skip(f"{fam.arch.family} has 1-D positions: its model keeps no position state on the module")
     prompts = [encode(fam.processor, QUESTION, image=_image(s, i)) for i, s in enumerate(SIZES)]
     alone = [generate(fam, [p], max_new_tokens=8) for p in prompts]
     base = fam.model.model
@@ -402,13 +407,19 @@ def test_decoding_reads_no_state_another_request_leaves_on_the_model(fam):
         base.rope_deltas = None
 
 
-def test_editlens_serve_with_the_family_folder_answers_generate(fam, tmp_path):
-    """``editlens serve --model DIR`` started as a process on the family's folder (a new registry) loads the
-    family, reports its fingerprint and answers Generate over gRPC as the model does alone; it stops cleanly."""
+@pytest.mark.slow
+def test_editlens_serve_with_a_family_folder_answers_generate(world_dir, tmp_path):
+    """``editlens serve --model DIR`` started as a process on a family's folder (a new registry) loads the
+    family, reports its fingerprint and answers Generate over gRPC as the model does alone; it stops cleanly.
+    One family (Qwen2-VL: M-RoPE positions and its own image processor, the farthest from LLaVA-1.5, which
+    test_service_e2e.py serves as a process): the server serves every family in-process
+    (test_served_it_answers_generate_and_an_edit), and the process loads the folder with the same ``load_vlm``
+    (server/app.py) the ``fam`` fixture does."""
     from test_service_e2e import TOKEN, ServeProcess
 
     from client import sdk
 
+    fam = load_vlm(tiny_family("qwen2_vl", world_dir / "model", tmp_path / "qwen2_vl"), device="cpu")
     img = tmp_path / "tall.png"
     _image((32, 64), 4).save(img)
     prompt = encode(fam.processor, QUESTION, image=img)
@@ -434,7 +445,7 @@ def test_visual_attribution_draws_a_dynamic_resolution_image_on_its_own_token_gr
     from diagnostics.errors import DiagnosticError
 
     if "image_grid_thw" not in getattr(fam.processor.image_processor, "model_input_names", []):
-        return  # the family gives no token grid of its own
+        pytest.skip(f"{fam.arch.family}'s image processor gives no token grid of its own (no image_grid_thw)")
     wide = visual_attribution(fam, DiagnosticCase(QUESTION, "this landmark", _image((64, 32))), layers=[1], samples=1)
     assert wide.grid == (2, 4) and len(wide.maps[0]) == 8
     square = visual_attribution(fam, DiagnosticCase(QUESTION, "this landmark", _image((64, 64))), layers=[1], samples=1)
@@ -471,7 +482,7 @@ def test_internvl_tiles_stay_concatenated_when_its_processor_drops_their_count(f
     from vlm.images import process_image
 
     if fam.arch.family != "internvl":
-        return
+        pytest.skip("InternVL's processor only")
 
     class InternVLProcessor:  # the family processor's class name and output
         def __init__(self, inner):

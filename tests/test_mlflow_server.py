@@ -18,10 +18,13 @@ from test_service_e2e import TOKEN, ServeProcess
 
 from client.sdk import EditLensClient
 
-pytestmark = pytest.mark.skipif(
-    subprocess.run([sys.executable, "-c", "import mlflow.server"], capture_output=True).returncode != 0,
-    reason="the full mlflow package (pip install -e '.[server]') brings `mlflow server`",
-)
+pytestmark = [
+    pytest.mark.slow,  # a tracking server and two `editlens serve` processes per backend
+    pytest.mark.skipif(
+        subprocess.run([sys.executable, "-c", "import mlflow.server"], capture_output=True).returncode != 0,
+        reason="the full mlflow package (pip install -e '.[server]') brings `mlflow server`",
+    ),
+]
 TTL = 0.3
 
 
@@ -142,7 +145,7 @@ def _eventually(fn, timeout=30.0):
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
-def test_two_replicas_on_a_real_mlflow_server(store, test_cases, world_dir, tmp_path):
+def test_two_replicas_on_a_real_mlflow_server(store, insertion_case, test_cases, world_dir, tmp_path):
     postgres = None
     if store == "postgresql":
         why = _postgres_available()
@@ -150,20 +153,21 @@ def test_two_replicas_on_a_real_mlflow_server(store, test_cases, world_dir, tmp_
             pytest.skip(why)
         postgres = Postgres()
     try:
-        _replicas(
-            MlflowServer(tmp_path, _free_port(), postgres.uri if postgres else None), test_cases, world_dir, tmp_path
-        )
+        mlflow = MlflowServer(tmp_path, _free_port(), postgres.uri if postgres else None)
+        _replicas(mlflow, insertion_case, test_cases, world_dir, tmp_path)
     finally:
         if postgres is not None:
             postgres.stop()
 
 
-def _replicas(mlflow, test_cases, world_dir, tmp_path):
+def _replicas(mlflow, insertion_case, test_cases, world_dir, tmp_path):
     mlflow.start()
     extra = ["--registry-uri", mlflow.uri, "--live-ttl", str(TTL)]
     a = ServeProcess(tmp_path / "a", tmp_path / "a.log", extra=extra)
     b = ServeProcess(tmp_path / "b", tmp_path / "b.log", extra=extra)
-    first, second = test_cases[0], next(c for c in test_cases if c["entity"] != test_cases[0]["entity"])
+    # the first edit's answer is checked on both replicas: a case whose MultEdit edit answers (conftest.py)
+    first = dict(insertion_case, alt=insertion_case["ground_truth"])
+    second = next(c for c in test_cases if c["entity"] != first["entity"])
     try:
         with EditLensClient(a.address, token=TOKEN) as la, EditLensClient(b.address, token=TOKEN) as lb:
             la.wait_ready(120), lb.wait_ready(120)

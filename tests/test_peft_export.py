@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from editors.edit_set import attach
@@ -10,6 +11,7 @@ from editors.peft_export import export_peft
 from vlm import collate, run_patched, score_answers
 
 
+@pytest.mark.numerics
 def test_peft_round_trip_gives_the_edited_model(vlm, world_dir, test_cases, tmp_path):
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
@@ -33,8 +35,9 @@ def test_peft_round_trip_gives_the_edited_model(vlm, world_dir, test_cases, tmp_
     model = PeftModel.from_pretrained(base, str(out)).eval()
     with torch.no_grad():
         logits = model(**inputs).logits
-    for i, p in enumerate(prompts[:2]):  # teacher-forced argmax at every answer token
-        assert logits[i, [a - 1 for a in p.answer_positions]].argmax(-1).tolist() == p.answer_ids
+        with attach(vlm, joint):
+            attached = vlm.model(**inputs).logits
+    assert torch.allclose(logits, attached, atol=1e-4, rtol=1e-4)  # the logits of the edited model
     model.unload()
 
     # two modules of different rank: the adapter computes exactly what attaching the edit set does

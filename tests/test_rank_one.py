@@ -1,5 +1,6 @@
 """The MultEdit core: the closed form against the paper's explicit inverse, and value optimisation."""
 
+import pytest
 import torch
 
 from editors.multedit import EditRequest, MultEdit, MultEditConfig
@@ -42,6 +43,7 @@ def test_joint_update_of_n_edits_equals_the_explicit_inverse_and_reduces_to_rank
     assert torch.allclose(solve_update((K[:1] @ W.T), K[:1], Z[:1], lam)[:, 0], u1, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.numerics
 def test_value_optimisation_is_the_same_in_a_batch_as_alone(vlm, world_dir, test_cases):
     cases = [c for c in test_cases if c["type"] == "counterfactual"][:3]
     prompts = [

@@ -212,6 +212,8 @@ def _tiny_config(**kw):
     return VisEditTrainConfig(**base)
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_training_resumes_exactly_where_it_stopped(vlm, world_dir, tmp_path):
     straight = Trainer(vlm, world_dir, tmp_path / "a", _tiny_config()).run()
     Trainer(vlm, world_dir, tmp_path / "b", _tiny_config(steps=2)).run()  # interrupted after 2 steps
@@ -329,6 +331,7 @@ def test_train_cli_refuses_bad_settings_with_a_message(world_dir, tmp_path):
     assert not (tmp_path / "t" / "adapter.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_the_attribution_noise_seed_is_the_same_in_every_process():
     """Training must repeat under a fixed seed: the per-sample noise seed may not depend on PYTHONHASHSEED."""
     import os

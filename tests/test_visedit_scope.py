@@ -50,6 +50,7 @@ def gated(vlm, world_dir, test_cases):
     return edited, case, far_image
 
 
+@pytest.mark.numerics
 def test_calibration_meets_the_target_false_accept_rate_and_reports_recall():
     g = torch.Generator().manual_seed(0)
     negatives = torch.rand(100_000, generator=g) * 1.6 - 0.8  # uniform on [-0.8, 0.8]
@@ -175,6 +176,7 @@ def asking(vlm, world_dir, test_cases):
     return VisEdit(vlm, trained).edit([EditRequest.from_case(case, world_dir)]), case
 
 
+@pytest.mark.numerics
 def test_the_gate_reads_the_question_another_question_about_the_edited_image_is_left_alone(vlm, world_dir, asking):
     """The edit image asked another relation's question is the base model bit for bit; asked the edit's
     question in other words (a held-out template of its relation), the edit acts."""
@@ -238,6 +240,7 @@ def calibrated(vlm, world_dir, tmp_path_factory):
     return adapter
 
 
+@pytest.mark.numerics
 def test_gate_map_draws_the_gate_on_each_kind_of_probe(world_dir, calibrated, tmp_path):
     from typer.testing import CliRunner
 
@@ -260,6 +263,8 @@ def test_gate_map_draws_the_gate_on_each_kind_of_probe(world_dir, calibrated, tm
     }
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_bench_lifelong_reports_the_gate_and_serves_the_final_version(vlm, world_dir, calibrated):
     from typer.testing import CliRunner
 

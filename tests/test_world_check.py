@@ -3,12 +3,15 @@ measured with `editors.world_check` on a sample small enough for CI."""
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from client.cli import app
 from editors.world_check import check_world
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_the_answer_flows_through_the_constraint_and_an_edit_there_works(vlm, world_dir):
     r = check_world(world_dir, vlm=vlm, questions=60, cases=10, layers=[0, 1])
     assert r["questions"] == 60 and r["cases"] == 10
@@ -23,6 +26,7 @@ def test_the_answer_flows_through_the_constraint_and_an_edit_there_works(vlm, wo
     assert by_layer[r["constraint_edit_layer"]] == r["constraint_edit_success"]
 
 
+@pytest.mark.slow
 def test_cli_world_check_reports_json_and_rejects_bad_input(world_dir, tmp_path):
     runner = CliRunner()
     res = runner.invoke(

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from vlm import encode, generate
 from vlm.world import WorldConfig, build_world
 from vlm.world.train import ModelConfig, TrainConfig
@@ -65,6 +67,7 @@ print(json.dumps({"n": len(items), "right": right}))
 """
 
 
+@pytest.mark.slow
 def test_saved_folder_works_with_plain_transformers(world_dir):
     res = subprocess.run(
         [sys.executable, "-c", PLAIN, str(world_dir)], capture_output=True, text=True, timeout=300, cwd="/"
@@ -99,6 +102,7 @@ def _digest(path):
     return hashlib.sha256((path / "model" / "model.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_a_world_builds_in_qwen2_vl_deterministically_and_serves_its_family(tmp_path):
     """`world build --family qwen2_vl`: the same world trained in Qwen2-VL (its vision transformer and merger,
     M-RoPE), as deterministic as the LLaVA build, loading as a Qwen2-VL model whose images are 16 tokens."""
@@ -113,6 +117,7 @@ def test_a_world_builds_in_qwen2_vl_deterministically_and_serves_its_family(tmp_
     assert llava["build_key"] != a["build_key"], "the family is part of the build key"
 
 
+@pytest.mark.slow
 def test_builds_are_deterministic_per_seed(tmp_path):
     a, b, _c = _small_build(3, tmp_path / "a"), _small_build(3, tmp_path / "b"), _small_build(4, tmp_path / "c")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,14 +92,23 @@ _EDITORS: dict[str, EditorSpec] = {}
 #: the modules of the built-in editors; each registers its editor when imported (on the first lookup)
 BUILTIN_EDITORS = ("editors.multedit", "editors.keygate", "editors.alphaedit", "editors.visedit", "editors.finetune")
 _builtins_loaded = False
+#: re-entrant: a built-in module's import may itself look an editor up (it registers from this thread)
+_builtins_lock = threading.RLock()
 
 
 def _load_builtins() -> None:
+    """Import the built-in editors' modules once. Thread-safe: a lookup from any thread returns only after every
+    built-in is registered (the flag was set before the imports, so a concurrent first lookup on a cold server
+    found no editor or half of them)."""
     global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
+    if _builtins_loaded:
+        return
+    with _builtins_lock:
+        if _builtins_loaded:
+            return
         for module in BUILTIN_EDITORS:
             importlib.import_module(module)
+        _builtins_loaded = True
 
 
 def register_editor(spec: EditorSpec) -> EditorSpec:

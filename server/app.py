@@ -104,6 +104,9 @@ class EditLensServer:
             vlm = self._vlm
             if vlm is None:
                 vlm = self._load_model()
+            from editors import editor_names
+
+            editor_names()  # every built-in editor registered before the server says SERVING
             self.service.set_ready(vlm, registry)
             self._set_health(True)
             self._ready.set()

@@ -42,6 +42,8 @@ class Job:
     accepted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     state: str = "queued"  # queued | running | done | failed | cancelled
+    #: called once on cancel (the runner takes a queued job out of its queue count at once)
+    on_cancel: Callable[[Job], None] | None = None
 
     def emit(
         self,
@@ -77,7 +79,11 @@ class Job:
             raise JobCancelled(f"{self.kind} job {self.id} was cancelled")
 
     def cancel(self) -> None:
+        if self.cancelled.is_set():
+            return
         self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
 
 class JobRunner:
@@ -125,11 +131,18 @@ class JobRunner:
                     f"the job queue is full ({len(self._waiting)} job(s) waiting, "
                     f"{len(self._running)} running; limit {self.max_queued}); try again later"
                 )
-            job = Job(next(self._ids), kind, fn, adapter)
+            job = Job(next(self._ids), kind, fn, adapter, on_cancel=self._forget)
             ahead = len(self._waiting) + len(self._running)
             self._waiting.append(job)
         self._queue.put(job)
         return job, ahead
+
+    def _forget(self, job: Job) -> None:
+        """A cancelled job that has not started no longer counts against the queue (it is skipped when a
+        worker reaches it)."""
+        with self._lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
 
     def _work(self) -> None:
         while True:

@@ -41,22 +41,33 @@ log = logging.getLogger("editlens.server")
 
 
 def _job_events(job, ahead: int, context, event, what: str):
-    """The events of a submitted job as ``event`` messages: queued, its progress, then its result."""
-    yield event(
-        progress=pb.Progress(
-            stage="queued",
-            queue_position=ahead,
-            message=f"{what} job {job.id} accepted" + (f"; {ahead} job(s) ahead" if ahead else ""),
+    """The events of a submitted job as ``event`` messages: queued, its progress, then its result.
+
+    The job is bound to the RPC before anything is sent: an RPC that has ended already (a client that
+    cancelled at once) or that ends at any point later — while the first event is on its way included —
+    cancels the job, and a cancelled job registers nothing (its last check is just before registration,
+    the point of no return: ``server.editing``)."""
+    if not context.add_callback(job.cancel) or not context.is_active():
+        job.cancel()  # the RPC terminated before the callback could be added: it would never run
+    try:
+        yield event(
+            progress=pb.Progress(
+                stage="queued",
+                queue_position=ahead,
+                message=f"{what} job {job.id} accepted" + (f"; {ahead} job(s) ahead" if ahead else ""),
+            )
         )
-    )
-    events = follow(job, context)
-    while True:
-        try:
-            ev = next(events)
-        except StopIteration as done:
-            yield event(result=done.value)
-            return
-        yield event(progress=convert.progress(ev))
+        events = follow(job, context)
+        while True:
+            try:
+                ev = next(events)
+            except StopIteration as done:
+                yield event(result=done.value)
+                return
+            yield event(progress=convert.progress(ev))
+    finally:
+        if job.state in ("queued", "running"):  # the stream ended before the job did: nobody reads it
+            job.cancel()
 
 
 class EditLensService(pb_grpc.EditLensServicer):

@@ -1,0 +1,122 @@
+"""The service under cancellation and a cold start (issue 26, the part that has landed): an Edit whose client
+cancels — at once, or right after its `queued` event — registers nothing; a cancelled job leaves the queue at
+once, so cancelled work cannot fill it; the first lookups of editors from many threads of a fresh process all
+find every built-in editor. Each was reproduced against the code before the fix (see the commit)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from editlens.v1 import editlens_pb2 as pb
+
+from client import sdk
+from server.jobs import JobRunner
+
+TOKEN = "reliable"
+
+
+def _idle(svc, bound: float = 60.0) -> None:
+    """Wait (bounded) until the server's job runner has nothing queued or running."""
+    t0 = time.monotonic()
+    while svc.service.jobs.running or svc.service.jobs.queued:
+        assert time.monotonic() - t0 < bound, "jobs still running"
+        time.sleep(0.05)
+
+
+def test_a_cancelled_edit_registers_nothing(start_service, test_cases, world_dir):
+    svc = start_service(token=TOKEN)
+    case = test_cases[0]
+    req = pb.EditRequest(
+        adapter="cancelled",
+        editor_name="multedit",
+        image=(world_dir / case["image"]).read_bytes(),
+        question=case["src"],
+        constraint=case["constraint"],
+        answer=case["alt"],
+    )
+    req.multedit.layer = 0
+    with svc.client(token=TOKEN) as lens:
+        stub, md = lens._stub, lens._metadata()
+        for _ in range(6):  # cancelled at once: the handler may not even have started
+            call = stub.Edit(req, metadata=md)
+            call.cancel()
+        for _ in range(3):  # cancelled right after the first event (the job is queued or running)
+            call = stub.Edit(req, metadata=md)
+            first = next(call)
+            assert first.progress.stage == "queued"
+            call.cancel()
+        _idle(svc)
+        with pytest.raises(sdk.NotFoundError):
+            lens.versions("cancelled")
+        assert svc.registry.check_consistency()["orphan_runs"] == []
+        # the server goes on: an edit that is not cancelled registers its version
+        v = lens.edit(
+            world_dir / case["image"],
+            case["src"],
+            case["constraint"],
+            case["alt"],
+            adapter="cancelled",
+            editor="multedit",
+            layer=0,
+            steps=2,
+        )
+        assert v.version == 1 and v.live
+
+
+def test_a_cancelled_job_leaves_the_queue_at_once():
+    runner = JobRunner(workers=1, max_queued=1)
+    release = threading.Event()
+    try:
+        running, _ = runner.submit("edit", lambda job: release.wait(30))
+        t0 = time.monotonic()
+        while runner.running == 0:
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.01)
+        waiting, ahead = runner.submit("edit", lambda job: "never")
+        assert ahead == 1 and runner.queued == 1
+        with pytest.raises(Exception, match="queue is full"):
+            runner.submit("edit", lambda job: "refused")
+        waiting.cancel()
+        assert runner.queued == 0  # at once, not when a worker reaches it
+        third, _ = runner.submit("edit", lambda job: "ran")  # the queue has room again
+        release.set()
+        assert third.events.get(timeout=30) == ("result", "ran")
+        kind, err = waiting.events.get(timeout=30)
+        assert kind == "error" and "cancelled" in str(err)
+    finally:
+        release.set()
+        runner.close()
+
+
+@pytest.mark.slow
+def test_the_first_editor_lookups_from_many_threads_of_a_fresh_process_find_every_editor():
+    """On a cold process, 16 threads asking for editors at once all get every built-in editor (before the fix
+    the first lookup marked the built-ins loaded before importing them: the others saw none or some)."""
+    script = textwrap.dedent(
+        """
+        import threading
+        from editors import editor_names, get_editor
+        results, barrier = [], threading.Barrier(16)
+        def ask(i):
+            barrier.wait()
+            try:
+                results.append((get_editor("keygate").name, tuple(editor_names())))
+            except Exception as exc:
+                results.append(("error", repr(exc)))
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        print(sorted(set(results)))
+        """
+    )
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        found = eval(out.stdout.strip())  # a list of (name, names) tuples
+        assert len(found) == 1 and found[0][0] == "keygate", found
+        assert {"keygate", "multedit", "alphaedit", "visedit", "ft"} <= set(found[0][1])

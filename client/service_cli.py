@@ -43,6 +43,8 @@ SERVE_FLAGS = (
     "live_ttl",
     "bundle_cache",
     "job_workers",
+    "max_batch_size",
+    "batch_wait_ms",
 )
 LIMIT_FLAGS = ("max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_new_tokens", "max_queued_jobs")
 

@@ -31,6 +31,11 @@ log = logging.getLogger("editlens.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditLens"].full_name  # "editlens.v1.EditLens"
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC reads it: an IPv6 literal in brackets (``[::1]:50051``)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 class EditLensServer:
     """One gRPC server: the EditLens service, health and reflection, the model loaded in the background."""
 
@@ -50,7 +55,7 @@ class EditLensServer:
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        return host_port(self.config.host, self.port)
 
     def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -75,15 +80,15 @@ class EditLensServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self._set_health(False)
         try:
-            where = f"{cfg.host}:{cfg.port}"
+            where = host_port(cfg.host, cfg.port)
             if cfg.tls:
                 self.port = self._server.add_secure_port(where, cfg.server_credentials())
             else:
                 self.port = self._server.add_insecure_port(where)
         except RuntimeError as exc:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
+            raise OSError(f"cannot listen on {where}: {exc}") from None
         if not self.port:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (in use?)")
+            raise OSError(f"cannot listen on {where} (in use?)")
         self._server.start()
         self._loader = threading.Thread(target=self._load, name="editlens-loader", daemon=True)
         self._loader.start()

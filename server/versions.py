@@ -144,7 +144,7 @@ class Versions:
         explicit = bool(ref is not None and ref.adapter)
         adapter = self.adapter_name(ref.adapter if ref is not None else "")
         which = ref.WhichOneof("ref") if ref is not None else None
-        if which == "base":
+        if which == "base" and ref.base:  # base: false is no choice at all: the live version, as if unset
             return pb.Served(), None
         if which == "version":
             if ref.version < 1:

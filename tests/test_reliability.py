@@ -1,7 +1,9 @@
-"""The service under cancellation and a cold start (issue 26, the part that has landed): an Edit whose client
-cancels — at once, or right after its `queued` event — registers nothing; a cancelled job leaves the queue at
-once, so cancelled work cannot fill it; the first lookups of editors from many threads of a fresh process all
-find every built-in editor. Each was reproduced against the code before the fix (see the commit)."""
+"""The service under cancellation, a cold start and small contract slips (issue 26, the part that has landed):
+an Edit whose client cancels — at once, or right after its `queued` event — registers nothing; a cancelled job
+leaves the queue at once, so cancelled work cannot fill it; the first lookups of editors from many threads of
+a fresh process all find every built-in editor; ``base: false`` is the live version; the batching flags exist
+and are checked; an IPv6 loopback address binds. Each test fails on the code before its fix (see the commits).
+"""
 
 from __future__ import annotations
 
@@ -120,3 +122,50 @@ def test_the_first_editor_lookups_from_many_threads_of_a_fresh_process_find_ever
         found = eval(out.stdout.strip())  # a list of (name, names) tuples
         assert len(found) == 1 and found[0][0] == "keygate", found
         assert {"keygate", "multedit", "alphaedit", "visedit", "ft"} <= set(found[0][1])
+
+
+def test_base_false_is_the_live_version(start_service, vlm, tmp_path):
+    """``AdapterRef{adapter, base: false}`` asks for no base model: the live version answers (before, the
+    set-but-false field was read as base: true)."""
+    from test_server import _register
+
+    svc = start_service()
+    info = _register(svc, vlm, tmp_path, "flagged")
+    svc.registry.set_alias("flagged", "live", info.version)
+    with svc.client() as lens:
+        resolve = svc.service.host.versions.resolve
+        served, bundle = resolve(pb.AdapterRef(adapter="flagged", base=False))
+        assert served.version == info.version and bundle is not None
+        served, bundle = resolve(pb.AdapterRef(adapter="flagged", base=True))
+        assert served.version == 0 and bundle is None
+        assert lens.info().ready
+
+
+def test_serve_takes_the_batching_flags_and_checks_them():
+    """`editlens serve --max-batch-size/--batch-wait-ms`, as docs/cli.md and docs/service.md name them (before:
+    'No such option'); a bad value is refused before anything starts."""
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    res = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200)
+    assert "--max-batch-size" in res.output and "--batch-wait-ms" in res.output
+    bad = CliRunner().invoke(app, ["serve", "--port", "0", "--batch-wait-ms", "-5"])
+    assert bad.exit_code != 0 and "batch_wait_ms" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(app, ["serve", "--port", "0", "--max-batch-size", "0"])
+    assert bad.exit_code != 0 and "max_batch_size" in bad.output
+
+
+def test_an_ipv6_loopback_address_is_bound_and_served(start_service):
+    """`serve --host ::1` binds ``[::1]:PORT`` (before: the literal was joined without brackets and the bind
+    failed)."""
+    import socket
+
+    try:
+        socket.socket(socket.AF_INET6).bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    svc = start_service(host="::1")
+    assert svc.address.startswith("[::1]:")
+    with svc.client() as lens:
+        assert lens.info().ready and lens.health() == "SERVING"

@@ -45,6 +45,7 @@ SERVE_FLAGS = (
     "job_workers",
     "max_batch_size",
     "batch_wait_ms",
+    "mutation_wait_s",
 )
 LIMIT_FLAGS = ("max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_new_tokens", "max_queued_jobs")
 

@@ -105,6 +105,11 @@ class ServerConfig:
         "tokens in clear text).",
     )
     limits: Limits = option(help="Per-request limits.", factory=Limits)
+    mutation_wait_s: float = option(
+        5.0,
+        "How long Rollback, SetAlias and DeleteVersion wait for a running job of the same adapter before they "
+        "answer ABORTED, naming the job (two such calls wait per adapter at most; more are refused at once).",
+    )
     live_ttl: float = option(
         0.5,
         "Seconds a lookup of an adapter's live version is reused (how soon a rollback made on another "
@@ -137,8 +142,10 @@ class ServerConfig:
             raise ConfigError(f"max_batch_size must be >= 1 (1: no batching), not {self.max_batch_size}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ConfigError(f"batch_wait_ms must be within 0..1000, not {self.batch_wait_ms}")
+        if not 0 <= self.mutation_wait_s <= 300:
+            raise ConfigError(f"mutation_wait_s must be within 0..300 seconds, not {self.mutation_wait_s}")
         if self.token is not None and not self.token.strip():
-            self.token = None
+            raise ConfigError("the token is blank: give a token, or none for no authentication")
         if self.token_file is not None:
             self.token = read_token_file(self.token_file)
         if (self.tls_cert is None) != (self.tls_key is None):

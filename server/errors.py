@@ -45,6 +45,11 @@ def exhausted(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
+def aborted(message: str) -> ServiceError:
+    """An ABORTED refusal: a concurrency conflict; retrying later succeeds."""
+    return ServiceError(grpc.StatusCode.ABORTED, message)
+
+
 def unavailable(message: str) -> ServiceError:
     """An UNAVAILABLE refusal."""
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message)

@@ -21,11 +21,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import JobCancelled, exhausted, unavailable
+from .errors import JobCancelled, aborted, exhausted, unavailable
 
 log = logging.getLogger("editlens.server")
 
@@ -97,6 +98,8 @@ class JobRunner:
         self._running: set[int] = set()
         self._ids = itertools.count(1)
         self._adapter_locks: dict[str, threading.Lock] = {}
+        self._holders: dict[str, Job] = {}  # the job holding each adapter's lock
+        self._lock_waiters: dict[str, int] = {}  # RPC threads waiting for each adapter's lock
         self._closed = False
         self._threads = [
             threading.Thread(target=self._work, name=f"editlens-job-{i}", daemon=True) for i in range(workers)
@@ -118,6 +121,37 @@ class JobRunner:
     def adapter_lock(self, adapter: str) -> threading.Lock:
         with self._lock:
             return self._adapter_locks.setdefault(adapter, threading.Lock())
+
+    @contextmanager
+    def holding(self, adapter: str, wait: float, what: str, waiters: int = 2) -> Iterator[None]:
+        """Hold ``adapter``'s lock for a mutation outside a job (Rollback, SetAlias, DeleteVersion), waiting
+        ``wait`` seconds at most: a running job of that adapter answers ABORTED, naming the job, instead of
+        blocking an RPC thread until it ends; and at most ``waiters`` threads wait per adapter (more are refused
+        at once), so mutations can never take every RPC thread from Generate and the health check."""
+        lock = self.adapter_lock(adapter)
+        with self._lock:
+            queued = self._lock_waiters.get(adapter, 0)
+            if queued >= waiters and lock.locked():
+                raise aborted(f"{what} not done: {self._busy(adapter)}; {queued} call(s) already wait for it")
+            self._lock_waiters[adapter] = queued + 1
+        try:
+            got = lock.acquire(timeout=wait)
+        finally:
+            with self._lock:
+                self._lock_waiters[adapter] -= 1
+        if not got:
+            raise aborted(f"{what} not done: {self._busy(adapter)} (waited {wait:g} s); retry when it ends")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _busy(self, adapter: str) -> str:
+        job = self._holders.get(adapter)
+        if job is None:
+            return f"adapter '{adapter}' is busy with another mutation"
+        since = time.monotonic() - job.accepted
+        return f"adapter '{adapter}' is busy: {job.kind} job {job.id} (accepted {since:.0f} s ago)"
 
     # ------------------------------------------------------------ submit
     def submit(self, kind: str, fn: Callable[[Job], Any], adapter: str | None = None) -> tuple[Job, int]:
@@ -161,7 +195,11 @@ class JobRunner:
             try:
                 if job.adapter is not None:
                     with self.adapter_lock(job.adapter):
-                        result = job.fn(job)
+                        self._holders[job.adapter] = job
+                        try:
+                            result = job.fn(job)
+                        finally:
+                            self._holders.pop(job.adapter, None)
                 else:
                     result = job.fn(job)
                 job.state = "done"

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from editlens.v1 import editlens_pb2 as pb
 from editlens.v1 import editlens_pb2_grpc as pb_grpc
@@ -33,7 +35,7 @@ from . import convert, diagnosing, editing, generation
 from .auth import caller, check_token
 from .bundles import BundleError
 from .config import ServerConfig
-from .errors import invalid, rpc, unavailable
+from .errors import JobCancelled, invalid, rpc, unavailable
 from .host import Host
 from .jobs import JobRunner, follow
 
@@ -107,6 +109,15 @@ class EditLensService(pb_grpc.EditLensServicer):
     def _mutating(self, context) -> Host:
         check_token(self.config.token, context)
         return self._ready()
+
+    @contextmanager
+    def _holding(self, adapter: str, context, what: str) -> Iterator[None]:
+        """The adapter's lock for a mutation of this RPC: a bounded wait (ABORTED naming the running job), and
+        nothing done for a client that went away while it waited."""
+        with self.jobs.holding(adapter, self.config.mutation_wait_s, what):
+            if not context.is_active():
+                raise JobCancelled(f"the client went away while {what} waited; nothing was done")
+            yield
 
     def _audit(self, host: Host, adapter: str, context, action: str, **what) -> None:
         """Record a mutation of ``adapter`` with its time and caller (registry tags ``editlens.audit.*``)."""
@@ -205,7 +216,7 @@ class EditLensService(pb_grpc.EditLensServicer):
         adapter = host.versions.adapter_name(request.adapter)
         if request.version < 1:
             raise invalid("name the version to point the alias at (>= 1)")
-        with self.jobs.adapter_lock(adapter):
+        with self._holding(adapter, context, "SetAlias"):
             info = host.registry.set_alias(adapter, request.alias or LIVE, request.version)
             self._audit(host, adapter, context, "set_alias", alias=request.alias or LIVE, version=request.version)
         host.versions.forget(adapter)
@@ -215,7 +226,7 @@ class EditLensService(pb_grpc.EditLensServicer):
     def Rollback(self, request, context):
         host = self._mutating(context)
         adapter = host.versions.adapter_name(request.adapter)
-        with self.jobs.adapter_lock(adapter):
+        with self._holding(adapter, context, "Rollback"):
             before = host.registry.live_version_number(adapter)
             try:
                 info = host.registry.rollback(adapter, request.to_version or None)
@@ -236,7 +247,7 @@ class EditLensService(pb_grpc.EditLensServicer):
         adapter = host.versions.adapter_name(request.adapter)
         if request.version < 1:
             raise invalid("name the version to delete (>= 1)")
-        with self.jobs.adapter_lock(adapter):
+        with self._holding(adapter, context, "DeleteVersion"):
             host.registry.delete_version(adapter, request.version)
             self._audit(host, adapter, context, "delete_version", version=request.version)
         host.versions.dropped(adapter, request.version)

@@ -169,3 +169,81 @@ def test_an_ipv6_loopback_address_is_bound_and_served(start_service):
     assert svc.address.startswith("[::1]:")
     with svc.client() as lens:
         assert lens.info().ready and lens.health() == "SERVING"
+
+
+@pytest.mark.slow
+def test_a_long_edit_never_hangs_the_server_and_abandoned_mutations_never_run(start_service, test_cases, world_dir):
+    """While a long Edit holds an adapter, 20 SetAlias calls on it answer ABORTED naming the job within the
+    bounded wait (or at once, beyond two waiters), Generate and the health check keep answering, and no
+    mutation runs after its client gave up (before: each waited without limit holding an RPC thread; 16 took
+    every thread, Generate and health timed out, and the abandoned calls ran ~40 s later and moved `live`)."""
+    svc = start_service(token=TOKEN, mutation_wait_s=0.5, grpc_workers=8)
+    case = test_cases[0]
+    img, edit = world_dir / case["image"], (case["src"], case["constraint"], case["alt"])
+    with svc.client(token=TOKEN) as lens:
+        v1 = lens.edit(img, *edit, adapter="busy", editor="multedit", layer=0, steps=2)
+        computing, done = threading.Event(), threading.Event()
+
+        def progress(e):
+            if e.stage == "value":
+                computing.set()
+            if done.is_set():
+                raise KeyboardInterrupt  # the SDK's stream ends: the client cancels the long job
+
+        def long_edit():
+            try:
+                lens.edit(
+                    img,
+                    *edit,
+                    adapter="busy",
+                    editor="multedit",
+                    layer=0,
+                    steps=5000,
+                    target_prob=0.99999,
+                    progress=progress,
+                )
+            except BaseException:  # cancelled by the progress callback
+                pass
+
+        t = threading.Thread(target=long_edit)
+        t.start()
+        assert computing.wait(60), "the long edit never reached its value steps"
+        outcomes: list[BaseException | object] = []
+
+        def set_alias():
+            with svc.client(token=TOKEN, timeout=10) as c:
+                try:
+                    outcomes.append(c.promote(v1.version, adapter="busy", alias="pinned"))
+                except BaseException as exc:
+                    outcomes.append(exc)
+
+        callers = [threading.Thread(target=set_alias) for _ in range(20)]
+        for c in callers:
+            c.start()
+        t0 = time.monotonic()
+        with svc.client(timeout=5) as anon:  # answered while 20 mutations and the job run
+            assert anon.health() == "SERVING"
+            assert anon.generate(img, case["src"], base=True).text
+        for c in callers:
+            c.join(30)
+        assert time.monotonic() - t0 < 15 and not any(c.is_alive() for c in callers)
+        assert len(outcomes) == 20 and all(isinstance(o, sdk.AbortedError) for o in outcomes), outcomes
+        assert all("edit job" in o.details and "busy" in o.details for o in outcomes)
+        done.set()
+        t.join(60)
+        assert not t.is_alive()
+        _idle(svc)
+        listed = lens.versions("busy")
+        assert listed.aliases == {"live": v1.version}  # no abandoned SetAlias ran after the job ended
+        assert lens.promote(v1.version, adapter="busy", alias="pinned").version == v1.version  # free again
+
+
+def test_a_blank_token_is_refused_not_taken_for_no_authentication():
+    from server.config import ServerConfig
+    from vlm.options import ConfigError
+
+    with pytest.raises(ConfigError, match="blank"):
+        ServerConfig(token="   ").check()
+    unset = ServerConfig(token=None)
+    unset.check()
+    assert unset.token is None  # no token at all: no authentication, as before

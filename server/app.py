@@ -158,7 +158,7 @@ class EditLensServer:
                 self._server.stop(grace).wait()
             # a job past its last cancellation point (registering a version) is let finish
             deadline = time.monotonic() + 30
-            while self.service.jobs.running and time.monotonic() < deadline:
+            while (self.service.jobs.running or self.service.diagnoses.running) and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             self._done.set()

@@ -95,7 +95,7 @@ class JobRunner:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting: list[Job] = []
-        self._running: set[int] = set()
+        self._running: dict[int, Job] = {}
         self._ids = itertools.count(1)
         self._adapter_locks: dict[str, threading.Lock] = {}
         self._holders: dict[str, Job] = {}  # the job holding each adapter's lock
@@ -190,7 +190,7 @@ class JobRunner:
                     job.state = "cancelled"
                     job.events.put(("error", JobCancelled(f"{job.kind} job {job.id} was cancelled before it ran")))
                     continue
-                self._running.add(job.id)
+                self._running[job.id] = job
             job.state = "running"
             try:
                 if job.adapter is not None:
@@ -211,13 +211,15 @@ class JobRunner:
                 job.events.put(("error", exc))
             finally:
                 with self._lock:
-                    self._running.discard(job.id)
+                    self._running.pop(job.id, None)
 
     def close(self) -> None:
+        """Refuse new jobs and cancel every queued and running one (a running job stops at its next progress
+        report; one past its last cancellation point, registering a version, finishes)."""
         with self._lock:
             self._closed = True
-            waiting = list(self._waiting)
-        for job in waiting:
+            jobs = list(self._waiting) + list(self._running.values())
+        for job in jobs:
             job.cancel()
         for _ in self._threads:
             self._queue.put(None)

@@ -13,8 +13,9 @@ How a request is served:
   through a cache at most ``live_ttl`` old, or the version/alias it names) and
   uses that version for the whole request, so an answer never mixes two;
 * edits, training and diagnostics are jobs (``server.jobs``) that stream their
-  progress (``server.editing``, ``server.diagnosing``); generation
-  (``server.generation``) is served while they run;
+  progress (``server.editing``, ``server.diagnosing``), edits and training in
+  one queue, diagnostics (open to every caller) in another, so reads cannot
+  starve writes; generation (``server.generation``) is served while they run;
 * every error becomes a status code with a readable message (``server.errors``).
 """
 
@@ -80,7 +81,9 @@ class EditLensService(pb_grpc.EditLensServicer):
         self.host: Host | None = None
         self.state = "starting"  # starting | loading | ready | failed
         self.state_detail = ""
+        # two queues: diagnostics (open to every caller) can never fill the queue of edits and training
         self.jobs = JobRunner(config.job_workers, config.limits.max_queued_jobs)
+        self.diagnoses = JobRunner(config.job_workers, config.limits.max_queued_jobs)
 
     # ------------------------------------------------------------ lifecycle
     def set_ready(self, vlm, registry) -> None:
@@ -92,6 +95,7 @@ class EditLensService(pb_grpc.EditLensServicer):
 
     def close(self) -> None:
         self.jobs.close()
+        self.diagnoses.close()
         if self.host is not None:
             self.host.close()
 
@@ -169,7 +173,7 @@ class EditLensService(pb_grpc.EditLensServicer):
     def Diagnose(self, request, context):
         host = self._ready()
         plan = diagnosing.plan_diagnose(host, request)
-        job, ahead = self.jobs.submit("diagnose", lambda job: diagnosing.run_diagnose(host, job, plan))
+        job, ahead = self.diagnoses.submit("diagnose", lambda job: diagnosing.run_diagnose(host, job, plan))
         yield from _job_events(job, ahead, context, pb.DiagnoseEvent, plan.name)
 
     # ------------------------------------------------------------ versions
@@ -256,4 +260,5 @@ class EditLensService(pb_grpc.EditLensServicer):
     # -------------------------------------------------------------- info
     @rpc
     def GetServerInfo(self, request, context):
-        return convert.server_info(self.config, self.host, editor_names(), self.jobs.running, self.jobs.queued)
+        running, queued = self.jobs.running + self.diagnoses.running, self.jobs.queued + self.diagnoses.queued
+        return convert.server_info(self.config, self.host, editor_names(), running, queued)

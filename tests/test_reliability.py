@@ -247,3 +247,29 @@ def test_a_blank_token_is_refused_not_taken_for_no_authentication():
     unset = ServerConfig(token=None)
     unset.check()
     assert unset.token is None  # no token at all: no authentication, as before
+
+
+def test_diagnostics_cannot_fill_the_queue_of_edits(start_service, test_cases, world_dir):
+    """Diagnose jobs (open to every caller) have their own queue: with it full, Diagnose is RESOURCE_EXHAUSTED
+    and an authenticated Edit still runs (before: one shared queue, so token-less traces made every Edit fail
+    with RESOURCE_EXHAUSTED for minutes)."""
+    svc = start_service(token=TOKEN)
+    case = test_cases[0]
+    img = world_dir / case["image"]
+    reads, release = svc.service.diagnoses, threading.Event()
+    reads.max_queued = 0
+    try:
+        reads.submit("diagnose", lambda job: release.wait(30))
+        t0 = time.monotonic()
+        while reads.running == 0:
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.01)
+        with svc.client() as anon, pytest.raises(sdk.ResourceExhaustedError, match="queue is full"):
+            anon.diagnose("module-attribution", img, case["src"], case["constraint"])
+        with svc.client(token=TOKEN) as lens:
+            v = lens.edit(
+                img, case["src"], case["constraint"], case["alt"], adapter="writes", editor="multedit", layer=0, steps=2
+            )
+            assert v.version == 1 and lens.info().jobs_running >= 1
+    finally:
+        release.set()

@@ -287,7 +287,7 @@ def test_cancelled_edit_registers_nothing(lens, case):
 
 
 def test_full_queue_is_resource_exhausted_and_generation_goes_on(svc, lens, case):
-    jobs = svc.service.jobs
+    jobs = svc.service.diagnoses  # the diagnostics' own queue
     release = threading.Event()
     saved = jobs.max_queued
     jobs.max_queued = 0

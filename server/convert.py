@@ -169,14 +169,20 @@ def editor_name(request: pb.EditRequest) -> str:
 
 
 def editor_options(request: pb.EditRequest, name: str) -> dict[str, Any]:
-    """The options of editor ``name``: the request's options message of that name if the contract has one, else
-    its ``editor_options``."""
-    fields = request.DESCRIPTOR.fields_by_name
-    if name in fields and fields[name].message_type is not None and name != "editor_options":
-        return message_options(getattr(request, name))
+    """The options of editor ``name``: the request's options message of that name if the contract has one, and
+    its ``editor_options`` (every editor: a key that is not a field of the editor's config is refused when the
+    config is built, naming the allowed ones). A key given in both is refused."""
     from google.protobuf.json_format import MessageToDict
 
-    return MessageToDict(request.editor_options)
+    free = MessageToDict(request.editor_options)
+    fields = request.DESCRIPTOR.fields_by_name
+    if name not in fields or fields[name].message_type is None or name == "editor_options":
+        return free
+    typed = message_options(getattr(request, name))
+    twice = sorted(set(typed) & set(free))
+    if twice:
+        raise ValueError(f"option(s) {twice} given both in {name} and in editor_options: give each once")
+    return {**typed, **free}
 
 
 def diagnosis(report, name: str, served: pb.Served, figures: list[pb.Figure]) -> pb.DiagnoseResult:

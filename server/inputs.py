@@ -16,6 +16,9 @@ from vlm.prompts import EncodedPrompt, encode
 from .config import Limits
 from .errors import exhausted, invalid
 
+#: the image formats a request may send (PIL decodes many more; some, like EPS, call external programs)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
 
 class Inputs:
     """The limits a request's inputs are checked against, and the model's processor to encode them."""
@@ -38,8 +41,21 @@ class Inputs:
         if len(data) > self.limits.max_image_bytes:
             raise exhausted(f"the {what} is {len(data)} bytes; the limit is {self.limits.max_image_bytes}")
         try:
-            with Image.open(io.BytesIO(data)) as probe:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:
                 w, h = probe.size
+        except Image.DecompressionBombError:  # PIL refuses to open a header claiming this many pixels
+            raise exhausted(
+                f"the {what} claims more pixels than PIL opens; the limit is {self.limits.max_image_pixels}"
+            ) from None
+        except Image.UnidentifiedImageError:
+            try:  # a format PIL reads but the server does not take (EPS would run Ghostscript, ...)
+                with Image.open(io.BytesIO(data)) as other:
+                    kind = other.format
+            except Exception:
+                kind = None
+            if kind is not None:
+                raise invalid(f"the {what} is {kind}; the server takes {', '.join(IMAGE_FORMATS)}") from None
+            w = h = 0  # undecodable: load_image below says why, with the right status
         except Exception:  # undecodable: load_image below says why, with the right status
             w = h = 0
         if w * h > self.limits.max_image_pixels:

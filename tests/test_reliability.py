@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 
+import grpc
 import pytest
 from editlens.v1 import editlens_pb2 as pb
 
@@ -273,3 +274,65 @@ def test_diagnostics_cannot_fill_the_queue_of_edits(start_service, test_cases, w
             assert v.version == 1 and lens.info().jobs_running >= 1
     finally:
         release.set()
+
+
+def _edit_request(world_dir, case, **fields) -> pb.EditRequest:
+    base = {
+        "adapter": "refused",
+        "editor_name": "keygate",
+        "image": (world_dir / case["image"]).read_bytes(),
+        "question": case["src"],
+        "constraint": case["constraint"],
+        "answer": case["alt"],
+    }
+    return pb.EditRequest(**{**base, **fields})
+
+
+def _status(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_bad_options_and_images_get_the_right_status_up_front(start_service, test_cases, world_dir):
+    """editor_options keys are checked for every editor (before: ignored for the built-in ones, so
+    {bogus_key: 1, layer: 99} registered a live version at layer 0); lr=inf is INVALID_ARGUMENT before any job
+    runs; a PNG whose header claims 20000x20000 is RESOURCE_EXHAUSTED (was INVALID_ARGUMENT); a format outside
+    PNG/JPEG/WebP/GIF/BMP is refused by name. Nothing is registered by any of them."""
+    import io
+    import zlib
+
+    from PIL import Image
+
+    svc = start_service()
+    case = test_cases[0]
+    with svc.client() as lens:
+        stub = lens._stub
+        req = _edit_request(world_dir, case)
+        req.editor_options.update({"bogus_key": 1, "layer": 99})
+        code, details = _status(stub.Edit(req))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "bogus_key" in details and "threshold" in details
+        req = _edit_request(world_dir, case)
+        req.editor_options.update({"layer": 99})
+        code, details = _status(stub.Edit(req))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "layer 99" in details
+        req = _edit_request(world_dir, case, editor_name="multedit")
+        req.multedit.lr = float("inf")
+        code, details = _status(stub.Edit(req))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "finite" in details and "lr" in details
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format="PNG")
+        png = bytearray(buf.getvalue())
+        png[16:24] = (20000).to_bytes(4, "big") * 2  # the IHDR width and height, and its CRC
+        png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+        code, details = _status(stub.Edit(_edit_request(world_dir, case, image=bytes(png))))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pixels" in details
+        tiff = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(tiff, format="TIFF")
+        code, details = _status(stub.Edit(_edit_request(world_dir, case, image=tiff.getvalue())))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "TIFF" in details and "PNG" in details
+        with pytest.raises(sdk.NotFoundError):
+            lens.versions("refused")

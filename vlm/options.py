@@ -11,6 +11,7 @@ A default changed here changes everywhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +59,9 @@ def build_config(cls: type, options: dict[str, Any]) -> Any:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; known: {', '.join(sorted(known))}")
+    bad = sorted(k for k, v in options.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:  # inf / nan would run a job to a meaningless end (lr=inf: every step NaN)
+        raise ConfigError(f"option(s) {bad} of {cls.__name__} must be finite numbers")
     hints = typing.get_type_hints(cls)
     return cls(**{k: _integral(v, hints.get(k)) for k, v in options.items()})
 

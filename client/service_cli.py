@@ -47,7 +47,15 @@ SERVE_FLAGS = (
     "batch_wait_ms",
     "mutation_wait_s",
 )
-LIMIT_FLAGS = ("max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_new_tokens", "max_queued_jobs")
+LIMIT_FLAGS = (
+    "max_image_bytes",
+    "max_image_pixels",
+    "max_prompt_tokens",
+    "max_new_tokens",
+    "max_queued_jobs",
+    "max_job_steps",
+    "max_job_seconds",
+)
 
 
 #: how the remote commands reach the server, from `editlens --tls-ca ... --token-file ...` (the global options)

@@ -23,6 +23,12 @@ class Limits:
     max_queued_jobs: int = option(
         8, "Edit/diagnose jobs that may wait for a worker (RESOURCE_EXHAUSTED beyond).", flag="--max-queue"
     )
+    max_job_steps: int = option(
+        5000, "Most optimisation or training steps an Edit or TrainVisEdit may ask for (INVALID_ARGUMENT beyond)."
+    )
+    max_job_seconds: float = option(
+        1800.0, "A job that runs longer is stopped at its next progress report (DEADLINE_EXCEEDED; nothing registered)."
+    )
 
     @property
     def max_message_bytes(self) -> int:
@@ -30,7 +36,14 @@ class Limits:
         return 2 * self.max_image_bytes + (1 << 20)
 
     def check(self) -> None:
-        for name in ("max_image_bytes", "max_image_pixels", "max_new_tokens", "default_new_tokens"):
+        for name in (
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_new_tokens",
+            "default_new_tokens",
+            "max_job_steps",
+            "max_job_seconds",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.max_queued_jobs < 0:

@@ -63,6 +63,18 @@ class EditPlan:
     caller: dict[str, Any] = field(default_factory=dict)  # who asked (time, peer, ...): the version's audit
 
 
+#: the settings that set how much work a job does (a steps count of an editor's or the trainer's config)
+WORK_OPTIONS = ("steps",)
+
+
+def check_work(config: Any, limit: int) -> None:
+    """INVALID_ARGUMENT for a work setting above the server's ``--max-job-steps``: a job must end."""
+    for name in WORK_OPTIONS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > limit:
+            raise invalid(f"{name}={value} is over this server's limit of {limit} (--max-job-steps)")
+
+
 def plan_edit(host: Host, request: pb.EditRequest) -> EditPlan:
     """Check an Edit request and build its editor (INVALID_ARGUMENT / NOT_FOUND / FAILED_PRECONDITION)."""
     inputs = host.inputs
@@ -77,6 +89,7 @@ def plan_edit(host: Host, request: pb.EditRequest) -> EditPlan:
         inputs.encode(q, image=image, answer=answer, constraints=[constraint])
     spec = get_editor(convert.editor_name(request))
     config = spec.config(host.vlm, **convert.editor_options(request, spec.name))
+    check_work(config, host.inputs.limits.max_job_steps)
     context = EditContext(lookup=host.versions.lookup, replacements=host.phrases)
     editor = spec.create(host.vlm, config, context)
     req = EditRequest(
@@ -212,6 +225,7 @@ def plan_training(host: Host, request: pb.TrainVisEditRequest) -> TrainPlan:
         options["steps"] = int(request.steps)
     config = build_config(VisEditTrainConfig, options)
     config.check()
+    check_work(config, host.inputs.limits.max_job_steps)
     if config.layer != "auto" and not 0 <= config.layer < host.vlm.num_layers:
         raise ConfigError(f"layer {config.layer} is outside 0..{host.vlm.num_layers - 1}")
     return TrainPlan(adapter, world, config, not request.no_promote)

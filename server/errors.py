@@ -59,6 +59,10 @@ class JobCancelled(Exception):
     """The client went away (or cancelled) before the job finished; nothing was registered."""
 
 
+class JobTimedOut(JobCancelled):
+    """The job ran past the server's ``--max-job-seconds``; it was stopped and nothing was registered."""
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message to answer for ``exc``, by its type (never by its message)."""
     from diagnostics.errors import DiagnosticError
@@ -77,6 +81,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
     if isinstance(exc, ServiceError):
         return exc.code, exc.message
+    if isinstance(exc, JobTimedOut):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, JobCancelled):
         return grpc.StatusCode.CANCELLED, str(exc) or "the job was cancelled"
     if isinstance(exc, NotFoundError):

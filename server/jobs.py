@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import JobCancelled, aborted, exhausted, unavailable
+from .errors import JobCancelled, JobTimedOut, aborted, exhausted, unavailable
 
 log = logging.getLogger("editlens.server")
 
@@ -45,6 +45,8 @@ class Job:
     state: str = "queued"  # queued | running | done | failed | cancelled
     #: called once on cancel (the runner takes a queued job out of its queue count at once)
     on_cancel: Callable[[Job], None] | None = None
+    #: when a running job must have ended (monotonic seconds; set when it starts): past it, it is stopped
+    deadline: float | None = None
 
     def emit(
         self,
@@ -56,9 +58,8 @@ class Job:
         loss: float | None = None,
         message: str = "",
     ) -> None:
-        """Report progress; raises JobCancelled once the client has gone."""
-        if self.cancelled.is_set():
-            raise JobCancelled(f"{self.kind} job {self.id} was cancelled")
+        """Report progress; raises JobCancelled once the client has gone, JobTimedOut past the deadline."""
+        self.check_cancelled()
         self.events.put(
             (
                 "progress",
@@ -78,6 +79,12 @@ class Job:
     def check_cancelled(self) -> None:
         if self.cancelled.is_set():
             raise JobCancelled(f"{self.kind} job {self.id} was cancelled")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.cancelled.set()
+            raise JobTimedOut(
+                f"{self.kind} job {self.id} ran past this server's limit (--max-job-seconds) and was stopped; "
+                "nothing was registered"
+            )
 
     def cancel(self) -> None:
         if self.cancelled.is_set():
@@ -90,8 +97,9 @@ class Job:
 class JobRunner:
     """Worker threads and a bounded queue of jobs; mutating jobs of one adapter run one at a time."""
 
-    def __init__(self, workers: int = 1, max_queued: int = 8):
+    def __init__(self, workers: int = 1, max_queued: int = 8, max_seconds: float | None = None):
         self.max_queued = max_queued
+        self.max_seconds = max_seconds
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting: list[Job] = []
@@ -192,6 +200,8 @@ class JobRunner:
                     continue
                 self._running[job.id] = job
             job.state = "running"
+            if self.max_seconds is not None:
+                job.deadline = time.monotonic() + self.max_seconds
             try:
                 if job.adapter is not None:
                     with self.adapter_lock(job.adapter):

@@ -82,8 +82,9 @@ class EditLensService(pb_grpc.EditLensServicer):
         self.state = "starting"  # starting | loading | ready | failed
         self.state_detail = ""
         # two queues: diagnostics (open to every caller) can never fill the queue of edits and training
-        self.jobs = JobRunner(config.job_workers, config.limits.max_queued_jobs)
-        self.diagnoses = JobRunner(config.job_workers, config.limits.max_queued_jobs)
+        limits = config.limits
+        self.jobs = JobRunner(config.job_workers, limits.max_queued_jobs, limits.max_job_seconds)
+        self.diagnoses = JobRunner(config.job_workers, limits.max_queued_jobs, limits.max_job_seconds)
 
     # ------------------------------------------------------------ lifecycle
     def set_ready(self, vlm, registry) -> None:

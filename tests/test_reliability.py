@@ -336,3 +336,23 @@ def test_bad_options_and_images_get_the_right_status_up_front(start_service, tes
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "TIFF" in details and "PNG" in details
         with pytest.raises(sdk.NotFoundError):
             lens.versions("refused")
+
+
+def test_jobs_are_bounded_in_work_and_time(start_service, test_cases, world_dir):
+    """Every job ends: steps beyond --max-job-steps are INVALID_ARGUMENT up front (before: steps=4294967295
+    with lr=1e-12 ran on, uncancellable), and a job running past --max-job-seconds is stopped with
+    DEADLINE_EXCEEDED and registers nothing."""
+    from server.config import Limits
+
+    svc = start_service(token=TOKEN, limits=Limits(max_job_steps=50, max_job_seconds=0.05))
+    case = test_cases[0]
+    img, edit = world_dir / case["image"], (case["src"], case["constraint"], case["alt"])
+    with svc.client(token=TOKEN) as lens:
+        with pytest.raises(sdk.InvalidArgumentError, match=r"steps=4294967295 is over .* limit of 50"):
+            lens.edit(img, *edit, adapter="bounded", editor="multedit", layer=0, steps=4294967295, lr=1e-12)
+        with pytest.raises(sdk.EditLensError, match="max-job-seconds") as stopped:
+            lens.edit(img, *edit, adapter="bounded", editor="multedit", layer=0, steps=50, target_prob=0.99999)
+        assert stopped.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        _idle(svc)
+        with pytest.raises(sdk.NotFoundError):
+            lens.versions("bounded")

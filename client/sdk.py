@@ -683,10 +683,19 @@ class EditLensClient:
         m = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest())
         return [AdapterSummary(a.name, a.live_version or None, a.latest_version, a.num_versions) for a in m.adapters]
 
-    def versions(self, adapter: str | None = None) -> VersionList:
-        """The adapter's versions, newest first, with their aliases."""
-        m = self._unary(self._stub.ListVersions, pb.ListVersionsRequest(adapter=adapter or ""))
-        return VersionList(m.adapter, [Version.from_pb(v) for v in m.versions], dict(m.aliases), m.live_version or None)
+    def versions(self, adapter: str | None = None, page_size: int = 0) -> VersionList:
+        """Every version of the adapter, newest first, with its aliases, fetched page by page (``page_size``
+        per call; 0: the server's default). Each is a summary: ``edits`` and ``manifest`` are empty —
+        ``version(n)`` gives one version whole."""
+        found: list[Version] = []
+        token = ""
+        while True:
+            req = pb.ListVersionsRequest(adapter=adapter or "", page_size=page_size, page_token=token)
+            m = self._unary(self._stub.ListVersions, req)
+            found += [Version.from_pb(v) for v in m.versions]
+            token = m.next_page_token
+            if not token:
+                return VersionList(m.adapter, found, dict(m.aliases), m.live_version or None)
 
     def version(
         self, version: int | None = None, adapter: str | None = None, alias: str | None = None, figures: bool = False

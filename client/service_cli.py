@@ -55,6 +55,7 @@ LIMIT_FLAGS = (
     "max_queued_jobs",
     "max_job_steps",
     "max_job_seconds",
+    "max_text_chars",
 )
 
 
@@ -261,29 +262,34 @@ def remote_edit(
 
 
 # --------------------------------------------------------------- versions
-def versions_cmd(server: str | None = SERVER, adapter: str | None = ADAPTER, as_json: bool = JSON) -> None:
-    """The adapter's versions, newest first, with their aliases and every edit's manifest record."""
+def versions_cmd(
+    server: str | None = SERVER,
+    adapter: str | None = ADAPTER,
+    version: int | None = typer.Option(None, help="Show this version whole (default: the live one)."),
+    as_json: bool = JSON,
+) -> None:
+    """The adapter's versions, newest first, with their aliases, then one version whole — the live one, or
+    --version N —: every edit's manifest record and its layer evidence (--json: the summaries and that
+    version with its manifest)."""
     with connect(server) as lens:
         vl = lens.versions(adapter)
+        shown = version or vl.live_version
+        whole = lens.version(shown, adapter=adapter) if shown else None
     if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "adapter": vl.adapter,
-                    "live_version": vl.live_version,
-                    "aliases": vl.aliases,
-                    "versions": [v.to_dict() for v in vl.versions],
-                },
-                indent=1,
-            )
-        )
+        out = {"adapter": vl.adapter, "live_version": vl.live_version, "aliases": vl.aliases}
+        out["versions"] = [v.to_dict() for v in vl.versions]
+        out["shown"] = whole.to_dict() if whole is not None else None
+        typer.echo(json.dumps(out, indent=1))
         return
     typer.echo(
         f"adapter {vl.adapter!r}: {len(vl.versions)} version(s), live: "
         + (f"version {vl.live_version}" if vl.live_version else "none (the base model answers)")
     )
     for v in vl.versions:
-        for line in _version_lines(v):
+        typer.echo("  " + _version_lines(v)[0])
+    if whole is not None:
+        typer.echo(f"version {whole.version} whole:")
+        for line in _version_lines(whole):
             typer.echo("  " + line)
 
 

@@ -23,6 +23,9 @@ class Limits:
     max_queued_jobs: int = option(
         8, "Edit/diagnose jobs that may wait for a worker (RESOURCE_EXHAUSTED beyond).", flag="--max-queue"
     )
+    max_text_chars: int = option(
+        4096, "Longest free-text field of a request (a question, an answer, a description; INVALID_ARGUMENT beyond)."
+    )
     max_job_steps: int = option(
         5000, "Most optimisation or training steps an Edit or TrainVisEdit may ask for (INVALID_ARGUMENT beyond)."
     )
@@ -41,6 +44,7 @@ class Limits:
             "max_image_pixels",
             "max_new_tokens",
             "default_new_tokens",
+            "max_text_chars",
             "max_job_steps",
             "max_job_seconds",
         ):

@@ -82,6 +82,24 @@ def edit_record(rec: dict[str, Any], this_version: int) -> pb.EditRecord:
     return m
 
 
+def version_summary(info) -> pb.Version:
+    """A registry ``VersionInfo`` as a ``Version`` message without its edits and manifest (what ListVersions
+    answers: it reads no manifest)."""
+    return pb.Version(
+        adapter=info.adapter,
+        version=info.version,
+        aliases=sorted(info.aliases),
+        live="live" in info.aliases,
+        parent=int(info.parent or 0),
+        base_fingerprint=info.base_fingerprint,
+        editors=[e for e in str(info.editor).split("+") if e],
+        num_edits=info.num_edits,
+        created_unix_ms=int(info.created * 1000),
+        description=info.description,
+        files=list(info.files),
+    )
+
+
 def version(info, figures_from: Path | None = None) -> pb.Version:
     """A registry ``VersionInfo`` as a ``Version`` message (the manifest included)."""
     try:
@@ -218,14 +236,29 @@ def adapter_summary(name: str, versions) -> pb.AdapterSummary:
     )
 
 
-def version_list(adapter: str, infos) -> pb.ListVersionsResponse:
-    """Versions (ascending ``VersionInfo``s) newest first, with the aliases and the live version."""
+#: ListVersions' page size when the request gives none, and the largest it may ask for
+PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+
+
+def version_list(adapter: str, infos, page_size: int = 0, page_token: str = "") -> pb.ListVersionsResponse:
+    """One page of versions (ascending ``VersionInfo``s) newest first, as summaries, with every alias and the
+    live version; ``next_page_token`` continues below the page's last version."""
     out = pb.ListVersionsResponse(adapter=adapter)
-    for info in reversed(infos):
-        out.versions.append(version(info))
+    for info in infos:
         for alias in info.aliases:
             out.aliases[alias] = info.version
     out.live_version = out.aliases.get("live", 0)
+    size = min(page_size or PAGE_SIZE, MAX_PAGE_SIZE)
+    newest = list(reversed(infos))
+    if page_token:
+        if not page_token.isdigit():
+            raise ValueError(f"page_token {page_token[:40]!r} is not one this call returned")
+        below = int(page_token)
+        newest = [i for i in newest if i.version < below]
+    for info in newest[:size]:
+        out.versions.append(version_summary(info))
+    if len(newest) > size:
+        out.next_page_token = str(newest[size - 1].version)
     return out
 
 

@@ -84,7 +84,8 @@ def plan_edit(host: Host, request: pb.EditRequest) -> EditPlan:
     question = inputs.text(request.question, "question")
     constraint = inputs.text(request.constraint, "constraint")
     answer = inputs.text(request.answer, "answer")
-    rephrase = request.rephrase.strip() or None
+    rephrase = inputs.text(request.rephrase, "rephrase", required=False) or None
+    description = inputs.text(request.description, "description", required=False)
     for q in (question, rephrase) if rephrase else (question,):
         inputs.encode(q, image=image, answer=answer, constraints=[constraint])
     spec = get_editor(convert.editor_name(request))
@@ -101,7 +102,7 @@ def plan_edit(host: Host, request: pb.EditRequest) -> EditPlan:
         image_rephrase=image2,
         replacements=host.phrases,
     )
-    return EditPlan(adapter, spec, editor, req, not request.no_promote, request.description)
+    return EditPlan(adapter, spec, editor, req, not request.no_promote, description)
 
 
 def run_edit(host: Host, job, plan: EditPlan):

@@ -62,11 +62,14 @@ class Inputs:
             raise exhausted(f"the {what} is {w}x{h} = {w * h} pixels; the limit is {self.limits.max_image_pixels}")
         return load_image(bytes(data))
 
-    @staticmethod
-    def text(value: str, what: str) -> str:
-        """``value`` stripped; INVALID_ARGUMENT when empty."""
+    def text(self, value: str, what: str, required: bool = True) -> str:
+        """``value`` stripped; INVALID_ARGUMENT when empty (and required) or longer than ``max_text_chars``."""
+        if len(value) > self.limits.max_text_chars:
+            raise invalid(f"the {what} is {len(value)} characters; the limit is {self.limits.max_text_chars}")
         if not value or not value.strip():
-            raise invalid(f"the {what} is empty")
+            if required:
+                raise invalid(f"the {what} is empty")
+            return ""
         return value.strip()
 
     def encode(self, question: str, image=None, answer: str | None = None, constraints=None) -> EncodedPrompt:

@@ -197,7 +197,7 @@ class EditLensService(pb_grpc.EditLensServicer):
             if request.adapter and request.adapter != self.config.default_adapter:
                 raise
             infos = []  # the default adapter before its first edit
-        return convert.version_list(adapter, infos)
+        return convert.version_list(adapter, infos, request.page_size, request.page_token)
 
     @rpc
     def GetVersion(self, request, context):

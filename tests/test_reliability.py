@@ -356,3 +356,54 @@ def test_jobs_are_bounded_in_work_and_time(start_service, test_cases, world_dir)
         _idle(svc)
         with pytest.raises(sdk.NotFoundError):
             lens.versions("bounded")
+
+
+def test_list_versions_is_paged_summaries_and_text_fields_are_bounded(
+    start_service, vlm, tmp_path, test_cases, world_dir
+):
+    """ListVersions answers pages of summaries (page_size, page_token; manifests only from GetVersion), so it
+    no longer grows with n² and fails past a few hundred versions (before: every version's manifest with every
+    inherited edit: 'Sent message larger than max' at 230); a free-text field over --max-text-chars is
+    INVALID_ARGUMENT (before: 1 MB descriptions were registered)."""
+    from test_server import _edit_set
+
+    from server.bundles import publish
+
+    svc = start_service()
+    one = _edit_set(vlm)
+    for _ in range(7):
+        publish(svc.registry, vlm, "paged", {"multedit": one}, edits=one.records)
+    with svc.client() as lens:
+        stub = lens._stub
+        first = stub.ListVersions(pb.ListVersionsRequest(adapter="paged", page_size=3))
+        assert [v.version for v in first.versions] == [7, 6, 5] and first.next_page_token
+        assert all(not v.manifest_json and not v.edits for v in first.versions)
+        assert first.live_version == 7 and first.aliases["live"] == 7
+        second = stub.ListVersions(
+            pb.ListVersionsRequest(adapter="paged", page_size=3, page_token=first.next_page_token)
+        )
+        assert [v.version for v in second.versions] == [4, 3, 2]
+        third = stub.ListVersions(
+            pb.ListVersionsRequest(adapter="paged", page_size=3, page_token=second.next_page_token)
+        )
+        assert [v.version for v in third.versions] == [1] and not third.next_page_token
+        listed = lens.versions("paged", page_size=2)  # the SDK pages through them all
+        assert [v.version for v in listed.versions] == [7, 6, 5, 4, 3, 2, 1] and listed.live_version == 7
+        assert lens.version(7, adapter="paged").manifest["edits"]  # the manifest: from GetVersion
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.ListVersions(pb.ListVersionsRequest(adapter="paged", page_token="not-a-token"))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        case = test_cases[0]
+        with pytest.raises(sdk.InvalidArgumentError, match="description is 1000000 characters"):
+            lens.edit(
+                world_dir / case["image"],
+                case["src"],
+                case["constraint"],
+                case["alt"],
+                adapter="paged",
+                editor="multedit",
+                layer=0,
+                steps=1,
+                description="x" * 1_000_000,
+            )
+        assert len(lens.versions("paged").versions) == 7

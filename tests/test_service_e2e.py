@@ -190,7 +190,8 @@ def test_serve_subprocess_end_to_end_with_the_sdk(keygate_case, vlm, world_dir, 
             # versions: the manifest with the layer evidence of both edits
             vl = lens.versions()
             assert vl.live_version == 2 and [x.version for x in vl.versions] == [2, 1]
-            man = vl.versions[0].manifest
+            assert vl.versions[0].manifest == {} and not vl.versions[0].edits  # the list gives summaries
+            man = lens.version(2).manifest
             assert man["edits"][0]["layer_evidence"]["layer"] == rec.layer
             assert man["edits"][1]["layer_evidence"]["details"]["image_readout"]
             assert man["edits"][0]["request"]["answer"] == c["ground_truth"] and man["parent"] == 1
@@ -282,7 +283,7 @@ def test_the_same_flow_through_the_cli(start_service, keygate_case, world_dir, t
     assert [ask()["answer"], ask(c["rephrase"])["answer"], ask(image=img2)["answer"]] == [c["ground_truth"]] * 3
     assert ask(c["m_loc_q"], world_dir / c["m_loc"])["answer"] == c["m_loc_answer"]
     vl = json.loads(_cli("versions", *srv, "--json").stdout)
-    assert vl["live_version"] == 1 and vl["versions"][0]["edits"][0]["answer"] == c["ground_truth"]
+    assert vl["live_version"] == 1 and vl["shown"]["edits"][0]["answer"] == c["ground_truth"]
     assert "version 1" in _cli("versions", *srv).stdout
     bad = _cli("rollback", *srv, ok=False)
     assert bad.exit_code == 2 and "UNAUTHENTICATED" in bad.stderr and "Traceback" not in bad.output

@@ -434,13 +434,17 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterSummary, _Mapping]]] = ..., default_adapter: _Optional[str] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
-    __slots__ = ("adapter",)
+    __slots__ = ("adapter", "page_size", "page_token")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     adapter: str
-    def __init__(self, adapter: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, adapter: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListVersionsResponse(_message.Message):
-    __slots__ = ("adapter", "versions", "aliases", "live_version")
+    __slots__ = ("adapter", "versions", "aliases", "live_version", "next_page_token")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -452,11 +456,13 @@ class ListVersionsResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     LIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     versions: _containers.RepeatedCompositeFieldContainer[Version]
     aliases: _containers.ScalarMap[str, int]
     live_version: int
-    def __init__(self, adapter: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[Version, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, int]] = ..., live_version: _Optional[int] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, adapter: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[Version, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, int]] = ..., live_version: _Optional[int] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetVersionRequest(_message.Message):
     __slots__ = ("adapter", "version", "alias", "include_figures")

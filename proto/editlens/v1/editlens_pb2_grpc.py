@@ -144,7 +144,7 @@ class EditLensServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListVersions(self, request, context):
-        """Every version of one adapter, newest first, with its manifest.
+        """One page of an adapter's versions, newest first, as summaries (GetVersion gives one version whole).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

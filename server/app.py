@@ -20,12 +20,12 @@ from pathlib import Path
 
 import grpc
 from editlens.v1 import editlens_pb2 as pb
-from editlens.v1 import editlens_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import ServerConfig
 from .service import EditLensService
+from .wire import service_handler
 
 log = logging.getLogger("editlens.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EditLens"].full_name  # "editlens.v1.EditLens"
@@ -75,7 +75,7 @@ class EditLensServer:
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
-        pb_grpc.add_EditLensServicer_to_server(self.service, self._server)
+        self._server.add_generic_rpc_handlers((service_handler(self.service),))  # undecodable: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self._set_health(False)

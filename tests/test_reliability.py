@@ -407,3 +407,21 @@ def test_list_versions_is_paged_summaries_and_text_fields_are_bounded(
                 description="x" * 1_000_000,
             )
         assert len(lens.versions("paged").versions) == 7
+
+
+def test_a_request_that_is_not_valid_protobuf_is_invalid_argument(start_service):
+    """A string field that is not UTF-8 (protobuf refuses the request while parsing it) is INVALID_ARGUMENT
+    with the reason, on unary and streaming methods alike (before: INTERNAL, a traceback in the server log);
+    the server goes on serving."""
+    svc = start_service()
+    raw = pb.GenerateRequest(prompt="AAAA").SerializeToString().replace(b"AAAA", b"\xff\xfe\xfd\xfc")
+    with grpc.insecure_channel(svc.address) as channel:
+        for kind, path in (("unary_unary", "Generate"), ("unary_stream", "GenerateStream")):
+            call = getattr(channel, kind)(f"/editlens.v1.EditLens/{path}")  # bytes in, bytes out
+            with pytest.raises(grpc.RpcError) as bad:
+                out = call(raw, timeout=10)
+                list(out) if kind == "unary_stream" else out
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad.value
+            assert "not a valid GenerateRequest" in bad.value.details()
+    with svc.client() as lens:
+        assert lens.health() == "SERVING" and lens.generate(None, "what is this ?").text is not None

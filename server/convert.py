@@ -106,21 +106,11 @@ def version(info, figures_from: Path | None = None) -> pb.Version:
         manifest = info.manifest
     except Exception:
         manifest = {}
-    editors = manifest.get("editors") or [e for e in str(info.editor).split("+") if e]
-    m = pb.Version(
-        adapter=info.adapter,
-        version=info.version,
-        aliases=sorted(info.aliases),
-        live="live" in info.aliases,
-        parent=int(info.parent or 0),
-        base_fingerprint=info.base_fingerprint,
-        editors=list(editors),
-        num_edits=info.num_edits,
-        created_unix_ms=int(info.created * 1000),
-        description=info.description,
-        files=list(info.files),
-        manifest_json=json.dumps(manifest, sort_keys=True),
-    )
+    m = version_summary(info)
+    if manifest.get("editors"):  # the manifest's order (the tag's is the same, read without it)
+        del m.editors[:]
+        m.editors.extend(manifest["editors"])
+    m.manifest_json = json.dumps(manifest, sort_keys=True)
     for rec in manifest.get("edits", []):
         if isinstance(rec, dict):
             m.edits.append(edit_record(rec, info.version))

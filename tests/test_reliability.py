@@ -23,12 +23,17 @@ from server.jobs import JobRunner
 TOKEN = "reliable"
 
 
+def _until(holds, bound: float, what: str) -> None:
+    """Wait (bounded) until ``holds()``."""
+    t0 = time.monotonic()
+    while not holds():
+        assert time.monotonic() - t0 < bound, what
+        time.sleep(0.02)
+
+
 def _idle(svc, bound: float = 60.0) -> None:
     """Wait (bounded) until the server's job runner has nothing queued or running."""
-    t0 = time.monotonic()
-    while svc.service.jobs.running or svc.service.jobs.queued:
-        assert time.monotonic() - t0 < bound, "jobs still running"
-        time.sleep(0.05)
+    _until(lambda: not (svc.service.jobs.running or svc.service.jobs.queued), bound, "jobs still running")
 
 
 def test_a_cancelled_edit_registers_nothing(start_service, test_cases, world_dir):
@@ -76,10 +81,7 @@ def test_a_cancelled_job_leaves_the_queue_at_once():
     release = threading.Event()
     try:
         running, _ = runner.submit("edit", lambda job: release.wait(30))
-        t0 = time.monotonic()
-        while runner.running == 0:
-            assert time.monotonic() - t0 < 10
-            time.sleep(0.01)
+        _until(lambda: runner.running > 0, 10, "the blocking job never started")
         waiting, ahead = runner.submit("edit", lambda job: "never")
         assert ahead == 1 and runner.queued == 1
         with pytest.raises(Exception, match="queue is full"):
@@ -261,10 +263,7 @@ def test_diagnostics_cannot_fill_the_queue_of_edits(start_service, test_cases, w
     reads.max_queued = 0
     try:
         reads.submit("diagnose", lambda job: release.wait(30))
-        t0 = time.monotonic()
-        while reads.running == 0:
-            assert time.monotonic() - t0 < 10
-            time.sleep(0.01)
+        _until(lambda: reads.running > 0, 10, "the blocking job never started")
         with svc.client() as anon, pytest.raises(sdk.ResourceExhaustedError, match="queue is full"):
             anon.diagnose("module-attribution", img, case["src"], case["constraint"])
         with svc.client(token=TOKEN) as lens:

@@ -305,6 +305,16 @@ def edit_cmd(
     token: str | None = TOKEN,
     adapter: str | None = ADAPTER,
     promote: bool = typer.Option(True, "--promote/--no-promote", help="With --server: make the new version live."),
+    strict: bool = typer.Option(
+        False,
+        help="With --server: refuse the edit (nothing registered) when the new version misses the answer on "
+        "--rephrase or --image-rephrase, not only on the question itself.",
+    ),
+    keep_unreached: bool = typer.Option(
+        False,
+        help="With --server: an edit that misses its own answer is registered but not made live (by default it "
+        "is refused and nothing is registered).",
+    ),
     visedit_adapter: str | None = typer.Option(
         None,
         help="With --server --editor visedit: the adapter that holds the trained VisEdit editor (its live version).",
@@ -337,6 +347,7 @@ def edit_cmd(
             if given is not None:
                 fail(f"{name} applies to local edits; with --server the version goes to the server's registry")
         layer = options.pop("layer", "auto")
+        options.update(strict=strict, keep_unreached=keep_unreached)
         return service_cli.remote_edit(
             server,
             token,
@@ -355,6 +366,8 @@ def edit_cmd(
         )
     if visedit_adapter:
         fail("--visedit-adapter names a server's adapter; locally, give the trained adapter file: --set adapter=FILE")
+    if strict or keep_unreached:
+        fail("--strict and --keep-unreached decide what a server registers; they need --server")
     if out is None:
         fail("--out is required (where to write the edit set), unless --server is given")
     if out.suffix != ".safetensors":
@@ -433,7 +446,7 @@ def stats_cmd(
     dtype: str = DTYPE,
     as_json: bool = JSON,
 ) -> None:
-    """Compute (once) and store the preservation statistics of a model's MLP keys: the mean key, C0 = E[kk^T]
+    """Compute (once) and store the preservation statistics of a model's MLP keys: the mean key, C0 = E(k k^T)
     and the reference keys, per layer, beside the model (editlens-statistics/) so that every version and every
     replica uses the same. KeyGate and AlphaEdit read them; the first edit computes them if they are missing."""
     from editors.preservation import (

@@ -200,6 +200,21 @@ class LayerRecommendation:
 
 
 @dataclass
+class EditCheck:
+    """One prompt the edit's request supplied, asked of the version the edit made."""
+
+    kind: str  # edit | rephrase | image_rephrase
+    question: str
+    answered: bool  # greedy decoding gives the edit's answer
+    p_answer: float
+    got: str  # what the version answers
+
+    @classmethod
+    def from_pb(cls, m: pb.EditCheck) -> EditCheck:
+        return cls(m.kind, m.question, m.answered, m.p_answer, m.got)
+
+
+@dataclass
 class EditRecord:
     editor: str
     layer: int
@@ -209,11 +224,13 @@ class EditRecord:
     metrics: dict[str, float]
     layer_evidence: LayerRecommendation | None
     version: int
+    checks: list[EditCheck] = field(default_factory=list)  # empty for edits registered before the checks existed
 
     @classmethod
     def from_pb(cls, m: pb.EditRecord) -> EditRecord:
         ev = LayerRecommendation.from_pb(m.layer_evidence) if m.HasField("layer_evidence") else None
-        return cls(m.editor, m.layer, m.question, m.constraint, m.answer, dict(m.metrics), ev, m.version)
+        checks = [EditCheck.from_pb(c) for c in m.checks]
+        return cls(m.editor, m.layer, m.question, m.constraint, m.answer, dict(m.metrics), ev, m.version, checks)
 
 
 @dataclass
@@ -350,6 +367,26 @@ class ServerInfo:
     editors: list[str]
     jobs_running: int
     jobs_queued: int
+
+
+@dataclass
+class JobInfo:
+    """A queued or running job of the server (``EditLensClient.jobs``)."""
+
+    id: int
+    kind: str  # edit | train | diagnose
+    adapter: str
+    state: str  # queued | running (done | failed | cancelled once it ended)
+    cancelling: bool  # cancelled, stopping at its next progress report
+    stage: str
+    step: int
+    steps: int
+    seconds: float  # since the server accepted it
+    peer: str
+
+    @classmethod
+    def from_pb(cls, m: pb.JobInfo) -> JobInfo:
+        return cls(m.id, m.kind, m.adapter, m.state, m.cancelling, m.stage, m.step, m.steps, m.seconds, m.peer)
 
 
 # ------------------------------------------------------------------ helpers
@@ -552,6 +589,15 @@ class EditLensClient:
             m.jobs_queued,
         )
 
+    def jobs(self) -> list[JobInfo]:
+        """The server's queued and running jobs (edits, training, diagnostics), oldest first. Needs the token."""
+        return [JobInfo.from_pb(j) for j in self._unary(self._stub.ListJobs, pb.ListJobsRequest()).jobs]
+
+    def cancel_job(self, job_id: int) -> JobInfo:
+        """Cancel a queued or running job: it registers nothing and its client gets CANCELLED (a job already
+        registering its version finishes). ``NotFoundError`` when no such job is queued or running."""
+        return JobInfo.from_pb(self._unary(self._stub.CancelJob, pb.CancelJobRequest(id=int(job_id))))
+
     # -------------------------------------------------------- generation
     def _generate_request(self, image, prompt, adapter, version, alias, base, max_new_tokens):
         return pb.GenerateRequest(
@@ -620,9 +666,16 @@ class EditLensClient:
         visedit_adapter: str | None = None,
         visedit_version: int | None = None,
         progress: Callable[[Progress], None] | None = None,
+        strict: bool = False,
+        keep_unreached: bool = False,
         **options: Any,
     ) -> Version:
         """Edit the served model: the new version of ``adapter`` (registered; live unless ``promote=False``).
+
+        The server asks the new version the request's own prompts (the question on the image, the rephrase, the
+        question on the image rephrase; ``Version.edits[-1].checks``). An edit that misses its own answer is
+        refused (``EditLensError`` FAILED_PRECONDITION with the figures; nothing registered) unless
+        ``keep_unreached`` (registered, not made live); ``strict`` refuses one that misses a variant too.
 
         ``editor``: any editor the server runs (``info().editors``: keygate — the default —, alphaedit,
         multedit, visedit, ft, ...).
@@ -645,6 +698,8 @@ class EditLensClient:
             image_rephrase=image_bytes(image_rephrase),
             no_promote=not promote,
             description=description,
+            strict=strict,
+            keep_unreached=keep_unreached,
         )
         if f"EDITOR_{editor.upper()}" in pb.Editor.keys():  # servers that predate editor_name read the enum
             req.editor = pb.Editor.Value(f"EDITOR_{editor.upper()}")
@@ -793,7 +848,9 @@ __all__ = [
     "Generation",
     "Progress",
     "LayerRecommendation",
+    "EditCheck",
     "EditRecord",
+    "JobInfo",
     "Version",
     "VersionList",
     "AdapterSummary",

@@ -10,6 +10,7 @@ else 127.0.0.1:50051; the token to $EDITLENS_TOKEN.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from contextlib import contextmanager
@@ -23,40 +24,11 @@ from server.config import Limits, ServerConfig
 from .cli_support import console, fail, progress_bar
 from .options import ADAPTER, DEFAULT_SERVER, JSON, SERVER, TOKEN, config_options
 
-#: the flags of `editlens serve`: fields of ServerConfig and of its Limits (default and help there)
-SERVE_FLAGS = (
-    "host",
-    "port",
-    "model",
-    "seed",
-    "device",
-    "dtype",
-    "registry_dir",
-    "registry_uri",
-    "default_adapter",
-    "token",
-    "token_file",
-    "tls_cert",
-    "tls_key",
-    "tls_client_ca",
-    "insecure",
-    "live_ttl",
-    "bundle_cache",
-    "job_workers",
-    "max_batch_size",
-    "batch_wait_ms",
-    "mutation_wait_s",
-)
-LIMIT_FLAGS = (
-    "max_image_bytes",
-    "max_image_pixels",
-    "max_prompt_tokens",
-    "max_new_tokens",
-    "max_queued_jobs",
-    "max_job_steps",
-    "max_job_seconds",
-    "max_text_chars",
-)
+#: ServerConfig fields that are deliberately not `editlens serve` flags, and why
+SERVE_EXCLUDED = {"limits": "its fields are flags of their own (LIMIT_FLAGS)"}
+#: the flags of `editlens serve`: every field of ServerConfig and of its Limits (default and help there)
+SERVE_FLAGS = tuple(f.name for f in dataclasses.fields(ServerConfig) if f.name not in SERVE_EXCLUDED)
+LIMIT_FLAGS = tuple(f.name for f in dataclasses.fields(Limits))
 
 
 #: how the remote commands reach the server, from `editlens --tls-ca ... --token-file ...` (the global options)
@@ -108,6 +80,15 @@ def _version_lines(v) -> list[str]:
         m = e.metrics
         p = f", P {m['p_before']:.3f} -> {m['p_after']:.3f}" if "p_before" in m and "p_after" in m else ""
         lines.append(f"    v{e.version} {e.editor} layer {e.layer}: {e.question!r} ({e.constraint}) -> {e.answer!r}{p}")
+        if e.checks:
+            names = {"edit": "question", "rephrase": "rephrase", "image_rephrase": "image rephrase"}
+            lines.append(
+                "      checks: "
+                + ", ".join(
+                    f"{names.get(c.kind, c.kind)} " + ("answers" if c.answered else f"MISSES ({c.got!r})")
+                    for c in e.checks
+                )
+            )
         if e.layer_evidence is not None:
             ev = e.layer_evidence
             lines.append(
@@ -250,15 +231,42 @@ def remote_edit(
         return
     e = v.edits[-1] if v.edits else None
     typer.echo(f"registered adapter {v.adapter!r} version {v.version}" + (" (live)" if v.live else " (not live)"))
-    if e is not None:
-        m = e.metrics
+    if e is None:
+        return
+    m = e.metrics
+    typer.echo(
+        f"  P({answer!r}): {m.get('p_before', float('nan')):.4f} -> {m.get('p_after', float('nan')):.4f}"
+        f"   layer {e.layer}"
+    )
+    ev = e.layer_evidence
+    if ev is not None:
+        typer.echo(f"  layer {ev.layer} chosen: {ev.criterion}; scores " + " ".join(f"{x:.3f}" for x in ev.scores))
+    for line in check_lines(e):
+        typer.echo(line)
+    if promote and not v.live:
         typer.echo(
-            f"  P({answer!r}): {m.get('p_before', float('nan')):.4f} -> {m.get('p_after', float('nan')):.4f}"
-            f"   layer {e.layer}"
+            "  the edit does not answer its own question, so the version is not live (--keep-unreached); "
+            f"look at it with `editlens versions --version {v.version}`, promote it with `editlens promote`"
         )
-        ev = e.layer_evidence
-        if ev is not None:
-            typer.echo(f"  layer {ev.layer} chosen: {ev.criterion}; scores " + " ".join(f"{x:.3f}" for x in ev.scores))
+
+
+def check_lines(e) -> list[str]:
+    """The edit's own checks, one line each, and a plain sentence for every prompt it does not answer."""
+    names = {"edit": "the question", "rephrase": "the rephrase", "image_rephrase": "the image rephrase"}
+    lines = []
+    for c in e.checks:
+        mark = "answers" if c.answered else "MISSES"
+        lines.append(
+            f"  check {names.get(c.kind, c.kind)}: {mark} {e.answer!r} (P {c.p_answer:.3g})"
+            + ("" if c.answered else f"; it answers {c.got!r}")
+        )
+    missed = [names.get(c.kind, c.kind) for c in e.checks if not c.answered and c.kind != "edit"]
+    if missed:
+        lines.append(
+            f"  warning: the new version does not answer {' or '.join(missed)} with {e.answer!r}; "
+            "--strict refuses such an edit"
+        )
+    return lines
 
 
 # --------------------------------------------------------------- versions
@@ -416,8 +424,47 @@ def remote_diagnose(
         typer.echo(f"wrote {out}")
 
 
+# ------------------------------------------------------------------- jobs
+jobs_app = typer.Typer(help="A running server's jobs (edits, training, diagnostics): list them, cancel one.")
+
+
+@jobs_app.command("list")
+def jobs_list_cmd(server: str | None = SERVER, token: str | None = TOKEN, as_json: bool = JSON) -> None:
+    """The server's queued and running jobs, oldest first (needs the token)."""
+    from dataclasses import asdict
+
+    with connect(server, token) as lens:
+        jobs = lens.jobs()
+    if as_json:
+        typer.echo(json.dumps([asdict(j) for j in jobs], indent=1))
+        return
+    if not jobs:
+        typer.echo("no job is queued or running")
+    for j in jobs:
+        step = f" {j.step}/{j.steps}" if j.steps else ""
+        typer.echo(
+            f"job {j.id}: {j.kind}"
+            + (f" of adapter {j.adapter!r}" if j.adapter else "")
+            + f", {j.state}{' (cancelling)' if j.cancelling else ''}, {j.stage}{step}, {j.seconds:.0f} s, from {j.peer}"
+        )
+
+
+@jobs_app.command("cancel")
+def jobs_cancel_cmd(
+    job: int = typer.Argument(..., help="The job's id (editlens jobs list)."),
+    server: str | None = SERVER,
+    token: str | None = TOKEN,
+) -> None:
+    """Cancel a queued or running job: it registers nothing and its client gets CANCELLED (a job already
+    registering its version finishes)."""
+    with connect(server, token) as lens:
+        j = lens.cancel_job(job)
+    typer.echo(f"job {j.id} ({j.kind}) cancelled; it stops at its next progress report")
+
+
 def register(app: typer.Typer) -> None:
     """Add the service commands to the ``editlens`` app."""
+    app.add_typer(jobs_app, name="jobs")
     app.command("serve")(serve_cmd)
     app.command("generate")(generate_cmd)
     app.command("versions")(versions_cmd)

@@ -28,6 +28,16 @@ def check_token(token: str | None, context) -> None:
         raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, "the token is not valid for this server")
 
 
+def token_valid(token: str | None, context) -> bool:
+    """Whether the call may see what only token holders see (the audit trail): always on a server without a
+    token, else only with the right one."""
+    try:
+        check_token(token, context)
+    except ServiceError:
+        return False
+    return True
+
+
 def caller(context, token_checked: bool) -> dict[str, str]:
     """Who made a call, for the audit trail: the peer address, the TLS client certificate's common name
     when the client presented one (mutual TLS), whether a valid token came with it (never the token), and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,16 @@ def edit_record(rec: dict[str, Any], this_version: int) -> pb.EditRecord:
         version=int(rec.get("version") or this_version),
     )
     m.metrics.update(_numbers(rec.get("metrics")))
+    for c in rec.get("checks") or ():
+        m.checks.append(
+            pb.EditCheck(
+                kind=str(c.get("kind", "")),
+                question=str(c.get("question", "")),
+                answered=bool(c.get("answered")),
+                p_answer=float(c.get("p_answer", 0.0)),
+                got=str(c.get("got", "")),
+            )
+        )
     ev = recommendation(rec.get("layer_evidence"))
     if ev is not None:
         m.layer_evidence.CopyFrom(ev)
@@ -100,12 +111,15 @@ def version_summary(info) -> pb.Version:
     )
 
 
-def version(info, figures_from: Path | None = None) -> pb.Version:
-    """A registry ``VersionInfo`` as a ``Version`` message (the manifest included)."""
+def version(info, figures_from: Path | None = None, audit: bool = True) -> pb.Version:
+    """A registry ``VersionInfo`` as a ``Version`` message (the manifest included; without its ``audit``, who
+    made the version from where, unless ``audit``)."""
     try:
         manifest = info.manifest
     except Exception:
         manifest = {}
+    if not audit:
+        manifest = {k: v for k, v in manifest.items() if k != "audit"}
     m = version_summary(info)
     if manifest.get("editors"):  # the manifest's order (the tag's is the same, read without it)
         del m.editors[:]
@@ -277,6 +291,10 @@ def server_info(config, host, editors: list[str], running: int, queued: int) -> 
             max_new_tokens=lim.max_new_tokens,
             max_queued_jobs=lim.max_queued_jobs,
             max_message_bytes=lim.max_message_bytes,
+            max_job_steps=lim.max_job_steps,
+            max_job_seconds=lim.max_job_seconds or 0.0,
+            max_text_chars=lim.max_text_chars,
+            mutation_wait_s=config.mutation_wait_s,
         ),
         registry_uri=getattr(host.registry, "tracking_uri", "") if host is not None else "",
         editors=editors,
@@ -289,3 +307,20 @@ def server_info(config, host, editors: list[str], running: int, queued: int) -> 
         info.num_layers, info.device = vlm.num_layers, str(vlm.device)
         info.dtype = str(vlm.dtype).replace("torch.", "")
     return info
+
+
+def job_info(job) -> pb.JobInfo:
+    """A queued or running job as ListJobs and CancelJob answer it."""
+    stage, step, steps = job.last
+    return pb.JobInfo(
+        id=job.id,
+        kind=job.kind,
+        adapter=job.adapter or "",
+        state=job.state,
+        cancelling=job.cancelled.is_set() and job.state in ("queued", "running"),
+        stage=stage,
+        step=step,
+        steps=steps,
+        seconds=time.monotonic() - job.accepted,
+        peer=job.peer,
+    )

@@ -10,12 +10,16 @@ job (``run_edit``):
    its own edit set of the same editor is ``onto`` (sequential editing), the
    other editors' edit sets are attached (unless the editor reads its edits
    off the base model, as VisEdit does);
-3. the request's variants (its rephrase, another image) are scored with every
-   edit set of the new version attached;
+3. the new version is asked the request's own prompts, every edit set
+   attached (``edit_checks``): its question on its image, its rephrase, its
+   question on its other image. An edit that misses its own answer is refused
+   (FAILED_PRECONDITION with the figures, nothing registered) unless the
+   request says ``keep_unreached`` (registered, ``live`` not moved); with
+   ``strict`` a missed variant is refused too;
 4. ``bundles.publish`` registers the new version (the live version's other
-   edit sets carried over, every edit's manifest record, the layer-evidence
-   figure) and moves ``live`` unless told not to. A cancel before that point
-   leaves no trace.
+   edit sets carried over, every edit's manifest record with its checks, the
+   layer-evidence figure) and moves ``live`` unless told not to. A cancel
+   before that point leaves no trace.
 
 Training (``run_training``) trains a VisEdit editor on a world's training
 split and publishes the trained adapter (an edit set without edits) with its
@@ -37,11 +41,11 @@ from editors import EditContext, EditorSpec, get_editor
 from editors.base import EditorBase, EditSetBase
 from editors.request import EditProgress, EditRequest
 from vlm.options import ConfigError, build_config
-from vlm.scoring import score_answers
+from vlm.scoring import generate, score_answers
 
 from . import convert
 from .bundles import Bundle, attached, publish
-from .errors import invalid
+from .errors import invalid, precondition
 from .host import Host
 
 log = logging.getLogger("editlens.server")
@@ -61,6 +65,8 @@ class EditPlan:
     promote: bool
     description: str
     caller: dict[str, Any] = field(default_factory=dict)  # who asked (time, peer, ...): the version's audit
+    keep_unreached: bool = False  # register an edit that misses its own answer, without moving live
+    strict: bool = False  # refuse an edit that misses one of its variants too
 
 
 #: the settings that set how much work a job does (a steps count of an editor's or the trainer's config)
@@ -102,7 +108,16 @@ def plan_edit(host: Host, request: pb.EditRequest) -> EditPlan:
         image_rephrase=image2,
         replacements=host.phrases,
     )
-    return EditPlan(adapter, spec, editor, req, not request.no_promote, description)
+    return EditPlan(
+        adapter,
+        spec,
+        editor,
+        req,
+        not request.no_promote,
+        description,
+        keep_unreached=request.keep_unreached,
+        strict=request.strict,
+    )
 
 
 def run_edit(host: Host, job, plan: EditPlan):
@@ -121,10 +136,18 @@ def run_edit(host: Host, job, plan: EditPlan):
     job.check_cancelled()
     job.emit("score")
     edit_sets = {**(base.edit_sets if base is not None else {}), name: new}
-    metrics = _variant_scores(host, plan.request, Bundle(plan.adapter, 0, {}, edit_sets))
+    records = plan.editor.manifest_records(new, onto.num_edits if onto is not None else 0)
+    checks = edit_checks(host, plan.request, Bundle(plan.adapter, 0, {}, edit_sets))
+    promote = plan.promote and _judge(plan, checks, records[-1].get("metrics", {}) if records else {})
     edits = _parent_edits(live) + [
-        {**rec, "metrics": {**rec.get("metrics", {}), **metrics}, "version": None, "description": plan.description}
-        for rec in plan.editor.manifest_records(new, onto.num_edits if onto is not None else 0)
+        {
+            **rec,
+            "metrics": {**rec.get("metrics", {}), **_check_metrics(checks)},
+            "checks": checks,
+            "version": None,
+            "description": plan.description,
+        }
+        for rec in records
     ]
     with tempfile.TemporaryDirectory(prefix="editlens-edit-") as tmp:
         info = publish(
@@ -137,7 +160,7 @@ def run_edit(host: Host, job, plan: EditPlan):
             description=plan.description,
             figures=evidence_figures(plan.editor.layer_evidence, Path(tmp)),
             extra={"audit": {"action": "edit", **plan.caller}},
-            promote=plan.promote,
+            promote=promote,
             parent_must_be_live=True,  # a replica that made a version live meanwhile: ABORTED, not a lost edit
             before_register=_registering(job, f"registering a new version of adapter '{plan.adapter}'"),
         )
@@ -163,18 +186,55 @@ def _after_publish(host: Host, adapter: str, info, audit: dict[str, Any] | None 
         log.warning("the new version %s of %s does not load: %s", info.version, adapter, exc)
 
 
-def _variant_scores(host: Host, req: EditRequest, bundle: Bundle) -> dict[str, float]:
-    """P(answer) and exactness of the request's rephrase and other image, every edit of the version attached."""
-    out: dict[str, float] = {}
-    variants = (("rephrase", req.rephrase, req.image), ("image_rephrase", req.question, req.image_rephrase))
+def edit_checks(host: Host, req: EditRequest, bundle: Bundle) -> list[dict[str, Any]]:
+    """The request's own prompts asked of the new version (every edit set of ``bundle`` attached): its question on
+    its image ("edit"), its rephrase on its image, its question on its other image; each with P(answer)
+    (teacher-forced), whether greedy decoding gives the answer, and what it gives."""
+    prompts = [("edit", req.question, req.image), ("rephrase", req.rephrase, req.image)]
+    prompts.append(("image_rephrase", req.question, req.image_rephrase))
+    prompts = [(kind, q, image) for kind, q, image in prompts if q is not None and image is not None]
     with bundle.attached(host.vlm):
-        for key, question, image in variants:
-            if question is None or image is None:
-                continue
-            s = score_answers(host.vlm, [host.inputs.encode(question, image=image, answer=req.answer)])[0]
-            out[f"p_{key}"] = s.prob
-            out[f"{key}_exact"] = float(s.exact)
+        scored = [host.inputs.encode(q, image=image, answer=req.answer) for _, q, image in prompts]
+        scores = score_answers(host.vlm, scored)
+        n_new = max(len(p.answer_positions) for p in scored) + 2
+        got = generate(host.vlm, [host.inputs.encode(q, image=image) for _, q, image in prompts], n_new)
+    return [
+        {"kind": kind, "question": q, "answered": s.exact, "p_answer": s.prob, "got": g}
+        for (kind, q, _), s, g in zip(prompts, scores, got)
+    ]
+
+
+def _check_metrics(checks: list[dict[str, Any]]) -> dict[str, float]:
+    """The variants' checks as the manifest's metrics have always named them (p_rephrase, rephrase_exact, ...)."""
+    out: dict[str, float] = {}
+    for c in checks:
+        if c["kind"] != "edit":
+            out[f"p_{c['kind']}"] = c["p_answer"]
+            out[f"{c['kind']}_exact"] = float(c["answered"])
     return out
+
+
+def _judge(plan: EditPlan, checks: list[dict[str, Any]], metrics: dict[str, Any]) -> bool:
+    """Whether the new version may go live: FAILED_PRECONDITION (nothing registered) for an edit that misses its
+    own answer (unless ``keep_unreached``: registered, not live) or, with ``strict``, one of its variants."""
+    answer = plan.request.answer
+    own = next(c for c in checks if c["kind"] == "edit")
+    if not own["answered"]:
+        figures = f"P({answer!r}) {metrics.get('p_before', float('nan')):.3g} -> {own['p_answer']:.3g}"
+        if not plan.keep_unreached:
+            raise precondition(
+                f"the edit does not reach its own answer: asked {own['question']!r} on the edit image, the new "
+                f"version answers {own['got']!r}, not {answer!r} ({figures}); nothing was registered. Try another "
+                "layer or more steps, or keep_unreached (CLI --keep-unreached) to register it without making it live"
+            )
+        return False
+    missed = [c for c in checks if c["kind"] != "edit" and not c["answered"]]
+    if missed and plan.strict:
+        what = "; ".join(f"{c['kind']} {c['question']!r} answers {c['got']!r} (P {c['p_answer']:.3g})" for c in missed)
+        raise precondition(
+            f"strict: the edit answers {answer!r} on its own prompt but not on {what}; nothing was registered"
+        )
+    return True
 
 
 def _parent_edits(live) -> list[dict[str, Any]]:

@@ -47,6 +47,9 @@ class Job:
     on_cancel: Callable[[Job], None] | None = None
     #: when a running job must have ended (monotonic seconds; set when it starts): past it, it is stopped
     deadline: float | None = None
+    peer: str = ""  # who asked (the client's address), for ListJobs
+    #: its last progress report: (stage, step, steps)
+    last: tuple[str, int, int] = ("queued", 0, 0)
 
     def emit(
         self,
@@ -60,6 +63,7 @@ class Job:
     ) -> None:
         """Report progress; raises JobCancelled once the client has gone, JobTimedOut past the deadline."""
         self.check_cancelled()
+        self.last = (stage, step, steps)
         self.events.put(
             (
                 "progress",
@@ -97,14 +101,20 @@ class Job:
 class JobRunner:
     """Worker threads and a bounded queue of jobs; mutating jobs of one adapter run one at a time."""
 
-    def __init__(self, workers: int = 1, max_queued: int = 8, max_seconds: float | None = None):
+    def __init__(
+        self,
+        workers: int = 1,
+        max_queued: int = 8,
+        max_seconds: float | None = None,
+        ids: Iterator[int] | None = None,
+    ):
         self.max_queued = max_queued
         self.max_seconds = max_seconds
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting: list[Job] = []
         self._running: dict[int, Job] = {}
-        self._ids = itertools.count(1)
+        self._ids = ids if ids is not None else itertools.count(1)  # runners of one server share their numbers
         self._adapter_locks: dict[str, threading.Lock] = {}
         self._holders: dict[str, Job] = {}  # the job holding each adapter's lock
         self._lock_waiters: dict[str, int] = {}  # RPC threads waiting for each adapter's lock
@@ -125,6 +135,15 @@ class JobRunner:
     def queued(self) -> int:
         with self._lock:
             return len(self._waiting)
+
+    def jobs(self) -> list[Job]:
+        """The queued and running jobs, oldest first."""
+        with self._lock:
+            return sorted([*self._waiting, *self._running.values()], key=lambda j: j.id)
+
+    def find(self, job_id: int) -> Job | None:
+        """The queued or running job with this id, if any."""
+        return next((j for j in self.jobs() if j.id == job_id), None)
 
     def adapter_lock(self, adapter: str) -> threading.Lock:
         with self._lock:
@@ -162,7 +181,9 @@ class JobRunner:
         return f"adapter '{adapter}' is busy: {job.kind} job {job.id} (accepted {since:.0f} s ago)"
 
     # ------------------------------------------------------------ submit
-    def submit(self, kind: str, fn: Callable[[Job], Any], adapter: str | None = None) -> tuple[Job, int]:
+    def submit(
+        self, kind: str, fn: Callable[[Job], Any], adapter: str | None = None, peer: str = ""
+    ) -> tuple[Job, int]:
         """Queue a job; returns it and how many jobs are ahead of it. RESOURCE_EXHAUSTED when full."""
         with self._lock:
             if self._closed:
@@ -173,7 +194,7 @@ class JobRunner:
                     f"the job queue is full ({len(self._waiting)} job(s) waiting, "
                     f"{len(self._running)} running; limit {self.max_queued}); try again later"
                 )
-            job = Job(next(self._ids), kind, fn, adapter, on_cancel=self._forget)
+            job = Job(next(self._ids), kind, fn, adapter, on_cancel=self._forget, peer=peer)
             ahead = len(self._waiting) + len(self._running)
             self._waiting.append(job)
         self._queue.put(job)

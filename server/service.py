@@ -21,6 +21,7 @@ How a request is served:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -33,10 +34,10 @@ from editors import editor_names
 from registry import LIVE, ConflictError, NotFoundError, RegistryError
 
 from . import convert, diagnosing, editing, generation
-from .auth import caller, check_token
+from .auth import caller, check_token, token_valid
 from .bundles import BundleError
 from .config import ServerConfig
-from .errors import JobCancelled, invalid, rpc, unavailable
+from .errors import JobCancelled, invalid, not_found, rpc, unavailable
 from .host import Host
 from .jobs import JobRunner, follow
 
@@ -82,9 +83,9 @@ class EditLensService(pb_grpc.EditLensServicer):
         self.state = "starting"  # starting | loading | ready | failed
         self.state_detail = ""
         # two queues: diagnostics (open to every caller) can never fill the queue of edits and training
-        limits = config.limits
-        self.jobs = JobRunner(config.job_workers, limits.max_queued_jobs, limits.max_job_seconds)
-        self.diagnoses = JobRunner(config.job_workers, limits.max_queued_jobs, limits.max_job_seconds)
+        limits, ids = config.limits, itertools.count(1)  # one numbering of jobs across both queues (ListJobs)
+        self.jobs = JobRunner(config.job_workers, limits.max_queued_jobs, limits.max_job_seconds, ids)
+        self.diagnoses = JobRunner(config.job_workers, limits.max_queued_jobs, limits.max_job_seconds, ids)
 
     # ------------------------------------------------------------ lifecycle
     def set_ready(self, vlm, registry) -> None:
@@ -156,7 +157,10 @@ class EditLensService(pb_grpc.EditLensServicer):
         plan = editing.plan_edit(host, request)
         plan.caller = caller(context, bool(self.config.token))
         job, ahead = self.jobs.submit(
-            "edit", lambda job: convert.version(editing.run_edit(host, job, plan)), adapter=plan.adapter
+            "edit",
+            lambda job: convert.version(editing.run_edit(host, job, plan)),
+            adapter=plan.adapter,
+            peer=context.peer() or "",
         )
         yield from _job_events(job, ahead, context, pb.EditEvent, "edit")
 
@@ -166,7 +170,10 @@ class EditLensService(pb_grpc.EditLensServicer):
         plan = editing.plan_training(host, request)
         plan.caller = caller(context, bool(self.config.token))
         job, ahead = self.jobs.submit(
-            "train", lambda job: convert.version(editing.run_training(host, job, plan)), adapter=plan.adapter
+            "train",
+            lambda job: convert.version(editing.run_training(host, job, plan)),
+            adapter=plan.adapter,
+            peer=context.peer() or "",
         )
         yield from _job_events(job, ahead, context, pb.TrainEvent, "training")
 
@@ -174,7 +181,9 @@ class EditLensService(pb_grpc.EditLensServicer):
     def Diagnose(self, request, context):
         host = self._ready()
         plan = diagnosing.plan_diagnose(host, request)
-        job, ahead = self.diagnoses.submit("diagnose", lambda job: diagnosing.run_diagnose(host, job, plan))
+        job, ahead = self.diagnoses.submit(
+            "diagnose", lambda job: diagnosing.run_diagnose(host, job, plan), peer=context.peer() or ""
+        )
         yield from _job_events(job, ahead, context, pb.DiagnoseEvent, plan.name)
 
     # ------------------------------------------------------------ versions
@@ -207,13 +216,14 @@ class EditLensService(pb_grpc.EditLensServicer):
         if which == "version" and request.version < 1:
             raise invalid("a version number is >= 1")
         info = host.registry.version(adapter, getattr(request, which) if which else LIVE)
+        audit = token_valid(self.config.token, context)  # who made it, from where: for token holders only
         if not request.include_figures:
-            return convert.version(info)
+            return convert.version(info, audit=audit)
         try:
             folder = host.registry.download(adapter, info.version)
         except RegistryError as exc:
             raise BundleError(f"adapter '{adapter}' version {info.version}: cannot read its files: {exc}") from None
-        return convert.version(info, figures_from=folder)
+        return convert.version(info, figures_from=folder, audit=audit)
 
     @rpc
     def SetAlias(self, request, context):
@@ -263,3 +273,20 @@ class EditLensService(pb_grpc.EditLensServicer):
     def GetServerInfo(self, request, context):
         running, queued = self.jobs.running + self.diagnoses.running, self.jobs.queued + self.diagnoses.queued
         return convert.server_info(self.config, self.host, editor_names(), running, queued)
+
+    # -------------------------------------------------------------- jobs
+    @rpc
+    def ListJobs(self, request, context):
+        check_token(self.config.token, context)
+        jobs = sorted(self.jobs.jobs() + self.diagnoses.jobs(), key=lambda j: j.id)
+        return pb.ListJobsResponse(jobs=[convert.job_info(j) for j in jobs])
+
+    @rpc
+    def CancelJob(self, request, context):
+        check_token(self.config.token, context)
+        job = self.jobs.find(request.id) or self.diagnoses.find(request.id)
+        if job is None:
+            raise not_found(f"no queued or running job {request.id} (ListJobs lists them)")
+        job.cancel()
+        log.info("job %s (%s) cancelled by %s", job.id, job.kind, context.peer())
+        return convert.job_info(job)

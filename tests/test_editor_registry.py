@@ -115,13 +115,22 @@ def test_a_registered_editor_is_served_end_to_end(zero_editor, start_service, in
     svc = start_service()
     with svc.client() as lens:
         assert "zero" in lens.info().editors and get_editor("zero") is zero_editor and "zero" in editor_names()
-        v1 = lens.edit(img, c["src"], c["constraint"], c["ground_truth"], adapter="z", editor="zero", layer=1)
-        assert (v1.version, v1.editors, v1.num_edits, v1.live) == (1, ["zero"], 1, True)
+        with pytest.raises(sdk.FailedPreconditionError, match="does not reach its own answer"):
+            lens.edit(img, c["src"], c["constraint"], c["ground_truth"], adapter="z", editor="zero", layer=1)
+        v1 = lens.edit(
+            img, c["src"], c["constraint"], c["ground_truth"], adapter="z", editor="zero", layer=1, keep_unreached=True
+        )
+        assert (v1.version, v1.editors, v1.num_edits, v1.live) == (1, ["zero"], 1, False)
+        assert not v1.edits[0].checks[0].answered and c["base_answer"].startswith(v1.edits[0].checks[0].got)
+        assert lens.promote(1, adapter="z").live
         assert v1.edits[0].editor == "zero" and v1.edits[0].layer == 1 and "zero.safetensors" in v1.files
         g = lens.generate(img, c["src"], adapter="z")
         assert g.served.version == 1 and g.text == c["base_answer"]  # a zero delta changes nothing
-        v2 = lens.edit(img, c["rephrase"], c["constraint"], c["ground_truth"], adapter="z", editor="zero")
+        v2 = lens.edit(
+            img, c["rephrase"], c["constraint"], c["ground_truth"], adapter="z", editor="zero", keep_unreached=True
+        )
         assert (v2.version, v2.parent, v2.num_edits) == (2, 1, 2)  # computed onto the live version's edit set
+        lens.promote(2, adapter="z")
         assert [e.version for e in v2.edits] == [1, 2]
         with pytest.raises(sdk.InvalidArgumentError, match=r"unknown option\(s\) \['lam'\] for ZeroConfig"):
             lens.edit(img, c["src"], c["constraint"], c["ground_truth"], adapter="z", editor="zero", lam=0.1)

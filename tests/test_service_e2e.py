@@ -177,8 +177,11 @@ def test_serve_subprocess_end_to_end_with_the_sdk(keygate_case, vlm, world_dir, 
                 visedit_adapter="vis-editor",
                 rephrase=c["rephrase"],
                 image_rephrase=img2,
+                keep_unreached=True,  # a 4-step editor need not reach the answer: then it is registered, not live
             )
-            assert (v2.version, v2.parent, v2.editors) == (2, 1, ["keygate", "visedit"]) and v2.live
+            assert (v2.version, v2.parent, v2.editors) == (2, 1, ["keygate", "visedit"])
+            assert v2.live == v2.edits[-1].checks[0].answered
+            assert lens.promote(2).live
             vrec = v2.edits[-1]
             assert vrec.editor == "visedit" and vrec.layer_evidence.editor == "visedit"
             answers, served = _answers(lens, c, world_dir)

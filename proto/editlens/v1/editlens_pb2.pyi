@@ -251,7 +251,7 @@ class VisEditOptions(_message.Message):
     def __init__(self, editor_adapter: _Optional[str] = ..., editor_version: _Optional[int] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("adapter", "editor", "image", "question", "constraint", "answer", "rephrase", "image_rephrase", "multedit", "visedit", "no_promote", "description", "editor_name", "ft", "editor_options", "keygate", "alphaedit")
+    __slots__ = ("adapter", "editor", "image", "question", "constraint", "answer", "rephrase", "image_rephrase", "multedit", "visedit", "no_promote", "description", "editor_name", "ft", "editor_options", "keygate", "alphaedit", "keep_unreached", "strict")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     EDITOR_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +269,8 @@ class EditRequest(_message.Message):
     EDITOR_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     KEYGATE_FIELD_NUMBER: _ClassVar[int]
     ALPHAEDIT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_UNREACHED_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     editor: Editor
     image: bytes
@@ -286,7 +288,9 @@ class EditRequest(_message.Message):
     editor_options: _struct_pb2.Struct
     keygate: KeyGateOptions
     alphaedit: AlphaEditOptions
-    def __init__(self, adapter: _Optional[str] = ..., editor: _Optional[_Union[Editor, str]] = ..., image: _Optional[bytes] = ..., question: _Optional[str] = ..., constraint: _Optional[str] = ..., answer: _Optional[str] = ..., rephrase: _Optional[str] = ..., image_rephrase: _Optional[bytes] = ..., multedit: _Optional[_Union[MultEditOptions, _Mapping]] = ..., visedit: _Optional[_Union[VisEditOptions, _Mapping]] = ..., no_promote: _Optional[bool] = ..., description: _Optional[str] = ..., editor_name: _Optional[str] = ..., ft: _Optional[_Union[FineTuneOptions, _Mapping]] = ..., editor_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., keygate: _Optional[_Union[KeyGateOptions, _Mapping]] = ..., alphaedit: _Optional[_Union[AlphaEditOptions, _Mapping]] = ...) -> None: ...
+    keep_unreached: bool
+    strict: bool
+    def __init__(self, adapter: _Optional[str] = ..., editor: _Optional[_Union[Editor, str]] = ..., image: _Optional[bytes] = ..., question: _Optional[str] = ..., constraint: _Optional[str] = ..., answer: _Optional[str] = ..., rephrase: _Optional[str] = ..., image_rephrase: _Optional[bytes] = ..., multedit: _Optional[_Union[MultEditOptions, _Mapping]] = ..., visedit: _Optional[_Union[VisEditOptions, _Mapping]] = ..., no_promote: _Optional[bool] = ..., description: _Optional[str] = ..., editor_name: _Optional[str] = ..., ft: _Optional[_Union[FineTuneOptions, _Mapping]] = ..., editor_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., keygate: _Optional[_Union[KeyGateOptions, _Mapping]] = ..., alphaedit: _Optional[_Union[AlphaEditOptions, _Mapping]] = ..., keep_unreached: _Optional[bool] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class EditEvent(_message.Message):
     __slots__ = ("progress", "result")
@@ -351,7 +355,7 @@ class TrainEvent(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[Version, _Mapping]] = ...) -> None: ...
 
 class EditRecord(_message.Message):
-    __slots__ = ("editor", "layer", "question", "constraint", "answer", "metrics", "layer_evidence", "version")
+    __slots__ = ("editor", "layer", "question", "constraint", "answer", "metrics", "layer_evidence", "version", "checks")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -367,6 +371,7 @@ class EditRecord(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     LAYER_EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
     editor: str
     layer: int
     question: str
@@ -375,7 +380,22 @@ class EditRecord(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     layer_evidence: LayerRecommendation
     version: int
-    def __init__(self, editor: _Optional[str] = ..., layer: _Optional[int] = ..., question: _Optional[str] = ..., constraint: _Optional[str] = ..., answer: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., layer_evidence: _Optional[_Union[LayerRecommendation, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    checks: _containers.RepeatedCompositeFieldContainer[EditCheck]
+    def __init__(self, editor: _Optional[str] = ..., layer: _Optional[int] = ..., question: _Optional[str] = ..., constraint: _Optional[str] = ..., answer: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., layer_evidence: _Optional[_Union[LayerRecommendation, _Mapping]] = ..., version: _Optional[int] = ..., checks: _Optional[_Iterable[_Union[EditCheck, _Mapping]]] = ...) -> None: ...
+
+class EditCheck(_message.Message):
+    __slots__ = ("kind", "question", "answered", "p_answer", "got")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    P_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    GOT_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    question: str
+    answered: bool
+    p_answer: float
+    got: str
+    def __init__(self, kind: _Optional[str] = ..., question: _Optional[str] = ..., answered: _Optional[bool] = ..., p_answer: _Optional[float] = ..., got: _Optional[str] = ...) -> None: ...
 
 class Version(_message.Message):
     __slots__ = ("adapter", "version", "aliases", "live", "parent", "base_fingerprint", "editors", "num_edits", "created_unix_ms", "description", "edits", "files", "manifest_json", "figures")
@@ -612,20 +632,28 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_new_tokens", "max_queued_jobs", "max_message_bytes")
+    __slots__ = ("max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_new_tokens", "max_queued_jobs", "max_message_bytes", "max_job_steps", "max_job_seconds", "max_text_chars", "mutation_wait_s")
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOB_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOB_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MUTATION_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     max_image_bytes: int
     max_image_pixels: int
     max_prompt_tokens: int
     max_new_tokens: int
     max_queued_jobs: int
     max_message_bytes: int
-    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_job_steps: int
+    max_job_seconds: float
+    max_text_chars: int
+    mutation_wait_s: float
+    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_queued_jobs: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_job_steps: _Optional[int] = ..., max_job_seconds: _Optional[float] = ..., max_text_chars: _Optional[int] = ..., mutation_wait_s: _Optional[float] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("version", "ready", "model_path", "base_fingerprint", "num_layers", "device", "dtype", "default_adapter", "auth_required", "limits", "registry_uri", "editors", "jobs_running", "jobs_queued")
@@ -658,3 +686,43 @@ class ServerInfo(_message.Message):
     jobs_running: int
     jobs_queued: int
     def __init__(self, version: _Optional[str] = ..., ready: _Optional[bool] = ..., model_path: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., default_adapter: _Optional[str] = ..., auth_required: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., registry_uri: _Optional[str] = ..., editors: _Optional[_Iterable[str]] = ..., jobs_running: _Optional[int] = ..., jobs_queued: _Optional[int] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("id", "kind", "adapter", "state", "cancelling", "stage", "step", "steps", "seconds", "peer")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CANCELLING_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    kind: str
+    adapter: str
+    state: str
+    cancelling: bool
+    stage: str
+    step: int
+    steps: int
+    seconds: float
+    peer: str
+    def __init__(self, id: _Optional[int] = ..., kind: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[str] = ..., cancelling: _Optional[bool] = ..., stage: _Optional[str] = ..., step: _Optional[int] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., peer: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...

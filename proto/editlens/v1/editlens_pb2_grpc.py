@@ -94,6 +94,16 @@ class EditLensStub:
                 request_serializer=editlens_dot_v1_dot_editlens__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=editlens_dot_v1_dot_editlens__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/editlens.v1.EditLens/ListJobs',
+                request_serializer=editlens_dot_v1_dot_editlens__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=editlens_dot_v1_dot_editlens__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/editlens.v1.EditLens/CancelJob',
+                request_serializer=editlens_dot_v1_dot_editlens__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=editlens_dot_v1_dot_editlens__pb2.JobInfo.FromString,
+                _registered_method=True)
 
 
 class EditLensServicer:
@@ -119,10 +129,13 @@ class EditLensServicer:
 
     def Edit(self, request, context):
         """Edit the model: a job that makes a new version of `adapter` on top of its
-        live version (the new edit computed with the live edits applied),
-        registers it and, unless `no_promote`, moves `live` to it. Streams
-        progress; the final message is the new version (with its metrics and
-        layer evidence). One mutating job at a time per adapter. Needs the token.
+        live version (the new edit computed with the live edits applied), checks
+        that the new version answers the request's own prompts (EditRecord.checks;
+        an edit that misses its own answer is refused, see keep_unreached and
+        strict), registers it and, unless `no_promote`, moves `live` to it.
+        Streams progress; the final message is the new version (with its metrics,
+        checks and layer evidence). One mutating job at a time per adapter. Needs
+        the token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,7 +164,8 @@ class EditLensServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetVersion(self, request, context):
-        """One version (by number or alias).
+        """One version (by number or alias). Its audit record (who made it, from
+        where) only with the token, on a server that has one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -196,6 +210,25 @@ class EditLensServicer:
 
     def GetServerInfo(self, request, context):
         """The loaded model, the limits and what the server is configured with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """The server's queued and running jobs (edits, training, diagnostics),
+        oldest first. Needs the token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancel one queued or running job by its id: a queued job never starts, a
+        running one stops at its next progress report and registers nothing (one
+        already registering its version finishes: the point of no return); its
+        client gets CANCELLED. NOT_FOUND for an id that is not queued or running.
+        Needs the token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -263,6 +296,16 @@ def add_EditLensServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=editlens_dot_v1_dot_editlens__pb2.GetServerInfoRequest.FromString,
                     response_serializer=editlens_dot_v1_dot_editlens__pb2.ServerInfo.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=editlens_dot_v1_dot_editlens__pb2.ListJobsRequest.FromString,
+                    response_serializer=editlens_dot_v1_dot_editlens__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=editlens_dot_v1_dot_editlens__pb2.CancelJobRequest.FromString,
+                    response_serializer=editlens_dot_v1_dot_editlens__pb2.JobInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -589,6 +632,60 @@ class EditLens:
             '/editlens.v1.EditLens/GetServerInfo',
             editlens_dot_v1_dot_editlens__pb2.GetServerInfoRequest.SerializeToString,
             editlens_dot_v1_dot_editlens__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/editlens.v1.EditLens/ListJobs',
+            editlens_dot_v1_dot_editlens__pb2.ListJobsRequest.SerializeToString,
+            editlens_dot_v1_dot_editlens__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/editlens.v1.EditLens/CancelJob',
+            editlens_dot_v1_dot_editlens__pb2.CancelJobRequest.SerializeToString,
+            editlens_dot_v1_dot_editlens__pb2.JobInfo.FromString,
             options,
             channel_credentials,
             insecure,

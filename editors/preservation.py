@@ -332,7 +332,7 @@ def preservation_statistics(
             raise StatisticsError(
                 f"no preservation statistics for layer {layer} of {vlm.path} yet, and no prompts to compute them "
                 "from: give a question file (a JSON list of {question, answer, image}) with "
-                "`editlens stats build --prompts FILE`"
+                "`editlens stats --layer N --prompts FILE`"
             )
         prompts, source, subjects = prompts_from_file(vlm, source_file, limit)
         stats = compute_statistics(vlm, prompts, layer, source, subjects, progress=progress)

@@ -193,10 +193,11 @@ class LayerRecommendation:
     candidates: list[int]
     criterion: str
     cases: int
+    localised: bool = True  # False: every score negligible; ``layer`` is only an auto edit's fallback
 
     @classmethod
     def from_pb(cls, m: pb.LayerRecommendation) -> LayerRecommendation:
-        return cls(m.editor, m.layer, list(m.scores), list(m.candidates), m.criterion, m.cases)
+        return cls(m.editor, m.layer, list(m.scores), list(m.candidates), m.criterion, m.cases, not m.nothing_localised)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from .attribution import module_attribution
 from .cases import DiagnosticCase, prepare
 from .engine import Cell, CellRunner
 from .errors import DiagnosticError
-from .trace import causal_trace
+from .trace import NEGLIGIBLE_EFFECT, causal_trace
 
 CaseProgress = Callable[[int, int], None]  # (cases done, cases total)
 
@@ -58,6 +58,9 @@ class LayerRecommendation:
     details: dict = field(default_factory=dict)
     score_name: str = "score"  # what ``scores`` are, in words (the figure's legend)
     plotted: dict[str, str] = field(default_factory=dict)  # per-layer series in ``details`` -> their legend
+    #: False: every score is negligible (``trace.NEGLIGIBLE_EFFECT``), so ``layer`` is no recommendation, only
+    #: the fallback an edit with layer "auto" uses (the peak of effects that are all noise); ``criterion`` says so
+    localised: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +81,14 @@ def render_evidence(evidence: dict, path) -> Path:
         groups,
         [str(l) for l in range(len(scores))],
         path,
-        title=f"{evidence.get('editor', '')} layer {evidence['layer']}".strip(),
+        title=(
+            f"{evidence.get('editor', '')} layer {evidence['layer']}"
+            + (
+                ""
+                if evidence.get("localised", True)
+                else f" (a fallback: nothing localised, every score < {NEGLIGIBLE_EFFECT})"
+            )
+        ).strip(),
         ylabel="score",
     )
 
@@ -120,13 +130,24 @@ def recommend_multedit_layer(
     scores = [sum(c["mlp_effect_isolated"][l] for c in per_case) / len(per_case) for l in range(L)]
     plain = [sum(c["mlp_effect"][l] for c in per_case) / len(per_case) for l in range(L)]
     layer = max(early, key=lambda l: scores[l])
+    localised = max(abs(scores[l]) for l in early) >= NEGLIGIBLE_EFFECT
+    criterion = (
+        f"peak isolated MLP indirect effect at the constraint's last token (token replacement, "
+        f"window {window}), mean over {len(cases)} case(s), among layers {early[0]}-{early[-1]}"
+    )
+    if not localised:
+        criterion = (
+            f"nothing localised: the largest isolated MLP effect is {max(abs(scores[l]) for l in early):.2g}, "
+            f"below {NEGLIGIBLE_EFFECT} (no layer carries the answer, e.g. an entity the model never saw); layer "
+            f"{layer} is only the peak of that noise, the fallback of an edit with layer auto. {criterion}"
+        )
     return LayerRecommendation(
         editor="multedit",
         layer=layer,
         scores=scores,
         candidates=early,
-        criterion=f"peak isolated MLP indirect effect at the constraint's last token (token replacement, "
-        f"window {window}), mean over {len(cases)} case(s), among layers {early[0]}-{early[-1]}",
+        criterion=criterion,
+        localised=localised,
         cases=len(cases),
         details={"mlp_effect_plain": plain, "per_case": per_case},
         score_name="isolated MLP effect",

@@ -37,6 +37,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .trace import NEGLIGIBLE_EFFECT
+
 PathLike = str | os.PathLike[str]
 
 _DPI = 150
@@ -122,7 +124,7 @@ def render_trace(result: Any, path: PathLike) -> Path:
             m,
             cmap=cmap,
             vmin=min(0.0, float(m.min())),
-            vmax=max(float(m.max()), 1e-6),
+            vmax=max(float(m.max()), NEGLIGIBLE_EFFECT),  # noise below it stays pale instead of a "peak"
             aspect="auto",
             interpolation="nearest",
         )
@@ -139,6 +141,8 @@ def render_trace(result: Any, path: PathLike) -> Path:
         probs += f"  answer {result.answer!r}"
     if result.replacement:
         probs += f"  replacement {result.replacement!r}"
+    if not result.localises:
+        probs += f"\nlocalises nothing: largest effect {result.largest_effect:.1e} < {NEGLIGIBLE_EFFECT}"
     fig.suptitle(f"{head}\n{probs}", fontsize=10)
     return _save(fig, path)
 

@@ -95,7 +95,7 @@ def _figure(out: Path | None, stem_suffix: str = "") -> Path | None:
 # ------------------------------------------------------------------- traces
 def _trace_report(name: str, results: list, out: Path | None) -> Report:
     from .render import render_trace
-    from .trace import average_traces
+    from .trace import NEGLIGIBLE_EFFECT, average_traces
 
     r = results[0] if len(results) == 1 else average_traces(results)
     d = r.to_dict()
@@ -112,7 +112,13 @@ def _trace_report(name: str, results: list, out: Path | None) -> Report:
             Matrix(f"{kind} indirect effect", r.effects[kind], [row.label for row in r.rows], _layers(r.num_layers))
         )
     layer = None
-    if "mlp" in r.kinds and any(row.role == "constraint last" for row in r.rows):
+    if not r.localises:
+        lines.append(
+            f"  the trace localises nothing: its largest indirect effect is {r.largest_effect:.2g}, below "
+            f"{NEGLIGIBLE_EFFECT} (P_clean {r.p_clean:.3f}, P_corrupt {r.p_corrupt:.3f}): no layer carries this "
+            "answer, so no layer is recommended (trace a fact the model knows)"
+        )
+    elif "mlp" in r.kinds and any(row.role == "constraint last" for row in r.rows):
         eff = r.effect("mlp", "constraint last")
         layer = max(early_layers(len(eff)), key=lambda l: eff[l])
         lines.append(
@@ -397,12 +403,19 @@ def _recommend(vlm: VLM, cases, options: dict, out, case_progress, cell_progress
                 groups,
                 _layers(vlm.num_layers),
                 out,
-                title="layer recommendation: " + ", ".join(f"{r.editor} -> {r.layer}" for r in recs),
+                title="layer recommendation: "
+                + ", ".join(f"{r.editor} -> {r.layer if r.localised else 'none (nothing localised)'}" for r in recs),
             )
         ]
-    lines = [f"{r.editor}: layer {r.layer}  ({r.criterion})\n  scores {grid(r.scores)}" for r in recs]
+    lines = [
+        f"{r.editor}: "
+        + (f"layer {r.layer}" if r.localised else "no layer recommended")
+        + f"  ({r.criterion})\n  scores {grid(r.scores)}"
+        for r in recs
+    ]
     matrices = [Matrix("layer score", [r.scores for r in recs], [r.editor for r in recs], _layers(vlm.num_layers))]
-    return Report("recommend", d, lines, matrices, {}, recs[0].layer, [r.to_dict() for r in recs], figures=figures)
+    layer = recs[0].layer if recs[0].localised else None
+    return Report("recommend", d, lines, matrices, {}, layer, [r.to_dict() for r in recs], figures=figures)
 
 
 _RUNNERS = {

@@ -44,6 +44,10 @@ from .engine import Cell, CellRunner, Progress
 from .errors import DiagnosticError, ReplacementError
 
 TRACE_KINDS = ("hidden", "mlp", "attn")
+#: an indirect effect below this (a change of P(answer) of less than one percentage point) localises nothing: a
+#: trace whose every effect is smaller names no layer (an insertion of an entity the model never saw: nothing
+#: in the model carries the answer, its largest effect is ~1e-5 and a colour bar would still show a "peak")
+NEGLIGIBLE_EFFECT = 0.01
 # used when neither a replacement nor candidates are given: named entities a real LLaVA knows
 GENERIC_REPLACEMENTS = (
     "paris",
@@ -104,6 +108,16 @@ class TraceResult:
     @property
     def num_layers(self) -> int:
         return len(next(iter(self.effects.values()))[0])
+
+    @property
+    def largest_effect(self) -> float:
+        """The largest indirect effect (in absolute value) over every kind, row and layer."""
+        return max((abs(v) for rows in self.effects.values() for row in rows for v in row), default=0.0)
+
+    @property
+    def localises(self) -> bool:
+        """Whether any effect is large enough to say where the answer is computed (``NEGLIGIBLE_EFFECT``)."""
+        return self.largest_effect >= NEGLIGIBLE_EFFECT
 
     def effect(self, kind: str, role_or_label: str) -> list[float]:
         for i, r in enumerate(self.rows):

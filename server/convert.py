@@ -54,6 +54,7 @@ def recommendation(d: dict[str, Any] | None) -> pb.LayerRecommendation | None:
         candidates=[int(x) for x in d.get("candidates", [])],
         criterion=str(d.get("criterion", "")),
         cases=int(d.get("cases", 0) or 0),
+        nothing_localised=not d.get("localised", True),
     )
 
 

@@ -111,20 +111,22 @@ class Figure(_message.Message):
     def __init__(self, name: _Optional[str] = ..., png: _Optional[bytes] = ...) -> None: ...
 
 class LayerRecommendation(_message.Message):
-    __slots__ = ("editor", "layer", "scores", "candidates", "criterion", "cases")
+    __slots__ = ("editor", "layer", "scores", "candidates", "criterion", "cases", "nothing_localised")
     EDITOR_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
     CASES_FIELD_NUMBER: _ClassVar[int]
+    NOTHING_LOCALISED_FIELD_NUMBER: _ClassVar[int]
     editor: str
     layer: int
     scores: _containers.RepeatedScalarFieldContainer[float]
     candidates: _containers.RepeatedScalarFieldContainer[int]
     criterion: str
     cases: int
-    def __init__(self, editor: _Optional[str] = ..., layer: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ..., candidates: _Optional[_Iterable[int]] = ..., criterion: _Optional[str] = ..., cases: _Optional[int] = ...) -> None: ...
+    nothing_localised: bool
+    def __init__(self, editor: _Optional[str] = ..., layer: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ..., candidates: _Optional[_Iterable[int]] = ..., criterion: _Optional[str] = ..., cases: _Optional[int] = ..., nothing_localised: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("image", "prompt", "adapter", "max_new_tokens")

@@ -47,6 +47,7 @@ class EditLensServer:
         self.service = EditLensService(config)
         self.health = health.HealthServicer()
         self.port: int | None = None
+        self.metrics_port: int | None = None  # where /metrics is served (serve --metrics-port)
         self._server: grpc.Server | None = None
         self._loader: threading.Thread | None = None
         self._ready = threading.Event()
@@ -89,6 +90,8 @@ class EditLensServer:
             raise OSError(f"cannot listen on {where}: {exc}") from None
         if not self.port:
             raise OSError(f"cannot listen on {where} (in use?)")
+        if self.service.metrics is not None:
+            self.metrics_port = self.service.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         self._server.start()
         self._loader = threading.Thread(target=self._load, name="editlens-loader", daemon=True)
         self._loader.start()
@@ -153,6 +156,8 @@ class EditLensServer:
         self._stopped.set()
         self._set_health(False)
         self.service.close()
+        if self.service.metrics is not None:
+            self.service.metrics.close()
         try:
             if self._server is not None:
                 self._server.stop(grace).wait()
@@ -172,6 +177,8 @@ def serve(config: ServerConfig, say: Callable[[str], None] = print) -> int:
     server = EditLensServer(config, say=say)
     address = server.start()
     say(f"listening on {address}")
+    if server.metrics_port is not None:
+        say(f"metrics on http://{host_port(config.metrics_host, server.metrics_port)}/metrics")
 
     def stop(signum, _frame):
         say(f"stopping ({signal.Signals(signum).name})")

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from vlm.decoding import DecodeRow, greedy_batch
 from vlm.prompts import EncodedPrompt
@@ -94,12 +94,13 @@ class Batcher:
     (clients are busy); otherwise it starts at once, so requests that come one at a time never wait.
     ``stats()``: batches and rows decoded so far."""
 
-    def __init__(self, vlm, max_batch: int = 16, wait: float = 0.005):
+    def __init__(self, vlm, max_batch: int = 16, wait: float = 0.005, on_batch: Callable[[int], None] | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if wait < 0:
             raise ValueError("wait must be >= 0")
         self.vlm, self.max_batch, self.wait = vlm, max_batch, wait
+        self.on_batch = on_batch  # called with each decoded batch's size (the metrics' histogram)
         self._cv = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._arriving = 0
@@ -129,6 +130,12 @@ class Batcher:
             self._waiting.append(ticket)
             self._cv.notify_all()
         return ticket
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a batch (the queue depth)."""
+        with self._cv:
+            return len(self._waiting)
 
     def stats(self) -> dict[str, float]:
         """Batches decoded, rows decoded, the mean and largest batch."""
@@ -214,5 +221,7 @@ class Batcher:
             self._batches += 1
             self._rows += len(batch)
             self._largest = max(self._largest, len(batch))
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         for t in batch:
             t._finish()

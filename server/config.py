@@ -147,6 +147,16 @@ class ServerConfig:
         "while the previous batch ran join at once).",
     )
     max_concurrent_rpcs: int | None = option(None, "Most RPCs at once (default: unlimited; RESOURCE_EXHAUSTED beyond).")
+    metrics_port: int | None = option(
+        None,
+        "Serve Prometheus metrics on this port (http://METRICS_HOST:PORT/metrics: requests, latencies, batch "
+        "sizes, queue depth, jobs, edits, live versions); default: off. 0: any free port.",
+    )
+    metrics_host: str = option(
+        "127.0.0.1",
+        "Address of the metrics endpoint. It has no authentication: keep it on loopback or a network only the "
+        "scraper reaches.",
+    )
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -155,6 +165,8 @@ class ServerConfig:
             raise ConfigError("live_ttl must be >= 0")
         if self.bundle_cache < 1 or self.job_workers < 1 or self.grpc_workers < 2:
             raise ConfigError("bundle_cache and job_workers must be >= 1, grpc_workers >= 2")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} is outside 0..65535")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1 (1: no batching), not {self.max_batch_size}")
         if not 0 <= self.batch_wait_ms <= 1000:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 
 import grpc
 
@@ -112,31 +113,47 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc}"
 
 
-def _abort(context, exc: BaseException):
+def _abort(context, exc: BaseException, observed: list[str]):
     code, message = status_for(exc)
     if code != grpc.StatusCode.INTERNAL:
         log.info("%s: %s", code.name, message)
+    observed[0] = code.name
     context.abort(code, message)
 
 
+def _observe(servicer, method: str, code: str, t0: float) -> None:
+    metrics = getattr(servicer, "metrics", None)
+    if metrics is not None:
+        metrics.observe(method, code, time.perf_counter() - t0)
+
+
 def rpc(method):
-    """Wrap a servicer method (unary or a generator) so that every exception becomes a status."""
+    """Wrap a servicer method (unary or a generator) so that every exception becomes a status; with metrics on
+    (``servicer.metrics``), each call is counted by its status code and timed."""
+    name = method.__name__
     if inspect.isgeneratorfunction(method):
 
         @functools.wraps(method)
         def stream(self, request, context):
+            t0, code = time.perf_counter(), ["CANCELLED"]  # a stream its client dropped ends at a yield
             try:
                 yield from method(self, request, context)
+                code[0] = "OK"
             except Exception as exc:  # every error becomes a status; the server keeps serving
-                _abort(context, exc)
+                _abort(context, exc, code)
+            finally:
+                _observe(self, name, code[0], t0)
 
         return stream
 
     @functools.wraps(method)
     def unary(self, request, context):
+        t0, code = time.perf_counter(), ["OK"]
         try:
             return method(self, request, context)
         except Exception as exc:  # every error becomes a status; the server keeps serving
-            _abort(context, exc)
+            _abort(context, exc, code)
+        finally:
+            _observe(self, name, code[0], t0)
 
     return unary

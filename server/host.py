@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +26,16 @@ class Host:
     batcher: Batcher | None = None
 
     @classmethod
-    def create(cls, vlm, registry, config: ServerConfig) -> Host:
-        """The host of a loaded model and registry, configured as ``config`` says."""
+    def create(cls, vlm, registry, config: ServerConfig, on_batch: Callable[[int], None] | None = None) -> Host:
+        """The host of a loaded model and registry, configured as ``config`` says (``on_batch``: told each
+        generation batch's size)."""
         from diagnostics.cases import world_phrases
 
         versions = Versions(registry, vlm, config.default_adapter, config.live_ttl, config.bundle_cache)
         batcher = (
-            Batcher(vlm, config.max_batch_size, config.batch_wait_ms / 1000) if config.max_batch_size > 1 else None
+            Batcher(vlm, config.max_batch_size, config.batch_wait_ms / 1000, on_batch)
+            if config.max_batch_size > 1
+            else None
         )
         phrases = world_phrases(Path(vlm.path).parent)
         return cls(vlm, registry, versions, Inputs(config.limits, vlm), phrases, batcher)

@@ -37,9 +37,10 @@ from . import convert, diagnosing, editing, generation
 from .auth import caller, check_token, token_valid
 from .bundles import BundleError
 from .config import ServerConfig
-from .errors import JobCancelled, invalid, not_found, rpc, unavailable
+from .errors import JobCancelled, invalid, not_found, rpc, status_for, unavailable
 from .host import Host
 from .jobs import JobRunner, follow
+from .metrics import Metrics
 
 log = logging.getLogger("editlens.server")
 
@@ -86,10 +87,11 @@ class EditLensService(pb_grpc.EditLensServicer):
         limits, ids = config.limits, itertools.count(1)  # one numbering of jobs across both queues (ListJobs)
         self.jobs = JobRunner(config.job_workers, limits.max_queued_jobs, limits.max_job_seconds, ids)
         self.diagnoses = JobRunner(config.job_workers, limits.max_queued_jobs, limits.max_job_seconds, ids)
+        self.metrics = Metrics(self) if config.metrics_port is not None else None  # serve --metrics-port
 
     # ------------------------------------------------------------ lifecycle
     def set_ready(self, vlm, registry) -> None:
-        self.host = Host.create(vlm, registry, self.config)
+        self.host = Host.create(vlm, registry, self.config, self.metrics.batch_size.observe if self.metrics else None)
         self.state, self.state_detail = "ready", ""
 
     def set_failed(self, detail: str) -> None:
@@ -125,6 +127,18 @@ class EditLensService(pb_grpc.EditLensServicer):
                 raise JobCancelled(f"the client went away while {what} waited; nothing was done")
             yield
 
+    def _counted(self, plan: editing.EditPlan, run):
+        """Run an edit, counting its outcome in the metrics (registered, or the refusal's status code)."""
+        try:
+            info = run()
+        except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.edits.labels(plan.adapter, plan.spec.name, status_for(exc)[0].name).inc()
+            raise
+        if self.metrics is not None:
+            self.metrics.edits.labels(plan.adapter, plan.spec.name, "registered").inc()
+        return info
+
     def _audit(self, host: Host, adapter: str, context, action: str, **what) -> None:
         """Record a mutation of ``adapter`` with its time and caller (registry tags ``editlens.audit.*``)."""
         host.registry.audit(adapter, {"action": action, **what, **caller(context, bool(self.config.token))})
@@ -158,7 +172,7 @@ class EditLensService(pb_grpc.EditLensServicer):
         plan.caller = caller(context, bool(self.config.token))
         job, ahead = self.jobs.submit(
             "edit",
-            lambda job: convert.version(editing.run_edit(host, job, plan)),
+            lambda job: convert.version(self._counted(plan, lambda: editing.run_edit(host, job, plan))),
             adapter=plan.adapter,
             peer=context.peer() or "",
         )

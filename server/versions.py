@@ -81,6 +81,11 @@ class Versions:
             raise not_found(f"adapter '{adapter}' not found")
         return value
 
+    def known_live(self) -> dict[str, int | None]:
+        """Each adapter's live version as last looked up (no registry call; for the metrics)."""
+        with self._lock:
+            return {a: v for a, (v, _) in self._live.items() if v is not _MISSING}
+
     def live_info(self, adapter: str) -> VersionInfo | None:
         """The live version, read fresh (what a new edit builds on); None when there is none."""
         try:

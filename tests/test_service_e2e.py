@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -210,7 +211,8 @@ def test_serve_subprocess_end_to_end_with_the_sdk(keygate_case, vlm, world_dir, 
     finally:
         assert server.stop() == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
-    server = ServeProcess(registry_dir, tmp_path / "serve.log")  # restart on the same registry
+    # restart on the same registry, with the Prometheus endpoint on
+    server = ServeProcess(registry_dir, tmp_path / "serve.log", extra=["--metrics-port", "0"])
     try:
         with sdk.EditLensClient(server.address, token=TOKEN) as lens:
             lens.wait_ready(300)
@@ -220,6 +222,11 @@ def test_serve_subprocess_end_to_end_with_the_sdk(keygate_case, vlm, world_dir, 
             assert answers == fixed and (served.version, served.alias) == (1, "live")
             with sdk.EditLensClient(server.address) as anon, pytest.raises(sdk.UnauthenticatedError):
                 anon.rollback()
+        url = next(re.match(r"metrics on (\S+)$", line).group(1) for line in server.lines if line.startswith("metrics"))
+        with urllib.request.urlopen(url, timeout=10) as r:  # what `curl http://127.0.0.1:PORT/metrics` gets
+            text = r.read().decode()
+        assert 'editlens_requests_total{code="UNAUTHENTICATED",method="Rollback"} 1.0' in text
+        assert 'editlens_live_version{adapter="default"} 1.0' in text and "editlens_ready 1.0" in text
     finally:
         assert server.stop() == 0
 

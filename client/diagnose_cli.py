@@ -482,7 +482,11 @@ def recommend_cmd(
     variant: list[str] | None = VARIANT,
     rephrase: str | None = typer.Option(None, help="Single case: the question reworded (averaged in)."),
     image_rephrase: Path | None = typer.Option(None, help="Single case: another image of the subject."),
-    editor: str = typer.Option("both", help="multedit, visedit or both."),
+    editor: str = typer.Option(
+        "both",
+        help="The editor whose layer to recommend: any that picks it by a diagnostic (keygate, alphaedit, "
+        "multedit: the causal trace's MLP peak; visedit: the VEAD rule), or both (MultEdit's and VisEdit's).",
+    ),
     model: Path | None = MODEL,
     device: str = DEVICE,
     dtype: str = DTYPE,
@@ -496,13 +500,17 @@ def recommend_cmd(
     """The layer to edit, with the scores that chose it: MultEdit's (peak early MLP indirect effect at the
     constraint's last token, over the request's variants) and VisEdit's VEAD layer (before the high
     module-contribution layers, or the deepest layer whose visual states the answer still reads)."""
-    if editor not in ("multedit", "visedit", "both"):
-        fail(f"--editor must be multedit, visedit or both, not {editor!r}")
+    from editors import layer_rule
+
+    try:
+        rule = layer_rule(editor)
+    except ValueError as exc:
+        fail(str(exc))
     _diagnose(
         "recommend",
         "recommend",
         (image, question, constraint, answer, cases, limit, variant),
-        {"editor": editor},
+        {"editor": rule},
         model,
         device,
         dtype,

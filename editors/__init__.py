@@ -19,6 +19,7 @@ _REGISTRY_NAMES = (
     "EditorSpec",
     "editor_names",
     "get_editor",
+    "layer_rule",
     "register_editor",
     "unregister_editor",
 )

@@ -145,5 +145,6 @@ register_editor(
         editor_class=AlphaEdit,
         format=EDIT_SET_FORMAT,
         description="MultEdit's key and value with AlphaEdit's null-space projected update (Fang et al. 2025)",
+        layer_rule="multedit",  # layer="auto": the causal trace's MLP peak
     )
 )

@@ -624,5 +624,6 @@ register_editor(
         editor_class=KeyGate,
         format=FORMAT,
         description="MultEdit's key and value in a key-gated memory: lifelong edits that leave other inputs alone",
+        layer_rule="multedit",  # layer="auto": the causal trace's MLP peak
     )
 )

@@ -332,5 +332,6 @@ register_editor(
         editor_class=MultEdit,
         format=EDIT_SET_FORMAT,
         description="a rank-one edit of one early MLP at the visual constraint (Basu et al. 2024)",
+        layer_rule="multedit",  # layer="auto": the causal trace's MLP peak
     )
 )

@@ -65,6 +65,9 @@ class EditorSpec:
     create_fn: Callable[[EditorSpec, VLM, Any, EditContext], EditorBase] = _default_create
     #: the config options this editor takes from a world folder by default (e.g. VisEdit's trained adapter)
     world_options: Callable[[Path], dict[str, Any]] | None = None
+    #: the diagnostics rule that picks its layer for layer="auto" (``diagnostics.report`` recommend's
+    #: "multedit": the causal trace's MLP peak at the constraint; "visedit": the VEAD rule); None: no such rule
+    layer_rule: str | None = None
 
     @property
     def file_name(self) -> str:
@@ -145,6 +148,18 @@ def editor_names() -> list[str]:
     _load_builtins()
     order = {name: i for i, name in enumerate(_EDITORS)}
     return sorted(_EDITORS, key=lambda n: (_builtin_rank(_EDITORS[n]), order[n]))
+
+
+def layer_rule(editor: str) -> str:
+    """The recommend diagnostic's rule for ``editor`` ("both": MultEdit's and VisEdit's); a ``ConfigError``
+    for an unknown editor or one that chooses no layer by a diagnostic."""
+    if editor == "both":
+        return editor
+    spec = get_editor(editor)
+    if spec.layer_rule is None:
+        with_rule = [n for n in editor_names() if get_editor(n).layer_rule]
+        raise ConfigError(f"editor {editor!r} chooses no layer by a diagnostic; those that do: {', '.join(with_rule)}")
+    return spec.layer_rule
 
 
 def get_editor(name: str) -> EditorSpec:

@@ -11,6 +11,7 @@ from typing import Any
 from editlens.v1 import editlens_pb2 as pb
 
 from diagnostics.cases import DiagnosticCase
+from editors import layer_rule
 
 from . import convert
 from .bundles import Bundle, attached
@@ -36,6 +37,8 @@ def _options(name: str, o: pb.DiagnoseOptions, num_layers: int) -> dict[str, Any
     for key in ("kinds", "relations", "layers"):
         if key in opts:
             opts[key] = list(opts[key])
+    if name == "recommend" and opts.get("editor"):  # an editor's name -> the rule that picks its layer
+        opts["editor"] = layer_rule(opts["editor"])
     if "layers" in opts and name == "contributions":
         opts["early_layers"] = opts.pop("layers")
     if "window" in opts and not 1 <= opts["window"] <= num_layers:

@@ -87,6 +87,12 @@ def test_averaged_views_over_a_case_file(world_dir, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert set(out) == {"multedit", "visedit"} and out["multedit"]["layer"] in out["multedit"]["candidates"]
+    base = ["diagnose", "recommend", "--model", str(world_dir / "model"), "--cases", cases, "--limit", "1"]
+    res = runner.invoke(app, [*base, "--editor", "keygate", "--json"])  # KeyGate picks its layer as MultEdit does
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(res.stdout)) == {"multedit"}
+    res = runner.invoke(app, [*base, "--editor", "ft"])
+    assert res.exit_code == 2 and "chooses no layer by a diagnostic" in res.stderr
 
 
 def test_bad_input_exits_with_a_message(world_dir, test_cases):

@@ -258,6 +258,11 @@ def test_diagnose_matches_the_local_diagnostic(lens, case, vlm, world_dir):
         and [x.editor for x in r.recommendations] == ["multedit", "visedit"]
         and r.png is None
     )
+    # the default editor picks its layer as MultEdit does (EditorSpec.layer_rule); FT-L by no diagnostic
+    k = lens.diagnose("recommend", case["img"], case["src"], case["constraint"], base=True, editor="keygate")
+    assert [x.editor for x in k.recommendations] == ["multedit"] and k.recommended_layer == r.recommended_layer
+    with pytest.raises(sdk.InvalidArgumentError, match="'ft' chooses no layer by a diagnostic"):
+        lens.diagnose("recommend", case["img"], case["src"], case["constraint"], base=True, editor="ft")
 
 
 def test_cancelled_edit_registers_nothing(lens, case):

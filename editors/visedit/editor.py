@@ -256,5 +256,6 @@ register_editor(
         description="a signal of a trained visual edit adapter, the VEAD (Chen et al. 2024)",
         create_fn=_create,
         world_options=_world_adapter,
+        layer_rule="visedit",  # the VEAD rule: before the high module-contribution layers
     )
 )

@@ -57,6 +57,7 @@ def bench_editing(
     Counterfactual edits and long-tail insertions are reported separately.
     """
     from bench import editing
+    from editors import DEFAULT_EDITOR
     from editors.files import EditSetError
     from editors.metrics import CaseError
 
@@ -86,6 +87,7 @@ def bench_editing(
             )
     except (ValueError, CaseError, EditSetError) as exc:
         fail(str(exc))
+    result["default_editor"] = DEFAULT_EDITOR
     if as_json:
         typer.echo(json.dumps(result, indent=1))
         return
@@ -111,7 +113,9 @@ def _parse_overrides(setting: list[str] | None) -> dict:
 @bench_app.command("lifelong")
 def bench_lifelong(
     editor: list[str] | None = typer.Option(
-        None, help="Editors to compare (any registered); default: keygate, alphaedit, multedit and ft."
+        None,
+        help="Editors to compare (any registered, repeatable, e.g. --editor keygate --editor alphaedit --editor "
+        "multedit --editor ft); default: the default editor alone (keygate).",
     ),
     setting: list[str] | None = typer.Option(
         None, "--set", help="An editor's setting, EDITOR.NAME=VALUE (repeatable), e.g. keygate.threshold=0.9."
@@ -140,10 +144,11 @@ def bench_lifelong(
     (VisEdit with a scope gate) the gate's recall, precision and false accepts.
     """
     from bench import lifelong
+    from editors import DEFAULT_EDITOR
     from editors.files import EditSetError
 
     parsed = _parse_overrides(setting)
-    names = list(dict.fromkeys(editor or ["keygate", "alphaedit", "multedit", "ft"]))
+    names = list(dict.fromkeys(editor or [DEFAULT_EDITOR]))
     console = stderr_console()
     folder, vlm = world_and_model(world, seed, device)
     try:
@@ -168,6 +173,7 @@ def bench_lifelong(
             )
     except (ValueError, EditSetError) as exc:
         fail(str(exc))
+    result["default_editor"] = DEFAULT_EDITOR
     if figure is not None:
         result["figure"] = str(lifelong.figure(result, figure))
     if as_json:

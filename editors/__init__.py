@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 
 _REGISTRY_NAMES = (
+    "DEFAULT_EDITOR",
     "EditContext",
     "EditorSpec",
     "editor_names",

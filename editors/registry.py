@@ -91,6 +91,9 @@ class EditorSpec:
         return self.edit_set_class.load(path, vlm)
 
 
+#: the editor an edit uses when it names none (the SDK, the CLI, an Edit request with EDITOR_UNSPECIFIED)
+DEFAULT_EDITOR = "keygate"
+
 _EDITORS: dict[str, EditorSpec] = {}
 #: the modules of the built-in editors; each registers its editor when imported (on the first lookup)
 BUILTIN_EDITORS = ("editors.multedit", "editors.keygate", "editors.alphaedit", "editors.visedit", "editors.finetune")

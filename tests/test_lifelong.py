@@ -244,7 +244,7 @@ def test_bench_lifelong_scores_every_edit_so_far_at_each_mark(world_dir, tmp_pat
     )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert set(out["editors"]) == {"keygate", "multedit"} and png.is_file()
+    assert set(out["editors"]) == {"keygate", "multedit"} and png.is_file() and out["default_editor"] == "keygate"
     keys = {"reliability", "text_generality", "modal_generality", "text_locality", "modal_locality"}
     keys |= {"specificity_before", "specificity_after", "edit_ms", "probe_edit_ms", "bytes_per_edit", "norm"}
     for name, entry in out["editors"].items():

@@ -470,6 +470,41 @@ def bench_diagnostics(
         typer.echo(f"  all: {gt['peak_at_k_edit']:.2f} / {gt['peak_at_k_plain']:.2f} / {gt['peak_at_k_isolated']:.2f}")
 
 
+@bench_app.command("gate")
+def bench_gate(
+    edits: list[int] | None = typer.Option(
+        None, help="Numbers of live edit keys (repeatable); default 1, 100, 1000, 10000."
+    ),
+    layer: int = typer.Option(0, help="The gate's layer."),
+    rounds: int = typer.Option(20, help="Round-robin rounds (the first warms up)."),
+    world: Path | None = WORLD,
+    seed: int = SEED,
+    device: str = DEVICE,
+    as_json: bool = JSON,
+) -> None:
+    """What KeyGate's gate costs Generate by the number of live edit keys: base model, the joint scan of edit
+    and reference keys (the gate's definition) and the edit keys first (what serves), timed round-robin."""
+    from bench import gate
+
+    console = stderr_console()
+    folder, vlm = world_and_model(world, seed, device)
+    try:
+        r = gate.run(
+            vlm, folder, edits or (1, 100, 1000, 10000), layer=layer, rounds=rounds, stage=stage_printer(console)
+        )
+    except ValueError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(r, indent=1))
+        return
+    typer.echo(f"KeyGate's gate at layer {r['layer']}, {r['reference_keys']} reference keys; Generate, median ms")
+    for row in r["rows"]:
+        typer.echo(
+            f"  {row['edit_keys']:>6d} edit keys: base {row['base_ms']:.1f}, joint scan {row['joint_ms']:.1f} "
+            f"({row['joint_ratio']:.2f}x), edits first {row['edits_first_ms']:.1f} ({row['edits_first_ratio']:.2f}x)"
+        )
+
+
 @bench_app.command("lineage")
 def bench_lineage_cmd(
     edits: int = typer.Option(1000, help="Edit calls, one version each, on one adapter."),

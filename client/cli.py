@@ -161,7 +161,9 @@ def world_check(
     last_knockout_drop (the same for the positions that predict the answer),
     and constraint_edit_success (share of counterfactual cases a rank-one edit
     of an early MLP at the constraint's last token, value unbounded, makes
-    top-1; target >= 0.9) with the layer. Exit status 1 when a target is missed.
+    top-1; target >= 0.9) with the layer, and identification / key_identification (over subjects the
+    model never saw: how often another rendering's nearest edit image is its own subject's, in the image
+    features and at the editor's key). Exit status 1 when a target is missed.
     """
     from editors.world_check import WorldCheckError, check_world
     from vlm import ModelLoadError, load_vlm
@@ -196,6 +198,15 @@ def world_check(
         typer.echo(
             f"  {'constraint_edit_success':26s} {result['constraint_edit_success']:.3f}"
             f"   target >= {t['constraint_edit_success']}, layer {result['constraint_edit_layer']}"
+        )
+        typer.echo(
+            f"  {'identification':26s} {result['identification']:.3f}   (another rendering's nearest edit image is "
+            f"its own subject's, over {result['identification_subjects']} new subjects; chance "
+            f"{result['identification_chance']:.4f})"
+        )
+        typer.echo(
+            f"  {'key_identification':26s} {result['key_identification']:.3f}   (the same at the editor's key, layer "
+            f"{result['key_layer']})"
         )
         for lyr, v in result["edit_by_layer"].items():
             typer.echo(

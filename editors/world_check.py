@@ -16,6 +16,11 @@ Three figures, on a built world (or any model folder with the world's data):
   top-1 (every answer token the argmax, teacher-forced), per early layer;
   the figure is the best early layer's, reported with that layer.
 
+Beside them, ``identification`` and ``key_identification`` (``editors.identification``): over the looks no
+world entity uses, how often another rendering's nearest edit image — in the features the language model
+reads, and at the default editor's key — is its own subject's. They bound how far an edit can generalise
+across images of its subject and stay away from other subjects; reported, not (yet) a target.
+
 P(answer) is teacher-forced over all answer tokens. The knockout questions
 are held-out paraphrases on training renderings that the model answers
 correctly, sampled with a fixed seed.
@@ -42,6 +47,7 @@ from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import batches, score_batch
 
 from .edit_set import attach
+from .identification import identification
 from .multedit import MultEdit, MultEditConfig
 from .request import EditRequest
 
@@ -176,6 +182,8 @@ def check_world(
         say(f"rank-one edits at layer {layer}")
         by_layer[layer] = edit_success(vlm, requests, layer)
     best = max(layers, key=lambda l: (by_layer[l]["success"], -l))
+    say("identification of new subjects' renderings")
+    ident = identification(vlm, world_dir, layer=best)
     result = {
         "questions": len(sample),
         "questions_correct": len(correct),
@@ -187,6 +195,7 @@ def check_world(
         "constraint_edit_success": by_layer[best]["success"],
         "constraint_edit_layer": best,
         "edit_by_layer": {str(l): v for l, v in by_layer.items()},
+        **ident,
         "targets": TARGETS,
         "seconds": round(time.time() - t0, 1),
     }

@@ -810,12 +810,13 @@ class Registry:
                     c.set_registered_model_alias(adapter, LIVE, str(current))
                 raise from_mlflow(e, f"adapter '{adapter}': recording the live history") from e
 
-    def rollback(self, adapter: str, to: int | str | None = None) -> VersionInfo:
+    def rollback(self, adapter: str, to: int | str | None = None, to_base: bool = False) -> VersionInfo | None:
         """Move ``live`` back. to=None: to the version that was live before the current one
         (an undo: the history entry is consumed, deleted versions are skipped); with no
-        history, to the highest existing version below the current one; ConflictError if there
-        is none. to=N / "vN" / alias: to that version (recorded in the history like a promote).
-        Returns the new live version."""
+        history, to the highest existing version below the current one; when there is none,
+        ConflictError — or, with ``to_base``, no live version at all (the base model answers;
+        returns None). to=N / "vN" / alias: to that version (recorded in the history like a
+        promote). Returns the new live version."""
         check_adapter_name(adapter)
         with self._lock:
             if to is not None:
@@ -841,6 +842,9 @@ class Registry:
                     break
             if target is None:
                 lower = [v for v in existing if v < current]
+                if not lower and to_base:
+                    self.delete_alias(adapter, LIVE)
+                    return None
                 if not lower:
                     raise ConflictError(
                         f"adapter '{adapter}': nothing to roll back to (live is "

@@ -99,7 +99,7 @@ class EditLensServer:
 
     def _load(self) -> None:
         try:
-            self.service.state, self.service.state_detail = "loading", "opening the registry"
+            self.service.set_loading("opening the registry")
             registry = self._registry
             if registry is None:
                 from registry import Registry
@@ -128,6 +128,10 @@ class EditLensServer:
             self.say(f"error: the server cannot serve: {exc}")
             self._ready.set()
 
+    def _loading(self, detail: str) -> None:
+        self.service.set_loading(detail)
+        self.say(detail)
+
     def _load_model(self):
         from vlm import load_vlm
 
@@ -137,12 +141,10 @@ class EditLensServer:
 
             folder = default_world_dir(self.config.seed)
             if not (folder / "model" / "config.json").is_file():
-                self.service.state_detail = "building the embedded world model (first start: a few minutes)"
-                self.say(self.service.state_detail)
+                self._loading("building the embedded world model (first start: a few minutes)")
             summary = build_world(seed=self.config.seed, stage=lambda m: self.say(f"world: {m}"))
             model = Path(summary["path"]) / "model"
-        self.service.state_detail = f"loading the model {model}"
-        self.say(self.service.state_detail)
+        self._loading(f"loading the model {model}")
         return load_vlm(model, device=self.config.device, dtype=self.config.dtype)
 
     def wait_ready(self, timeout: float | None = None) -> bool:

@@ -31,7 +31,7 @@ from editlens.v1 import editlens_pb2 as pb
 from editlens.v1 import editlens_pb2_grpc as pb_grpc
 
 from editors import editor_names
-from registry import LIVE, ConflictError, NotFoundError, RegistryError
+from registry import LIVE, NotFoundError, RegistryError
 
 from . import convert, diagnosing, editing, generation
 from .auth import caller, check_token, token_valid
@@ -93,6 +93,10 @@ class EditLensService(pb_grpc.EditLensServicer):
     def set_ready(self, vlm, registry) -> None:
         self.host = Host.create(vlm, registry, self.config, self.metrics.batch_size.observe if self.metrics else None)
         self.state, self.state_detail = "ready", ""
+
+    def set_loading(self, detail: str) -> None:
+        """What the server is doing before it is ready (UNAVAILABLE answers say it)."""
+        self.state, self.state_detail = "loading", detail
 
     def set_failed(self, detail: str) -> None:
         self.state, self.state_detail = "failed", detail
@@ -257,15 +261,8 @@ class EditLensService(pb_grpc.EditLensServicer):
         adapter = host.versions.adapter_name(request.adapter)
         with self._holding(adapter, context, "Rollback"):
             before = host.registry.live_version_number(adapter)
-            try:
-                info = host.registry.rollback(adapter, request.to_version or None)
-            except ConflictError:
-                if before is None or request.to_version:
-                    raise
-                # the adapter's first version is live: rolling it back leaves no live version, so the base
-                # model answers again (promote brings the version back)
-                host.registry.delete_alias(adapter, LIVE)
-                info = None
+            # the adapter's first version rolls back to no live version: the base model answers again
+            info = host.registry.rollback(adapter, request.to_version or None, to_base=True)
             self._audit(host, adapter, context, "rollback", previous=before or 0, live=info.version if info else 0)
         host.versions.forget(adapter)
         return pb.RollbackResponse(previous_version=before or 0, live=convert.version(info) if info else None)

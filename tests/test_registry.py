@@ -135,6 +135,8 @@ def test_rollback_to_previous_live(registry, edit_file):
     with pytest.raises(ConflictError, match="nothing to roll back"):
         registry.rollback("a")
     assert registry.live_version_number("a") == 1
+    # the rule the service applies: the first version rolls back to no live version (the base model)
+    assert registry.rollback("a", to_base=True) is None and registry.live_version_number("a") is None
 
 
 def test_rollback_skips_deleted_and_falls_back_to_lower(registry, edit_file):

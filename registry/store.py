@@ -942,6 +942,20 @@ class Registry:
             )
         return local
 
+    def verify_stored(self, adapter: str, version: int) -> None:
+        """Fetch the version's files from the artifact store again and check each against its checksum, as a
+        replica that never downloaded them would (the local cache is not consulted); RegistryError naming the
+        first missing or corrupted file."""
+        check_adapter_name(adapter)
+        check_version_number(version)
+        mv = self._model_version(adapter, version)
+        sha = self._info(mv).sha256
+        if not sha:
+            raise RegistryError(f"adapter '{adapter}' version {version} has no recorded checksums")
+        with tempfile.TemporaryDirectory(prefix="editlens-verify-") as tmp:
+            for name in sorted(sha):
+                self._fetch(mv.source, name, Path(tmp), adapter, version, sha[name])
+
     def _cached_ok(self, folder: Path, run_id: str, sha: dict[str, str]) -> bool:
         try:
             marker = json.loads((folder / _CACHE_MARKER).read_text())

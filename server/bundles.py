@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from editors import editor_names, get_editor
+from editors.attach import attach
 from editors.base import EditSetBase
-from editors.edit_set import attach
 from editors.files import EditSetError, FingerprintMismatchError
 from vlm.hooks import Rows
 from vlm.loading import VLM
@@ -224,6 +224,11 @@ class BundleCache:
             self._items.move_to_end((bundle.adapter, bundle.version))
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
+
+    def keys(self) -> list[tuple[str, int]]:
+        """The (adapter, version) pairs held."""
+        with self._lock:
+            return list(self._items)
 
     def drop(self, adapter: str, version: int | None = None) -> None:
         with self._lock:

@@ -133,6 +133,12 @@ class ServerConfig:
         "replica reaches this one).",
     )
     bundle_cache: int = option(8, "Loaded versions kept in memory.")
+    reverify_s: float = option(
+        60.0,
+        "Every this many seconds, the files of each version held in memory are fetched from the artifact store "
+        "again and checked against their checksums; a version whose stored files fail is refused "
+        "(FAILED_PRECONDITION) from then on, as a replica that never loaded it refuses it (0: never).",
+    )
     job_workers: int = option(1, "Jobs run at once.")
     grpc_workers: int = option(16, "Threads serving RPCs.")
     max_batch_size: int = option(
@@ -163,6 +169,8 @@ class ServerConfig:
             raise ConfigError(f"port {self.port} is outside 0..65535")
         if self.live_ttl < 0:
             raise ConfigError("live_ttl must be >= 0")
+        if self.reverify_s < 0:
+            raise ConfigError(f"reverify_s must be >= 0 (0: never), not {self.reverify_s}")
         if self.bundle_cache < 1 or self.job_workers < 1 or self.grpc_workers < 2:
             raise ConfigError("bundle_cache and job_workers must be >= 1, grpc_workers >= 2")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

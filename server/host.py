@@ -31,7 +31,9 @@ class Host:
         generation batch's size)."""
         from diagnostics.cases import world_phrases
 
-        versions = Versions(registry, vlm, config.default_adapter, config.live_ttl, config.bundle_cache)
+        versions = Versions(
+            registry, vlm, config.default_adapter, config.live_ttl, config.bundle_cache, config.reverify_s
+        )
         batcher = (
             Batcher(vlm, config.max_batch_size, config.batch_wait_ms / 1000, on_batch)
             if config.max_batch_size > 1
@@ -41,6 +43,7 @@ class Host:
         return cls(vlm, registry, versions, Inputs(config.limits, vlm), phrases, batcher)
 
     def close(self) -> None:
-        """Stop the batcher (requests still waiting are answered UNAVAILABLE)."""
+        """Stop the batcher (requests still waiting are answered UNAVAILABLE) and the re-verification."""
+        self.versions.close()
         if self.batcher is not None:
             self.batcher.close()

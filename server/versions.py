@@ -15,6 +15,12 @@
   ``BundleCache`` (versions are immutable; a deleted one is dropped).
 * ``lookup(editor, adapter, version)``: one editor's edit set of a version
   (VisEdit finds its trained adapter this way, ``editors.EditContext``).
+* ``reverify()``: every ``reverify_s`` seconds (a background thread) the
+  files of each version held in memory are fetched from the artifact store
+  again and checked (``Registry.verify_stored``); a version whose stored
+  files fail is dropped and refused (FAILED_PRECONDITION naming the file)
+  until they verify again, so a server that loaded a version before its
+  files were damaged answers as a replica that never loaded it does.
 """
 
 from __future__ import annotations
@@ -38,13 +44,58 @@ _MISSING = object()  # the adapter does not exist (cached like a version number)
 class Versions:
     """Version resolution, the live-alias cache and the bundle cache of one server."""
 
-    def __init__(self, registry: Registry, vlm, default_adapter: str, live_ttl: float, cache_size: int):
+    def __init__(
+        self,
+        registry: Registry,
+        vlm,
+        default_adapter: str,
+        live_ttl: float,
+        cache_size: int,
+        reverify_s: float = 0.0,
+    ):
         self.registry, self.vlm = registry, vlm
         self.default_adapter = default_adapter
         self.live_ttl = live_ttl
         self.bundles = BundleCache(cache_size)
         self._live: dict[str, tuple[object, float]] = {}
         self._lock = threading.Lock()
+        self._damaged: dict[tuple[str, int], str] = {}  # versions whose stored files failed: why
+        self._stop = threading.Event()
+        if reverify_s > 0:
+            threading.Thread(
+                target=self._reverifying, args=(reverify_s,), name="editlens-reverify", daemon=True
+            ).start()
+
+    # ------------------------------------------------------ stored files
+    def _reverifying(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.reverify()
+            except Exception as exc:  # never let the loop die; the next round tries again
+                log.warning("re-verifying the loaded versions failed: %s", exc)
+
+    def reverify(self) -> None:
+        """Check the stored files of every version in memory (and of those found damaged, which may have been
+        repaired); drop and refuse the versions whose files fail."""
+        for adapter, version in sorted(set(self.bundles.keys()) | set(self._damaged)):
+            try:
+                self.registry.verify_stored(adapter, version)
+            except NotFoundError:  # deleted meanwhile
+                self.bundles.drop(adapter, version)
+                self._damaged.pop((adapter, version), None)
+            except RegistryUnavailableError:
+                return  # the registry is down: keep serving what was verified; ask again next round
+            except Exception as exc:
+                if (adapter, version) not in self._damaged:
+                    log.error("adapter '%s' version %s: its stored files fail: %s", adapter, version, exc)
+                self._damaged[(adapter, version)] = str(exc)
+                self.bundles.drop(adapter, version)
+            else:
+                if self._damaged.pop((adapter, version), None) is not None:
+                    log.info("adapter '%s' version %s: its stored files verify again", adapter, version)
+
+    def close(self) -> None:
+        self._stop.set()
 
     def adapter_name(self, name: str) -> str:
         """``name`` checked (INVALID_ARGUMENT if malformed), or the default adapter when empty."""
@@ -118,6 +169,9 @@ class Versions:
     # -------------------------------------------------------------- bundles
     def bundle(self, adapter: str, version: int, info: VersionInfo | None = None) -> Bundle:
         """Version ``version`` of ``adapter``, loaded and validated once (FAILED_PRECONDITION when unusable)."""
+        damaged = self._damaged.get((adapter, version))
+        if damaged is not None:
+            raise BundleError(f"adapter '{adapter}' version {version} cannot be served: {damaged}")
         return self.bundles.get(adapter, version, lambda: self._load(adapter, version, info))
 
     def _load(self, adapter: str, version: int, info: VersionInfo | None) -> Bundle:

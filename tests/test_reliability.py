@@ -567,3 +567,46 @@ def test_an_operator_lists_and_cancels_jobs_and_only_token_holders_read_the_audi
         assert "audit" not in anon.version(v.version, adapter="audited").manifest
         limits = anon.info().limits
         assert limits["max_job_steps"] == 5000 and limits["max_job_seconds"] == 1800 and limits["mutation_wait_s"] > 0
+
+
+def test_a_version_whose_stored_files_are_damaged_after_loading_is_refused_as_a_fresh_replica_would(
+    start_service, insertion_case, world_dir
+):
+    """A server that loaded a version before its files in the artifact store were damaged used to go on serving
+    it while a fresh replica refused it. The loaded versions' stored files are re-verified every reverify_s: the
+    damaged version is refused with FAILED_PRECONDITION naming the file (its edits never half-served), and served
+    again once the files are repaired."""
+    svc = start_service(reverify_s=0.2)
+    case = insertion_case
+    img, edit = world_dir / case["image"], (case["src"], case["constraint"], case["ground_truth"])
+    with svc.client() as lens:
+        v = lens.edit(img, *edit, adapter="kept", editor="multedit", layer=0)
+        assert lens.generate(img, case["src"], adapter="kept").served.version == v.version
+        stored = [
+            p for p in svc.data_dir.rglob("multedit.safetensors") if "cache" not in p.relative_to(svc.data_dir).parts
+        ]
+        assert stored, "the version's file in the artifact store"
+        good = {p: p.read_bytes() for p in stored}
+        try:
+            for p, data in good.items():
+                p.write_bytes(data[:-64] + bytes(64))  # damaged in place, same size
+
+            def refused() -> bool:
+                try:
+                    lens.generate(img, case["src"], adapter="kept")
+                except sdk.FailedPreconditionError as exc:
+                    return "corrupted" in exc.details and "multedit.safetensors" in exc.details
+                return False
+
+            _until(refused, 30, "the damaged version was still served")
+        finally:
+            for p, data in good.items():
+                p.write_bytes(data)
+        _until(lambda: _served_version(lens, img, case["src"]) == v.version, 30, "the repaired version was not served")
+
+
+def _served_version(lens, img, question) -> int | None:
+    try:
+        return lens.generate(img, question, adapter="kept").served.version
+    except sdk.FailedPreconditionError:
+        return None

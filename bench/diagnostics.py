@@ -35,7 +35,7 @@ from diagnostics.attribution import module_attribution, visual_attribution
 from diagnostics.cases import DiagnosticCase, load_cases, prepare, world_phrases
 from diagnostics.knockout import RELATIONS, knockout
 from diagnostics.trace import causal_trace, edit_trace, noise_trace
-from editors.edit_set import attach
+from editors.attach import attach
 from editors.metrics import spread_cases
 from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest

@@ -60,7 +60,8 @@ import torch
 
 from editors import get_editor
 from editors import metrics as M
-from editors.edit_set import EditSet, attach
+from editors.attach import attach
+from editors.edit_set import EditSet
 from editors.request import EditRequest
 from vlm.loading import VLM
 from vlm.scoring import score_answers

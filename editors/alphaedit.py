@@ -26,9 +26,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .attach import attach
 from .configs import AlphaEditConfig
 from .edit_set import FORMAT as EDIT_SET_FORMAT
-from .edit_set import EditSet, EditSetError, LowRankDelta, attach
+from .edit_set import EditSet, EditSetError, LowRankDelta
 from .multedit import MultEdit
 from .preservation import preservation_statistics
 from .rank_one import solve_update_keeping

@@ -23,15 +23,33 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar
 
+import torch
+
 from vlm.hooks import Rows
 from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt, encode
 
+from .files import EditSetError, read_manifest, read_safetensors, write_safetensors
 from .request import EditRequest, ProgressCallback
 
 
 class EditSetBase(ABC):
-    """Edits of one editor for one base model, as stored in one file."""
+    """Edits of one editor for one base model, as stored in one file.
+
+    The file format is written here once: a safetensors file whose metadata ``editlens`` is the manifest —
+    the header (``format``, ``format_version``, ``base_fingerprint``, ``editor``), the subclass's body
+    (``manifest_body``) and the edits' ``records`` — and whose tensors are the subclass's (``tensors``). A
+    subclass says which format it is (``FORMAT``, ``FORMAT_VERSION``, the versions it reads, ``KIND`` for
+    messages, the body fields a file must have) and reads its body back (``from_manifest``)."""
+
+    #: the manifest's ``format`` and the version written; READS: the versions read (default: that one)
+    FORMAT: ClassVar[str] = ""
+    FORMAT_VERSION: ClassVar[int] = 1
+    READS: ClassVar[tuple[int, ...]] = ()
+    #: how messages name a file of this format, e.g. "a KeyGate edit set"
+    KIND: ClassVar[str] = "an EditLens edit set"
+    #: the manifest fields a file must have besides the header and the records
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
 
     editor: str
     base_fingerprint: str
@@ -41,14 +59,61 @@ class EditSetBase(ABC):
     def num_edits(self) -> int:
         return len(self.records)
 
+    # ------------------------------------------------------------------ files
     @abstractmethod
-    def save(self, path: str | os.PathLike) -> int:
-        """Write the edit set atomically; returns the file's size in bytes."""
+    def manifest_body(self) -> dict[str, Any]:
+        """The manifest fields of this format (between the header and the records)."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors the file holds, by name (float32 or int64, contiguous, on the CPU)."""
 
     @classmethod
     @abstractmethod
+    def from_manifest(cls, man: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> EditSetBase:
+        """The edit set from a checked manifest and the file's tensors, validated (``source`` names the file)."""
+
+    def manifest(self) -> dict[str, Any]:
+        """The whole manifest: the header, the format's body, the records."""
+        return {
+            "format": self.FORMAT,
+            "format_version": self.FORMAT_VERSION,
+            "base_fingerprint": self.base_fingerprint,
+            "editor": self.editor,
+            **self.manifest_body(),
+            "records": self.records,
+        }
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write the edit set atomically (temporary file, then rename); returns the file's size in bytes. Refuses
+        (``EditSetError``, nothing written) to save NaN or infinite values."""
+        tensors = self.tensors()
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise EditSetError(f"refusing to save {', '.join(bad[:3])}: NaN or infinite values")
+        return write_safetensors(path, tensors, self.manifest())
+
+    @classmethod
     def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> EditSetBase:
         """Read and validate a file; with ``vlm``, also check that it fits that model."""
+        meta, tensors = read_safetensors(path, cls.KIND.split(" ", 1)[-1])
+        edit_set = cls.from_parts(meta, tensors, source=str(path))
+        if vlm is not None:
+            edit_set.check_compatible(vlm)
+        return edit_set
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set"):
+        """An edit set from a file's metadata and tensors, validated (``source`` names the file in errors)."""
+        man = read_manifest(
+            meta,
+            source,
+            cls.FORMAT,
+            cls.READS or cls.FORMAT_VERSION,
+            cls.KIND,
+            ("base_fingerprint", *cls.REQUIRED, "records"),
+        )
+        return cls.from_manifest(man, tensors, source)
 
     @abstractmethod
     def attach(self, vlm: VLM, rows: Rows | None = None):

@@ -14,25 +14,23 @@ edits at one layer has one delta of rank n (the columns concatenated), which
 is also how it exports to a PEFT LoRA adapter.
 
 Attaching never touches the base weights: a forward hook on each edited
-module adds (x V) Uᵀ to its output. Removing the hooks therefore gives back
-the base model's outputs bit for bit, and switching between edit sets needs
-no copy or reload of the base model. ``attach(vlm, *edits)`` attaches any
-number of edit sets (of any editor) and delta lists at once.
+module adds (x V) Uᵀ to its output (``editors.attach``, where ``attach``,
+``adding_hook`` and the attachment classes of every editor live; they are
+re-exported here for the callers that import them from this module).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import torch
 
-from vlm.hooks import Hooks, Rows
+from vlm.hooks import Rows
 from vlm.loading import VLM
 
+from .attach import AttachedDeltas
 from .base import EditSetBase
 from .files import (
     EditSetError,
@@ -41,21 +39,10 @@ from .files import (
     check_fingerprint,
     check_no_extra,
     check_tensor,
-    read_manifest,
-    read_safetensors,
-    write_safetensors,
 )
 
 FORMAT = "editlens.edit_set"
 FORMAT_VERSION = 1
-
-
-class Delta(Protocol):
-    """Anything that adds a contribution to a linear module's output."""
-
-    module: str
-
-    def contribution(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -82,18 +69,19 @@ class LowRankDelta:
 class EditSet(EditSetBase):
     """Low-rank deltas plus everything needed to trust and explain them."""
 
+    FORMAT: ClassVar[str] = FORMAT
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    KIND: ClassVar[str] = "an EditLens edit set"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("editor", "deltas")
+
     deltas: list[LowRankDelta]
     base_fingerprint: str
     editor: str
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest_body(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "base_fingerprint": self.base_fingerprint,
-            "editor": self.editor,
             "hyperparameters": self.hyperparameters,
             "deltas": [
                 {
@@ -105,7 +93,6 @@ class EditSet(EditSetBase):
                 }
                 for d in self.deltas
             ],
-            "records": self.records,
         }
 
     def merged(self) -> EditSet:
@@ -150,37 +137,18 @@ class EditSet(EditSetBase):
         }
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> int:
-        """Write the edit set atomically (temp file + rename); returns the size in bytes."""
-        check_finite(self.deltas)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        check_finite(self.deltas)  # names the delta that holds NaN or infinite values
         tensors = {}
         for i, d in enumerate(self.deltas):
             tensors[f"delta.{i}.U"] = d.U.detach().float().contiguous().cpu()
             tensors[f"delta.{i}.V"] = d.V.detach().float().contiguous().cpu()
             if d.K is not None:
                 tensors[f"delta.{i}.K"] = d.K.detach().float().contiguous().cpu()
-        return write_safetensors(path, tensors, self.manifest())
+        return tensors
 
     @classmethod
-    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> EditSet:
-        """Read and validate an edit set; with ``vlm``, also check it fits that model."""
-        meta, tensors = read_safetensors(path, "edit set")
-        edit_set = cls.from_parts(meta, tensors, source=str(path))
-        if vlm is not None:
-            edit_set.check_compatible(vlm)
-        return edit_set
-
-    @classmethod
-    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set") -> EditSet:
-        """An edit set from a file's metadata and tensors, validated (``source`` names the file in errors)."""
-        man = read_manifest(
-            meta,
-            source,
-            FORMAT,
-            FORMAT_VERSION,
-            "an EditLens edit set",
-            ("base_fingerprint", "editor", "deltas", "records"),
-        )
+    def from_manifest(cls, man: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> EditSet:
         deltas = []
         expected = set()
         for i, info in enumerate(man["deltas"]):
@@ -245,85 +213,3 @@ def check_finite(deltas: Iterable[LowRankDelta], source: str = "edit set") -> No
         for name, t in (("U", d.U), ("V", d.V), ("K", d.K)):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise EditSetError(f"{source}: delta {i} ({name}) holds NaN or infinite values")
-
-
-class AttachedDeltas:
-    """Forward hooks that add the deltas' contributions (to ``rows`` of the batch only, when given);
-    ``remove()`` restores the base model exactly."""
-
-    def __init__(self, vlm: VLM, deltas: Sequence[Delta], rows: Rows | None = None):
-        by_module: dict[str, list[Delta]] = {}
-        for d in deltas:
-            by_module.setdefault(d.module, []).append(d)
-        self._hooks = Hooks()
-        with self._hooks.installing():
-            for path, ds in by_module.items():
-                self._hooks.add(vlm.module(path), adding_hook(tuple(ds), rows))
-
-    def remove(self) -> None:
-        self._hooks.remove()
-
-    def __enter__(self) -> AttachedDeltas:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def adding_hook(deltas: tuple[Delta, ...], rows: Rows | None = None):
-    """A forward hook adding the deltas' contributions to the module's output: every row's, or those of
-    ``rows`` (the other rows of the batch keep the base output; each row's sum is the one it would get
-    alone)."""
-
-    def added(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        add = deltas[0].contribution(x)
-        for d in deltas[1:]:
-            add = add + d.contribution(x)
-        return (out.float() + add).to(out.dtype)
-
-    def hook(_mod, args, out):
-        if rows is None:
-            return added(args[0], out)
-        if not len(rows):
-            return None
-        index = rows.index.to(out.device)
-        new = out.clone()
-        new[index] = added(args[0][index], out[index])
-        return new
-
-    return hook
-
-
-class Attached:
-    """Several attachments removed together (the result of ``attach``)."""
-
-    def __init__(self, stack: contextlib.ExitStack):
-        self._stack = stack
-
-    def remove(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> Attached:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def attach(vlm: VLM, *edits: EditSetBase | Sequence[Delta] | None, rows: Rows | None = None) -> Attached:
-    """Attach edit sets (of any editor) and/or lists of deltas to ``vlm`` for the calling thread (and, with
-    ``rows``, for those rows of a batch only); ``None`` is skipped. Usable as a context manager; if attaching
-    one of them fails, none stays attached."""
-    stack = contextlib.ExitStack()
-    try:
-        for e in edits:
-            if e is None:
-                continue
-            if isinstance(e, (list, tuple)):
-                stack.enter_context(AttachedDeltas(vlm, e, rows))
-            else:
-                stack.enter_context(e.attach(vlm, rows) if rows is not None else e.attach(vlm))
-    except BaseException:
-        stack.close()
-        raise
-    return Attached(stack)

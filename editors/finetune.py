@@ -23,11 +23,10 @@ what the baseline is: a dense update.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,9 +36,10 @@ from vlm.patching import run_patched
 from vlm.prompts import EncodedPrompt, collate
 from vlm.scoring import score_answers
 
+from .attach import AttachedDeltas, attach
 from .base import DownProjEditor, EditSetBase
 from .configs import FineTuneConfig
-from .edit_set import AttachedDeltas, attach, check_linear_shapes
+from .edit_set import check_linear_shapes
 from .files import (
     EditSetError,
     FingerprintMismatchError,
@@ -47,9 +47,6 @@ from .files import (
     check_fingerprint,
     check_no_extra,
     check_tensor,
-    read_manifest,
-    read_safetensors,
-    write_safetensors,
 )
 from .rank_one import answer_nll
 from .registry import EditorSpec, register_editor
@@ -86,6 +83,11 @@ class _RowwiseDelta:
 class FineTuneEditSet(EditSetBase):
     """Dense deltas ΔW (one per edited module) and a record per edit."""
 
+    FORMAT: ClassVar[str] = FORMAT
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    KIND: ClassVar[str] = "an FT-L edit set"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("deltas",)
+
     deltas: list[DenseDelta]
     base_fingerprint: str
     editor: str = "ft"
@@ -105,33 +107,14 @@ class FineTuneEditSet(EditSetBase):
             "hyperparameters": self.hyperparameters,
         }
 
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "base_fingerprint": self.base_fingerprint,
-            "editor": self.editor,
-            "hyperparameters": self.hyperparameters,
-            "deltas": self._delta_entries(),
-            "records": self.records,
-        }
+    def manifest_body(self) -> dict[str, Any]:
+        return {"hyperparameters": self.hyperparameters, "deltas": self._delta_entries()}
 
-    def save(self, path: str | os.PathLike) -> int:
-        """Write atomically; returns the size in bytes."""
-        tensors = {f"delta.{i}.W": d.W.detach().float().contiguous().cpu() for i, d in enumerate(self.deltas)}
-        bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
-        if bad:
-            raise EditSetError(f"refusing to save non-finite values in {bad[:3]}")
-        return write_safetensors(path, tensors, self.manifest())
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"delta.{i}.W": d.W.detach().float().contiguous().cpu() for i, d in enumerate(self.deltas)}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> FineTuneEditSet:
-        """Read and validate; with ``vlm``, also check that it fits that model."""
-        meta, tensors = read_safetensors(path, "FT-L edit set")
-        source = str(path)
-        man = read_manifest(
-            meta, source, FORMAT, FORMAT_VERSION, "an FT-L edit set", ("base_fingerprint", "deltas", "records")
-        )
+    def from_manifest(cls, man: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> FineTuneEditSet:
         deltas = []
         for i, info in enumerate(man["deltas"]):
             name = f"delta.{i}.W"
@@ -142,16 +125,13 @@ class FineTuneEditSet(EditSetBase):
                 raise EditSetError(f"{source}: {name} has shape {list(W.shape)}, the manifest says {info.get('shape')}")
             deltas.append(DenseDelta(int(info["layer"]), str(info["module"]), W))
         check_no_extra(tensors, {f"delta.{i}.W" for i in range(len(deltas))}, source)
-        out = cls(
+        return cls(
             deltas,
             str(man["base_fingerprint"]),
             str(man.get("editor", "ft")),
             dict(man.get("hyperparameters") or {}),
             list(man["records"]),
         )
-        if vlm is not None:
-            out.check_compatible(vlm)
-        return out
 
     def check_compatible(self, vlm: VLM) -> None:
         check_fingerprint(self.base_fingerprint, vlm, "this FT-L edit set")

@@ -44,30 +44,27 @@ d = 4096). A gate is not a weight delta: it cannot be exported as a PEFT LoRA.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from vlm.hooks import Hooks, Rows
+from vlm.hooks import Rows
 from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import score_answers
 
+from .attach import Attachment, adding_hook
 from .base import EditSetBase
 from .configs import SCOPES, KeyGateConfig
-from .edit_set import adding_hook, check_linear_shapes
+from .edit_set import check_linear_shapes
 from .files import (
     EditSetError,
     check_fingerprint,
     check_no_extra,
     check_tensor,
-    read_manifest,
-    read_safetensors,
-    write_safetensors,
 )
 from .multedit import MultEdit
 from .preservation import PreservationStats, preservation_statistics
@@ -163,23 +160,14 @@ class Gate:
         return self.values.to(x.device, torch.float32)[entry] * fire.unsqueeze(-1)
 
 
-class AttachedGates:
+class AttachedGates(Attachment):
     """Forward hooks adding each gate's output; ``remove()`` restores the base model exactly."""
 
     def __init__(self, vlm: VLM, gates: Sequence[Gate], rows: Rows | None = None):
-        self._hooks = Hooks()
+        super().__init__()
         with self._hooks.installing():
             for g in gates:
                 self._hooks.add(vlm.module(g.module), adding_hook((g,), rows))
-
-    def remove(self) -> None:
-        self._hooks.remove()
-
-    def __enter__(self) -> AttachedGates:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def _labels(stats: PreservationStats, scope: str) -> torch.Tensor:
@@ -203,6 +191,11 @@ class KeyGateEditSet(EditSetBase):
 
     The reference keys are not stored: they come from the preservation statistics of the base model (the
     file records their ``statistics`` digest) when the edit set is attached, less those its keys claim."""
+
+    FORMAT: ClassVar[str] = FORMAT
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    KIND: ClassVar[str] = "a KeyGate edit set"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("editor", "gates")
 
     gates: list[Gate]
     base_fingerprint: str
@@ -305,12 +298,8 @@ class KeyGateEditSet(EditSetBase):
         return [r for r in self.records if r.get("layer") == layer and r.get("entry") == entry]
 
     # ------------------------------------------------------------------ files
-    def manifest(self) -> dict[str, Any]:
+    def manifest_body(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "base_fingerprint": self.base_fingerprint,
-            "editor": self.editor,
             "hyperparameters": self.hyperparameters,
             "statistics": self.statistics,
             "same_subject_cos": self.same_subject_cos,
@@ -327,38 +316,18 @@ class KeyGateEditSet(EditSetBase):
                 }
                 for g in self.gates
             ],
-            "records": self.records,
         }
 
-    def save(self, path: str | os.PathLike) -> int:
+    def tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for i, g in enumerate(self.gates):
             for name, t in (("mean", g.mean), ("keys", g.keys), ("values", g.values)):
-                if not bool(torch.isfinite(t).all()):
-                    raise EditSetError(f"gate {i} ({name}) holds NaN or infinite values")
                 tensors[f"gate.{i}.{name}"] = t.detach().float().contiguous().cpu()
             tensors[f"gate.{i}.entry_of"] = g.entry_of.detach().to(torch.int64).contiguous().cpu()
-        return write_safetensors(path, tensors, self.manifest())
+        return tensors
 
     @classmethod
-    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> KeyGateEditSet:
-        meta, tensors = read_safetensors(path, "edit set")
-        out = cls.from_parts(meta, tensors, source=str(path))
-        if vlm is not None:
-            out.check_compatible(vlm)
-        return out
-
-    @classmethod
-    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set"):
-        """An edit set from a file's metadata and tensors, validated (``source`` names the file in errors)."""
-        man = read_manifest(
-            meta,
-            source,
-            FORMAT,
-            FORMAT_VERSION,
-            "a KeyGate edit set",
-            ("base_fingerprint", "editor", "gates", "records"),
-        )
+    def from_manifest(cls, man: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> KeyGateEditSet:
         gates, expected = [], set()
         for i, info in enumerate(man["gates"]):
             names = [f"gate.{i}.{n}" for n in ("mean", "keys", "values", "entry_of")]

@@ -40,7 +40,7 @@ from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import AnswerScore, score_answers
 
-from .edit_set import attach
+from .attach import attach
 
 EVQA = ("reliability", "text_generality", "modal_generality", "text_locality", "modal_locality")
 PAPER = ("efficacy", "generalisation", "modal_generalisation", "specificity_before", "specificity_after")

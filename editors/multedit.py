@@ -33,10 +33,11 @@ from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt
 from vlm.scoring import score_answers
 
+from .attach import attach
 from .base import DownProjEditor
 from .configs import MultEditConfig
 from .edit_set import FORMAT as EDIT_SET_FORMAT
-from .edit_set import EditSet, LowRankDelta, attach
+from .edit_set import EditSet, LowRankDelta
 from .rank_one import constraint_keys, optimise_values, solve_update, solve_update_keeping
 from .registry import EditorSpec, register_editor
 from .request import EditProgress, EditRequest, ProgressCallback

@@ -46,7 +46,7 @@ from vlm.patching import Knockout
 from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import batches, score_batch
 
-from .edit_set import attach
+from .attach import attach
 from .identification import identification
 from .multedit import MultEdit, MultEditConfig
 from .request import EditRequest

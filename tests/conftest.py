@@ -175,7 +175,7 @@ def _generalising_insertion_case(vlm, world_dir, test_cases, make_editor, name: 
     answer. Chosen by that property at run time, whatever world the recipe built and whatever the machine's
     arithmetic makes of the optimisation; the test fails with a message saying so if no case has it."""
     from diagnostics.cases import world_phrases
-    from editors.edit_set import attach
+    from editors.attach import attach
     from editors.request import EditRequest
     from vlm import encode, generate
 

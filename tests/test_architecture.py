@@ -68,7 +68,8 @@ def test_hooks_are_removed_when_registration_fails_half_way(vlm, monkeypatch):
 
 def test_attaching_edit_sets_leaves_nothing_when_one_fails(vlm):
     """``attach`` of several edit sets whose second one cannot be attached removes the first one's hooks."""
-    from editors.edit_set import EditSet, LowRankDelta, attach
+    from editors.attach import attach
+    from editors.edit_set import EditSet, LowRankDelta
 
     module = vlm.arch.module_path("down_proj", 0)
     w = vlm.module(module).weight

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from editors import get_editor
-from editors.edit_set import attach
+from editors.attach import attach
 from editors.finetune import FineTune, FineTuneConfig
 from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest

@@ -11,7 +11,8 @@ from diagnostics.cases import DiagnosticCase, load_cases, prepare, world_phrases
 from diagnostics.errors import DiagnosticError, ReplacementError
 from diagnostics.knockout import RELATIONS, knockout
 from diagnostics.trace import causal_trace, edit_trace, noise_trace
-from editors.edit_set import EditSet, attach
+from editors.attach import attach
+from editors.edit_set import EditSet
 from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest
 from vlm import ConstraintNotFoundError, Knockout, Patch, collate, encode, run_patched

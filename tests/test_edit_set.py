@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from editors.edit_set import EditSet, EditSetError, FingerprintMismatchError, LowRankDelta, attach
+from editors.attach import attach
+from editors.edit_set import EditSet, EditSetError, FingerprintMismatchError, LowRankDelta
 from editors.multedit import EditRequest, MultEdit, MultEditConfig
 from vlm import collate, encode, run_patched
 

@@ -4,18 +4,18 @@ generate -> a second edit on top -> rollback. Nothing outside this file knows ab
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 
 from client import sdk
 from editors import EditorSpec, editor_names, get_editor, register_editor, unregister_editor
+from editors.attach import AttachedDeltas
 from editors.base import EditorBase, EditSetBase
-from editors.edit_set import AttachedDeltas, LowRankDelta
-from editors.files import check_fingerprint, read_manifest, read_safetensors, write_safetensors
+from editors.edit_set import LowRankDelta
+from editors.files import check_fingerprint
 from vlm.options import ConfigError, option
 
 FORMAT = "tests.zero_edit_set"
@@ -48,25 +48,20 @@ class ZeroEditSet(EditSetBase):
     def check_compatible(self, vlm) -> None:
         check_fingerprint(self.base_fingerprint, vlm, "this zero edit set")
 
-    def save(self, path: str | os.PathLike) -> int:
-        manifest = {
-            "format": FORMAT,
-            "format_version": 1,
-            "editor": self.editor,
-            "layer": self.layer,
-            "base_fingerprint": self.base_fingerprint,
-            "records": self.records,
-        }
-        return write_safetensors(path, {"marker": torch.zeros(1)}, manifest)
+    # the file: EditSetBase writes the header, saves and loads; an editor says its format and its fields
+    FORMAT: ClassVar[str] = FORMAT
+    KIND: ClassVar[str] = "a zero edit set"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("layer",)
+
+    def manifest_body(self) -> dict[str, Any]:
+        return {"layer": self.layer}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"marker": torch.zeros(1)}
 
     @classmethod
-    def load(cls, path, vlm=None) -> ZeroEditSet:
-        meta, _ = read_safetensors(path, "zero edit set")
-        man = read_manifest(meta, str(path), FORMAT, 1, "a zero edit set", ("base_fingerprint", "layer", "records"))
-        out = cls(man["base_fingerprint"], int(man["layer"]), list(man["records"]))
-        if vlm is not None:
-            out.check_compatible(vlm)
-        return out
+    def from_manifest(cls, man, tensors, source) -> ZeroEditSet:
+        return cls(man["base_fingerprint"], int(man["layer"]), list(man["records"]))
 
 
 class ZeroEditor(EditorBase):

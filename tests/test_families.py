@@ -19,7 +19,7 @@ from diagnostics.attribution import module_attribution, visual_attribution
 from diagnostics.cases import load_cases, prepare
 from diagnostics.knockout import RELATIONS, knockout
 from diagnostics.trace import causal_trace, noise_trace
-from editors.edit_set import attach
+from editors.attach import attach
 from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest
 from vlm import Knockout, Patch, collate, encode, run_patched, score_batch

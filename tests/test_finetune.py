@@ -5,7 +5,7 @@ import pytest
 import torch
 from choosing import first_with
 
-from editors.edit_set import attach
+from editors.attach import attach
 from editors.files import EditSetError, FingerprintMismatchError
 from editors.finetune import FineTune, FineTuneConfig, FineTuneEditSet
 from editors.multedit import EditRequest

@@ -4,7 +4,7 @@ import pytest
 from choosing import first_with
 
 from editors import metrics as M
-from editors.edit_set import attach
+from editors.attach import attach
 from editors.multedit import EditRequest, MultEdit, MultEditConfig
 from vlm import score_answers
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from choosing import first_with
 
-from editors.edit_set import attach
+from editors.attach import attach
 from editors.multedit import EditRequest, MultEdit, MultEditConfig
 from vlm import ConstraintNotFoundError, score_answers
 

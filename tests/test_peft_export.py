@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from editors.edit_set import attach
+from editors.attach import attach
 from editors.multedit import EditRequest, MultEdit, MultEditConfig
 from editors.peft_export import export_peft
 from vlm import collate, run_patched, score_answers

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from editors.edit_set import EditSetError, FingerprintMismatchError, attach
+from editors.attach import attach
+from editors.edit_set import EditSetError, FingerprintMismatchError
 from editors.request import EditRequest
 from editors.visedit import VEAD, AttachedVEAD, EditSignal, SignalBatch, VEADConfig, VisEdit, VisEditSet
 from editors.visedit.adapter import unit_rms

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from editors.edit_set import EditSetError, attach
+from editors.attach import attach
+from editors.edit_set import EditSetError
 from editors.request import EditRequest
 from editors.visedit import VEAD, EditSignal, VEADConfig, VisEdit, VisEditSet
 from editors.visedit.calibration import keys_of_images

@@ -23,9 +23,8 @@ that every value is finite; any failure is an ``EditSetError`` naming it.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,9 +33,6 @@ from editors.files import (
     FLOAT_DTYPES,
     EditSetError,
     check_fingerprint,
-    read_manifest,
-    read_safetensors,
-    write_safetensors,
 )
 from vlm.hooks import Rows
 from vlm.loading import VLM
@@ -62,6 +58,12 @@ def weights_digest(vead: VEAD) -> str:
 @dataclass
 class VisEditSet(EditSetBase):
     """A trained VEAD and the signals of the edits made with it."""
+
+    FORMAT: ClassVar[str] = FORMAT
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    READS: ClassVar[tuple[int, ...]] = READS_VERSIONS
+    KIND: ClassVar[str] = "a VisEdit edit set"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("adapter", "signals")
 
     vead: VEAD
     base_fingerprint: str
@@ -99,12 +101,8 @@ class VisEditSet(EditSetBase):
             "references": len(self.scope.subjects),
         }
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest_body(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "base_fingerprint": self.base_fingerprint,
-            "editor": self.editor,
             "adapter": {
                 "config": self.config.to_dict(),
                 "parameter_count": self.vead.parameter_count(),
@@ -113,7 +111,6 @@ class VisEditSet(EditSetBase):
                 "scope": None if self.scope is None else self.scope.to_manifest(),
             },
             "signals": [{"rows": int(s.states.shape[0])} for s in self.signals],
-            "records": self.records,
         }
 
     def with_edits(self, signals: list[EditSignal], records: list[dict[str, Any]]) -> VisEditSet:
@@ -249,34 +246,8 @@ class VisEditSet(EditSetBase):
                 out["scope.question_reference"] = self.scope.question_reference.detach().float().contiguous().cpu()
         return out
 
-    def save(self, path: str | os.PathLike) -> int:
-        """Write atomically (temporary file, then rename); returns the size in bytes."""
-        tensors = self.tensors()
-        bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
-        if bad:
-            raise EditSetError(f"refusing to save non-finite values in {bad[:3]}")
-        return write_safetensors(path, tensors, self.manifest())
-
     @classmethod
-    def load(cls, path: str | os.PathLike, vlm: VLM | None = None) -> VisEditSet:
-        """Read and validate; with ``vlm``, also check that it was made for that model."""
-        meta, tensors = read_safetensors(path, "VisEdit edit set")
-        out = cls.from_parts(meta, tensors, source=str(path))
-        if vlm is not None:
-            out.check_compatible(vlm)
-        return out
-
-    @classmethod
-    def from_parts(cls, meta: dict[str, str], tensors: dict[str, torch.Tensor], source: str = "edit set") -> VisEditSet:
-        """A VisEdit edit set from a file's metadata and tensors, validated (``source`` names it in errors)."""
-        man = read_manifest(
-            meta,
-            source,
-            FORMAT,
-            READS_VERSIONS,
-            "a VisEdit edit set",
-            ("base_fingerprint", "adapter", "signals", "records"),
-        )
+    def from_manifest(cls, man: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> VisEditSet:
         try:
             config = VEADConfig.from_dict(man["adapter"]["config"])
         except (KeyError, TypeError, ValueError) as exc:

@@ -70,6 +70,7 @@ def run(
             editor=editor,
             layer=layer,
             promote=promote,
+            keep_unreached=True,  # the lineage grows by every edit; one that misses its answer is counted below
         )
 
     with tempfile.TemporaryDirectory(prefix="editlens-bench-lineage-") as tmp:
@@ -81,11 +82,14 @@ def run(
             with EditLensClient(address) as lens:
                 stage(f"{edits} Edit calls on one adapter, each on the live version")
                 times: list[float] = []
-                last = None
+                last, unreached = None, 0
                 for i, rec in enumerate(records):
                     t0 = time.perf_counter()
                     last = edit(lens, rec)
                     times.append(time.perf_counter() - t0)
+                    if not last.live:  # it missed its own answer: registered, not live; made live (untimed)
+                        unreached += 1
+                        lens.promote(last.version, adapter=adapter)
                     if tick:
                         tick(i + 1, edits)
                     if i + 1 in marks:
@@ -94,6 +98,7 @@ def run(
                             {"live_edits": i + 1, "version": last.version, "mean_ms": _ms(statistics.fmean(since))}
                         )
                         stage(f"after {i + 1} edits: {result['edit_ms'][-1]['mean_ms']} ms per Edit call")
+                result["unreached_edits"] = unreached  # Edit calls whose version missed its own answer
                 stage("the probe edit on the base model and on the last version (not promoted)")
                 probe_lens = lens
 
@@ -108,6 +113,7 @@ def run(
                         editor=editor,
                         layer=layer,
                         promote=False,
+                        keep_unreached=True,
                     )
                     return time.perf_counter() - t0
 
@@ -129,7 +135,7 @@ def run(
                 result["generate"] = gen
                 middle = max(1, last.version // 2)
                 stage(f"rollback from version {last.version} to {middle}")
-                server.service.host.versions.bundles.drop(adapter, middle)
+                server.unload_version(adapter, middle)
                 registry.clear_cache(adapter, middle)
                 t0 = time.perf_counter()
                 lens.rollback(adapter=adapter, to=middle)

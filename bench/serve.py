@@ -258,7 +258,7 @@ def run(
                         "batch_wait_ms": server.config.batch_wait_ms,
                     }
                     result["clients"] = concurrent_clients(
-                        address, image, question, refs, clients, requests, server.service.host.batcher
+                        address, image, question, refs, clients, requests, server.batcher
                     )
                     stage("the same clients against a server that does not batch (--max-batch-size 1)")
                     plain = EditLensServer(
@@ -292,7 +292,7 @@ def run(
                     lens.generate(image, question, adapter="bench")
                 cold = []
                 for _ in range(3):
-                    server.service.host.versions.bundles.drop("bench", lo)
+                    server.unload_version("bench", lo)
                     registry.clear_cache("bench", lo)
                     t0 = time.perf_counter()
                     lens.rollback(adapter="bench")
@@ -307,7 +307,7 @@ def run(
                     in_thread(lambda: _timed(lambda: load_vlm(vlm.path, device=vlm.device, dtype=vlm.dtype))[0])
                     for _ in range(2)
                 ]
-                bundle = server.service.host.versions.bundle("bench", hi)
+                bundle = server.loaded_version("bench", hi)
 
                 def attach_detach():
                     with bundle.attached(vlm):

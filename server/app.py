@@ -152,6 +152,25 @@ class EditLensServer:
         self._ready.wait(timeout)
         return self.service.host is not None
 
+    # -------------------------------------------- for benchmarks and code that embeds a server
+    def _host(self):
+        if self.service.host is None:
+            raise RuntimeError("the server has not loaded its model yet (wait_ready)")
+        return self.service.host
+
+    def loaded_version(self, adapter: str, version: int):
+        """Version ``version`` of ``adapter`` as this server serves it (a ``Bundle``: loaded and validated once)."""
+        return self._host().versions.bundle(adapter, version)
+
+    def unload_version(self, adapter: str, version: int) -> None:
+        """Forget a loaded version: the next request for it loads it from the registry again (a cold switch)."""
+        self._host().versions.bundles.drop(adapter, version)
+
+    @property
+    def batcher(self):
+        """The generation batcher (its ``stats()``), or None when batching is off or the model is not loaded."""
+        return self.service.host.batcher if self.service.host is not None else None
+
     def stop(self, grace: float | None = 2.0) -> None:
         if self._stopped.is_set():
             return

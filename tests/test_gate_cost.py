@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -17,6 +18,7 @@ from vlm.patching import run_patched
 from vlm.prompts import collate, encode
 
 
+@pytest.mark.numerics
 def test_edits_first_decides_exactly_as_the_joint_scan(vlm, world_dir, test_cases):
     spec = get_editor("keygate")
     cases = test_cases[:3]
@@ -35,6 +37,7 @@ def test_edits_first_decides_exactly_as_the_joint_scan(vlm, world_dir, test_case
     assert torch.equal(gate.firing(noise)[0], gate.firing_joint(noise)[0])
 
 
+@pytest.mark.slow
 def test_bench_gate_reports_both_rules_against_the_base_model(world_dir):
     res = CliRunner().invoke(
         app, ["bench", "gate", "--world", str(world_dir), "--edits", "1", "--edits", "50", "--rounds", "2", "--json"]

@@ -26,6 +26,8 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
     }
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_metrics_are_served_and_follow_what_the_server_does(start_service, insertion_case, world_dir):
     svc = start_service(token=TOKEN, metrics_port=0)
     port = svc.server.metrics_port

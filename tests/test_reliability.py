@@ -434,6 +434,7 @@ def test_a_request_that_is_not_valid_protobuf_is_invalid_argument(start_service)
         assert lens.health() == "SERVING" and lens.generate(None, "what is this ?").text is not None
 
 
+@pytest.mark.slow
 def test_an_edit_that_misses_its_own_answer_is_refused_or_kept_off_live(start_service, test_cases, world_dir):
     """Item 12: an edit whose new version does not answer its own question (here a value step too small to move
     anything) is FAILED_PRECONDITION with the figures, and nothing is registered (before: OK, and the version
@@ -464,6 +465,8 @@ def test_an_edit_that_misses_its_own_answer_is_refused_or_kept_off_live(start_se
         assert lens.generate(img, case["src"], adapter="unreached").served.version == 0
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_strict_refuses_an_edit_that_misses_a_variant_and_checks_say_which(
     start_service, keygate_case, test_cases, world_dir
 ):
@@ -513,6 +516,8 @@ def test_strict_refuses_an_edit_that_misses_a_variant_and_checks_say_which(
         assert v.live and all(c.answered for c in v.edits[-1].checks)  # its own prompts: answered, so registered
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_an_operator_lists_and_cancels_jobs_and_only_token_holders_read_the_audit(
     start_service, insertion_case, world_dir
 ):
@@ -569,6 +574,8 @@ def test_an_operator_lists_and_cancels_jobs_and_only_token_holders_read_the_audi
         assert limits["max_job_steps"] == 5000 and limits["max_job_seconds"] == 1800 and limits["mutation_wait_s"] > 0
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_a_version_whose_stored_files_are_damaged_after_loading_is_refused_as_a_fresh_replica_would(
     start_service, insertion_case, world_dir
 ):

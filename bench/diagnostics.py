@@ -32,7 +32,7 @@ import torch
 
 from diagnostics.attention import attention_contributions
 from diagnostics.attribution import module_attribution, visual_attribution
-from diagnostics.cases import DiagnosticCase, load_cases, prepare, world_phrases
+from diagnostics.cases import DiagnosticCase, load_cases, prepare
 from diagnostics.knockout import RELATIONS, knockout
 from diagnostics.trace import causal_trace, edit_trace, noise_trace
 from editors.attach import attach
@@ -40,6 +40,7 @@ from editors.metrics import spread_cases
 from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest
 from vlm.loading import VLM
+from vlm.world.folder import WorldFolder
 
 
 def _flat(result: Any) -> torch.Tensor:
@@ -127,11 +128,10 @@ def ground_truth(
     vlm: VLM, world_dir: Path, layers: list[int], cases: int, say: Callable[[str], None] = lambda s: None
 ) -> dict[str, Any]:
     """Insert each insertion case at each layer k; does the MLP indirect effect peak at k?"""
-    import json
-
-    records = new_facts(vlm, world_dir, json.loads((world_dir / "edit_cases" / "test.json").read_text()))
+    world = WorldFolder(world_dir)
+    records = new_facts(vlm, world_dir, world.edit_cases("test"))
     chosen = spread_cases(records, cases) if cases < len(records) else records
-    phrases = world_phrases(world_dir)
+    phrases = world.phrases()
     per_layer: dict[int, dict[str, Any]] = {}
     for k in layers:
         editor = MultEdit(vlm, MultEditConfig(layer=k))
@@ -207,7 +207,7 @@ def run(
     if cases < 1:
         raise ValueError("--cases must be at least 1")
     t0 = time.time()
-    all_cases = load_cases(world_dir / "edit_cases" / "test.json", vlm=vlm)
+    all_cases = load_cases(WorldFolder(world_dir).edit_cases_file("test"), vlm=vlm)
     chosen = all_cases[:: max(1, len(all_cases) // cases)][:cases]  # spread over the file
     out: dict[str, Any] = {
         "model": str(vlm.path),

@@ -17,6 +17,7 @@ from editors import metrics as M
 from editors.multedit import MultEdit, MultEditConfig
 from editors.request import EditRequest
 from vlm.loading import VLM
+from vlm.world.folder import WorldFolder
 
 FIELDS = (
     "efficacy",
@@ -48,7 +49,7 @@ def run(
     if cases < 1:
         raise ValueError("--cases must be at least 1")
     t0 = time.time()
-    all_cases = M.load_cases(world_dir / "edit_cases" / "test.json")
+    all_cases = M.load_cases(WorldFolder(world_dir).edit_cases_file("test"))
     chosen = M.spread_cases(all_cases, cases) if cases < len(all_cases) else all_cases
     pixels = M.PixelCache(vlm, world_dir)
     cps = [M.case_prompts(vlm, c, pixels) for c in chosen]

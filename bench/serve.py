@@ -24,60 +24,13 @@
 
 from __future__ import annotations
 
-import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .harness import Service, in_thread, latencies, ms, open_registry, running_server, scratch, service, timed
 
-def _ms(seconds: float) -> float:
-    return round(1000 * seconds, 2)
-
-
-def _timed(fn: Callable, repeat: int = 1) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
-def latencies(fns: dict[str, Callable], requests: int, warmup: int = 2) -> dict[str, dict]:
-    """Time every function ``requests`` times, round-robin (so that a load that comes and goes on the
-    machine spreads over all rows alike)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(requests):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        out[name] = {
-            "median_ms": _ms(statistics.median(ts)),
-            "mean_ms": _ms(statistics.fmean(ts)),
-            "p90_ms": _ms(ts[min(len(ts) - 1, int(0.9 * len(ts)))]),
-            "requests": requests,
-        }
-    return out
-
-
-def in_thread(fn: Callable):
-    """Run ``fn`` in a fresh thread, as the server runs every request (torch's intra-op threading differs
-    between the main thread and others; on a loaded machine the main thread's can be much slower)."""
-    import threading
-
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("out", fn()))
-    t.start()
-    t.join()
-    return box["out"]
+__all__ = ["concurrent_clients", "in_thread", "latencies", "run"]
 
 
 def _client_load(address: str, image: str, question: str, refs: list[dict], n: int, requests: int) -> dict:
@@ -117,8 +70,8 @@ def _client_load(address: str, image: str, question: str, refs: list[dict], n: i
         "clients": n,
         "requests": len(times),
         "requests_per_s": round(len(times) / wall, 2),
-        "p50_ms": _ms(times[len(times) // 2]),
-        "p99_ms": _ms(times[min(len(times) - 1, int(0.99 * len(times)))]),
+        "p50_ms": ms(times[len(times) // 2]),
+        "p99_ms": ms(times[min(len(times) - 1, int(0.99 * len(times)))]),
     }
 
 
@@ -146,6 +99,185 @@ def concurrent_clients(address, image, question, refs, counts, requests: int, ba
     return rows
 
 
+def _check(edit_counts, requests: int, clients, mixed_versions: int | None) -> None:
+    if not edit_counts or min(edit_counts) < 1:
+        raise ValueError("edit counts must be positive")
+    if len(set(edit_counts)) < 2:
+        raise ValueError("give at least two different --edits counts (the version switch goes from one to another)")
+    if requests < 1:
+        raise ValueError("requests must be positive")
+    if clients and min(clients) < 1:
+        raise ValueError("client counts must be positive")
+    if mixed_versions is not None and mixed_versions < 0:
+        raise ValueError("--versions must be >= 0")
+
+
+def _make_edits(vlm, world_dir: Path, cases: list[dict], edit_counts, steps: int) -> tuple[list, dict, float]:
+    """One MultEdit edit per test case (new answer: the case's ``alt``) at layer 0, in one batch; returns the
+    single edits, the edit set of each edit count (the first N single edits) and the editing seconds."""
+    from editors.multedit import MultEdit, MultEditConfig
+    from editors.request import EditRequest
+
+    reqs = [EditRequest.from_case(c, world_dir) for c in cases[: max(edit_counts)]]
+    for r, c in zip(reqs, cases):
+        r.answer = c["alt"]
+    t0 = time.perf_counter()
+    singles = in_thread(lambda: MultEdit(vlm, MultEditConfig(layer=0, steps=steps)).edit_each(reqs, batch_size=25))
+    seconds = round(time.perf_counter() - t0, 2)
+    sets = {}
+    for n in edit_counts:
+        s = singles[0]
+        for more in singles[1:n]:
+            s = s.extended(more)
+        sets[n] = s
+    return singles, sets, seconds
+
+
+def _register(registry, vlm, sets: dict, singles: list, mixed_versions: int | None, tmp: Path, ops: dict):
+    """Every edit set registered as a version of adapter ``bench`` (not promoted; ``publish_ms`` into ``ops``),
+    and the versions the concurrent clients mix; returns the versions by edit count, the edit sets' file sizes
+    and the mix."""
+    from server.bundles import publish
+
+    versions, sizes = {}, {}
+    for n, s in sets.items():
+        t, info = timed(lambda s=s: publish(registry, vlm, "bench", {s.editor: s}, edits=s.records, promote=False))
+        versions[n] = info.version
+        ops.setdefault("publish_ms", {})[str(n)] = ms(t)
+        sizes[str(n)] = s.save(tmp / f"edits-{n}.safetensors")
+    mix = list(versions.values())  # the versions concurrent clients ask for (besides the base model)
+    k = len(mix) if mixed_versions is None else mixed_versions
+    for j in range(len(mix), k):  # more versions than edit counts: one more version per single edit
+        one = singles[j % len(singles)]
+        mix.append(publish(registry, vlm, "bench", {one.editor: one}, edits=one.records, promote=False).version)
+    return versions, sizes, mix[:k]
+
+
+def _generate_latency(vlm, lens, image: Path, question: str, versions: dict, requests: int) -> dict:
+    """Generate in-process, through gRPC with the base model and with each version, round-robin."""
+    from vlm import encode, generate
+
+    prompt = encode(vlm.processor, question, image=image)
+    fns: dict[str, Callable] = {
+        "in-process, no gRPC, no edit": lambda: generate(vlm, [prompt]),
+        "no edit": lambda: lens.generate(image, question, base=True),
+    }
+    for n, v in versions.items():
+        fns[f"{n} live edit{'s' if n > 1 else ''}"] = lambda v=v: lens.generate(
+            image, question, adapter="bench", version=v
+        )
+    # in a thread of its own, as the server runs every request (torch's intra-op threading
+    # differs between the main thread and others)
+    return in_thread(lambda: latencies(fns, requests))
+
+
+def _clients(vlm, registry, svc: Service, image, question, mix, clients, requests, stage, result: dict) -> None:
+    """The concurrent clients against the batching server, then against one that does not batch; into
+    ``result`` (``versions_mixed``, ``batching``, ``clients``, ``clients_unbatched``)."""
+    from server.config import ServerConfig
+
+    stage(
+        f"{'/'.join(map(str, clients))} concurrent clients, {requests} requests each, the base "
+        f"model and {len(mix)} version(s) mixed: batched"
+    )
+    refs = [{"base": True}] + [{"adapter": "bench", "version": v} for v in mix]
+    result["versions_mixed"] = len(mix)
+    result["batching"] = {
+        "max_batch_size": svc.server.config.max_batch_size,
+        "batch_wait_ms": svc.server.config.batch_wait_ms,
+    }
+    result["clients"] = concurrent_clients(svc.address, image, question, refs, clients, requests, svc.server.batcher)
+    stage("the same clients against a server that does not batch (--max-batch-size 1)")
+    plain = ServerConfig(port=0, bundle_cache=len(mix) + 2, max_batch_size=1)
+    with running_server(vlm, registry, plain, ready_s=60) as (_, plain_address):
+        result["clients_unbatched"] = concurrent_clients(plain_address, image, question, refs, clients, requests)
+    for row, ref in zip(result["clients"], result["clients_unbatched"]):
+        row["batched_over_unbatched"] = round(row["requests_per_s"] / ref["requests_per_s"], 3)
+
+
+def _switch(vlm, registry, svc: Service, image, question, versions: dict, order: list, stage) -> dict:
+    """Rollbacks from the most edits to the fewest (bundle warm and cold) and attaching a version, against
+    reloading the base model."""
+    from vlm import load_vlm
+
+    server, lens = svc.server, svc.lens
+    lo, hi = versions[order[0]], versions[order[-1]]
+    lens.promote(lo, adapter="bench")
+    lens.promote(hi, adapter="bench")
+
+    warm = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        lens.rollback(adapter="bench")
+        g = lens.generate(image, question, adapter="bench")
+        warm.append(time.perf_counter() - t0)
+        assert g.served.version == lo
+        lens.promote(hi, adapter="bench")
+        lens.generate(image, question, adapter="bench")
+    cold = []
+    for _ in range(3):
+        server.unload_version("bench", lo)
+        registry.clear_cache("bench", lo)
+        t0 = time.perf_counter()
+        lens.rollback(adapter="bench")
+        g = lens.generate(image, question, adapter="bench")
+        cold.append(time.perf_counter() - t0)
+        lens.promote(hi, adapter="bench")
+        lens.generate(image, question, adapter="bench")
+    t_roll, _ = timed(lambda: lens.rollback(adapter="bench"), 1)
+    lens.promote(hi, adapter="bench")
+    stage("reloading the base model from disk")
+    reload = [
+        in_thread(lambda: timed(lambda: load_vlm(vlm.path, device=vlm.device, dtype=vlm.dtype))[0]) for _ in range(2)
+    ]
+    bundle = server.loaded_version("bench", hi)
+
+    def attach_detach():
+        with bundle.attached(vlm):
+            pass
+
+    t_attach = min(timed(attach_detach, 1)[0] for _ in range(20))
+    sw_warm, sw_cold, rl = min(warm), min(cold), min(reload)
+    return {
+        "from_edits": order[-1],
+        "to_edits": order[0],
+        "attach_and_detach_ms": round(1000 * t_attach, 4),
+        "rollback_call_ms": ms(t_roll),
+        "rollback_and_first_answer_ms": ms(sw_warm),
+        "rollback_and_first_answer_cold_ms": ms(sw_cold),
+        "base_model_reload_ms": ms(rl),
+        "reload_over_attach": round(rl / t_attach),
+        "reload_over_switch": round(rl / sw_warm, 2),
+        "reload_over_cold_switch": round(rl / sw_cold, 2),
+    }
+
+
+def _registry_ops(registry, vlm, versions: dict, order: list, ops: dict) -> None:
+    """The registry's operations timed on adapter ``bench``, into ``ops`` (the last deletes a version)."""
+    from server.versions import Versions
+
+    a, v = "bench", versions[order[0]]
+    ops["versions_ms"] = ms(timed(lambda: registry.versions(a), 3)[0])
+    ops["get_version_ms"] = ms(timed(lambda: registry.version(a, v), 3)[0])
+    ops["manifest_ms"] = ms(timed(lambda: registry.version(a, v).manifest, 3)[0])
+    ops["live_lookup_uncached_ms"] = ms(timed(lambda: registry.live_version_number(a), 5)[0])
+    cache = Versions(registry, vlm, a, live_ttl=60, cache_size=1)
+    cache.live_version(a)
+    ops["live_lookup_cached_ms"] = ms(timed(lambda: cache.live_version(a), 5)[0])
+    ops["set_alias_ms"] = ms(timed(lambda: registry.set_alias(a, "live", v), 3)[0])
+    ops["rollback_ms"] = ms(
+        timed(lambda: (registry.set_alias(a, "live", versions[order[-1]]), registry.rollback(a))[1], 1)[0]
+    )
+
+    def cold_download():
+        registry.clear_cache(a, v)
+        return registry.download(a, v)
+
+    ops["download_cold_ms"] = ms(timed(cold_download, 3)[0])
+    ops["download_cached_ms"] = ms(timed(lambda: registry.download(a, v), 3)[0])
+    ops["delete_version_ms"] = ms(timed(lambda: registry.delete_version(a, versions[order[-1]]), 1)[0])
+
+
 def run(
     vlm,
     world_dir: Path,
@@ -161,26 +293,9 @@ def run(
 
     import torch
 
-    from client.sdk import EditLensClient
-    from editors.multedit import MultEdit, MultEditConfig
-    from editors.request import EditRequest
-    from registry import Registry
-    from server.app import EditLensServer
-    from server.bundles import publish
     from server.config import ServerConfig
-    from server.versions import Versions
-    from vlm import encode, generate, load_vlm
 
-    if not edit_counts or min(edit_counts) < 1:
-        raise ValueError("edit counts must be positive")
-    if len(set(edit_counts)) < 2:
-        raise ValueError("give at least two different --edits counts (the version switch goes from one to another)")
-    if requests < 1:
-        raise ValueError("requests must be positive")
-    if clients and min(clients) < 1:
-        raise ValueError("client counts must be positive")
-    if mixed_versions is not None and mixed_versions < 0:
-        raise ValueError("--versions must be >= 0")
+    _check(edit_counts, requests, clients, mixed_versions)
     cases = json.loads((world_dir / "edit_cases" / "test.json").read_text())
     n_max = max(edit_counts)
     if n_max > len(cases):
@@ -194,163 +309,28 @@ def run(
     probe = cases[0]
     image, question = world_dir / probe["image"], probe["src"]
 
-    with tempfile.TemporaryDirectory(prefix="editlens-bench-serve-") as tmp:
-        tmp = Path(tmp)
+    with scratch("serve") as tmp:
         stage("opening a registry (MLflow on sqlite)")
-        t_open, registry = _timed(lambda: Registry(data_dir=tmp / "registry"))
-        t_check, _ = _timed(registry.check)
+        t_open, registry = timed(lambda: open_registry(tmp))
+        t_check, _ = timed(registry.check)
         stage(f"making {n_max} MultEdit edits at layer 0 ({steps} value steps at most)")
-        reqs = [EditRequest.from_case(c, world_dir) for c in cases[:n_max]]
-        for r, c in zip(reqs, cases):
-            r.answer = c["alt"]
-        t0 = time.perf_counter()
-        singles = in_thread(lambda: MultEdit(vlm, MultEditConfig(layer=0, steps=steps)).edit_each(reqs, batch_size=25))
-        result["edit_seconds"] = round(time.perf_counter() - t0, 2)
-        sets = {}
-        for n in edit_counts:
-            s = singles[0]
-            for more in singles[1:n]:
-                s = s.extended(more)
-            sets[n] = s
+        singles, sets, result["edit_seconds"] = _make_edits(vlm, world_dir, cases, edit_counts, steps)
 
         stage("registering the versions")
-        ops: dict = {"open_ms": _ms(t_open + t_check)}
-        versions, sizes = {}, {}
-        for n, s in sets.items():
-            t, info = _timed(lambda s=s: publish(registry, vlm, "bench", {s.editor: s}, edits=s.records, promote=False))
-            versions[n] = info.version
-            ops.setdefault("publish_ms", {})[str(n)] = _ms(t)
-            sizes[str(n)] = s.save(tmp / f"edits-{n}.safetensors")
-        mix = list(versions.values())  # the versions concurrent clients ask for (besides the base model)
-        k = len(mix) if mixed_versions is None else mixed_versions
-        for j in range(len(mix), k):  # more versions than edit counts: one more version per single edit
-            one = singles[j % len(singles)]
-            mix.append(publish(registry, vlm, "bench", {one.editor: one}, edits=one.records, promote=False).version)
-        mix = mix[:k]
+        ops: dict = {"open_ms": ms(t_open + t_check)}
+        versions, sizes, mix = _register(registry, vlm, sets, singles, mixed_versions, tmp, ops)
+        order = sorted(versions)
 
-        server = EditLensServer(ServerConfig(port=0, bundle_cache=len(mix) + 2), vlm=vlm, registry=registry)
-        address = server.start()
-        server.wait_ready(60)
-        try:
-            with EditLensClient(address) as lens:
-                stage(f"Generate latency, {requests} requests per row")
-                prompt = encode(vlm.processor, question, image=image)
-                fns: dict[str, Callable] = {
-                    "in-process, no gRPC, no edit": lambda: generate(vlm, [prompt]),
-                    "no edit": lambda: lens.generate(image, question, base=True),
-                }
-                for n, v in versions.items():
-                    fns[f"{n} live edit{'s' if n > 1 else ''}"] = lambda v=v: lens.generate(
-                        image, question, adapter="bench", version=v
-                    )
-                # in a thread of its own, as the server runs every request (torch's intra-op threading
-                # differs between the main thread and others)
-                result["generate"] = in_thread(lambda: latencies(fns, requests))
-                if clients:
-                    stage(
-                        f"{'/'.join(map(str, clients))} concurrent clients, {requests} requests each, the base "
-                        f"model and {len(mix)} version(s) mixed: batched"
-                    )
-                    refs = [{"base": True}] + [{"adapter": "bench", "version": v} for v in mix]
-                    result["versions_mixed"] = len(mix)
-                    result["batching"] = {
-                        "max_batch_size": server.config.max_batch_size,
-                        "batch_wait_ms": server.config.batch_wait_ms,
-                    }
-                    result["clients"] = concurrent_clients(
-                        address, image, question, refs, clients, requests, server.batcher
-                    )
-                    stage("the same clients against a server that does not batch (--max-batch-size 1)")
-                    plain = EditLensServer(
-                        ServerConfig(port=0, bundle_cache=len(mix) + 2, max_batch_size=1), vlm=vlm, registry=registry
-                    )
-                    try:
-                        plain_address = plain.start()
-                        plain.wait_ready(60)
-                        result["clients_unbatched"] = concurrent_clients(
-                            plain_address, image, question, refs, clients, requests
-                        )
-                    finally:
-                        plain.stop(0)
-                    for row, ref in zip(result["clients"], result["clients_unbatched"]):
-                        row["batched_over_unbatched"] = round(row["requests_per_s"] / ref["requests_per_s"], 3)
-
-                stage("version switch (rollback) against a base-model reload")
-                order = sorted(versions)
-                lo, hi = versions[order[0]], versions[order[-1]]
-                lens.promote(lo, adapter="bench")
-                lens.promote(hi, adapter="bench")
-
-                warm = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    lens.rollback(adapter="bench")
-                    g = lens.generate(image, question, adapter="bench")
-                    warm.append(time.perf_counter() - t0)
-                    assert g.served.version == lo
-                    lens.promote(hi, adapter="bench")
-                    lens.generate(image, question, adapter="bench")
-                cold = []
-                for _ in range(3):
-                    server.unload_version("bench", lo)
-                    registry.clear_cache("bench", lo)
-                    t0 = time.perf_counter()
-                    lens.rollback(adapter="bench")
-                    g = lens.generate(image, question, adapter="bench")
-                    cold.append(time.perf_counter() - t0)
-                    lens.promote(hi, adapter="bench")
-                    lens.generate(image, question, adapter="bench")
-                t_roll, _ = _timed(lambda: lens.rollback(adapter="bench"), 1)
-                lens.promote(hi, adapter="bench")
-                stage("reloading the base model from disk")
-                reload = [
-                    in_thread(lambda: _timed(lambda: load_vlm(vlm.path, device=vlm.device, dtype=vlm.dtype))[0])
-                    for _ in range(2)
-                ]
-                bundle = server.loaded_version("bench", hi)
-
-                def attach_detach():
-                    with bundle.attached(vlm):
-                        pass
-
-                t_attach = min(_timed(attach_detach, 1)[0] for _ in range(20))
-                sw_warm, sw_cold, rl = min(warm), min(cold), min(reload)
-                result["switch"] = {
-                    "from_edits": order[-1],
-                    "to_edits": order[0],
-                    "attach_and_detach_ms": round(1000 * t_attach, 4),
-                    "rollback_call_ms": _ms(t_roll),
-                    "rollback_and_first_answer_ms": _ms(sw_warm),
-                    "rollback_and_first_answer_cold_ms": _ms(sw_cold),
-                    "base_model_reload_ms": _ms(rl),
-                    "reload_over_attach": round(rl / t_attach),
-                    "reload_over_switch": round(rl / sw_warm, 2),
-                    "reload_over_cold_switch": round(rl / sw_cold, 2),
-                }
-        finally:
-            server.stop(0)
+        with service(vlm, registry, ServerConfig(port=0, bundle_cache=len(mix) + 2), ready_s=60) as svc:
+            stage(f"Generate latency, {requests} requests per row")
+            result["generate"] = _generate_latency(vlm, svc.lens, image, question, versions, requests)
+            if clients:
+                _clients(vlm, registry, svc, image, question, mix, clients, requests, stage, result)
+            stage("version switch (rollback) against a base-model reload")
+            result["switch"] = _switch(vlm, registry, svc, image, question, versions, order, stage)
 
         stage("registry operations")
-        a, v = "bench", versions[order[0]]
-        ops["versions_ms"] = _ms(_timed(lambda: registry.versions(a), 3)[0])
-        ops["get_version_ms"] = _ms(_timed(lambda: registry.version(a, v), 3)[0])
-        ops["manifest_ms"] = _ms(_timed(lambda: registry.version(a, v).manifest, 3)[0])
-        ops["live_lookup_uncached_ms"] = _ms(_timed(lambda: registry.live_version_number(a), 5)[0])
-        cache = Versions(registry, vlm, a, live_ttl=60, cache_size=1)
-        cache.live_version(a)
-        ops["live_lookup_cached_ms"] = _ms(_timed(lambda: cache.live_version(a), 5)[0])
-        ops["set_alias_ms"] = _ms(_timed(lambda: registry.set_alias(a, "live", v), 3)[0])
-        ops["rollback_ms"] = _ms(
-            _timed(lambda: (registry.set_alias(a, "live", versions[order[-1]]), registry.rollback(a))[1], 1)[0]
-        )
-
-        def cold_download():
-            registry.clear_cache(a, v)
-            return registry.download(a, v)
-
-        ops["download_cold_ms"] = _ms(_timed(cold_download, 3)[0])
-        ops["download_cached_ms"] = _ms(_timed(lambda: registry.download(a, v), 3)[0])
-        ops["delete_version_ms"] = _ms(_timed(lambda: registry.delete_version(a, versions[order[-1]]), 1)[0])
+        _registry_ops(registry, vlm, versions, order, ops)
         result["registry"] = ops
         result["edit_set_bytes"] = sizes
     return result

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from editors.rank_one import explicit_inverse_update, solve_update
+from editors.closed_form import explicit_inverse_update, solve_update
 
 
 def _timed(fn, device: torch.device, repeats: int) -> tuple[float, Any]:

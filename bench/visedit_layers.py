@@ -21,6 +21,7 @@ from editors.request import EditRequest
 from editors.visedit import VisEdit, VisEditSet
 from editors.visedit.train import VisEditTrainConfig, train_visedit
 from vlm.loading import VLM
+from vlm.world.folder import WorldFolder
 
 StageFn = Callable[[str], None]
 
@@ -45,7 +46,7 @@ def run(
     if cases < 1 or steps < 1:
         raise ValueError("--cases and --steps must be at least 1")
     t0 = time.time()
-    chosen = M.spread_cases(M.load_cases(world_dir / "edit_cases" / "test.json"), cases)
+    chosen = M.spread_cases(M.load_cases(WorldFolder(world_dir).edit_cases_file("test")), cases)
     pixels = M.PixelCache(vlm, world_dir)
     cps = [M.case_prompts(vlm, c, pixels) for c in chosen]
     base = M.baseline(vlm, cps, M.specificity_panel(vlm, world_dir, pixels, 1, seed))

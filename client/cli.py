@@ -18,7 +18,7 @@ from editors.configs import KeyGateConfig
 
 from . import service_cli
 from .bench_cli import bench_app
-from .cli_support import console, fail, load_model, progress_bar, stage_printer
+from .cli_support import console, fail, load_model, progress_bar, stage_printer, world_folder
 from .diagnose_cli import diagnose_app
 from .options import ADAPTER, DEVICE, DTYPE, JSON, MODEL, SEED, TOKEN, WORLD, config_options, parse_settings
 from .registry_cli import registry_app
@@ -167,16 +167,13 @@ def world_check(
     """
     from editors.world_check import WorldCheckError, check_world
     from vlm import ModelLoadError, load_vlm
-    from vlm.world import default_world_dir
 
     con = console()
-    folder = world or default_world_dir(seed)
-    if not (folder / "model").is_dir():
-        fail(f"{folder} holds no built world; run `editlens world build` (or pass --world PATH)")
+    folder = world_folder(world, seed)
     try:
-        vlm = load_vlm(folder / "model", device=device)
+        vlm = load_vlm(folder.model_dir, device=device)
         result = check_world(
-            folder,
+            folder.root,
             vlm=vlm,
             questions=questions,
             cases=cases,
@@ -372,7 +369,7 @@ def edit_cmd(
             rephrase,
             image_rephrase,
             promote,
-            {**options, "visedit_adapter": visedit_adapter},
+            {**options, **({"editor_adapter": visedit_adapter} if visedit_adapter else {})},
             as_json,
         )
     if visedit_adapter:
@@ -390,12 +387,13 @@ def edit_cmd(
 
 
 def _local_edit(spec, options, request, out, model, onto, peft, device_dtype, as_json) -> None:
-    from diagnostics.cases import world_phrases
     from editors.files import EditSetError
     from vlm import VLMError
+    from vlm.world.folder import WorldFolder
 
     vlm = load_model(model, *device_dtype)
-    request.replacements = world_phrases(Path(vlm.path).parent)
+    world = WorldFolder.of_model(vlm)  # the causal trace's replacements: only a world's own model has them
+    request.replacements = world.phrases() if world is not None else []
     try:
         editor = spec.create(vlm, spec.config(vlm, **options))
         base = spec.load(onto, vlm) if onto is not None else None
@@ -534,7 +532,7 @@ def export_peft_cmd(
     try:
         fmt, editor = read_manifest_format(edit_set_file)
         if fmt != FORMAT:
-            fail(not_exportable(editor))
+            fail(not_exportable(editor) or f"cannot export to PEFT: {edit_set_file} is not a low-rank edit set")
         if model is not None:
             vlm = load_model(model, "cpu", "float32")
             edit_set = EditSet.load(edit_set_file, vlm)
@@ -553,14 +551,14 @@ def demo(
 ) -> None:
     """Build the embedded world (cached) and let its model answer a few test questions."""
     from vlm import encode, generate, load_vlm
-    from vlm.world import build_world
+    from vlm.world import WorldFolder, build_world
 
     summary = build_world(seed=seed, stage=lambda m: typer.echo(f"· {m}", err=True))
-    root = Path(summary["path"])
-    vlm = load_vlm(root / "model")
-    cases = json.loads((root / "edit_cases" / "test.json").read_text())
+    root = WorldFolder(summary["path"])
+    vlm = load_vlm(root.model_dir)
+    cases = root.edit_cases("test")
     shown = [c for c in cases if c["type"] == "counterfactual"][:n]
-    prompts = [encode(vlm.processor, c["src"], image=root / c["image"]) for c in shown]
+    prompts = [encode(vlm.processor, c["src"], image=root.image(c["image"])) for c in shown]
     answers = generate(vlm, prompts)
     typer.echo(
         f"world seed {seed} at {root}: train accuracy {summary['train_accuracy']:.3f}, "

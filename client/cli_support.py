@@ -29,9 +29,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def default_model_dir() -> Path:
     """The embedded world's model folder."""
-    from vlm.world import default_world_dir
+    from vlm.world.folder import WorldFolder
 
-    return default_world_dir(0) / "model"
+    return WorldFolder.default(0).model_dir
 
 
 def load_model(model: Path | None, device: str, dtype: str):
@@ -65,15 +65,25 @@ def progress_bar(console):
     )
 
 
-def world_and_model(world: Path | None, seed: int, device: str):
-    """A built world's folder and its loaded model, or the CLI's error."""
-    from vlm import ModelLoadError, load_vlm
-    from vlm.world import default_world_dir
+def world_folder(world: Path | None, seed: int):
+    """The built ``WorldFolder`` of ``--world`` (default: the world of ``--seed``; its description, model and
+    test edit cases there), or the CLI's error."""
+    from vlm.world.folder import WorldFolder, WorldFolderError
 
-    folder = world or default_world_dir(seed)
-    if not (folder / "model").is_dir() or not (folder / "edit_cases" / "test.json").is_file():
-        fail(f"{folder} holds no built world; run `editlens world build` (or pass --world PATH)")
+    folder = WorldFolder(world) if world is not None else WorldFolder.default(seed)
     try:
-        return folder, load_vlm(folder / "model", device=device)
+        return folder.require(hint="run `editlens world build` (or pass --world PATH)")
+    except WorldFolderError as exc:
+        fail(str(exc))
+
+
+def world_and_model(world: Path | None, seed: int, device: str):
+    """A built world's folder (the root of ``world_folder``'s ``WorldFolder``, for the functions that take a
+    world folder) and its loaded model, or the CLI's error."""
+    from vlm import ModelLoadError, load_vlm
+
+    folder = world_folder(world, seed)
+    try:
+        return folder.root, load_vlm(folder.model_dir, device=device)
     except ModelLoadError as exc:
         fail(str(exc))

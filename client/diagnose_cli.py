@@ -49,7 +49,8 @@ BASE = typer.Option(False, "--base", help="With --server: diagnose the base mode
 
 
 def _cases(vlm, image, question, constraint, answer, cases, limit, variant):
-    from diagnostics.cases import DiagnosticCase, load_cases, world_phrases
+    from diagnostics.cases import DiagnosticCase, load_cases
+    from vlm.world.folder import WorldFolder
 
     if cases is not None:
         if any(v is not None for v in (image, question, constraint)):
@@ -62,6 +63,7 @@ def _cases(vlm, image, question, constraint, answer, cases, limit, variant):
         fail(f"a single case needs {', '.join(missing)} (or pass --cases FILE)")
     if not image.is_file():
         fail(f"image not found: {image}")
+    world = WorldFolder.of_model(vlm)  # the causal trace's replacements: only a world's own model has them
     return [
         DiagnosticCase(
             question,
@@ -69,7 +71,7 @@ def _cases(vlm, image, question, constraint, answer, cases, limit, variant):
             image=image,
             answer=answer,
             label=image.name,
-            replacements=world_phrases(Path(vlm.path).parent),
+            replacements=world.phrases() if world is not None else [],
         )
     ]
 

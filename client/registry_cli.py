@@ -28,11 +28,14 @@ def check_cmd(
     """Verify every version's files against their checksums and every alias's target, and find the runs a
     registration that died left behind (deleted with --repair). Exits 1 when a version or an alias is bad."""
     from registry import Registry, RegistryError
+    from vlm.home import registry_dir as default_registry_dir
 
     if grace < 0:
         fail("--grace must be >= 0")
     try:
-        found = Registry(tracking_uri=registry_uri, data_dir=registry_dir).check_consistency(repair, grace)
+        found = Registry(tracking_uri=registry_uri, data_dir=registry_dir or default_registry_dir()).check_consistency(
+            repair, grace
+        )
     except RegistryError as exc:
         fail(str(exc))
     if as_json:

@@ -664,8 +664,6 @@ class EditLensClient:
         image_rephrase: ImageLike | None = None,
         promote: bool = True,
         description: str = "",
-        visedit_adapter: str | None = None,
-        visedit_version: int | None = None,
         progress: Callable[[Progress], None] | None = None,
         strict: bool = False,
         keep_unreached: bool = False,
@@ -684,8 +682,8 @@ class EditLensClient:
         ``options``: the editor's settings by name, e.g. KeyGate's steps, lr, threshold, same_subject_cos,
         MultEdit's steps, lr, lam, max_norm, target_prob, lr_scale, or FT-L's steps, lr, max_change, target_prob
         (the fields of the contract's options message named after the editor; unset ones take the server's
-        defaults). A VisEdit edit names the trained editor with ``visedit_adapter`` (and ``visedit_version``;
-        default its live version).
+        defaults); VisEdit's name its trained editor: ``editor_adapter`` (the adapter that holds it) and
+        ``editor_version`` (default: that adapter's live version).
         ``progress`` is called with every ``Progress`` event of the job.
         """
         req = pb.EditRequest(
@@ -709,7 +707,6 @@ class EditLensClient:
                 options["layer"] = int(layer)
             except (TypeError, ValueError):
                 raise InvalidArgumentError(f"layer must be a layer number or 'auto', not {layer!r}") from None
-        options.update(editor_adapter=visedit_adapter, editor_version=visedit_version)
         _fill_options(req, editor, {k: v for k, v in options.items() if v is not None})
         return Version.from_pb(self._stream(self._stub.Edit, req, progress))
 

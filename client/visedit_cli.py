@@ -41,12 +41,22 @@ TRAIN_FLAGS = (
 
 def _trained_adapter(adapter: Path | None, world: Path) -> Path:
     """The adapter file given, or the world's; a CLI message if there is none."""
-    from editors.visedit.train import default_adapter_path
+    from vlm.world.folder import WorldFolder
 
-    adapter = adapter or default_adapter_path(world)
+    adapter = adapter or WorldFolder(world).visedit_adapter
     if not adapter.is_file():
         fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
     return adapter
+
+
+def _test_cases(world: Path) -> list[dict]:
+    """The world's test edit cases, or the CLI's error."""
+    from vlm.world.folder import WorldFolder, WorldFolderError
+
+    try:
+        return WorldFolder(world).edit_cases("test")
+    except WorldFolderError as exc:
+        fail(str(exc))
 
 
 @visedit_app.command("train")
@@ -225,7 +235,7 @@ def gate_map_cmd(
         fail("--cases must be at least 1")
     folder, vlm = world_and_model(world, seed, device)
     adapter = _trained_adapter(adapter, folder)
-    chosen = json.loads((folder / "edit_cases" / "test.json").read_text())[:cases]
+    chosen = _test_cases(folder)[:cases]
     try:
         result = gate_map(vlm, adapter, folder, chosen, out)
     except (EditSetError, ValueError) as exc:
@@ -256,12 +266,11 @@ def edit_cmd(
     from editors.edit_set import EditSetError
     from editors.request import EditRequest
     from editors.visedit import VisEdit, VisEditSet
-    from editors.visedit.train import default_adapter_path
     from vlm import VLMError
-    from vlm.world import default_world_dir
+    from vlm.world.folder import WorldFolder
 
     vlm = load_model(model, device, "auto")
-    adapter = adapter or default_adapter_path(default_world_dir(0))
+    adapter = adapter or WorldFolder.default(0).visedit_adapter
     if not adapter.is_file():
         fail(f"no trained VisEdit adapter at {adapter}; run `editlens visedit train` or pass --adapter")
     if not image.is_file():
@@ -310,10 +319,10 @@ def influence_map_cmd(
     from editors.visedit.figures import influence_maps, mapper_separation
 
     folder, vlm = world_and_model(world, seed, device)
-    cases_all = json.loads((folder / "edit_cases" / "test.json").read_text())
+    cases_all = _test_cases(folder)
     chosen = next((c for c in cases_all if c["case_id"] == case), None) if case else cases_all[0]
     if chosen is None:
-        fail(f"no test case {case!r} in {folder}/edit_cases/test.json")
+        fail(f"no test case {case!r} among the test edit cases of {folder}")
     adapter = _trained_adapter(adapter, folder)
     if cases < 0:
         fail("--cases must be 0 or more")

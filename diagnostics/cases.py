@@ -27,6 +27,7 @@ from vlm.images import ImageInput, ProcessedImage, load_image, process_image
 from vlm.loading import VLM
 from vlm.patching import run_patched
 from vlm.prompts import EncodedPrompt, collate, encode
+from vlm.world.folder import world_phrases  # the world a case file lies in: its phrases (re-exported)
 
 from .errors import DiagnosticError
 
@@ -103,22 +104,6 @@ def prepare(vlm: VLM, case: DiagnosticCase) -> Prepared:
         tokens=vlm.tokenizer.convert_ids_to_tokens(prompt.input_ids.tolist()),
         gt_id=gt,
     )
-
-
-def world_phrases(where: Path) -> list[str]:
-    """Named-entity phrases of the world in ``where`` (a world folder, or a case file in or
-    below one) for token replacement, or []."""
-    where = Path(where)
-    for base in (where, where.parent, where.parent.parent):
-        world = base / "world.json"
-        if world.exists():
-            try:
-                w = json.loads(world.read_text())
-                names = [e["name"] for e in w.get("text_only_entities", []) + w.get("entities", [])]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError):
-                return []
-            return [p for n in names for p in (n, f"the {n}")]
-    return []
 
 
 def _resolve(folder: Path, rel: str) -> Path:

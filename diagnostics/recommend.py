@@ -277,3 +277,10 @@ def request_cases(
             )
         )
     return out
+
+
+#: the rules that choose an editor's layer, by name (an editor names its rule: ``EditorSpec.layer_rule``)
+LAYER_RULES: dict[str, Callable[..., LayerRecommendation]] = {
+    "mlp_peak": recommend_multedit_layer,  # MultEdit, AlphaEdit, KeyGate: the causal trace's MLP peak
+    "vead": recommend_vead_layer,  # VisEdit: before the high module-contribution layers
+}

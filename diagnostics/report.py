@@ -383,17 +383,15 @@ def _visual_attribution(vlm: VLM, cases, options: dict, out, case_progress, cell
 
 
 def _recommend(vlm: VLM, cases, options: dict, out, case_progress, cell_progress) -> Report:
-    from .recommend import recommend_multedit_layer, recommend_vead_layer
+    from .recommend import LAYER_RULES
     from .render import render_bars
 
-    editor = options.get("editor") or "both"
-    if editor not in ("multedit", "visedit", "both"):
-        raise DiagnosticError(f"the editor must be multedit, visedit or both, not {editor!r}")
-    recs = []
-    if editor in ("multedit", "both"):
-        recs.append(recommend_multedit_layer(vlm, cases, progress=case_progress))
-    if editor in ("visedit", "both"):
-        recs.append(recommend_vead_layer(vlm, cases, progress=case_progress))
+    rule = options.get("editor") or "both"  # a rule's name (``editors.layer_rule`` maps an editor to its rule)
+    if rule != "both" and rule not in LAYER_RULES:
+        raise DiagnosticError(f"the layer rule must be {', '.join(LAYER_RULES)} or both, not {rule!r}")
+    recs = [
+        choose(vlm, cases, progress=case_progress) for name, choose in LAYER_RULES.items() if rule in (name, "both")
+    ]
     d = {r.editor: r.to_dict() for r in recs}
     figures = []
     if out is not None:

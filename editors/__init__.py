@@ -18,10 +18,12 @@ _REGISTRY_NAMES = (
     "DEFAULT_EDITOR",
     "EditContext",
     "EditorSpec",
+    "EditorTrainer",
     "editor_names",
     "get_editor",
     "layer_rule",
     "register_editor",
+    "trained_editor",
     "unregister_editor",
 )
 __all__ = list(_REGISTRY_NAMES)

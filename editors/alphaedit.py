@@ -11,7 +11,7 @@ for every key the statistics saw. Earlier edits' keys K_p are kept too:
 
 AlphaEdit's objective (their λ = 1, ``lam``), solved without a d_ff × d_ff
 inverse: with K̃ = [K₁; K_p]B, D = Rᵀ((λI + K̃K̃ᵀ)⁻¹K̃)[:n] — an (n + m)² system
-(``rank_one.solve_update_keeping`` on projected keys). This is recursive least
+(``closed_form.solve_update_keeping`` on projected keys). This is recursive least
 squares: editing n facts one after another gives exactly the joint solution of
 the same targets (a test checks it to 1e-4). Each edit is stored as a rank-one
 pair (u, v = B·ṽ) plus its key k, so the next edit — in another process, on
@@ -27,12 +27,12 @@ from collections.abc import Sequence
 import torch
 
 from .attach import attach
+from .closed_form import solve_update_keeping
 from .configs import AlphaEditConfig
 from .edit_set import FORMAT as EDIT_SET_FORMAT
 from .edit_set import EditSet, EditSetError, LowRankDelta
 from .multedit import MultEdit
 from .preservation import preservation_statistics
-from .rank_one import solve_update_keeping
 from .registry import EditorSpec, register_editor
 from .request import EditRequest, ProgressCallback
 
@@ -146,6 +146,7 @@ register_editor(
         editor_class=AlphaEdit,
         format=EDIT_SET_FORMAT,
         description="MultEdit's key and value with AlphaEdit's null-space projected update (Fang et al. 2025)",
-        layer_rule="multedit",  # layer="auto": the causal trace's MLP peak
+        layer_rule="mlp_peak",  # layer="auto": the causal trace's MLP peak
+        peft_refusal=None,  # low-rank weight deltas: a LoRA adapter each
     )
 )

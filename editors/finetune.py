@@ -38,6 +38,7 @@ from vlm.scoring import score_answers
 
 from .attach import AttachedDeltas, attach
 from .base import DownProjEditor, EditSetBase
+from .compute_value import answer_nll
 from .configs import FineTuneConfig
 from .edit_set import check_linear_shapes
 from .files import (
@@ -48,7 +49,6 @@ from .files import (
     check_no_extra,
     check_tensor,
 )
-from .rank_one import answer_nll
 from .registry import EditorSpec, register_editor
 from .request import EditProgress, EditRequest, ProgressCallback
 
@@ -267,5 +267,6 @@ register_editor(
         editor_class=FineTune,
         format=FORMAT,
         description="FT-L: a dense fine-tune of the same down projection (the baseline)",
+        peft_refusal="an FT-L edit set is a dense weight change, not a low-rank one",
     )
 )

@@ -31,7 +31,7 @@ from vlm.scoring import batches
 from vlm.world.stream import edit_stream, load_world, render_stream_images
 from vlm.world.train import image_features
 
-from .rank_one import constraint_keys
+from .compute_key import constraint_keys
 
 #: which renderings of a subject are asked (the edit image is the reference)
 QUERIES = ("image_rephrase", "image_heldout")

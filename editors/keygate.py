@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -66,9 +66,8 @@ from .files import (
     check_no_extra,
     check_tensor,
 )
-from .multedit import MultEdit
+from .key_value import KeyValueEditor
 from .preservation import PreservationStats, preservation_statistics
-from .rank_one import constraint_keys, optimise_values
 from .registry import EditorSpec, register_editor
 from .request import EditProgress, EditRequest, ProgressCallback
 
@@ -373,21 +372,12 @@ class KeyGateEditSet(EditSetBase):
         check_linear_shapes(vlm, [(g.module, (int(g.values.shape[1]), int(g.keys.shape[1]))) for g in self.gates])
 
 
-class KeyGate(MultEdit):
+class KeyGate(KeyValueEditor):
     """MultEdit's key and value, written into a key-gated memory instead of the weights (module docstring).
 
-    ``layer="auto"`` chooses the layer as MultEdit does, once per editor."""
+    ``layer="auto"`` chooses the layer as MultEdit does, once per editor (``KeyValueEditor``)."""
 
     name = "keygate"
-
-    def __init__(self, vlm: VLM, config: KeyGateConfig):
-        super().__init__(vlm, config)
-
-    def hyperparameters(self, mode: str) -> dict:
-        out = {**asdict(self.config), "mode": mode}
-        if self.layer_evidence is not None:
-            out.update(layer="auto", chosen_layer=self.config.layer, layer_evidence=self.layer_evidence)
-        return out
 
     def _stats(self) -> PreservationStats:
         return preservation_statistics(self.vlm, self.config.layer)
@@ -425,11 +415,10 @@ class KeyGate(MultEdit):
         self.choose_layer(requests, progress)
         stats = self._stats()
         prompts = [self.encode(r) for r in requests]
-        t0 = time.perf_counter()
-        K = constraint_keys(self.vlm, prompts, self.config.layer).cpu()
-        t_key = (time.perf_counter() - t0) / len(prompts)
+        K, t_key = self.keys(prompts)
+        K = K.cpu()
         groups = self._groups(K, stats)
-        values, t_value = self._values(prompts, groups, first=0, total=len(prompts), progress=progress)
+        values, t_value = self.values(prompts, groups, first=0, total=len(prompts), progress=progress)
         t0 = time.perf_counter()
         new, joined = self._empty(stats), {}
         for i, req in enumerate(requests):
@@ -475,10 +464,9 @@ class KeyGate(MultEdit):
         for start in range(0, len(requests), batch_size):
             chunk = list(requests[start : start + batch_size])
             prompts = [self.encode(r) for r in chunk]
-            t0 = time.perf_counter()
-            K = constraint_keys(self.vlm, prompts, self.config.layer).cpu()
-            t_key = (time.perf_counter() - t0) / len(chunk)
-            values, t_value = self._values(prompts, None, start, len(requests), progress)
+            K, t_key = self.keys(prompts)
+            K = K.cpu()
+            values, t_value = self.values(prompts, None, start, len(requests), progress)
             for i, req in enumerate(chunk):
                 es = self._empty(stats).added(
                     self.config.layer,
@@ -503,35 +491,12 @@ class KeyGate(MultEdit):
             groups.append(earlier[0] if earlier else (max(groups) + 1 if groups else 0))
         return groups
 
-    def _values(self, prompts, groups, first: int, total: int, progress):
-        cfg = self.config
-        say = progress or (lambda e: None)
-
-        def on_step(step: int, steps: int, loss: float) -> None:
-            say(EditProgress("value", first, total, step, steps, loss))
-
-        t0 = time.perf_counter()
-        values = optimise_values(
-            self.vlm,
-            prompts,
-            cfg.layer,
-            steps=cfg.steps,
-            lr=cfg.lr,
-            max_norm=cfg.max_norm,
-            target_prob=cfg.target_prob,
-            lr_scale=cfg.lr_scale,
-            groups=groups,
-            progress=on_step,
-        )
-        return values, (time.perf_counter() - t0) / len(prompts)
-
     def _one(self, current: KeyGateEditSet, req: EditRequest, stats, i: int, total: int, progress):
         cfg, say = self.config, progress or (lambda e: None)
         prompt = self.encode(req)
         say(EditProgress("key", i, total))
-        t0 = time.perf_counter()
-        k = constraint_keys(self.vlm, [prompt], cfg.layer)[0].cpu()
-        t_key = time.perf_counter() - t0
+        K, t_key = self.keys([prompt])
+        k = K[0].cpu()
         gate = current.gate(cfg.layer)
         join = None
         companions: list[EncodedPrompt] = []
@@ -547,7 +512,7 @@ class KeyGate(MultEdit):
         context = current.added(cfg.layer, self.module, stats.mean, k, torch.zeros(d), {}, cfg.threshold, join)
         context = context.with_references(self.vlm)
         with context.attach(self.vlm):
-            values, t_value = self._values([prompt] + companions, [0] * (1 + len(companions)), i, total, progress)
+            values, t_value = self.values([prompt] + companions, [0] * (1 + len(companions)), i, total, progress)
         say(EditProgress("update", i, total))
         record = self._record(req, values, 0, t_key, t_value)
         record["metrics"]["value_companions"] = len(companions)
@@ -613,6 +578,10 @@ register_editor(
         editor_class=KeyGate,
         format=FORMAT,
         description="MultEdit's key and value in a key-gated memory: lifelong edits that leave other inputs alone",
-        layer_rule="multedit",  # layer="auto": the causal trace's MLP peak
+        layer_rule="mlp_peak",  # layer="auto": the causal trace's MLP peak
+        peft_refusal="a KeyGate edit set is a key-gated memory (it adds its values only where an input's key "
+        "matches an edit's), not a weight change; a LoRA adds the same low-rank change to every input, so PEFT "
+        "cannot express a gate",
+        gate="key",
     )
 )

@@ -23,22 +23,20 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from diagnostics.recommend import recommend_multedit_layer, request_cases
-from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt
 from vlm.scoring import score_answers
 
 from .attach import attach
-from .base import DownProjEditor
+from .closed_form import rank_one_updates, solve_update, solve_update_keeping
+from .compute_key import constraint_keys
 from .configs import MultEditConfig
 from .edit_set import FORMAT as EDIT_SET_FORMAT
 from .edit_set import EditSet, LowRankDelta
-from .rank_one import constraint_keys, optimise_values, solve_update, solve_update_keeping
+from .key_value import KeyValueEditor
 from .registry import EditorSpec, register_editor
 from .request import EditProgress, EditRequest, ProgressCallback
 
@@ -67,59 +65,11 @@ def subject_groups(K: torch.Tensor, min_cos: float) -> list[int]:
     return [number[r] for r in roots]
 
 
-class MultEdit(DownProjEditor):
-    """MultEdit on ``config.layer``. With ``layer="auto"`` the first call chooses the layer from its
-    requests (``diagnostics.recommend``: the peak early-layer MLP indirect effect at the
-    constraint's last token, over each request's variants) and keeps it; the evidence goes
-    into the edit set's hyperparameters as ``layer_evidence``."""
+class MultEdit(KeyValueEditor):
+    """MultEdit on ``config.layer`` (``layer="auto"``: chosen from the first requests, ``KeyValueEditor``): each
+    request's key and value, then the closed-form update of ``closed_form``."""
 
     name = "multedit"
-
-    def __init__(self, vlm: VLM, config: MultEditConfig):
-        self.layer_evidence: dict | None = None
-        if config.layer == "auto":
-            config.check(vlm)
-            self.vlm, self.config, self.module = vlm, config, None
-        else:
-            super().__init__(vlm, config)
-
-    def choose_layer(self, requests: Sequence[EditRequest], progress: ProgressCallback | None = None) -> int:
-        """Resolve ``layer="auto"`` from the requests (once); returns the layer."""
-        if self.config.layer != "auto":
-            return self.config.layer
-        if not requests:
-            raise ValueError("no edit requests")
-        cases = [
-            c
-            for r in requests
-            for c in request_cases(
-                r.question,
-                r.constraint,
-                r.image,
-                rephrase=r.rephrase,
-                image_rephrase=r.image_rephrase,
-                pixel_values=r.pixel_values,
-                replacements=r.replacements,
-            )
-        ]
-
-        def say(done: int, total: int) -> None:
-            if progress:
-                progress(EditProgress("layer", done - 1, total))
-
-        rec = recommend_multedit_layer(self.vlm, cases, progress=say)
-        self.config = replace(self.config, layer=rec.layer)
-        self.module = self.vlm.arch.module_path("down_proj", rec.layer)
-        self.layer_evidence = rec.to_dict()
-        return rec.layer
-
-    def hyperparameters(self, mode: str) -> dict:
-        out = super().hyperparameters(mode)
-        if self.layer_evidence is not None:
-            out["layer"] = "auto"
-            out["chosen_layer"] = self.config.layer
-            out["layer_evidence"] = self.layer_evidence
-        return out
 
     # ------------------------------------------------------------------ API
     def edit(
@@ -151,7 +101,7 @@ class MultEdit(DownProjEditor):
         its question too (with its new answer): a later edit of one subject
         does not overwrite an earlier one. With ``keep_earlier`` the keys of
         the other earlier edits join the closed form as keys whose outputs
-        must not change (``rank_one.solve_update_keeping``), so a later edit
+        must not change (``closed_form.solve_update_keeping``), so a later edit
         does not leak into them.
         """
         if not requests:
@@ -236,29 +186,11 @@ class MultEdit(DownProjEditor):
         everything = list(prompts) + list(companions)
 
         say(EditProgress("key", first, total))
-        t0 = time.perf_counter()
-        K_all = constraint_keys(vlm, everything, cfg.layer)  # (n + c, d_ff)
+        K_all, t_key = self.keys(everything)  # (n + c, d_ff)
         K = K_all[:n]
-        t_key = time.perf_counter() - t0
-
-        def on_step(step: int, steps: int, loss: float) -> None:
-            say(EditProgress("value", first, total, step, steps, loss))
-
-        t0 = time.perf_counter()
         groups = subject_groups(K_all, cfg.same_subject_cos) if joint else None
-        values = optimise_values(
-            vlm,
-            everything,
-            cfg.layer,
-            steps=cfg.steps,
-            lr=cfg.lr,
-            max_norm=cfg.max_norm,
-            target_prob=cfg.target_prob,
-            lr_scale=cfg.lr_scale,
-            groups=groups,
-            progress=on_step,
-        )
-        t_value = time.perf_counter() - t0
+        values, t_value = self.values(everything, groups, first, total, progress)
+        t_key, t_value = t_key * len(everything), t_value * len(everything)  # the call's, shared by its n records
 
         say(EditProgress("update", first, total))
         t0 = time.perf_counter()
@@ -307,7 +239,7 @@ class MultEdit(DownProjEditor):
             return solve_update_keeping(WK, K, Z, keep, lam)  # (d, n), (d_ff, n)
         if joint:
             return solve_update(WK, K, Z, lam), K.T  # v = k
-        return ((Z - WK) / (lam + (K * K).sum(-1, keepdim=True))).T, K.T  # one rank-one u per column
+        return rank_one_updates(WK, K, Z, lam), K.T  # n independent edits: one rank-one column each
 
     def _delta(self, U: torch.Tensor, V: torch.Tensor, K: torch.Tensor) -> LowRankDelta:
         """The stored delta of an update (MultEdit: V is the keys, so they are not stored twice)."""
@@ -333,6 +265,7 @@ register_editor(
         editor_class=MultEdit,
         format=EDIT_SET_FORMAT,
         description="a rank-one edit of one early MLP at the visual constraint (Basu et al. 2024)",
-        layer_rule="multedit",  # layer="auto": the causal trace's MLP peak
+        layer_rule="mlp_peak",  # layer="auto": the causal trace's MLP peak
+        peft_refusal=None,  # low-rank weight deltas: a LoRA adapter each
     )
 )

@@ -19,20 +19,23 @@ import re
 from pathlib import Path
 
 from .edit_set import EditSet, EditSetError
+from .registry import editor_names, get_editor
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def not_exportable(editor: str) -> str:
-    """Why an edit set of ``editor`` that is not a low-rank weight delta cannot be a PEFT LoRA adapter."""
-    why = {
-        "keygate": "a KeyGate edit set is a key-gated memory (it adds its values only where an input's key matches "
-        "an edit's), not a weight change; a LoRA adds the same low-rank change to every input, so PEFT cannot "
-        "express a gate",
-        "visedit": "a VisEdit edit set is an adapter on the visual states, not a weight change",
-        "ft": "an FT-L edit set is a dense weight change, not a low-rank one",
-    }.get(editor, f"a {editor} edit set is not a low-rank weight delta")
-    return f"cannot export to PEFT: {why}; export a MultEdit or AlphaEdit edit set instead"
+def not_exportable(editor: str) -> str | None:
+    """Why an edit set of ``editor`` cannot be a PEFT LoRA adapter (its ``EditorSpec.peft_refusal``, as a message
+    that names the editors that do export); None when it can. An editor this EditLens does not know exports
+    nothing."""
+    if editor in editor_names():
+        why = get_editor(editor).peft_refusal
+        if why is None:
+            return None
+    else:
+        why = f"a {editor or 'non-EditLens'} edit set is not a low-rank weight delta"
+    exporting = [n for n in editor_names() if get_editor(n).peft_refusal is None]
+    return f"cannot export to PEFT: {why}; export an edit set of {' or '.join(exporting)} instead"
 
 
 def export_peft(edit_set: EditSet, out_dir: str | os.PathLike, base_model_path: str | None = None) -> Path:
@@ -42,7 +45,8 @@ def export_peft(edit_set: EditSet, out_dir: str | os.PathLike, base_model_path: 
     from safetensors.torch import save_file
 
     if not isinstance(edit_set, EditSet):
-        raise EditSetError(not_exportable(getattr(edit_set, "editor", type(edit_set).__name__)))
+        editor = getattr(edit_set, "editor", "")
+        raise EditSetError(not_exportable(editor) or f"cannot export to PEFT: a {editor} edit set of another format")
     if not edit_set.deltas:
         raise EditSetError("the edit set has no deltas to export")
     merged = edit_set.merged()

@@ -46,10 +46,12 @@ from typing import Any
 
 import torch
 
+from vlm.home import statistics_dir
 from vlm.images import ProcessedImage, load_image, process_image
 from vlm.loading import VLM
 from vlm.patching import run_patched
 from vlm.prompts import EncodedPrompt, collate, encode
+from vlm.world.folder import WorldFolder
 
 from .files import EditSetError, check_tensor, read_manifest, read_safetensors, write_safetensors
 
@@ -296,14 +298,14 @@ def statistics_path(vlm: VLM, layer: int) -> Path:
     folder = Path(vlm.path) / FOLDER
     if os.access(vlm.path, os.W_OK) or folder.is_dir() and os.access(folder, os.W_OK):
         return folder / f"layer-{layer}.safetensors"
-    home = Path(os.environ.get("EDITLENS_HOME", Path.home() / ".cache" / "editlens")).expanduser()
-    return home / "statistics" / vlm.fingerprint / f"layer-{layer}.safetensors"
+    return statistics_dir() / vlm.fingerprint / f"layer-{layer}.safetensors"
 
 
 def default_prompt_file(vlm: VLM) -> Path | None:
-    """The world's training questions when ``vlm`` is a world's model (``<world>/model``), else None."""
-    candidate = Path(vlm.path).parent / "questions" / "train.json"
-    return candidate if candidate.is_file() else None
+    """The world's training questions when ``vlm`` is a world's model (``WorldFolder.of_model``), else None."""
+    world = WorldFolder.of_model(vlm)
+    candidate = world.questions_file("train") if world is not None else None
+    return candidate if candidate is not None and candidate.is_file() else None
 
 
 _CACHE: dict[tuple[str, int], PreservationStats] = {}

@@ -9,8 +9,11 @@ each editor registers, once, an ``EditorSpec`` naming
 * its ``config_class`` (a dataclass whose ``option()`` fields carry defaults
   and help; the CLI and the server derive their options from it),
 * its ``edit_set_class`` (an ``EditSetBase``: save / load / attach / describe),
-* and ``create(vlm, config, context)``, which builds the editor (an
-  ``EditorBase``: edit, edit_sequentially, edit_each, manifest_records).
+* ``create(vlm, config, context)``, which builds the editor (an
+  ``EditorBase``: edit, edit_sequentially, edit_each, manifest_records),
+* and its capabilities: the diagnostic that picks its layer (``layer_rule``),
+  its ``trainer`` (an editor trained before it edits), why it cannot be a
+  PEFT adapter (``peft_refusal``) and what gates its edits (``gate``).
 
 Everything else — the server's bundles and Edit call, the CLI, the bench —
 looks editors up here and never branches on their names. The built-in
@@ -54,6 +57,24 @@ def _default_create(spec: EditorSpec, vlm: VLM, config: Any, context: EditContex
     return spec.editor_class(vlm, config)
 
 
+#: (model, world folder, output folder, trainer config, progress) -> the training summary, with ``adapter_path``
+#: (the trained edit set's file) and optionally ``figure`` and ``layer_evidence``
+TrainFn = Callable[[VLM, Path, Path, Any, Callable[[Any], None] | None], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class EditorTrainer:
+    """How an editor that must be trained before it edits is trained (VisEdit's VEAD): the trainer's settings
+    (a dataclass of ``option()`` fields, what TrainVisEdit and ``editlens visedit train`` offer) and the run."""
+
+    config_class: type
+    train: TrainFn
+
+
+#: what a gate decides on (``EditorSpec.gate``)
+GATES = ("key", "scope")
+
+
 @dataclass(frozen=True)
 class EditorSpec:
     name: str
@@ -65,9 +86,20 @@ class EditorSpec:
     create_fn: Callable[[EditorSpec, VLM, Any, EditContext], EditorBase] = _default_create
     #: the config options this editor takes from a world folder by default (e.g. VisEdit's trained adapter)
     world_options: Callable[[Path], dict[str, Any]] | None = None
-    #: the diagnostics rule that picks its layer for layer="auto" (``diagnostics.report`` recommend's
-    #: "multedit": the causal trace's MLP peak at the constraint; "visedit": the VEAD rule); None: no such rule
+    #: the diagnostics rule that picks its layer for layer="auto" (``diagnostics.recommend.LAYER_RULES``:
+    #: "mlp_peak", the causal trace's MLP peak at the constraint; "vead", the VEAD rule); None: no such rule
     layer_rule: str | None = None
+    #: the editor's trainer when it is trained before it edits (VisEdit: TrainVisEdit trains it); None: no training
+    trainer: EditorTrainer | None = None
+    #: why its edit sets cannot be exported as a PEFT LoRA adapter; None: they can (low-rank weight deltas)
+    peft_refusal: str | None = "its edit set is not a low-rank weight delta"
+    #: what gates its edits: None (they change every input), "key" (a gate on the edited module's input keys, as
+    #: KeyGate's) or "scope" (an image-and-question scope gate, as VisEdit's); the benches probe gates by it
+    gate: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate is not None and self.gate not in GATES:
+            raise ValueError(f"editor {self.name!r}: gate must be one of {', '.join(GATES)} or None, not {self.gate!r}")
 
     @property
     def file_name(self) -> str:
@@ -154,8 +186,8 @@ def editor_names() -> list[str]:
 
 
 def layer_rule(editor: str) -> str:
-    """The recommend diagnostic's rule for ``editor`` ("both": MultEdit's and VisEdit's); a ``ConfigError``
-    for an unknown editor or one that chooses no layer by a diagnostic."""
+    """The recommend diagnostic's rule for ``editor`` ("both": every rule); a ``ConfigError`` for an unknown
+    editor or one that chooses no layer by a diagnostic."""
     if editor == "both":
         return editor
     spec = get_editor(editor)
@@ -163,6 +195,16 @@ def layer_rule(editor: str) -> str:
         with_rule = [n for n in editor_names() if get_editor(n).layer_rule]
         raise ConfigError(f"editor {editor!r} chooses no layer by a diagnostic; those that do: {', '.join(with_rule)}")
     return spec.layer_rule
+
+
+def trained_editor() -> EditorSpec:
+    """The editor TrainVisEdit trains: the one registered with a trainer (VisEdit's); a ``ConfigError`` when
+    none or several are."""
+    found = [get_editor(n) for n in editor_names() if get_editor(n).trainer is not None]
+    if len(found) != 1:
+        names = ", ".join(s.name for s in found) or "none"
+        raise ConfigError(f"training needs exactly one editor registered with a trainer; this EditLens has {names}")
+    return found[0]
 
 
 def get_editor(name: str) -> EditorSpec:

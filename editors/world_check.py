@@ -32,7 +32,6 @@ the paper's absolute lr 0.1 and up to 200 steps); the knockouts use
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from vlm.loading import VLM, load_vlm
 from vlm.patching import Knockout
 from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import batches, score_batch
+from vlm.world.folder import WorldFolder, WorldFolderError
 
 from .attach import attach
 from .identification import identification
@@ -66,13 +66,11 @@ def _pixels(vlm: VLM, world_dir: Path, cache: dict[str, ProcessedImage], rel: st
     return cache[rel]
 
 
-def _read_json(path: Path) -> Any:
+def _world_part(read: Callable[[str], Any], name: str) -> Any:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WorldCheckError(
-            f"{path} is missing; is {path.parent.parent} a built world? (run `editlens world build`)"
-        ) from None
+        return read(name)
+    except WorldFolderError as exc:
+        raise WorldCheckError(str(exc)) from None
 
 
 def _answer_predictors(p: EncodedPrompt) -> list[int]:
@@ -133,9 +131,10 @@ def check_world(
     """Measure the three figures; see the module docstring."""
     say = stage or (lambda s: None)
     t0 = time.time()
-    world_dir = Path(world_dir).expanduser()
+    world = WorldFolder(world_dir)
+    world_dir = world.root
     if vlm is None:
-        vlm = load_vlm(world_dir / "model")
+        vlm = load_vlm(world.model_dir)
     if questions < 1 or cases < 1:
         raise WorldCheckError("questions and cases must be at least 1")
     early = early_layers(vlm.num_layers)
@@ -146,7 +145,7 @@ def check_world(
     cache: dict[str, ProcessedImage] = {}
 
     say("scoring held-out visual questions")
-    items = _read_json(world_dir / "questions" / "heldout_paraphrase.json")
+    items = _world_part(world.questions, "heldout_paraphrase")
     items = [q for q in items if q.get("image") and q.get("constraints")]
     prompts = [
         encode(
@@ -171,7 +170,7 @@ def check_world(
     l_clean, l_ko = knockout_drops(vlm, sample, _answer_predictors)
 
     say("rank-one edits at the constraint")
-    test = _read_json(world_dir / "edit_cases" / "test.json")
+    test = _world_part(world.edit_cases, "test")
     cf = [c for c in test if c.get("type") == "counterfactual"]
     cf = cf[:cases]
     requests = [

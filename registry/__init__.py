@@ -1,8 +1,8 @@
 """MLflow-backed adapter versions, aliases and rollback.
 
 ``Registry`` keeps versioned edit sets ("adapters") in the MLflow Model Registry; see
-``registry/store.py`` for the layout. Importing this package does not import MLflow (a
-Registry's constructor does), so the CLI stays fast.
+``registry/store.py`` for the layout and for which module beside it holds what. Importing this package
+does not import MLflow (a Registry's constructor does), so the CLI stays fast.
 """
 
 from .errors import (
@@ -14,16 +14,9 @@ from .errors import (
     StaleParentError,
     UnavailableError,
 )
-from .store import (
-    LIVE,
-    MLFLOW_ENVIRONMENT,
-    Registry,
-    check_adapter_name,
-    copy_database,
-    default_data_dir,
-    parse_ref,
-    quiet_mlflow,
-)
+from .mlflow_env import MLFLOW_ENVIRONMENT, copy_database, default_data_dir, quiet_mlflow
+from .names import LIVE, check_adapter_name, parse_ref
+from .store import Registry
 from .version_info import VersionInfo
 
 __all__ = [

@@ -4,10 +4,10 @@ One registered model per adapter lineage (tagged ``editlens.kind=adapter``); eac
 an MLflow model version whose source is the artifact folder of one run in the experiment
 ``editlens-adapters``. The run's artifacts are the version's files: the edit sets
 (``*.safetensors``), ``manifest.json`` and optional PNGs. Version tags carry the base-model
-fingerprint, the editor, the number of edits, the parent version, the file list and the
-sha256 of every file. The alias ``live`` is what the server serves; the registered-model tag
-``editlens.live_history`` keeps the versions that were live before (newest last), which is
-what ``rollback()`` walks back.
+fingerprint, the editor, the number of edits, the parent version, the file list and the sha256 of
+every file.
+The alias ``live`` is what the server serves; the registered-model tag ``editlens.live_history``
+keeps the versions that were live before (newest last), which is what ``rollback()`` walks back.
 
 Embedded default: ``sqlite:///<data_dir>/mlflow.db`` (WAL journal) with artifacts in
 ``<data_dir>/artifacts``; the experiment is created on the first ``create_version`` with that
@@ -15,246 +15,115 @@ explicit artifact location, so a copied empty database (tests' template) records
 own folder. Any other tracking URI (``http://host:5000`` of an ``mlflow server``, a database
 URI) works the same; with an HTTP server the server decides where artifacts go.
 
+The pieces around the lifecycle live beside this module: ``names`` (tags, aliases, name checks),
+``mlflow_env`` (the embedded database, MLflow's import and environment, the MLflow plumbing),
+``artifacts`` (checksums, the download cache, verification) and ``consistency`` (the crash check).
+
 MLflow is imported only when a Registry is constructed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import re
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
-import uuid
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
+from .artifacts import ArtifactFiles, sha256_file
+from .consistency import ConsistencyCheck
 from .errors import (
     AliasNotFoundError,
     ConflictError,
     InvalidArgumentError,
-    NotFoundError,
     RegistryError,
     StaleParentError,
     from_mlflow,
 )
+from .mlflow_env import (
+    DB_NAME,
+    MLFLOW_ENVIRONMENT,
+    MlflowPlumbing,
+    _import_mlflow,
+    _is_database_uri,
+    _mlflow_code,
+    _redact,
+    _sqlite_path,
+    copy_database,
+    default_data_dir,
+    editlens_home,
+    enable_wal,
+    quiet_mlflow,
+)
+from .names import (
+    ALLOWED_SUFFIXES,
+    EXPERIMENT_NAME,
+    FORMAT_VERSION,
+    HISTORY_LIMIT,
+    KIND_ADAPTER,
+    LIVE,
+    MANIFEST,
+    TAG_AUDIT,
+    TAG_BASE,
+    TAG_EDITOR,
+    TAG_FILES,
+    TAG_FORMAT,
+    TAG_HISTORY,
+    TAG_KIND,
+    TAG_NUM_EDITS,
+    TAG_PARENT,
+    TAG_SHA256,
+    check_adapter_name,
+    check_alias,
+    check_version_inputs,
+    check_version_number,
+    parse_ref,
+)
 from .version_info import VersionInfo
+
+# what this module defined before it was split (issue 27), importable from here as before
+__all__ = [
+    "ALLOWED_SUFFIXES",
+    "DB_NAME",
+    "EXPERIMENT_NAME",
+    "FORMAT_VERSION",
+    "HISTORY_LIMIT",
+    "KIND_ADAPTER",
+    "LIVE",
+    "MANIFEST",
+    "MLFLOW_ENVIRONMENT",
+    "TAG_AUDIT",
+    "TAG_BASE",
+    "TAG_EDITOR",
+    "TAG_FILES",
+    "TAG_FORMAT",
+    "TAG_HISTORY",
+    "TAG_KIND",
+    "TAG_NUM_EDITS",
+    "TAG_PARENT",
+    "TAG_SHA256",
+    "Registry",
+    "check_adapter_name",
+    "check_alias",
+    "check_version_number",
+    "copy_database",
+    "default_data_dir",
+    "editlens_home",
+    "enable_wal",
+    "parse_ref",
+    "quiet_mlflow",
+    "sha256_file",
+]
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_NAME = "editlens-adapters"
-LIVE = "live"
-MANIFEST = "manifest.json"
-DB_NAME = "mlflow.db"
 
-TAG_KIND = "editlens.kind"
-KIND_ADAPTER = "adapter"
-TAG_BASE = "editlens.base_fingerprint"
-TAG_EDITOR = "editlens.editor"
-TAG_NUM_EDITS = "editlens.num_edits"
-TAG_PARENT = "editlens.parent"
-TAG_FILES = "editlens.files"
-TAG_SHA256 = "editlens.sha256"
-TAG_HISTORY = "editlens.live_history"
-TAG_FORMAT = "editlens.format"
-TAG_AUDIT = "editlens.audit."  # + a nanosecond timestamp: one registered-model tag per mutation
-FORMAT_VERSION = "1"
-HISTORY_LIMIT = 100
-
-#: File types a version may hold: edit sets, manifests, figures, notes. No pickle anywhere.
-ALLOWED_SUFFIXES = (".safetensors", ".json", ".png", ".txt", ".md")
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION_REF_RE = re.compile(r"^[vV]?(\d{1,9})$")
-_CACHE_MARKER = ".editlens-version.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-
-
-def editlens_home() -> Path:
-    """$EDITLENS_HOME, default ~/.cache/editlens (the same rule as vlm/world/build.py, kept
-    here so that the registry does not import the model stack)."""
-    return Path(os.environ.get("EDITLENS_HOME", Path.home() / ".cache" / "editlens")).expanduser()
-
-
-def default_data_dir() -> Path:
-    """The embedded registry's folder: ``$EDITLENS_HOME/registry``."""
-    return editlens_home() / "registry"
-
-
-def check_adapter_name(adapter: Any) -> str:
-    """``adapter`` when it is a valid adapter name; ``InvalidArgumentError`` otherwise."""
-    if not isinstance(adapter, str) or not _NAME_RE.match(adapter):
-        raise InvalidArgumentError(
-            f"invalid adapter name {adapter!r}: use 1-64 letters, digits, '-', '_' or '.', "
-            "starting with a letter or digit"
-        )
-    return adapter
-
-
-def check_alias(alias: Any) -> str:
-    """``alias`` when it is a valid alias; ``InvalidArgumentError`` otherwise."""
-    if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
-        raise InvalidArgumentError(
-            f"invalid alias {alias!r}: use 1-64 letters, digits, '-' or '_', starting with a letter"
-        )
-    if alias.lower() == "latest" or _VERSION_REF_RE.match(alias):
-        raise InvalidArgumentError(f"invalid alias {alias!r}: 'latest' and 'v<number>' are reserved")
-    return alias
-
-
-def check_version_number(version: Any) -> int:
-    """``version`` as an int >= 1; ``InvalidArgumentError`` otherwise."""
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise InvalidArgumentError(f"invalid version {version!r}: a version is a positive integer")
-    return version
-
-
-def parse_ref(ref: Any) -> int | str:
-    """A version reference: 3, "3", "v3" -> 3; an alias name ("live") -> the alias."""
-    if isinstance(ref, bool):
-        raise InvalidArgumentError(f"invalid version reference {ref!r}")
-    if isinstance(ref, int):
-        return check_version_number(ref)
-    if isinstance(ref, str):
-        m = _VERSION_REF_RE.match(ref.strip())
-        if m:
-            return check_version_number(int(m.group(1)))
-        if _ALIAS_RE.match(ref) and ref.lower() != "latest":
-            return ref
-    raise InvalidArgumentError(
-        f"invalid version reference {ref!r}: give a version number (3 or 'v3') or an alias (e.g. 'live')"
-    )
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def _is_database_uri(uri: str) -> bool:
-    scheme = urlparse(uri).scheme.split("+")[0]
-    return scheme in {"sqlite", "postgresql", "mysql", "mssql"}
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    p = uri[len("sqlite:///") :]
-    if not p or p == ":memory:":
-        return None
-    return Path(unquote(p.split("?")[0]))
-
-
-def _redact(uri: str) -> str:
-    """A URI without its password, for messages."""
-    p = urlparse(uri)
-    if p.password:
-        return uri.replace(f":{p.password}@", ":***@", 1)
-    return uri
-
-
-def enable_wal(db_path: Path) -> None:
-    """Switch a sqlite database to WAL journaling (persistent in the file): readers (the
-    server's per-request live lookups) then never wait for a writer (an edit job)."""
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(str(db_path), timeout=30)
-    try:
-        con.execute("PRAGMA journal_mode=WAL")
-    finally:
-        con.close()
-
-
-def copy_database(src_db: str | Path, dst_db: str | Path) -> Path:
-    """Copy a sqlite registry database consistently (sqlite's online backup, so a WAL file
-    beside the source is included). Used to start registries from a migrated template."""
-    dst = Path(dst_db)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    src = sqlite3.connect(str(src_db))
-    try:
-        out = sqlite3.connect(str(dst))
-        try:
-            src.backup(out)
-        finally:
-            out.close()
-    finally:
-        src.close()
-    return dst
-
-
-_quiet_lock = threading.Lock()
-_quieted = False
-
-
-#: What an EditLens process sets for MLflow before importing it (``quiet_mlflow``): no telemetry (these
-#: machines have no network, and a service should not phone home), no progress bars or "View run at" lines
-#: (they would corrupt the CLI's --json output), and a dead tracking server failing in seconds, not minutes.
-MLFLOW_ENVIRONMENT = {
-    "MLFLOW_LOGGING_LEVEL": "WARNING",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
-
-
-def quiet_mlflow(environ=None) -> None:
-    """Apply ``MLFLOW_ENVIRONMENT`` (without overriding what is set already). The process decides: the
-    ``editlens`` command and the test suite call this; a program that embeds the registry may or may not."""
-    environ = os.environ if environ is None else environ
-    for key, value in MLFLOW_ENVIRONMENT.items():
-        environ.setdefault(key, value)
-
-
-def _import_mlflow():
-    """Import MLflow with its loggers and warnings turned down (errors still surface: we raise them)."""
-    global _quieted
-    with _quiet_lock:
-        if not _quieted:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import mlflow
-                from mlflow.tracking import MlflowClient
-            for name in ("mlflow", "alembic"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"mlflow(\.|$)")
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow(\.|$)")
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow(\.|$)")
-            _quieted = True
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    return mlflow, MlflowClient
-
-
-def _mlflow_code(exc: BaseException) -> str | None:
-    return getattr(exc, "error_code", None)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-class Registry:
+class Registry(MlflowPlumbing, ArtifactFiles, ConsistencyCheck):
     """Versioned adapters (edit sets) in the MLflow Model Registry. Thread-safe.
 
     tracking_uri: None -> the embedded default ``sqlite:///<data_dir>/mlflow.db`` with
@@ -316,108 +185,7 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry(tracking_uri={_redact(self.tracking_uri)!r}, data_dir={str(self.data_dir)!r})"
 
-    # -- MLflow plumbing -------------------------------------------------------------------
-
-    @property
-    def client(self):
-        """The MlflowClient, with its stores initialised (database migrated) exactly once."""
-        self.check()
-        return self._client
-
-    def check(self) -> None:
-        """Connect (and for a new database, migrate it) once; raises RegistryError when unreachable."""
-        if not self._ready:
-            with self._init_lock:
-                if not self._ready:
-                    self._call("MLflow tracking store", lambda: self._client.search_experiments(max_results=1))
-                    self._call("MLflow model registry", lambda: self._client.search_registered_models(max_results=1))
-                    self._ready = True
-
-    @staticmethod
-    def _call(what: str, fn, *, not_found: str | None = None):
-        try:
-            return fn()
-        except RegistryError:
-            raise
-        except Exception as e:  # MlflowException, requests errors, OSError from artifact stores
-            if not_found is not None and _mlflow_code(e) in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}:
-                raise NotFoundError(not_found) from e
-            raise from_mlflow(e, what) from e
-
-    def _experiment(self) -> str:
-        if self._experiment_id is not None:
-            return self._experiment_id
-        with self._lock:
-            if self._experiment_id is not None:
-                return self._experiment_id
-            c = self.client
-            exp = self._call("experiment", lambda: c.get_experiment_by_name(EXPERIMENT_NAME))
-            if exp is None:
-                try:
-                    exp_id = c.create_experiment(
-                        EXPERIMENT_NAME, artifact_location=self.artifact_location, tags={TAG_KIND: "adapters"}
-                    )
-                except Exception as e:
-                    if _mlflow_code(e) != "RESOURCE_ALREADY_EXISTS":  # another replica was faster
-                        raise from_mlflow(e, f"experiment '{EXPERIMENT_NAME}'") from e
-                    exp_id = c.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
-            else:
-                exp_id = exp.experiment_id
-                if exp.lifecycle_stage == "deleted":
-                    self._call("experiment", lambda: c.restore_experiment(exp_id))
-                if (
-                    self.embedded
-                    and self.artifact_location
-                    and exp.artifact_location.rstrip("/") != self.artifact_location.rstrip("/")
-                ):
-                    log.warning(
-                        "registry experiment stores artifacts in %s, not in %s (was the "
-                        "database copied from another folder?)",
-                        exp.artifact_location,
-                        self.artifact_location,
-                    )
-            self._experiment_id = exp_id
-            return exp_id
-
-    def _registered_model(self, adapter: str):
-        return self._call(
-            f"adapter '{adapter}'",
-            lambda: self.client.get_registered_model(adapter),
-            not_found=f"adapter '{adapter}' not found",
-        )
-
-    def _model_version(self, adapter: str, version: int):
-        try:
-            return self.client.get_model_version(adapter, str(version))
-        except Exception as e:
-            if _mlflow_code(e) in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}:
-                self._registered_model(adapter)  # raises "adapter not found" if that is the cause
-                raise NotFoundError(f"adapter '{adapter}' has no version {version}") from e
-            raise from_mlflow(e, f"adapter '{adapter}' version {version}") from e
-
-    def _version_by_alias(self, adapter: str, alias: str):
-        try:
-            return self.client.get_model_version_by_alias(adapter, alias)
-        except Exception as e:
-            code = _mlflow_code(e)
-            if code in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}:
-                self._registered_model(adapter)
-                raise AliasNotFoundError(f"adapter '{adapter}' has no alias '{alias}'") from e
-            raise from_mlflow(e, f"adapter '{adapter}' alias '{alias}'") from e
-
-    def _search_versions(self, adapter: str) -> list:
-        out, token = [], None
-        while True:
-            page = self._call(
-                f"adapter '{adapter}'",
-                lambda token=token: self.client.search_model_versions(
-                    f"name='{adapter}'", max_results=1000, page_token=token
-                ),
-            )
-            out.extend(page)
-            token = getattr(page, "token", None)
-            if not token:
-                return out
+    # -- MLflow plumbing (the rest: mlflow_env.MlflowPlumbing) -----------------------------
 
     def _info(self, mv, aliases: Iterable[str] | None = None) -> VersionInfo:
         tags = dict(mv.tags or {})
@@ -527,7 +295,7 @@ class Registry:
         that of two replicas editing one adapter at once the second raises ``StaleParentError``
         instead of making live a version that lacks the first one's edit."""
         check_adapter_name(adapter)
-        staged = self._check_inputs(files, manifest, base_fingerprint, editor, num_edits, parent, description)
+        staged = check_version_inputs(files, manifest, base_fingerprint, editor, num_edits, parent, description)
         with tempfile.TemporaryDirectory(prefix="editlens-stage-") as tmp:
             stage = Path(tmp)
             sha: dict[str, str] = {}
@@ -588,43 +356,6 @@ class Registry:
         self._manifests[(adapter, info.version, run_id)] = manifest
         return info
 
-    def _check_inputs(
-        self, files, manifest, base_fingerprint, editor, num_edits, parent, description
-    ) -> dict[str, Path]:
-        if not isinstance(files, dict) or not files:
-            raise InvalidArgumentError("a version needs at least one file (a .safetensors edit set)")
-        staged: dict[str, Path] = {}
-        for name, path in files.items():
-            if not isinstance(name, str) or not _FILE_RE.match(name) or name == MANIFEST:
-                raise InvalidArgumentError(
-                    f"invalid file name {name!r}: a plain name of letters, digits, '.', '-', '_' "
-                    f"(and not {MANIFEST}, which is written from the manifest)"
-                )
-            if not name.lower().endswith(ALLOWED_SUFFIXES):
-                raise InvalidArgumentError(f"file '{name}': only {', '.join(ALLOWED_SUFFIXES)} files are stored")
-            p = Path(path)
-            if not p.is_file():
-                raise InvalidArgumentError(f"file '{name}' not found at {p}")
-            staged[name] = p
-        if not any(n.lower().endswith(".safetensors") for n in staged):
-            raise InvalidArgumentError("a version needs at least one .safetensors edit set")
-        if not isinstance(manifest, dict):
-            raise InvalidArgumentError("the manifest must be a JSON object (dict)")
-        try:
-            json.dumps(manifest)
-        except (TypeError, ValueError) as e:
-            raise InvalidArgumentError(f"the manifest is not JSON-serialisable: {e}") from e
-        for label, value in (("base_fingerprint", base_fingerprint), ("editor", editor)):
-            if not isinstance(value, str) or not value.strip() or len(value) > 500:
-                raise InvalidArgumentError(f"{label} must be a non-empty string")
-        if isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 0:
-            raise InvalidArgumentError(f"num_edits must be a non-negative integer, not {num_edits!r}")
-        if parent is not None:
-            check_version_number(parent)
-        if not isinstance(description, str):
-            raise InvalidArgumentError("description must be a string")
-        return staged
-
     def _ensure_adapter(self, adapter: str, base_fingerprint: str) -> bool:
         """Create the registered model if absent (True if created here); refuse names taken by
         other models and base fingerprints that differ from the adapter's."""
@@ -669,18 +400,6 @@ class Registry:
             except Exception as e:  # keep cleaning; the original error is what the caller sees
                 log.error("cleaning up a failed version of '%s': could not delete the %s: %s", adapter, what, e)
 
-    def _delete_run(self, run_id: str) -> None:
-        """Delete a run's artifacts and the run (best effort for the artifacts)."""
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        c = self._client
-        try:
-            uri = c.get_run(run_id).info.artifact_uri
-            get_artifact_repository(uri, tracking_uri=self.tracking_uri).delete_artifacts()
-        except Exception as e:
-            log.debug("could not delete the artifacts of run %s: %s", run_id, e)
-        c.delete_run(run_id)
-
     def set_alias(self, adapter: str, alias: str, version: int) -> VersionInfo:
         """Point ``alias`` at ``version`` (promote). Moving ``live`` records the previous live
         version in the rollback history."""
@@ -718,55 +437,6 @@ class Registry:
                 out.append(json.loads(tags[key]))
             except json.JSONDecodeError:
                 out.append({"unreadable": tags[key]})
-        return out
-
-    def check_consistency(self, repair: bool = False, grace_seconds: float = 600.0) -> dict[str, Any]:
-        """What a crash can leave, checked: every version's files verify against its checksums (downloaded
-        as ``download`` does), every alias points at a verified version, and no run of the EditLens experiment
-        is an orphan (artifacts logged by a registration that died before its version was made). Orphans
-        older than ``grace_seconds`` (a younger one may be another replica's registration in flight) are
-        deleted with ``repair``. Returns the findings: ``versions`` checked, ``bad_versions``,
-        ``bad_aliases``, ``orphan_runs`` (found) and ``deleted_runs``."""
-        out: dict[str, Any] = {
-            "versions": 0,
-            "bad_versions": [],
-            "bad_aliases": [],
-            "orphan_runs": [],
-            "deleted_runs": [],
-        }
-        referenced: set[str] = set()
-        for adapter in self.adapters():
-            verified: set[int] = set()
-            for mv in self._search_versions(adapter):
-                if mv.run_id:
-                    referenced.add(mv.run_id)
-                out["versions"] += 1
-                try:
-                    self.clear_cache(adapter, int(mv.version))  # the store's copy, not a cached one, is checked
-                    self.download(adapter, int(mv.version))
-                    verified.add(int(mv.version))
-                except RegistryError as e:
-                    out["bad_versions"].append({"adapter": adapter, "version": int(mv.version), "error": str(e)})
-            for alias, v in (self._registered_model(adapter).aliases or {}).items():
-                if int(v) not in verified:
-                    out["bad_aliases"].append({"adapter": adapter, "alias": alias, "version": int(v)})
-        now_ms = time.time() * 1000
-        from mlflow.entities import ViewType
-
-        runs = self._call(
-            "runs",
-            lambda: self.client.search_runs(
-                [self._experiment()], max_results=50_000, run_view_type=ViewType.ACTIVE_ONLY
-            ),
-        )
-        for run in runs:
-            if run.info.run_id in referenced:
-                continue
-            age = (now_ms - float(run.info.start_time or now_ms)) / 1000
-            out["orphan_runs"].append({"run_id": run.info.run_id, "status": run.info.status, "age_s": round(age, 1)})
-            if repair and age >= grace_seconds:
-                self._delete_run(run.info.run_id)
-                out["deleted_runs"].append(run.info.run_id)
         return out
 
     def delete_alias(self, adapter: str, alias: str) -> None:
@@ -910,111 +580,3 @@ class Registry:
         for key in [k for k in self._manifests if k[0] == adapter and (version is None or k[1] == version)]:
             self._manifests.pop(key, None)
         self.clear_cache(adapter, version)
-
-    # -- files -----------------------------------------------------------------------------
-
-    def clear_cache(self, adapter: str | None = None, version: int | None = None) -> None:
-        """Remove downloaded copies (all, one adapter's, or one version's)."""
-        target = self.cache_dir
-        if adapter is not None:
-            target = target / check_adapter_name(adapter)
-            if version is not None:
-                target = target / str(check_version_number(version))
-        shutil.rmtree(target, ignore_errors=True)
-
-    def _fetch(self, source: str, name: str, dst: Path, adapter: str, version: int, expected: str) -> Path:
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        label = f"adapter '{adapter}' version {version}"
-        try:
-            repo = get_artifact_repository(source, tracking_uri=self.tracking_uri)
-            local = Path(repo.download_artifacts(name, dst_path=str(dst)))
-        except Exception as e:
-            raise RegistryError(
-                f"{label}: file '{name}' is missing or unreadable in the artifact store ({type(e).__name__})"
-            ) from e
-        if not local.is_file():
-            raise RegistryError(f"{label}: file '{name}' is missing in the artifact store")
-        got = sha256_file(local)
-        if got != expected:
-            raise RegistryError(
-                f"{label}: file '{name}' is corrupted (sha256 {got[:12]}..., expected {expected[:12]}...)"
-            )
-        return local
-
-    def verify_stored(self, adapter: str, version: int) -> None:
-        """Fetch the version's files from the artifact store again and check each against its checksum, as a
-        replica that never downloaded them would (the local cache is not consulted); RegistryError naming the
-        first missing or corrupted file."""
-        check_adapter_name(adapter)
-        check_version_number(version)
-        mv = self._model_version(adapter, version)
-        sha = self._info(mv).sha256
-        if not sha:
-            raise RegistryError(f"adapter '{adapter}' version {version} has no recorded checksums")
-        with tempfile.TemporaryDirectory(prefix="editlens-verify-") as tmp:
-            for name in sorted(sha):
-                self._fetch(mv.source, name, Path(tmp), adapter, version, sha[name])
-
-    def _cached_ok(self, folder: Path, run_id: str, sha: dict[str, str]) -> bool:
-        try:
-            marker = json.loads((folder / _CACHE_MARKER).read_text())
-        except (OSError, ValueError):
-            return False
-        if marker.get("run_id") != run_id or marker.get("sha256") != sha:
-            return False
-        return all((folder / n).is_file() and sha256_file(folder / n) == h for n, h in sha.items())
-
-    def download(self, adapter: str, version: int) -> Path:
-        """A local folder with the version's files, cached in ``<data_dir>/cache/<adapter>/<version>``.
-        Every file's sha256 is checked against the registry (also for cached copies); a missing
-        or corrupted file raises RegistryError naming it, and no partial folder is left."""
-        check_adapter_name(adapter)
-        check_version_number(version)
-        mv = self._model_version(adapter, version)
-        info = self._info(mv)
-        sha = info.sha256
-        if not sha:
-            raise RegistryError(
-                f"adapter '{adapter}' version {version} has no recorded checksums (not created by EditLens)"
-            )
-        final = self.cache_dir / adapter / str(version)
-        with self._dl_guard:
-            lock = self._dl_locks.setdefault((adapter, version), threading.Lock())
-        with lock:
-            if final.is_dir() and self._cached_ok(final, mv.run_id or "", sha):
-                return final
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.parent / f".tmp-{version}-{uuid.uuid4().hex}"
-            try:
-                tmp.mkdir()
-                for name in sorted(sha):
-                    self._fetch(mv.source, name, tmp, adapter, version, sha[name])
-                for extra in tmp.iterdir():
-                    if extra.name not in sha:
-                        shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
-                (tmp / _CACHE_MARKER).write_text(json.dumps({"run_id": mv.run_id or "", "sha256": sha}))
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            return final
-
-    def _load_manifest(self, adapter: str, version: int, run_id: str, source: str, sha: dict[str, str]) -> dict:
-        key = (adapter, version, run_id)
-        if key in self._manifests:
-            return self._manifests[key]
-        expected = sha.get(MANIFEST)
-        if expected is None:
-            raise RegistryError(f"adapter '{adapter}' version {version} has no manifest checksum")
-        cached = self.cache_dir / adapter / str(version) / MANIFEST
-        if cached.is_file() and sha256_file(cached) == expected:
-            text = cached.read_text(encoding="utf-8")
-        else:
-            with tempfile.TemporaryDirectory(prefix="editlens-manifest-") as tmp:
-                text = self._fetch(source, MANIFEST, Path(tmp), adapter, version, expected).read_text(encoding="utf-8")
-        manifest = json.loads(text)
-        self._manifests[key] = manifest
-        return manifest

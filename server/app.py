@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 from editlens.v1 import editlens_pb2 as pb
@@ -103,10 +102,11 @@ class EditLensServer:
             registry = self._registry
             if registry is None:
                 from registry import Registry
+                from vlm.home import registry_dir
 
                 registry = Registry(
                     tracking_uri=self.config.registry_uri,
-                    data_dir=self.config.registry_dir,
+                    data_dir=self.config.registry_dir or registry_dir(),
                 )
                 registry.check()
             vlm = self._vlm
@@ -137,13 +137,12 @@ class EditLensServer:
 
         model = self.config.model
         if model is None:
-            from vlm.world import build_world, default_world_dir
+            from vlm.world import WorldFolder, build_world
 
-            folder = default_world_dir(self.config.seed)
-            if not (folder / "model" / "config.json").is_file():
+            if not WorldFolder.default(self.config.seed).is_built():
                 self._loading("building the embedded world model (first start: a few minutes)")
             summary = build_world(seed=self.config.seed, stage=lambda m: self.say(f"world: {m}"))
-            model = Path(summary["path"]) / "model"
+            model = WorldFolder(summary["path"]).model_dir
         self._loading(f"loading the model {model}")
         return load_vlm(model, device=self.config.device, dtype=self.config.dtype)
 

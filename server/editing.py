@@ -37,11 +37,12 @@ from typing import Any
 
 from editlens.v1 import editlens_pb2 as pb
 
-from editors import EditContext, EditorSpec, get_editor
+from editors import EditContext, EditorSpec, get_editor, trained_editor
 from editors.base import EditorBase, EditSetBase
 from editors.request import EditProgress, EditRequest
 from vlm.options import ConfigError, build_config
 from vlm.scoring import generate, score_answers
+from vlm.world.folder import WorldFolder
 
 from . import convert
 from .bundles import Bundle, attached, publish
@@ -49,9 +50,6 @@ from .errors import invalid, precondition
 from .host import Host
 
 log = logging.getLogger("editlens.server")
-
-#: the editor whose trained adapter TrainVisEdit produces (the RPC is named after it)
-TRAINED_EDITOR = "visedit"
 
 
 @dataclass
@@ -271,11 +269,15 @@ class TrainPlan:
 
 def plan_training(host: Host, request: pb.TrainVisEditRequest) -> TrainPlan:
     """Check a TrainVisEdit request: the world folder and the trainer's settings (INVALID_ARGUMENT)."""
-    from editors.visedit.train import VisEditTrainConfig
-
-    adapter = host.versions.adapter_name(request.adapter or TRAINED_EDITOR)
-    world = Path(request.cases_path) if request.cases_path else Path(host.vlm.path).parent
-    if not (world / "world.json").is_file() or not (world / "edit_cases" / "train.json").is_file():
+    spec = trained_editor()
+    adapter = host.versions.adapter_name(request.adapter or spec.name)
+    world = WorldFolder(request.cases_path) if request.cases_path else host.world
+    if world is None:
+        raise invalid(
+            f"the served model {host.vlm.path} is not a world's model: VisEdit trains on a world's training "
+            "split; give cases_path = a world folder (one `editlens world build` wrote)"
+        )
+    if not world.world_json.is_file() or not world.edit_cases_file("train").is_file():
         raise invalid(
             f"{world} is not a world folder (world.json and edit_cases/train.json): VisEdit trains on "
             "a world's training split; give cases_path = such a folder"
@@ -284,25 +286,23 @@ def plan_training(host: Host, request: pb.TrainVisEditRequest) -> TrainPlan:
     options["layer"] = request.layer if request.HasField("layer") else "auto"
     if request.steps:
         options["steps"] = int(request.steps)
-    config = build_config(VisEditTrainConfig, options)
+    config = build_config(spec.trainer.config_class, options)
     config.check()
     check_work(config, host.inputs.limits.max_job_steps)
     if config.layer != "auto" and not 0 <= config.layer < host.vlm.num_layers:
         raise ConfigError(f"layer {config.layer} is outside 0..{host.vlm.num_layers - 1}")
-    return TrainPlan(adapter, world, config, not request.no_promote)
+    return TrainPlan(adapter, world.root, config, not request.no_promote)
 
 
 def run_training(host: Host, job, plan: TrainPlan):
     """The training job: train, then publish the trained editor as a version; returns its ``VersionInfo``."""
-    from editors.visedit.train import train_visedit
-
-    spec = get_editor(TRAINED_EDITOR)
+    spec = trained_editor()
 
     def progress(p) -> None:
         job.emit(p.stage, p.step, p.steps, loss=p.losses.get("loss", p.validation_loss), message=p.message)
 
     with tempfile.TemporaryDirectory(prefix="editlens-train-") as tmp:
-        summary = train_visedit(host.vlm, plan.world, tmp, plan.config, progress)
+        summary = spec.trainer.train(host.vlm, plan.world, Path(tmp), plan.config, progress)
         job.check_cancelled()
         trained: EditSetBase = spec.load(summary["adapter_path"], host.vlm)
         figures = evidence_figures(summary.get("layer_evidence"), Path(tmp))

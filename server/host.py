@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from vlm.world.folder import WorldFolder, world_phrases
 
 from .batching import Batcher
 from .config import ServerConfig
@@ -15,8 +16,9 @@ from .versions import Versions
 @dataclass
 class Host:
     """The loaded model (``vlm``), the registry, version resolution (``versions``), the input checks
-    (``inputs``), the world's named-entity phrases (the causal trace's replacements) and the generation
-    ``batcher`` (None: every request decodes alone in its own thread)."""
+    (``inputs``), the world's named-entity phrases (the causal trace's replacements), the generation
+    ``batcher`` (None: every request decodes alone in its own thread) and the ``world`` whose model the
+    loaded model is (``WorldFolder.of_model``, asked once here; None for any other checkpoint)."""
 
     vlm: object
     registry: object
@@ -24,13 +26,12 @@ class Host:
     inputs: Inputs
     phrases: list[str] = field(default_factory=list)
     batcher: Batcher | None = None
+    world: WorldFolder | None = None
 
     @classmethod
     def create(cls, vlm, registry, config: ServerConfig, on_batch: Callable[[int], None] | None = None) -> Host:
         """The host of a loaded model and registry, configured as ``config`` says (``on_batch``: told each
         generation batch's size)."""
-        from diagnostics.cases import world_phrases
-
         versions = Versions(
             registry, vlm, config.default_adapter, config.live_ttl, config.bundle_cache, config.reverify_s
         )
@@ -39,8 +40,9 @@ class Host:
             if config.max_batch_size > 1
             else None
         )
-        phrases = world_phrases(Path(vlm.path).parent)
-        return cls(vlm, registry, versions, Inputs(config.limits, vlm), phrases, batcher)
+        world = WorldFolder.of_model(vlm)
+        phrases = world_phrases(world.root) if world is not None else []
+        return cls(vlm, registry, versions, Inputs(config.limits, vlm), phrases, batcher, world)
 
     def close(self) -> None:
         """Stop the batcher (requests still waiting are answered UNAVAILABLE) and the re-verification."""

@@ -134,3 +134,41 @@ def test_a_registered_editor_is_served_end_to_end(zero_editor, start_service, in
         assert lens.generate(img, c["src"], adapter="z").served.version == 1
         assert lens.rollback(adapter="z") is None
         assert lens.generate(img, c["src"], adapter="z").served.version == 0
+
+
+def test_editors_say_their_capabilities_and_nothing_outside_an_editor_compares_its_name():
+    """Capabilities live on ``EditorSpec`` (layer rule, trainer, PEFT export, gate): the modules outside
+    ``editors/`` ask the spec, never compare an editor's name (an AST walk over the package's modules)."""
+    import ast
+    from pathlib import Path
+
+    from diagnostics.recommend import LAYER_RULES
+    from editors import trained_editor
+    from editors.peft_export import not_exportable
+
+    specs = {n: get_editor(n) for n in editor_names()}
+    assert all(s.layer_rule in (None, *LAYER_RULES) for s in specs.values())
+    assert trained_editor().name == "visedit" and trained_editor().trainer.config_class.__name__.endswith("Config")
+    exporting = {n for n, s in specs.items() if s.peft_refusal is None}
+    assert exporting == {"multedit", "alphaedit"}
+    assert not_exportable("multedit") is None and "multedit or alphaedit" in not_exportable("keygate")
+    assert specs["keygate"].gate == "key" and specs["multedit"].gate is None
+    with pytest.raises(ValueError, match="gate must be one of"):
+        EditorSpec("odd", ZeroConfig, ZeroEditSet, EditorBase, FORMAT, gate="sometimes")
+
+    root = Path(__file__).resolve().parent.parent
+    names = set(specs)
+    found = []
+    for package in ("server", "client", "bench", "diagnostics", "registry", "vlm"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Compare):
+                    continue
+                sides = [node.left, *node.comparators]
+                consts = [c for s in sides for c in ([s] if isinstance(s, ast.Constant) else getattr(s, "elts", []))]
+                hits = {c.value for c in consts if isinstance(c, ast.Constant) and c.value in names}
+                if hits:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} compares {sorted(hits)}")
+    assert not found, "modules outside editors/ branch on an editor's name:\n" + "\n".join(found)

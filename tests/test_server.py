@@ -395,7 +395,7 @@ BAD = {
         t.case["ground_truth"],
         adapter="bad",
         editor="visedit",
-        visedit_adapter="known",
+        editor_adapter="known",
     ),
     "unknown training option": lambda t: t.lens.train_visedit(adapter="bad", steps=1, nope=1),
     "bad training option value": lambda t: t.lens.train_visedit(adapter="bad", steps=1, batch_size=0),
@@ -541,7 +541,7 @@ def test_visedit_train_edit_serve_and_carry_over(svc, lens, anon, case, vlm):
         case["ground_truth"],
         adapter=a,
         editor="visedit",
-        visedit_adapter="vis-editor",
+        editor_adapter="vis-editor",
     )
     assert v2.parent == v1.version and v2.editors == ["keygate", "visedit"] and v2.num_edits == 2
     assert {"keygate.safetensors", "visedit.safetensors"} <= set(v2.files)

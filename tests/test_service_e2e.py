@@ -175,7 +175,7 @@ def test_serve_subprocess_end_to_end_with_the_sdk(keygate_case, vlm, world_dir, 
                 c["constraint"],
                 c["ground_truth"],
                 editor="visedit",
-                visedit_adapter="vis-editor",
+                editor_adapter="vis-editor",
                 rephrase=c["rephrase"],
                 image_rephrase=img2,
                 keep_unreached=True,  # a 4-step editor need not reach the answer: then it is registered, not live

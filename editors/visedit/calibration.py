@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -79,18 +78,19 @@ def calibrate_world_scope(
 ) -> Scope:
     """The scope gate of ``vead`` on a built world (module docstring)."""
     from vlm.images import load_image
+    from vlm.world.folder import WorldFolder
     from vlm.world.render import render_entity
-    from vlm.world.stream import load_world, new_entities
+    from vlm.world.stream import new_entities
 
     t0 = time.perf_counter()
-    world_dir = Path(world_dir)
-    spec = json.loads((world_dir / "world.json").read_text())
+    world = WorldFolder(world_dir)
+    spec = world.spec()
     n_train = int(spec["config"]["train_renderings"])
     known = [e for e in spec["entities"] if e["known"]]
     ref_paths = [(e["id"], p) for e in known for p in e["images"][:n_train]]
-    reference = keys_of_images(vlm, vead, [load_image(world_dir / p) for _, p in ref_paths])
+    reference = keys_of_images(vlm, vead, [load_image(world.image(p)) for _, p in ref_paths])
     pool = [(e["kind"], e["look"]) for e in spec["entities"]]
-    pool += [(e.kind, e.look) for e in new_entities(load_world(world_dir))]
+    pool += [(e.kind, e.look) for e in new_entities(world.world())]
     rng = random.Random(f"visedit-scope-{seed}")
     chosen = pool[: len(spec["entities"])] + rng.sample(
         pool[len(spec["entities"]) :], max(0, looks - len(spec["entities"]))
@@ -112,7 +112,7 @@ def calibrate_world_scope(
         reference_images=len(ref_paths),
         seconds=round(time.perf_counter() - t0, 1),
     )
-    questions, labels = world_questions(vlm, world_dir)
+    questions, labels = world_questions(vlm, world)
     report["reference_questions"] = len(labels)
     return Scope(tau, reference, [s for s, _ in ref_paths], far, report, questions, labels)
 
@@ -121,7 +121,9 @@ def world_questions(vlm: VLM, world_dir: str | Path) -> tuple[torch.Tensor, list
     """Keys (Q, d) of the distinct visual questions of a world's training set, and their relations."""
     from PIL import Image
 
-    items = json.loads((Path(world_dir) / "questions" / "train.json").read_text())
+    from vlm.world.folder import WorldFolder
+
+    items = WorldFolder(world_dir).questions("train")
     asked = {q["question"]: q["relation"] for q in items if q.get("image") and q.get("relation")}
     if not asked:
         return torch.zeros(0, 0), []

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlm.world.folder import WorldFolder, WorldFolderError
+
 SYNTHETIC_RENDERINGS = 3  # renderings of each synthetic entity
 SYNTHETIC_EDITS = 3  # edits about each synthetic entity
 FIELDS = (
@@ -72,13 +74,150 @@ class Split:
         }
 
 
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist; is {path.parent.parent} a built world?") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+@dataclass
+class _Source:
+    """What the samples are drawn from: the world's description, its text-fact questions and vocabularies."""
+
+    world: dict[str, Any]
+    text_facts: list[dict[str, Any]]
+    entities: dict[str, dict[str, Any]] = field(init=False)
+    relations: dict[str, dict[str, Any]] = field(init=False)
+    pools: dict[str, list[str]] = field(init=False)
+    train_renderings: int = field(init=False)
+    constraint: dict[str, str] = field(init=False)
+    known: list[dict[str, Any]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        world = self.world
+        self.entities = {e["id"]: e for e in world["entities"]}
+        self.relations = {r["name"]: r for r in world["relations"]}
+        pools = {"city": world["cities"], "country": world["countries"], "person_name": world["person_names"]}
+        for r in world["relations"]:  # the other vocabularies: every value some entity of the world has
+            if r["value_pool"] not in pools:
+                pools[r["value_pool"]] = sorted(
+                    {
+                        e["facts"][r["name"]]
+                        for e in world["entities"] + world["text_only_entities"]
+                        if r["name"] in e["facts"]
+                    }
+                )
+        self.pools = pools
+        self.train_renderings = int(world["config"]["train_renderings"])
+        self.constraint = world["kind_constraint"]
+        self.known = [e for e in world["entities"] if e["known"]]
+
+    def locality(self, rng: random.Random, ent_id: str) -> dict[str, Any]:
+        """An unrelated text question and an unrelated image question (another known entity) for an edit of
+        ``ent_id``."""
+        loc = rng.choice([q for q in self.text_facts if q.get("entity") != ent_id])
+        other = rng.choice([e for e in self.known if e["id"] != ent_id])
+        rel = self.relations[rng.choice(sorted(other["facts"]))]
+        return {
+            "loc": loc["question"],
+            "loc_ans": loc["answer"],
+            "m_loc": other["images"][rng.randrange(self.train_renderings)],
+            "m_loc_q": rng.choice(rel["train_templates"]).format(s=self.constraint[other["kind"]]),
+            "m_loc_a": other["facts"][rel["name"]],
+        }
+
+
+def _drawn_samples(src: _Source, rng: random.Random, ent_ids: list[str], per_entity: int) -> list[dict[str, Any]]:
+    """``per_entity`` edits of each entity drawn from the world's description (module docstring)."""
+    drawn = []
+    for ent_id in ent_ids:
+        ent = src.entities[ent_id]
+        for _ in range(per_entity):
+            rel = src.relations[rng.choice(sorted(ent["facts"]))]
+            alt = rng.choice([v for v in src.pools[rel["value_pool"]] if v != ent["facts"][rel["name"]]])
+            k, k2 = rng.sample(range(src.train_renderings), 2)
+            s = src.constraint[ent["kind"]]
+            drawn.append(
+                {
+                    "case_id": f"drawn-{len(drawn):05d}",
+                    "type": "drawn",
+                    "entity": ent_id,
+                    "relation": rel["name"],
+                    "constraint": s,
+                    "src": rng.choice(rel["train_templates"]).format(s=s),
+                    "rephrase": rng.choice(rel["heldout_templates"]).format(s=s),
+                    "alt": alt,
+                    "ground_truth": ent["facts"][rel["name"]],
+                    "image": ent["images"][k],
+                    "image_rephrase": ent["images"][k2],
+                    **src.locality(rng, ent_id),
+                }
+            )
+    return drawn
+
+
+def _synthetic_samples(
+    src: _Source,
+    rng: random.Random,
+    seed: int,
+    synthetic: int,
+    synthetic_locality: bool,
+    every: list[dict[str, Any]],
+    train_ids: set[str],
+) -> dict[str, Any]:
+    """Edits about new entities drawn for the occasion (module docstring), appended to ``every``, their
+    entities added to ``train_ids``; returns their renderings (PIL) by name."""
+    from vlm.world.render import render_entity, sample_looks
+
+    def identity(look: dict) -> str:  # what tells two looks apart (the accent is random)
+        return json.dumps({k: look[k] for k in ("shape", "colour", "pattern")}, sort_keys=True)
+
+    world, constraint, pools = src.world, src.constraint, src.pools
+    images: dict[str, Any] = {}
+    taken = {(e["kind"], identity(e["look"])) for e in world["entities"]}
+    srng = random.Random(f"visedit-synthetic-{seed}")
+    kinds = sorted(constraint)
+    by_kind = {k: [lk for lk in sample_looks(srng, k, 10_000) if (k, identity(lk)) not in taken] for k in kinds}
+    rels_of = {k: [r for r in world["relations"] if r["kind"] == k] for k in kinds}
+    n_entities = min(math.ceil(synthetic / SYNTHETIC_EDITS), sum(len(v) for v in by_kind.values()))
+    synthetic_seen: list[tuple[str, str, list[str]]] = []
+    for i in range(n_entities):
+        kind = kinds[i % len(kinds)]
+        if i // len(kinds) >= len(by_kind[kind]):
+            continue
+        look = by_kind[kind][i // len(kinds)]
+        ent_id = f"synthetic-{kind}-{i:05d}"
+        names = [f"{ent_id}-{k}" for k in range(SYNTHETIC_RENDERINGS)]
+        for k, name in enumerate(names):
+            images[name] = render_entity(kind, look, f"visedit-{seed}-{ent_id}-{k}")
+        s = constraint[kind]
+        for _ in range(SYNTHETIC_EDITS):
+            rel = srng.choice(rels_of[kind])
+            a, b = srng.sample(names, 2)
+            loc = src.locality(rng, ent_id)
+            if synthetic_locality and synthetic_seen and srng.random() < 0.5:
+                # the unrelated image is another synthetic entity half of the time, so that the mapper
+                # cannot tell edits from unrelated images by whether the model knows the entity
+                o_id, o_kind, o_names = srng.choice(synthetic_seen)
+                o_rel = srng.choice(rels_of[o_kind])
+                loc.update(
+                    m_loc=srng.choice(o_names),
+                    m_loc_q=srng.choice(o_rel["train_templates"]).format(s=constraint[o_kind]),
+                    m_loc_a=srng.choice(pools[o_rel["value_pool"]]),
+                )
+            every.append(
+                {
+                    "case_id": f"{ent_id}-{len(every)}",
+                    "type": "synthetic",
+                    "entity": ent_id,
+                    "relation": rel["name"],
+                    "constraint": s,
+                    "src": srng.choice(rel["train_templates"]).format(s=s),
+                    "rephrase": srng.choice(rel["heldout_templates"]).format(s=s),
+                    "alt": srng.choice(pools[rel["value_pool"]]),
+                    "ground_truth": None,
+                    "image": a,
+                    "image_rephrase": b,
+                    **loc,
+                }
+            )
+        synthetic_seen.append((ent_id, kind, names))
+        train_ids.add(ent_id)
+    return images
 
 
 def training_samples(
@@ -96,26 +235,12 @@ def training_samples(
         raise DataError("per_entity must be >= 0")
     if not 0 < validation_fraction < 1:
         raise DataError("validation_fraction must be in (0, 1)")
-    records = _read(world_dir / "edit_cases" / "train.json")
-    world = _read(world_dir / "world.json")
-    text_facts = _read(world_dir / "questions" / "text_fact.json")
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{world_dir}/edit_cases/train.json holds no edit cases")
-    entities = {e["id"]: e for e in world["entities"]}
-    relations = {r["name"]: r for r in world["relations"]}
-    pools = {"city": world["cities"], "country": world["countries"], "person_name": world["person_names"]}
-    for r in world["relations"]:  # the other vocabularies: every value some entity of the world has
-        if r["value_pool"] not in pools:
-            pools[r["value_pool"]] = sorted(
-                {
-                    e["facts"][r["name"]]
-                    for e in world["entities"] + world["text_only_entities"]
-                    if r["name"] in e["facts"]
-                }
-            )
-    train_renderings = int(world["config"]["train_renderings"])
-    constraint = world["kind_constraint"]
-    known = [e for e in world["entities"] if e["known"]]
+    folder = WorldFolder(world_dir)
+    try:
+        records, world, text_facts = folder.edit_cases("train"), folder.spec(), folder.questions("text_fact")
+    except WorldFolderError as exc:
+        raise DataError(str(exc)) from None
+    src = _Source(world, text_facts)
     rng = random.Random(f"visedit-data-{seed}")
 
     ids = sorted({r["entity"] for r in records})
@@ -123,99 +248,11 @@ def training_samples(
     n_val = max(1, int(round(len(ids) * validation_fraction)))
     val_ids, train_ids = set(ids[:n_val]), set(ids[n_val:])
 
-    def locality(ent_id: str) -> dict[str, Any]:
-        loc = rng.choice([q for q in text_facts if q.get("entity") != ent_id])
-        other = rng.choice([e for e in known if e["id"] != ent_id])
-        rel = relations[rng.choice(sorted(other["facts"]))]
-        return {
-            "loc": loc["question"],
-            "loc_ans": loc["answer"],
-            "m_loc": other["images"][rng.randrange(train_renderings)],
-            "m_loc_q": rng.choice(rel["train_templates"]).format(s=constraint[other["kind"]]),
-            "m_loc_a": other["facts"][rel["name"]],
-        }
-
-    drawn = []
-    for ent_id in sorted(train_ids | val_ids):
-        ent = entities[ent_id]
-        for _ in range(per_entity):
-            rel = relations[rng.choice(sorted(ent["facts"]))]
-            alt = rng.choice([v for v in pools[rel["value_pool"]] if v != ent["facts"][rel["name"]]])
-            k, k2 = rng.sample(range(train_renderings), 2)
-            s = constraint[ent["kind"]]
-            drawn.append(
-                {
-                    "case_id": f"drawn-{len(drawn):05d}",
-                    "type": "drawn",
-                    "entity": ent_id,
-                    "relation": rel["name"],
-                    "constraint": s,
-                    "src": rng.choice(rel["train_templates"]).format(s=s),
-                    "rephrase": rng.choice(rel["heldout_templates"]).format(s=s),
-                    "alt": alt,
-                    "ground_truth": ent["facts"][rel["name"]],
-                    "image": ent["images"][k],
-                    "image_rephrase": ent["images"][k2],
-                    **locality(ent_id),
-                }
-            )
+    drawn = _drawn_samples(src, rng, sorted(train_ids | val_ids), per_entity)
     every = [r for r in records if all(f in r for f in FIELDS)] + drawn
     images: dict[str, Any] = {}
     if synthetic:
-        from vlm.world.render import render_entity, sample_looks
-
-        def identity(look: dict) -> str:  # what tells two looks apart (the accent is random)
-            return json.dumps({k: look[k] for k in ("shape", "colour", "pattern")}, sort_keys=True)
-
-        taken = {(e["kind"], identity(e["look"])) for e in world["entities"]}
-        srng = random.Random(f"visedit-synthetic-{seed}")
-        kinds = sorted(constraint)
-        by_kind = {k: [lk for lk in sample_looks(srng, k, 10_000) if (k, identity(lk)) not in taken] for k in kinds}
-        rels_of = {k: [r for r in world["relations"] if r["kind"] == k] for k in kinds}
-        n_entities = min(math.ceil(synthetic / SYNTHETIC_EDITS), sum(len(v) for v in by_kind.values()))
-        synthetic_seen: list[tuple[str, str, list[str]]] = []
-        for i in range(n_entities):
-            kind = kinds[i % len(kinds)]
-            if i // len(kinds) >= len(by_kind[kind]):
-                continue
-            look = by_kind[kind][i // len(kinds)]
-            ent_id = f"synthetic-{kind}-{i:05d}"
-            names = [f"{ent_id}-{k}" for k in range(SYNTHETIC_RENDERINGS)]
-            for k, name in enumerate(names):
-                images[name] = render_entity(kind, look, f"visedit-{seed}-{ent_id}-{k}")
-            s = constraint[kind]
-            for _ in range(SYNTHETIC_EDITS):
-                rel = srng.choice(rels_of[kind])
-                a, b = srng.sample(names, 2)
-                loc = locality(ent_id)
-                if synthetic_locality and synthetic_seen and srng.random() < 0.5:
-                    # the unrelated image is another synthetic entity half of the time, so that the mapper
-                    # cannot tell edits from unrelated images by whether the model knows the entity
-                    o_id, o_kind, o_names = srng.choice(synthetic_seen)
-                    o_rel = srng.choice(rels_of[o_kind])
-                    loc.update(
-                        m_loc=srng.choice(o_names),
-                        m_loc_q=srng.choice(o_rel["train_templates"]).format(s=constraint[o_kind]),
-                        m_loc_a=srng.choice(pools[o_rel["value_pool"]]),
-                    )
-                every.append(
-                    {
-                        "case_id": f"{ent_id}-{len(every)}",
-                        "type": "synthetic",
-                        "entity": ent_id,
-                        "relation": rel["name"],
-                        "constraint": s,
-                        "src": srng.choice(rel["train_templates"]).format(s=s),
-                        "rephrase": srng.choice(rel["heldout_templates"]).format(s=s),
-                        "alt": srng.choice(pools[rel["value_pool"]]),
-                        "ground_truth": None,
-                        "image": a,
-                        "image_rephrase": b,
-                        **loc,
-                    }
-                )
-            synthetic_seen.append((ent_id, kind, names))
-            train_ids.add(ent_id)
+        images = _synthetic_samples(src, rng, seed, synthetic, synthetic_locality, every, train_ids)
     return Split(
         train=[r for r in every if r["entity"] in train_ids],
         validation=[r for r in every if r["entity"] in val_ids],

@@ -20,7 +20,7 @@ import torch
 from editors.base import EditorBase
 from editors.configs import VisEditConfig
 from editors.files import IncompatibleEditSetError
-from editors.registry import EditContext, EditorSpec, register_editor
+from editors.registry import EditContext, EditorSpec
 from editors.request import EditProgress, EditRequest, ProgressCallback
 from vlm.loading import VLM
 from vlm.options import ConfigError
@@ -29,7 +29,6 @@ from vlm.prompts import EncodedPrompt, collate, encode
 from vlm.scoring import score_answers
 
 from .adapter import VEAD, EditSignal
-from .edit_set import FORMAT as EDIT_SET_FORMAT
 from .edit_set import VisEditSet
 from .scope import QuestionReader, image_keys
 
@@ -226,15 +225,16 @@ class VisEdit(EditorBase):
         return self.edit(requests, onto=onto, progress=progress)
 
 
-def _world_adapter(world_dir: Path) -> dict[str, Any]:
+def world_adapter(world_dir: Path) -> dict[str, Any]:
     """The adapter `editlens visedit train` wrote for this world, when there is one."""
-    from .train import default_adapter_path
+    from vlm.world.folder import WorldFolder
 
-    path = default_adapter_path(world_dir)
+    path = WorldFolder(world_dir).visedit_adapter
     return {"adapter": str(path)} if path.is_file() else {}
 
 
-def _create(spec: EditorSpec, vlm: VLM, config: VisEditConfig, context: EditContext) -> VisEdit:
+def create_visedit(spec: EditorSpec, vlm: VLM, config: VisEditConfig, context: EditContext) -> VisEdit:
+    """The editor around its trained adapter: a file (``adapter``) or a registry version (``editor_adapter``)."""
     if config.adapter:
         return VisEdit(vlm, VisEditSet.load(config.adapter, vlm), {"adapter_file": config.adapter})
     if context.lookup is None:
@@ -244,18 +244,3 @@ def _create(spec: EditorSpec, vlm: VLM, config: VisEditConfig, context: EditCont
         )
     trained, version = context.lookup(spec.name, config.editor_adapter, config.editor_version)
     return VisEdit(vlm, trained, {"editor_adapter": config.editor_adapter, "editor_version": version})
-
-
-register_editor(
-    EditorSpec(
-        name="visedit",
-        config_class=VisEditConfig,
-        edit_set_class=VisEditSet,
-        editor_class=VisEdit,
-        format=EDIT_SET_FORMAT,
-        description="a signal of a trained visual edit adapter, the VEAD (Chen et al. 2024)",
-        create_fn=_create,
-        world_options=_world_adapter,
-        layer_rule="visedit",  # the VEAD rule: before the high module-contribution layers
-    )
-)

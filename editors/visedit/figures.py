@@ -113,12 +113,12 @@ GATE_PROBES = (
 def similar_look(world_dir: str | Path, entity: str, seed: int = 0):
     """A rendering of a look like ``entity``'s (same kind, shape and colours) but with another pattern,
     drawn for the purpose (no entity of the world has it unless by chance)."""
-    import json
     import random
 
+    from vlm.world.folder import WorldFolder
     from vlm.world.render import PATTERNS, render_entity
 
-    spec = json.loads((Path(world_dir) / "world.json").read_text())
+    spec = WorldFolder(world_dir).spec()
     ent = next(e for e in spec["entities"] if e["id"] == entity)
     rng = random.Random(f"similar-{seed}-{entity}")
     look = dict(ent["look"], pattern=rng.choice([p for p in PATTERNS if p != ent["look"]["pattern"]]))

@@ -539,7 +539,9 @@ def render_training(curve: list[dict], validation: list[dict], path: str | Path)
 
 def default_adapter_path(world_dir: str | Path) -> Path:
     """Where ``editlens visedit train`` puts the adapter of a world by default."""
-    return Path(world_dir) / "visedit" / "adapter.safetensors"
+    from vlm.world.folder import WorldFolder
+
+    return WorldFolder(world_dir).visedit_adapter
 
 
 def train_visedit(

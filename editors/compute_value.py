@@ -1,19 +1,13 @@
-"""The core of MultEdit (Basu et al. §5, App. G): key, value optimisation and
-the closed-form rank-one update of one MLP's down projection.
+"""MultEdit's value (Basu et al. §5, App. G; ROME's ``compute_v``): step 2 of a key/value edit.
 
-* Key k ∈ R^{d_ff}: the input of ``down_proj`` at layer ℓ at the last token
-  of the visual constraint ("this landmark"), one forward pass.
-* Value: z = the output of ``down_proj`` there; z* = z + δ, with δ optimised
-  by Adam to minimise −log P(O* | image, question), teacher-forced over all
-  answer tokens. Optionally ‖δ‖ ≤ max_norm (None: unbounded).
-* Update: W* = argmin ‖W k − z*‖² + λ‖W − W′‖², which is exactly the rank
-  one W′ + (z* − W′k) kᵀ / (λ + kᵀk); stored as factors u = (z* − W′k) /
-  (λ + kᵀk) ∈ R^d and v = k ∈ R^{d_ff}. No d_ff×d_ff matrix is formed.
-
-Many requests are optimised together in one batch (each row has its own δ at
-its own position, and a row stops moving once it has converged, so a batch
-gives the same values as one request at a time); each update is still
-computed for its own request, or jointly for n edits with an n×n solve.
+z is the output of ``down_proj`` at the key position; the target is z* = z + δ,
+with δ optimised by Adam to minimise −log P(O* | image, question),
+teacher-forced over all answer tokens (optionally ‖δ‖ ≤ max_norm). Many
+requests are optimised together in one batch: each row has its own δ at its own
+position, and a row stops moving once it has converged, so a batch gives the
+same values as one request at a time. Rows may share one δ (``groups``): facts
+about one subject share its key, so they need one value that gives all their
+answers.
 """
 
 from __future__ import annotations
@@ -28,15 +22,6 @@ from vlm.patching import Patch, run_patched
 from vlm.prompts import EncodedPrompt, collate
 
 ProgressFn = Callable[[int, int, float], None]
-
-
-def constraint_keys(vlm: VLM, prompts: Sequence[EncodedPrompt], layer: int) -> torch.Tensor:
-    """(n, d_ff) inputs of ``down_proj`` at ``layer`` at each prompt's constraint last token."""
-    inputs = collate(prompts, vlm.tokenizer.pad_token_id)
-    run = run_patched(vlm, inputs, capture=[("mlp_in", layer)])
-    x = run.captured[("mlp_in", layer)]
-    pos = torch.tensor([p.constraint_last for p in prompts], device=x.device)
-    return x[torch.arange(len(prompts), device=x.device), pos].float()
 
 
 def answer_nll(prompts: Sequence[EncodedPrompt], run) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,54 +157,3 @@ def optimise_values(
         step_sizes=(lr * scale[gidx, 0]).tolist(),
         residual_rms=rms.tolist(),
     )
-
-
-def rank_one(
-    W: torch.Tensor, k: torch.Tensor, z_star: torch.Tensor, lam: float = 0.01
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (u, v) of the closed-form update: W′ + u vᵀ with u = (z* − W′k)/(λ + kᵀk), v = k."""
-    W = W.float()
-    k = k.float()
-    u = (z_star.float() - W @ k) / (lam + k @ k)
-    return u, k.clone()
-
-
-def solve_update(Wk: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, lam: float = 0.01) -> torch.Tensor:
-    """U of the joint update W′ + U Kᵀ = W′ + (Z − W′K)(λIₙ + KᵀK)⁻¹Kᵀ for n keys at once.
-
-    Rows are edits: ``Wk`` (n, d) = W′k_i (the module's current output at
-    each key), ``K`` (n, d_ff), ``Z_star`` (n, d). Returns U (d, n); the
-    delta is U Kᵀ, i.e. V = Kᵀ columns. Only an n×n system is solved (in
-    float64); for n = 1 this is exactly ``rank_one``.
-    """
-    K64 = K.double()
-    A = lam * torch.eye(K.shape[0], dtype=torch.float64, device=K.device) + K64 @ K64.T
-    R = Z_star.double() - Wk.double()
-    return torch.linalg.solve(A, R).T.float()
-
-
-def solve_update_keeping(
-    Wk: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, K_keep: torch.Tensor, lam: float = 0.01
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The joint update when other keys must keep their outputs (earlier edits in sequential editing).
-
-    Minimises Σᵢ ‖(W′ + Δ)kᵢ − z*ᵢ‖² + Σⱼ ‖Δ k_keep,ⱼ‖² + λ‖Δ‖², the paper's
-    objective over the new and the kept keys together: with Kf = [K; K_keep]
-    and R = [Z* − W′K; 0], Δ = Rᵀ(λI + Kf Kfᵀ)⁻¹Kf, an (n+m)×(n+m) solve.
-    Only the n new rows of R are non-zero, so Δ = U Vᵀ with U = (Z* − W′K)ᵀ
-    (d × n) and V = ((λI + Kf Kfᵀ)⁻¹Kf)[:n]ᵀ (d_ff × n): still rank n.
-    """
-    n = K.shape[0]
-    Kf = torch.cat([K, K_keep.to(K.device, K.dtype)]).double()
-    A = lam * torch.eye(Kf.shape[0], dtype=torch.float64, device=Kf.device) + Kf @ Kf.T
-    rows = torch.linalg.solve(A, Kf)[:n]
-    return (Z_star.double() - Wk.double()).T.float(), rows.T.float()
-
-
-def explicit_inverse_update(W: torch.Tensor, K: torch.Tensor, Z_star: torch.Tensor, lam: float = 0.01) -> torch.Tensor:
-    """The paper's formula (App. G eq. 7), as the authors compute it: the edited weight
-    (λW′ + Z Kᵀ)(λI + K Kᵀ)⁻¹ with a d_ff×d_ff inverse. A reference, not for use."""
-    K = K.T if K.dim() == 2 else K[:, None]  # (d_ff, n)
-    Z = Z_star.T if Z_star.dim() == 2 else Z_star[:, None]
-    eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
-    return (lam * W + Z @ K.T) @ torch.linalg.inv(lam * eye + K @ K.T)

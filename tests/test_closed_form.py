@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from editors.closed_form import explicit_inverse_update, rank_one_updates, solve_update, solve_update_keeping
+from editors.compute_key import constraint_keys
+from editors.compute_value import optimise_values
 from editors.multedit import EditRequest, MultEdit, MultEditConfig
-from editors.rank_one import constraint_keys, explicit_inverse_update, optimise_values, rank_one, solve_update
 from vlm import encode
 
 
@@ -20,16 +22,18 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def test_rank_one_update_equals_the_papers_explicit_inverse():
-    W, K, Z = _problem(1)
+def test_each_rank_one_update_equals_the_papers_explicit_inverse_for_its_edit_alone():
+    W, K, Z = _problem(3)
     lam = 0.01
-    u, v = rank_one(W, K[0], Z[0], lam)
-    ours = W.float() + torch.outer(u, v)
-    paper = explicit_inverse_update(W, K[0], Z[0], lam)
-    assert _rel((ours - W).double(), paper - W) <= 1e-4
-    # the edited layer maps the key onto the value up to the ridge shrinkage λ/(λ + kᵀk)
-    residual = ours.double() @ K[0] - Z[0]
-    assert torch.allclose(residual, -lam * (Z[0] - W @ K[0]) / (lam + K[0] @ K[0]), atol=1e-4)
+    U = rank_one_updates(K @ W.T, K, Z, lam)  # what MultEdit's single edits call: one column per edit
+    assert U.shape == (W.shape[0], 3)
+    for i in range(3):
+        ours = W.float() + torch.outer(U[:, i], K[i].float())  # v = k
+        paper = explicit_inverse_update(W, K[i], Z[i], lam)
+        assert _rel((ours - W).double(), paper - W) <= 1e-4
+        # the edited layer maps the key onto the value up to the ridge shrinkage λ/(λ + kᵀk)
+        residual = ours.double() @ K[i] - Z[i]
+        assert torch.allclose(residual, -lam * (Z[i] - W @ K[i]) / (lam + K[i] @ K[i]), atol=1e-4)
 
 
 def test_joint_update_of_n_edits_equals_the_explicit_inverse_and_reduces_to_rank_one():
@@ -39,7 +43,7 @@ def test_joint_update_of_n_edits_equals_the_explicit_inverse_and_reduces_to_rank
     assert U.shape == (W.shape[0], 5)
     paper = explicit_inverse_update(W, K, Z, lam)  # (λW′ + ZKᵀ)(λI + KKᵀ)⁻¹ with a d_ff×d_ff inverse
     assert _rel(U.double() @ K, paper - W) <= 1e-4
-    u1, _ = rank_one(W, K[0], Z[0], lam)
+    u1 = rank_one_updates(K[:1] @ W.T, K[:1], Z[:1], lam)[:, 0]
     assert torch.allclose(solve_update((K[:1] @ W.T), K[:1], Z[:1], lam)[:, 0], u1, rtol=1e-5, atol=1e-7)
 
 
@@ -67,8 +71,6 @@ def test_a_bound_on_the_value_change_is_respected(vlm, world_dir, test_cases):
 
 
 def test_update_keeping_other_keys_solves_the_joint_objective_and_leaves_them_alone():
-    from editors.rank_one import solve_update_keeping
-
     W, K, Z = _problem(2)
     _, K_keep, _ = _problem(4, seed=1)
     lam = 0.01

@@ -24,6 +24,20 @@ Three measurements per editor, all on the same cases and the same model:
 
 The locality references and the specificity panel are scored once on the
 base model before any edit.
+
+Beside the E-VQA five (not in their mean), two harder probes: modal
+generality on a rendering of the edited subject never used in training
+(``modal_generality_heldout``, the cases' ``image_heldout``) and modal
+locality on a near neighbour (``modal_locality_near``: the edit question on
+an image of another subject whose look differs from the edited subject's in
+exactly one attribute, ``vlm.world.stream.NearNeighbours``; agreement with
+the base model's answer); each with how many cases it was computed on
+(``..._cases``; a case without a held-out rendering or a neighbour is left
+out of that figure, and in the sequential run so is a neighbour whose asked
+fact one of the edits rewrote). ``near_neighbours`` says how many of the
+chosen cases have a neighbour, by the attribute that differs and by where it
+comes from (the world's known or unseen entities, or the edit stream's new
+ones, drawn into a scratch folder when the stream has not drawn them yet).
 """
 
 from __future__ import annotations
@@ -32,7 +46,6 @@ import dataclasses
 import random
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +55,9 @@ from editors.files import EditSetError
 from editors.request import EditRequest
 from vlm.loading import VLM
 from vlm.options import ConfigError
+from vlm.world.folder import WorldFolder
 
-StageFn = Callable[[str], None]
-TickFn = Callable[[int, int], None]
+from .harness import StageFn, TickFn, near_summary, sayer, scratch, with_near_neighbours, world_header
 
 
 def make_editor(name: str, vlm: VLM, layer: int, world_dir: Path, options: dict[str, Any] | None = None):
@@ -85,6 +98,15 @@ def _single(editor, vlm, cps, base, requests, tick: TickFn | None) -> dict[str, 
     return {"summary": M.summarise(rows), "edit_seconds_batched": round(t_edit, 2), "rows": rows}
 
 
+def near_by_attribute(cps: list[M.CasePrompts], rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``modal_locality_near`` over the cases whose neighbour differs in each look attribute (and how many)."""
+    out: dict[str, dict[str, Any]] = {}
+    for cp, row in zip(cps, rows):
+        if "modal_locality_near" in row:
+            out.setdefault(cp.case["near_attribute"], []).append(row["modal_locality_near"])
+    return {a: {"cases": len(v), "modal_locality_near": sum(v) / len(v)} for a, v in sorted(out.items())}
+
+
 def _sequential(editor, vlm, world_dir, pixels, base_cases, n: int, panel, seed: int) -> dict[str, Any]:
     chosen = distinct_facts(base_cases, n, seed)
     cps = [M.case_prompts(vlm, c, pixels) for c in chosen]
@@ -100,11 +122,17 @@ def _sequential(editor, vlm, world_dir, pixels, base_cases, n: int, panel, seed:
         rows = M.evaluate_together(
             vlm,
             cps[:mark],
-            M.Baseline(base.text_locality[:mark], base.modal_locality[:mark], base.panel, base.panel_correct),
+            base.upto(mark),
             current,
         )
         s = M.summarise(rows)["all"]
-        curve.append({"edits": mark, **{k: s[k] for k in M.EVQA + ("evqa_mean",)}})
+        curve.append(
+            {
+                "edits": mark,
+                **{k: s[k] for k in M.EVQA + ("evqa_mean",)},
+                **{k: s[k] for k in M.EXTRA + tuple(M.EXTRA_CASES.values()) if k in s},
+            }
+        )
     seconds = time.perf_counter() - t0
     final = M.summarise(M.evaluate_together(vlm, cps, base, current))
     out = {"edits": len(chosen), "final": final, "curve": curve, "seconds": round(seconds, 1)}
@@ -157,7 +185,7 @@ def run(
     tick: TickFn | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-ready dict (see the module docstring)."""
-    say = stage or (lambda s: None)
+    say = sayer(stage)
     world_dir = Path(world_dir)
     named = editors is not None
     editors = list(dict.fromkeys(editors or editor_names()))
@@ -176,20 +204,22 @@ def run(
                 raise
             say(f"{name} left out: {exc}")
     t_start = time.time()
-    all_cases = M.load_cases(world_dir / "edit_cases" / "test.json")
-    chosen = all_cases if cases is None else M.spread_cases(all_cases, cases)
+    all_cases = M.load_cases(WorldFolder(world_dir).edit_cases_file("test"))
     pixels = M.PixelCache(vlm, world_dir)
+    with scratch("editing") as near_dir:  # neighbours' drawings the world has not made, processed while there
+        all_cases = with_near_neighbours(world_dir, all_cases, near_dir, pixels)
+    chosen = all_cases if cases is None else M.spread_cases(all_cases, cases)
     say(f"scoring the base model on {len(chosen)} cases")
     cps = [M.case_prompts(vlm, c, pixels) for c in chosen]
     panel = M.specificity_panel(vlm, world_dir, pixels, panel_size, seed)
     base = M.baseline(vlm, cps, panel)
     requests = _requests(chosen, world_dir, pixels)
     result: dict[str, Any] = {
-        "world": str(world_dir),
-        "fingerprint": vlm.fingerprint,
-        "layer": layer,
+        **world_header(vlm, world_dir, layer),
         "cases": len(chosen),
         "specificity_panel": len(panel),
+        "near_neighbours": near_summary(chosen),
+        "heldout_renderings": sum(bool(c.get("image_heldout")) for c in chosen),
         "editors": {},
     }
     for name, editor in built.items():
@@ -199,6 +229,7 @@ def run(
         entry["single"] = single["summary"]
         entry["single_edit_seconds_batched"] = single["edit_seconds_batched"]
         entry["per_case"] = single["rows"]
+        entry["single_near_by_attribute"] = near_by_attribute(cps, single["rows"])
         if sequential:
             say(f"{name}: {sequential} sequential edits")
             entry["sequential"] = _sequential(editor, vlm, world_dir, pixels, all_cases, sequential, panel, seed)

@@ -15,6 +15,13 @@ every edit made so far is scored with all of them attached:
   beside modal locality, the same over the probes whose own fact no edit so far
   rewrote (``modal_locality_unedited``): a probe image of a known entity, asked
   a fact that a later edit of the stream rewrote, should answer the new value;
+  and modal locality on a near neighbour (``modal_locality_near``, with
+  ``modal_locality_near_cases``): the edit question on an image of another
+  subject whose look differs from the edited subject's in exactly one attribute
+  (``vlm.world.stream.NearNeighbours``), agreement with the pre-edit model's
+  answer, over the edits whose subject has a neighbour and whose neighbour's
+  asked fact no edit so far rewrote (``near_neighbours`` says how many of the
+  run's edits have one, by attribute and by source);
 
 * the specificity panel: exact-match accuracy on held-out questions about
   known entities that no edit so far touched, before (base model) and after;
@@ -52,7 +59,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +75,25 @@ from vlm.scoring import score_answers
 from vlm.world.stream import edit_stream, load_world, render_stream_images
 
 from .editing import make_editor
+from .harness import (
+    StageFn,
+    TickFn,
+    in_thread,
+    latencies,
+    marks_up_to,
+    median_ratio,
+    near_summary,
+    open_registry,
+    sayer,
+    scratch,
+    service,
+    since_mark,
+    stream_with_probe,
+    with_near_neighbours,
+    world_header,
+)
 
 MARKS = (10, 50, 100, 200, 500, 1000)
-StageFn = Callable[[str], None]
-TickFn = Callable[[int, int], None]
 METRICS = M.EVQA + ("modal_generality_heldout", "efficacy")
 SINGLE_PANEL = 40
 
@@ -80,9 +102,9 @@ class GateProbes:
     """Every image the benchmark shows, with its subject, for scoring a scope gate (visual states read once)."""
 
     def __init__(self, vlm: VLM, world_dir: Path, records: list[dict], panel, pixels):
-        import json
+        from vlm.world.folder import WorldFolder
 
-        spec = json.loads((Path(world_dir) / "world.json").read_text())
+        spec = WorldFolder(world_dir).spec()
         n_train = int(spec["config"]["train_renderings"])
         owner = {img: e["id"] for e in spec["entities"] for img in e["images"]}
         items: dict[str, tuple[str, str]] = {}  # image path -> (entity, group)
@@ -134,42 +156,30 @@ def served_latency(vlm: VLM, world_dir: Path, edit_set: Any, records: list[dict]
     """Generate through a real server (gRPC on 127.0.0.1, MLflow on sqlite in a temporary folder) with the
     final edit set registered as one version, against the base model: an image question inside the first
     edit's scope and one outside every edit's (the first case's unrelated image), ``requests`` each."""
-    from bench.serve import in_thread, latencies
-    from client.sdk import EditLensClient
-    from registry import Registry
-    from server.app import EditLensServer
     from server.bundles import publish
-    from server.config import ServerConfig
 
     first = records[0]
-    with tempfile.TemporaryDirectory(prefix="editlens-bench-lifelong-") as tmp:
-        registry = Registry(data_dir=Path(tmp) / "registry")
+    with scratch("lifelong") as tmp:
+        registry = open_registry(tmp)
         t0 = time.perf_counter()
         info = publish(registry, vlm, "lifelong", {edit_set.editor: edit_set}, edits=edit_set.records)
         t_publish = time.perf_counter() - t0
-        server = EditLensServer(ServerConfig(port=0), vlm=vlm, registry=registry)
-        address = server.start()
-        server.wait_ready(120)
-        try:
-            with EditLensClient(address) as lens:
-                inside = (Path(world_dir) / first["image"], first["src"])
-                outside = (Path(world_dir) / first["m_loc"], first["m_loc_q"])
-                served = lens.generate(*inside, adapter="lifelong")
-                fns = {
-                    "base model, in scope": lambda: lens.generate(*inside, base=True),
-                    f"{edit_set.num_edits} live edits, in scope": lambda: lens.generate(*inside, adapter="lifelong"),
-                    "base model, out of scope": lambda: lens.generate(*outside, base=True),
-                    f"{edit_set.num_edits} live edits, out of scope": lambda: lens.generate(
-                        *outside, adapter="lifelong"
-                    ),
-                }
-                out = in_thread(lambda: latencies(fns, requests))
-        finally:
-            server.stop(0)
+        with service(vlm, registry) as svc:
+            lens = svc.lens
+            inside = (Path(world_dir) / first["image"], first["src"])
+            outside = (Path(world_dir) / first["m_loc"], first["m_loc_q"])
+            served = lens.generate(*inside, adapter="lifelong")
+            fns = {
+                "base model, in scope": lambda: lens.generate(*inside, base=True),
+                f"{edit_set.num_edits} live edits, in scope": lambda: lens.generate(*inside, adapter="lifelong"),
+                "base model, out of scope": lambda: lens.generate(*outside, base=True),
+                f"{edit_set.num_edits} live edits, out of scope": lambda: lens.generate(*outside, adapter="lifelong"),
+            }
+            out = in_thread(lambda: latencies(fns, requests))
     n = edit_set.num_edits
     for where in ("in scope", "out of scope"):
-        out[f"ratio_median_{where.replace(' ', '_')}"] = round(
-            out[f"{n} live edits, {where}"]["median_ms"] / out[f"base model, {where}"]["median_ms"], 3
+        out[f"ratio_median_{where.replace(' ', '_')}"] = median_ratio(
+            out, f"{n} live edits, {where}", f"base model, {where}"
         )
     out.update(
         version=info.version,
@@ -183,12 +193,14 @@ def served_latency(vlm: VLM, world_dir: Path, edit_set: Any, records: list[dict]
 
 def marks_for(edits: int) -> list[int]:
     """The marks up to ``edits`` (and ``edits`` itself)."""
-    return sorted({m for m in MARKS if m <= edits} | {edits})
+    return marks_up_to(MARKS, edits)
 
 
-def _score_cases(vlm: VLM, cps: list[M.CasePrompts], loc_text, loc_modal) -> dict[str, float]:
+def _score_cases(vlm: VLM, cps: list[M.CasePrompts], loc_text, loc_modal, loc_near=None) -> dict[str, float]:
     """Means over cases of the E-VQA metrics, with whatever is attached now; and the modal locality over
-    the probes whose fact no edit so far rewrote (a probe that asks an edited fact should change)."""
+    the probes whose fact no edit so far rewrote (a probe that asks an edited fact should change); and over
+    the near neighbours' prompts (``loc_near``: the base model's answers, None where a case has none) whose fact
+    no edit so far rewrote, scored in a call of their own."""
     kinds = ("reliability", "text_generality", "modal_generality", "text_locality", "modal_locality", "modal_heldout")
     prompts = [getattr(cp, k) for cp in cps for k in kinds]
     scores = score_answers(vlm, prompts, batch_size=64)
@@ -213,6 +225,15 @@ def _score_cases(vlm: VLM, cps: list[M.CasePrompts], loc_text, loc_modal) -> dic
     untouched = [r["modal_locality"] for r in rows if r["probe_fact"] not in edited]
     out["modal_locality_unedited"] = sum(untouched) / len(untouched) if untouched else float("nan")
     out["modal_locality_probes_unedited"] = len(untouched)
+    near = [
+        i
+        for i, cp in enumerate(cps)
+        if cp.modal_near is not None and loc_near and loc_near[i] is not None and not M.near_edited(cp, edited)
+    ]
+    after = score_answers(vlm, [cps[i].modal_near for i in near], batch_size=64) if near else []
+    agree = [M.agreement(loc_near[i], a) for i, a in zip(near, after)]
+    out["modal_locality_near"] = sum(agree) / len(agree) if agree else None
+    out["modal_locality_near_cases"] = len(agree)
     out["evqa_mean"] = sum(out[k] for k in M.EVQA) / len(M.EVQA)
     out["by_type"] = {
         t: {k: round(sum(r[k] for r in rows if r["type"] == t) / n, 4) for k in M.EVQA} | {"cases": n}
@@ -231,9 +252,8 @@ def update_norm(edit_set: Any, vlm: VLM) -> dict[str, float]:
             total += float(((U.T @ U) * (V.T @ V)).sum())
             weight += float(vlm.module(d.module).weight.double().pow(2).sum())
         return {"delta_fro": round(total**0.5, 4), "weight_fro": round(weight**0.5, 4)}
-    gates = getattr(edit_set, "gates", None)
-    if gates:
-        norms = torch.cat([g.values.norm(dim=-1) for g in gates])
+    if get_editor(edit_set.editor).gate == "key" and edit_set.gates:  # a key gate's memory (KeyGate's)
+        norms = torch.cat([g.values.norm(dim=-1) for g in edit_set.gates])
         return {"value_norm_max": round(float(norms.max()), 4), "value_norm_mean": round(float(norms.mean()), 4)}
     dense: dict[str, torch.Tensor] = {}
     for d in getattr(edit_set, "deltas", None) or ():
@@ -248,8 +268,8 @@ def update_norm(edit_set: Any, vlm: VLM) -> dict[str, float]:
 
 def key_geometry(vlm: VLM, cps: list[M.CasePrompts], layer: int) -> dict[str, Any]:
     """Centred cosines of the stream's keys at ``layer`` (the ``down_proj`` input at the constraint)."""
+    from editors.compute_key import constraint_keys
     from editors.preservation import preservation_statistics
-    from editors.rank_one import constraint_keys
 
     mean = preservation_statistics(vlm, layer).mean.float()
 
@@ -281,6 +301,148 @@ def key_geometry(vlm: VLM, cps: list[M.CasePrompts], layer: int) -> dict[str, An
     }
 
 
+@dataclass
+class _Stream:
+    """The benchmark's facts, ready to edit and score, and what is scored once on the base model."""
+
+    records: list[dict]  # the facts edited, in the stream's order
+    foreign: list[dict]  # facts about new entities no edit of this run is about (unrelated images)
+    pixels: M.PixelCache
+    cps: list[M.CasePrompts]
+    requests: list[EditRequest]
+    probe: EditRequest  # the stream's next fact: the probe edit
+    loc_text: list
+    loc_modal: list
+    panel: list
+    panel_before: list[bool]
+    loc_near: list | None = None  # the base model's answers on the near neighbours' prompts (None: no neighbour)
+    near: dict | None = None  # how many edits have a near neighbour (``near_summary``)
+
+
+def _prepare(vlm: VLM, world_dir: Path, edits: int, panel_size: int, say: StageFn) -> _Stream:
+    """The edit stream's first ``edits`` facts and the probe fact, their images drawn, their prompts, and the
+    base model's answers to the locality probes and to the specificity panel."""
+    say(f"the edit stream: {edits} facts")
+    records, probe_record = stream_with_probe(world_dir, edits, render=False)
+    stream = records + [probe_record]
+    later = edit_stream(load_world(world_dir))[edits + 1 :]  # facts no edit of this run is about: unrelated images
+    foreign = [r for r in later if r["type"] == "new_entity" and r["entity"] not in {x["entity"] for x in stream}]
+    foreign = list({r["entity"]: r for r in foreign}.values())[:200]
+    drawn = render_stream_images(world_dir, stream + foreign)
+    if drawn:
+        say(f"drew {drawn} images of new entities")
+    pixels = M.PixelCache(vlm, world_dir)
+    with scratch("lifelong") as near_dir:  # neighbours' drawings the world has not made, processed while there
+        cases = with_near_neighbours(world_dir, records, near_dir, pixels)  # copies: the records stay as they are
+    cps = [M.case_prompts(vlm, c, pixels) for c in cases]
+    requests = [EditRequest.from_case(c, world_dir, pixel_values=pixels(c["image"])) for c in records]
+    probe = EditRequest.from_case(probe_record, world_dir, pixel_values=pixels(probe_record["image"]))
+    loc_text = score_answers(vlm, [cp.text_locality for cp in cps], batch_size=64)
+    loc_modal = score_answers(vlm, [cp.modal_locality for cp in cps], batch_size=64)
+    panel = M.specificity_panel(vlm, world_dir, pixels, panel_size)
+    panel_before = [s.exact for s in score_answers(vlm, [p for _, p in panel], batch_size=64)]
+    loc_near = M.near_references(vlm, cps)
+    return _Stream(
+        records,
+        foreign,
+        pixels,
+        cps,
+        requests,
+        probe,
+        loc_text,
+        loc_modal,
+        panel,
+        panel_before,
+        loc_near,
+        near_summary(cases),
+    )
+
+
+def _probe_ms(editor, probe: EditRequest, onto) -> float:
+    """The same edit (the stream's next fact) timed on the current edits, then dropped: equal work."""
+    t0 = time.perf_counter()
+    editor.edit_sequentially([probe], onto=onto)
+    return round(1000 * (time.perf_counter() - t0), 1)
+
+
+def _single_figures(vlm: VLM, st: _Stream, editor, single: int) -> dict[str, Any]:
+    """The first ``single`` facts edited each alone on the base model, scored on a smaller panel."""
+    singles = editor.edit_each(st.requests[:single], batch_size=32)
+    small = st.panel[:SINGLE_PANEL]  # each single edit is scored on its own: a smaller panel, as bench editing
+    rows = M.evaluate_single_edits(vlm, st.cps[:single], M.baseline(vlm, st.cps[:single], small), singles)
+    return M.summarise(rows)["all"]
+
+
+def _mark_point(
+    vlm: VLM, st: _Stream, editor, current, mark: int, times: list[float], previous: int, probes
+) -> dict[str, Any]:
+    """Every edit so far (``mark`` of them, ``current``) scored with all of them attached; ``previous`` is the
+    last mark, ``probes`` the scope gate's probe images for a gated editor (else None)."""
+    records, panel = st.records, st.panel
+    with attach(vlm, current):
+        scores = _score_cases(vlm, st.cps[:mark], st.loc_text, st.loc_modal, st.loc_near)
+        edited = {r["entity"] for r in records[:mark]}
+        keep = [j for j, (e, _) in enumerate(panel) if e not in edited]
+        after = score_answers(vlm, [panel[j][1] for j in keep], batch_size=64)
+    with tempfile.TemporaryDirectory() as d:
+        size = current.save(Path(d) / "lifelong.safetensors")
+    since = since_mark(times, mark, previous)
+    gate = probes.report(current, [r["entity"] for r in records[:mark]]) if probes is not None else None
+    point = {
+        "edits": mark,
+        **{k: None if v is None else round(v, 4) for k, v in scores.items() if k != "by_type"},
+        "specificity_before": round(sum(st.panel_before[j] for j in keep) / max(1, len(keep)), 4),
+        "specificity_after": round(sum(s.exact for s in after) / max(1, len(keep)), 4),
+        "specificity_items": len(keep),
+        "edit_ms": round(1000 * sum(since) / len(since), 1),
+        "probe_edit_ms": _probe_ms(editor, st.probe, current),
+        "bytes_per_edit": round(size / current.num_edits, 1),
+        "norm": update_norm(current, vlm),
+        "by_type": scores["by_type"],
+    }
+    if gate is not None:
+        point["gate"] = gate
+    return point
+
+
+def _or_dash(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _say_point(say: StageFn, name: str, mark: int, point: dict[str, Any]) -> None:
+    gate = point.get("gate")
+    say(
+        f"{name} after {mark}: rel {point['reliability']:.3f} tgen {point['text_generality']:.3f} "
+        f"mgen {point['modal_generality']:.3f} tloc {point['text_locality']:.3f} "
+        f"mloc {point['modal_locality']:.3f} (unedited facts {point['modal_locality_unedited']:.3f}) "
+        f"mloc near {_or_dash(point['modal_locality_near'])} ({point['modal_locality_near_cases']} cases) "
+        f"mgen held-out {point['modal_generality_heldout']:.3f} "
+        f"spec {point['specificity_before']:.3f}->"
+        f"{point['specificity_after']:.3f} ({point['edit_ms']} ms/edit)"
+        + (f" gate recall {gate['recall']} precision {gate['precision']}" if gate else "")
+    )
+
+
+def _curve(vlm: VLM, st: _Stream, name: str, editor, marks: list[int], probes, say: StageFn, tick: TickFn | None):
+    """The stream edited one fact after another, every edit so far scored at each mark; returns the curve, the
+    latency of each edit and the final edit set."""
+    edits = marks[-1]
+    current, curve, times, done = None, [], [], 0
+    for mark in marks:
+        while done < mark:
+            t0 = time.perf_counter()
+            current = editor.edit_sequentially([st.requests[done]], onto=current)
+            times.append(time.perf_counter() - t0)
+            done += 1
+            if tick:
+                tick(done, edits)
+        previous = curve[-1]["edits"] if curve else 0
+        point = _mark_point(vlm, st, editor, current, mark, times, previous, probes)
+        curve.append(point)
+        _say_point(say, name, mark, point)
+    return curve, times, current
+
+
 def run(
     vlm: VLM,
     world_dir: str | Path,
@@ -295,7 +457,7 @@ def run(
     serve_requests: int = 0,
 ) -> dict[str, Any]:
     """Run the benchmark; returns a JSON-ready dict (module docstring)."""
-    say = stage or (lambda s: None)
+    say = sayer(stage)
     world_dir = Path(world_dir)
     if edits < 1 or single < 0 or panel_size < 1 or serve_requests < 0:
         raise ValueError("--edits and --panel must be at least 1, --single and --serve at least 0")
@@ -304,102 +466,37 @@ def run(
     for name in editors:
         get_editor(name)  # an unknown name fails here, before any work
     t_start = time.time()
-    say(f"the edit stream: {edits} facts")
-    records = edit_stream(load_world(world_dir), edits + 1)
-    later = edit_stream(load_world(world_dir))[edits + 1 :]  # facts no edit of this run is about: unrelated images
-    foreign = [r for r in later if r["type"] == "new_entity" and r["entity"] not in {x["entity"] for x in records}]
-    foreign = list({r["entity"]: r for r in foreign}.values())[:200]
-    drawn = render_stream_images(world_dir, records + foreign)
-    probe_record, records = records[-1], records[:-1]
-    if drawn:
-        say(f"drew {drawn} images of new entities")
-    pixels = M.PixelCache(vlm, world_dir)
-    cps = [M.case_prompts(vlm, c, pixels) for c in records]
-    requests = [EditRequest.from_case(c, world_dir, pixel_values=pixels(c["image"])) for c in records]
-    probe = EditRequest.from_case(probe_record, world_dir, pixel_values=pixels(probe_record["image"]))
-    loc_text = score_answers(vlm, [cp.text_locality for cp in cps], batch_size=64)
-    loc_modal = score_answers(vlm, [cp.modal_locality for cp in cps], batch_size=64)
-    panel = M.specificity_panel(vlm, world_dir, pixels, panel_size)
-    panel_before = [s.exact for s in score_answers(vlm, [p for _, p in panel], batch_size=64)]
+    st = _prepare(vlm, world_dir, edits, panel_size, say)
+    records = st.records
     result: dict[str, Any] = {
-        "world": str(world_dir),
-        "fingerprint": vlm.fingerprint,
-        "layer": layer,
+        **world_header(vlm, world_dir, layer),
         "edits": edits,
         "stream_types": {t: sum(r["type"] == t for r in records) for t in sorted({r["type"] for r in records})},
-        "specificity_panel": len(panel),
+        "specificity_panel": len(st.panel),
+        "near_neighbours": st.near,
         "editors": {},
     }
     say("key geometry of the stream")
-    result["key_geometry"] = key_geometry(vlm, cps, layer)
+    result["key_geometry"] = key_geometry(vlm, st.cps, layer)
     marks = marks_for(edits)
     probes = None
     for name in editors:
         editor = make_editor(name, vlm, layer, world_dir, (overrides or {}).get(name))
         entry: dict[str, Any] = {"hyperparameters": editor.hyperparameters("sequential")}
-        gated = getattr(getattr(editor, "adapter", None), "scope", None) is not None
+        # an editor whose edits a scope gate limits (EditorSpec.gate), once its gate is calibrated
+        gated = get_editor(name).gate == "scope" and editor.adapter.scope is not None
         if gated and probes is None:
             say("the scope gate's probe images")
-            probes = GateProbes(vlm, world_dir, records + foreign, panel, pixels)
+            probes = GateProbes(vlm, world_dir, records + st.foreign, st.panel, st.pixels)
         if single:
             say(f"{name}: {min(single, edits)} single edits")
-            singles = editor.edit_each(requests[:single], batch_size=32)
-            small = panel[:SINGLE_PANEL]  # each single edit is scored on its own: a smaller panel, as bench editing
-            rows = M.evaluate_single_edits(vlm, cps[:single], M.baseline(vlm, cps[:single], small), singles)
-            entry["single"] = M.summarise(rows)["all"]
+            entry["single"] = _single_figures(vlm, st, editor, single)
         say(f"{name}: {edits} edits, one after another")
-
-        def probe_ms(onto, editor=editor) -> float:
-            """The same edit (the stream's next fact) timed on the current edits, then dropped: equal work."""
-            t0 = time.perf_counter()
-            editor.edit_sequentially([probe], onto=onto)
-            return round(1000 * (time.perf_counter() - t0), 1)
-
-        entry["probe_edit_ms_no_edits"] = probe_ms(None)
-        current, curve, latencies, done = None, [], [], 0
-        for mark in marks:
-            while done < mark:
-                t0 = time.perf_counter()
-                current = editor.edit_sequentially([requests[done]], onto=current)
-                latencies.append(time.perf_counter() - t0)
-                done += 1
-                if tick:
-                    tick(done, edits)
-            with attach(vlm, current):
-                scores = _score_cases(vlm, cps[:mark], loc_text, loc_modal)
-                edited = {r["entity"] for r in records[:mark]}
-                keep = [j for j, (e, _) in enumerate(panel) if e not in edited]
-                after = score_answers(vlm, [panel[j][1] for j in keep], batch_size=64)
-            with tempfile.TemporaryDirectory() as d:
-                size = current.save(Path(d) / "lifelong.safetensors")
-            since = latencies[-(mark - (curve[-1]["edits"] if curve else 0)) :]
-            gate = probes.report(current, [r["entity"] for r in records[:mark]]) if gated else None
-            point = {
-                "edits": mark,
-                **{k: round(v, 4) for k, v in scores.items() if k != "by_type"},
-                "specificity_before": round(sum(panel_before[j] for j in keep) / max(1, len(keep)), 4),
-                "specificity_after": round(sum(s.exact for s in after) / max(1, len(keep)), 4),
-                "specificity_items": len(keep),
-                "edit_ms": round(1000 * sum(since) / len(since), 1),
-                "probe_edit_ms": probe_ms(current),
-                "bytes_per_edit": round(size / current.num_edits, 1),
-                "norm": update_norm(current, vlm),
-                "by_type": scores["by_type"],
-            }
-            if gate is not None:
-                point["gate"] = gate
-            curve.append(point)
-            say(
-                f"{name} after {mark}: rel {point['reliability']:.3f} tgen {point['text_generality']:.3f} "
-                f"mgen {point['modal_generality']:.3f} tloc {point['text_locality']:.3f} "
-                f"mloc {point['modal_locality']:.3f} (unedited facts {point['modal_locality_unedited']:.3f}) "
-                f"spec {point['specificity_before']:.3f}->"
-                f"{point['specificity_after']:.3f} ({point['edit_ms']} ms/edit)"
-                + (f" gate recall {gate['recall']} precision {gate['precision']}" if gate else "")
-            )
+        entry["probe_edit_ms_no_edits"] = _probe_ms(editor, st.probe, None)
+        curve, times, current = _curve(vlm, st, name, editor, marks, probes if gated else None, say, tick)
         entry["curve"] = curve
         entry["final"] = {k: v for k, v in curve[-1].items() if k != "by_type"}
-        entry["first_edit_ms"] = round(1000 * latencies[0], 1)
+        entry["first_edit_ms"] = round(1000 * times[0], 1)
         if serve_requests:
             say(f"{name}: Generate through the service with the {edits} edits as one version")
             entry["served"] = served_latency(vlm, world_dir, current, records, serve_requests)

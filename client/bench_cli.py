@@ -190,6 +190,9 @@ def _print_lifelong(result) -> None:
         "text_locality",
         "modal_locality",
         "modal_locality_unedited",
+        "modal_locality_near",
+        "modal_locality_near_cases",
+        "modal_generality_heldout",
         "specificity_before",
         "specificity_after",
         "edit_ms",
@@ -200,9 +203,14 @@ def _print_lifelong(result) -> None:
         f"{result['edits']} edits from the stream {result['stream_types']} at layer {result['layer']}; key geometry: "
         f"another rendering's key nearest its own subject's in {g['other_rendering_nearest_is_own']:.0%} of cases"
     )
+    near = result.get("near_neighbours")
+    if near:
+        typer.echo(_near_line(near, result["edits"], "edits"))
+    labels = {"modal_locality_near": "mloc_near", "modal_locality_near_cases": "near_cases"}
+    labels["modal_generality_heldout"] = "mgen_heldout"
     for name, entry in result["editors"].items():
         typer.echo(f"{name}")
-        typer.echo(f"  {'edits':>6s}" + "".join(f"{k[:12]:>13s}" for k in keys))
+        typer.echo(f"  {'edits':>6s}" + "".join(f"{labels.get(k, k[:12]):>13s}" for k in keys))
         rows = ([("single", entry["single"])] if entry.get("single") else []) + [
             (str(p["edits"]), p) for p in entry["curve"]
         ]
@@ -226,6 +234,16 @@ def _print_lifelong(result) -> None:
         typer.echo(f"figure: {result['figure']}")
 
 
+def _near_line(near: dict, total: int, what: str) -> str:
+    """How many cases have a near neighbour (bench editing's and bench lifelong's ``near_neighbours``)."""
+    by = ", ".join(f"{n} {a}" for a, n in near["attribute"].items() if n)
+    src = ", ".join(f"{n} {s}" for s, n in near["source"].items() if n)
+    return (
+        f"near neighbours (a look one attribute away): {near['cases']} of {total} {what} have one "
+        f"(differing in {by or 'nothing'}; from {src or 'nowhere'}), {near['without']} left out of modal_locality_near"
+    )
+
+
 def _num(v) -> str:
     if v is None:
         return "-"
@@ -233,7 +251,7 @@ def _num(v) -> str:
 
 
 def _print_editing(result) -> None:
-    from editors.metrics import EVQA, EXTRA, PAPER
+    from editors.metrics import EVQA, EXTRA, EXTRA_CASES, PAPER
 
     names = list(result["editors"])
     typer.echo(
@@ -247,13 +265,25 @@ def _print_editing(result) -> None:
         typer.echo(
             f"  {key:26s}" + "".join(f"{_fmt(result['editors'][n]['single'][p].get(key)):>18s}" for n, p in cols)
         )
+    for key, label in zip(EXTRA_CASES.values(), ("cases, held-out image", "cases, near neighbour")):
+        counts = [result["editors"][n]["single"][p].get(key) for n, p in cols]
+        typer.echo(f"  {label:26s}" + "".join(f"{'-' if c is None else c:>18}" for c in counts))
+    if result.get("near_neighbours"):
+        typer.echo(_near_line(result["near_neighbours"], result["cases"], "cases"))
+    for n in names:
+        by = result["editors"][n].get("single_near_by_attribute")
+        if by:
+            parts = [f"{a} {v['modal_locality_near']:.3f} ({v['cases']})" for a, v in by.items()]
+            typer.echo(f"  {n}: modal_locality_near by the attribute that differs: {', '.join(parts)}")
     for n in names:
         seq = result["editors"][n].get("sequential")
         if seq:
             typer.echo(f"{n}: {seq['edits']} sequential edits, all scored at checkpoints ({seq['seconds']} s)")
-            typer.echo(f"  {'edits':>6s}" + "".join(f"{k:>18s}" for k in EVQA + ("evqa_mean",)))
+            typer.echo(f"  {'edits':>6s}" + "".join(f"{k[:17]:>18s}" for k in EVQA + ("evqa_mean",) + EXTRA))
             for row in seq["curve"]:
-                typer.echo(f"  {row['edits']:>6d}" + "".join(f"{_fmt(row[k]):>18s}" for k in EVQA + ("evqa_mean",)))
+                typer.echo(
+                    f"  {row['edits']:>6d}" + "".join(f"{_fmt(row.get(k)):>18s}" for k in EVQA + ("evqa_mean",) + EXTRA)
+                )
             if "file_bytes_per_edit" in seq:
                 typer.echo(f"  edit-set file: {seq['file_bytes']} bytes, {seq['file_bytes_per_edit']} bytes per edit")
         lat = result["editors"][n].get("latency")
@@ -417,13 +447,13 @@ def bench_diagnostics(
     folder, vlm = world_and_model(world, seed, device)
     if shape is not None:
         from vlm import load_vlm
-        from vlm.world import editlens_home
+        from vlm.home import shapes_dir
         from vlm.world.shapes import llava15_shaped
 
         if shape != "llava-1.5":
             fail(f"unknown --shape {shape!r}; the one shape is llava-1.5")
         stage_printer(console)("building the LLaVA-1.5-shaped random-weight model (once)")
-        shaped = llava15_shaped(vlm.path, editlens_home() / "shapes" / f"llava-1.5-{vlm.fingerprint[:12]}")
+        shaped = llava15_shaped(vlm.path, shapes_dir() / f"llava-1.5-{vlm.fingerprint[:12]}")
         vlm = load_vlm(shaped, device=device)
         ground_truth_cases = 0  # random weights know no facts
     try:

@@ -12,7 +12,13 @@ is a teacher-forced token accuracy, averaged per case and then over cases.
 * text locality     — an unrelated text-only question: share of its answer
                       tokens whose argmax after the edit equals the argmax
                       before it (agreement with the pre-edit model)
-* modal locality    — the same for an unrelated image question
+* modal locality    — the same for an unrelated image question; and, reported
+                      beside (not in the mean), ``modal_locality_near``: the
+                      edit question on an image of another subject whose look
+                      differs from the edited subject's in one attribute (a
+                      near neighbour, ``vlm.world.stream.NearNeighbours``;
+                      cases given ``image_near`` by the bench), agreement with
+                      the pre-edit model as for modal locality
 
 MultEdit's paper (§5.2) adds, with P(O*) teacher-forced over all answer tokens:
 
@@ -39,12 +45,16 @@ from vlm.images import ProcessedImage, load_image, process_image
 from vlm.loading import VLM
 from vlm.prompts import EncodedPrompt, encode
 from vlm.scoring import AnswerScore, score_answers
+from vlm.world.folder import WorldFolder
 
 from .attach import attach
 
 EVQA = ("reliability", "text_generality", "modal_generality", "text_locality", "modal_locality")
 PAPER = ("efficacy", "generalisation", "modal_generalisation", "specificity_before", "specificity_after")
-EXTRA = ("modal_generality_heldout",)
+EXTRA = ("modal_generality_heldout", "modal_locality_near")
+# beside EXTRA's means, how many cases each was computed on (cases without a held-out rendering or a neighbour
+# are left out of that figure)
+EXTRA_CASES = {k: f"{k}_cases" for k in EXTRA}
 CASE_FIELDS = (
     "src",
     "rephrase",
@@ -86,6 +96,7 @@ class CasePrompts:
     text_locality: EncodedPrompt
     modal_locality: EncodedPrompt
     modal_heldout: EncodedPrompt | None = None
+    modal_near: EncodedPrompt | None = None  # the edit question on a near neighbour's image (``image_near``)
 
     def all(self) -> list[EncodedPrompt]:
         return [
@@ -135,6 +146,7 @@ def case_prompts(vlm: VLM, case: dict[str, Any], pixels: PixelCache) -> CaseProm
         modal_heldout=visual(c["src"], c["image_heldout"], c["alt"], c["constraint"])
         if c.get("image_heldout")
         else None,
+        modal_near=visual(c["src"], c["image_near"], c["near_answer"]) if c.get("image_near") else None,
     )
 
 
@@ -142,7 +154,7 @@ def specificity_panel(
     vlm: VLM, world_dir: Path, pixels: PixelCache, size: int, seed: int = 0
 ) -> list[tuple[str | None, EncodedPrompt]]:
     """(entity, prompt) pairs: held-out visual questions sampled with a fixed seed."""
-    items = json.loads((Path(world_dir) / "questions" / "heldout_paraphrase.json").read_text())
+    items = WorldFolder(world_dir).questions("heldout_paraphrase")
     items = [q for q in items if q.get("image")]
     rng = random.Random(f"specificity-{seed}")
     sample = rng.sample(items, min(size, len(items)))
@@ -165,6 +177,12 @@ class Baseline:
     modal_locality: list[AnswerScore]
     panel: list[tuple[str | None, EncodedPrompt]]
     panel_correct: list[bool]
+    modal_near: list[AnswerScore | None] | None = None  # per case, where it has a near neighbour's prompt
+
+    def upto(self, n: int) -> Baseline:
+        """The references of the first ``n`` cases (the same panel)."""
+        near = self.modal_near[:n] if self.modal_near is not None else None
+        return Baseline(self.text_locality[:n], self.modal_locality[:n], self.panel, self.panel_correct, near)
 
 
 def baseline(vlm: VLM, prompts: Sequence[CasePrompts], panel: list[tuple[str | None, EncodedPrompt]]) -> Baseline:
@@ -174,11 +192,27 @@ def baseline(vlm: VLM, prompts: Sequence[CasePrompts], panel: list[tuple[str | N
         modal_locality=score_answers(vlm, [p.modal_locality for p in prompts]),
         panel=panel,
         panel_correct=[s.exact for s in score_answers(vlm, [p for _, p in panel])],
+        modal_near=near_references(vlm, prompts),
     )
 
 
-def score_case(vlm: VLM, cp: CasePrompts, i: int, base: Baseline) -> dict[str, float]:
-    """The metrics of case ``i`` on the model as it is now (edit attached by the caller)."""
+def near_references(vlm: VLM, prompts: Sequence[CasePrompts]) -> list[AnswerScore | None]:
+    """The pre-edit model's answers on the cases' near-neighbour prompts (None for a case without one); scored
+    in a call of their own, so that the other prompts' batches stay as they were."""
+    near = [p.modal_near for p in prompts if p.modal_near is not None]
+    scores = iter(score_answers(vlm, near, batch_size=64) if near else [])
+    return [next(scores) if p.modal_near is not None else None for p in prompts]
+
+
+def near_edited(cp: CasePrompts, edited: set[tuple[str, str]]) -> bool:
+    """Whether an edit in ``edited`` ((entity, relation) facts) rewrote the fact the case's near-neighbour
+    prompt asks (then the prompt should change, and is left out of modal_locality_near)."""
+    return (cp.case.get("near_entity"), cp.case.get("relation")) in edited
+
+
+def score_case(vlm: VLM, cp: CasePrompts, i: int, base: Baseline, near: bool = True) -> dict[str, float]:
+    """The metrics of case ``i`` on the model as it is now (edit attached by the caller); ``near`` false leaves
+    out the near-neighbour prompt (an edit attached rewrote the fact it asks)."""
     entity = cp.case.get("entity")
     panel_idx = [j for j, (e, _) in enumerate(base.panel) if e != entity]
     own = cp.all()
@@ -197,6 +231,10 @@ def score_case(vlm: VLM, cp: CasePrompts, i: int, base: Baseline) -> dict[str, f
     }
     if cp.modal_heldout is not None:
         out["modal_generality_heldout"] = scores[5].token_accuracy
+    reference = base.modal_near[i] if base.modal_near is not None else None
+    if near and cp.modal_near is not None and reference is not None:
+        (after,) = score_answers(vlm, [cp.modal_near])  # a call of its own: the batch above stays as it was
+        out["modal_locality_near"] = agreement(reference, after)
     if panel_idx:
         out["specificity_before"] = sum(base.panel_correct[j] for j in panel_idx) / len(panel_idx)
         out["specificity_after"] = sum(s.exact for s in panel_after) / len(panel_idx)
@@ -217,6 +255,8 @@ def summarise(per_case: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 out[k] = mean(rows, k)
         evqa = [out[k] for k in EVQA if out.get(k) is not None]
         out["evqa_mean"] = sum(evqa) / len(evqa) if evqa else None
+        for k, n in EXTRA_CASES.items():
+            out[n] = sum(k in r for r in rows)
         return out
 
     result = {"all": block(per_case)}
@@ -244,11 +284,13 @@ def evaluate_single_edits(
 
 
 def evaluate_together(vlm: VLM, prompts: Sequence[CasePrompts], base: Baseline, edits: Any) -> list[dict[str, Any]]:
-    """Every case scored with the same edits attached (sequential or joint editing)."""
+    """Every case scored with the same edits attached (sequential or joint editing); a near-neighbour prompt
+    whose fact one of the cases' edits rewrote is left out."""
+    edited = {(cp.case.get("entity"), cp.case.get("relation")) for cp in prompts}
     rows = []
     with attach(vlm, edits):
         for i, cp in enumerate(prompts):
-            m = score_case(vlm, cp, i, base)
+            m = score_case(vlm, cp, i, base, near=not near_edited(cp, edited))
             rows.append({"case_id": cp.case.get("case_id"), "type": cp.case.get("type"), **m})
     return rows
 

@@ -116,6 +116,16 @@ def test_bench_editing_small_run_reports_both_editors(world_dir):
     assert me["sequential"]["edits"] == 3 and me["sequential"]["curve"][-1]["edits"] == 3
     assert me["sequential"]["file_bytes_per_edit"] > 0
     assert {"key_ms", "value_ms", "update_ms"} <= set(me["latency"])
+    # the harder probes beside the E-VQA five: a held-out rendering, and a near neighbour's image
+    near = out["near_neighbours"]
+    assert near["cases"] + near["without"] == 4 and out["heldout_renderings"] == 4
+    for entry in out["editors"].values():
+        single = entry["single"]["all"]
+        assert single["modal_generality_heldout_cases"] == 4 and 0 <= single["modal_generality_heldout"] <= 1
+        assert single["modal_locality_near_cases"] == near["cases"]
+        if near["cases"]:
+            assert 0 <= single["modal_locality_near"] <= 1
+        assert sum(v["cases"] for v in entry["single_near_by_attribute"].values()) == near["cases"]
     res = runner.invoke(
         app,
         [

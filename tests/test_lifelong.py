@@ -255,3 +255,10 @@ def test_bench_lifelong_scores_every_edit_so_far_at_each_mark(world_dir, tmp_pat
     assert gate["specificity_after"] >= rank_one["specificity_after"]
     assert gate["text_locality"] == 1.0
     assert 0 <= out["key_geometry"]["other_rendering_nearest_is_own"] <= 1
+    # the harder probes beside the E-VQA five: a held-out rendering and a near neighbour's image, counted
+    near = out["near_neighbours"]
+    assert near["cases"] + near["without"] == 10 and near["cases"] > 0
+    for entry in out["editors"].values():
+        final = entry["final"]
+        assert 0 <= final["modal_generality_heldout"] <= 1
+        assert 0 < final["modal_locality_near_cases"] <= near["cases"] and 0 <= final["modal_locality_near"] <= 1

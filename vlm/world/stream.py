@@ -22,34 +22,34 @@ has the E-VQA shape of the world's edit cases (``src`` a training template,
 locality probes about other entities; ``m_loc_entity`` and
 ``m_loc_relation`` say which fact the modal-locality probe asks), plus
 ``type`` (counterfactual / insertion / new_entity) and ``stream_index``.
+
+Beside the stream (which they leave as it is), ``NearNeighbours`` gives every
+subject — a world entity or a stream entity — a near neighbour: another
+subject of its kind whose look differs from its look in exactly one attribute
+(the benches' ``modal_locality_near``), drawn where the world has not drawn it
+into a folder the caller names, never into the world.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .folder import STREAM_DIR, WorldFolder
 from .render import PALETTE, PATTERNS, SHAPES, render_entity
-from .spec import KIND_CONSTRAINT, Entity, World, WorldConfig
+from .spec import KIND_CONSTRAINT, Entity, World
 
 NEW_ENTITY_RENDERINGS = 3  # the edit image, another rendering and a held-out one
-STREAM_DIR = "stream"
 
 
 def load_world(world_dir: str | os.PathLike) -> World:
-    """The ``World`` a built world folder was generated from (regenerated from its ``world.json`` config)."""
-    path = Path(world_dir) / "world.json"
-    try:
-        cfg = json.loads(path.read_text())["config"]
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise FileNotFoundError(
-            f"{path} is not a built world's description ({exc}); run `editlens world build`"
-        ) from None
-    return World(WorldConfig(**cfg))
+    """The ``World`` a built world folder was generated from (regenerated from its ``world.json`` config);
+    ``WorldFolderError`` when the folder holds no readable world description."""
+    return WorldFolder(world_dir).world()
 
 
 def new_entities(world: World) -> list[Entity]:
@@ -149,7 +149,7 @@ def render_stream_images(world_dir: str | os.PathLike, records: list[dict[str, A
     world_dir = Path(world_dir)
     world = load_world(world_dir)
     by_id = {e.id: e for e in new_entities(world)}
-    out_dir = world_dir / STREAM_DIR / "images"
+    out_dir = WorldFolder(world_dir).stream_dir / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn = 0
     for rec in records:
@@ -167,3 +167,99 @@ def render_stream_images(world_dir: str | os.PathLike, records: list[dict[str, A
             os.replace(tmp, target)
             drawn += 1
     return drawn
+
+
+# -- near neighbours: another subject whose look differs in one attribute ---------------------------------------
+
+LOOK_ATTRIBUTES = ("shape", "colour", "pattern", "accent")  # what a look is made of (``render.sample_looks``)
+NEIGHBOUR_SOURCES = ("known", "unseen", "stream")  # preferred in this order: drawn already, then the stream's
+
+
+def look_difference(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The look attributes in which two looks differ (``LOOK_ATTRIBUTES``, in that order)."""
+    return [k for k in LOOK_ATTRIBUTES if a.get(k) != b.get(k)]
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """Another subject of the same kind whose look differs from the subject's in exactly one attribute."""
+
+    subject: str  # the subject's id
+    entity: Entity  # the neighbour (a world entity or one of the stream's new entities)
+    attribute: str  # the one look attribute that differs
+    source: str  # "known" / "unseen" (world entities, drawn with the world) or "stream" (drawn on demand)
+    rendering: int  # which of the neighbour's renderings to show
+
+    @property
+    def image(self) -> str:
+        """The rendering's path relative to the world folder (a stream entity's may not be drawn yet)."""
+        return self.entity.images[self.rendering]
+
+    def answer(self, relation: str) -> str:
+        """The neighbour's own value of ``relation`` (the answer the unedited world gives it)."""
+        return self.entity.facts[relation]
+
+
+class NearNeighbours:
+    """For every subject of the world and of its edit stream, a near neighbour (``of``): another subject of the
+    same kind whose look (shape, colour, pattern, accent) differs from the subject's in exactly one attribute.
+
+    Candidates are the world's entities and the stream's new entities (every look is one entity's); the world's
+    known entities are preferred, then its unseen ones (both drawn with the world), then the stream's (drawn on
+    demand); among the candidates of the first source that has any, one is drawn with a generator seeded by the
+    world's seed and the subject's id, as is the rendering shown (a training rendering of a world entity). The
+    choice depends on the world alone, not on what is drawn on disk. A subject without such a neighbour (the
+    accents are drawn at random, so some looks have none) gets ``None``."""
+
+    def __init__(self, world: World):
+        self.world = world
+        everyone = list(world.entities) + new_entities(world)
+        self.entities = {e.id: e for e in everyone}
+        self._by_look = {(e.kind, *(e.look[k] for k in LOOK_ATTRIBUTES)): e for e in everyone}
+        self._source = {e.id: ("known" if e.known else "unseen") for e in world.entities}
+
+    def candidates(self, entity_id: str) -> list[Entity]:
+        """Every other subject of the same kind whose look differs from ``entity_id``'s in one attribute."""
+        ent = self.entities[entity_id]
+        domains = {"shape": SHAPES[ent.kind], "colour": tuple(PALETTE), "pattern": PATTERNS, "accent": tuple(PALETTE)}
+        out = []
+        for i, attr in enumerate(LOOK_ATTRIBUTES):
+            for value in domains[attr]:
+                if value == ent.look[attr]:
+                    continue
+                look = [ent.look[k] for k in LOOK_ATTRIBUTES]
+                look[i] = value
+                other = self._by_look.get((ent.kind, *look))
+                if other is not None and other.id != ent.id:
+                    out.append(other)
+        return out
+
+    def of(self, entity_id: str) -> Neighbour | None:
+        """The subject's near neighbour (see the class), or None where it has none (or is not a drawn subject)."""
+        ent = self.entities.get(entity_id)
+        if ent is None:
+            return None
+        found = self.candidates(entity_id)
+        rng = random.Random(f"editlens-near-{self.world.config.seed}-{entity_id}")
+        for source in NEIGHBOUR_SOURCES:
+            group = sorted((e for e in found if self._source.get(e.id, "stream") == source), key=lambda e: e.id)
+            if group:
+                other = rng.choice(group)
+                n = self.world.config.train_renderings if source != "stream" else NEW_ENTITY_RENDERINGS
+                (attribute,) = look_difference(ent.look, other.look)
+                return Neighbour(entity_id, other, attribute, source, rng.randrange(n))
+        return None
+
+    def draw(self, world_dir: str | os.PathLike, neighbour: Neighbour, scratch: str | os.PathLike) -> Path:
+        """The file of ``neighbour``'s rendering: the world's own (a world entity's, or a stream entity's already
+        drawn into ``<world>/stream/images``), else drawn into ``scratch`` with the seed ``render_stream_images``
+        uses (the same picture, bit for bit) — never into the world folder."""
+        drawn = Path(world_dir) / neighbour.image
+        if neighbour.source != "stream" or drawn.is_file():
+            return drawn
+        ent, k = neighbour.entity, neighbour.rendering
+        target = Path(scratch) / f"{ent.id}-{k}.png"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            render_entity(ent.kind, ent.look, f"{self.world.config.seed}-{ent.id}-{k}").save(target, format="PNG")
+        return target

@@ -9,6 +9,10 @@ building on the live version and registering the next one. Printed:
   the version; what the caller waits for) at each mark (1, 100, 1000, ...: the
   mean of the calls since the previous mark) and for one fixed probe edit made
   on the base model and on the last version with ``no_promote`` (equal work);
+* the bytes the registry stores for the lineage at each mark
+  (``registry_bytes``, every file of every version; ``registry_bytes_per_edit``):
+  flat per edit with delta versions (``server.bundles``), growing with the
+  lineage when every version is stored whole;
 * Generate latency with all the edits live against the base model (the same
   request, round-robin, in one server thread each);
 * a rollback from the last version to the one in the middle, and the first
@@ -55,9 +59,12 @@ def _edit(lens, world_dir: Path, rec: dict, adapter: str, editor: str, layer: in
     )
 
 
-def _edit_calls(lens, world_dir, records, editor, layer, marks, rows: list, stage, tick) -> tuple[Any, int]:
-    """Every fact as an Edit call on the live version, the mean latency since the previous mark appended to
-    ``rows`` at each mark; returns the last call's answer and how many versions missed their own answer."""
+def _edit_calls(
+    lens, world_dir, records, editor, layer, marks, rows: list, stage, tick, stored: Callable[[], int]
+) -> tuple[Any, int]:
+    """Every fact as an Edit call on the live version, the mean latency since the previous mark and the bytes the
+    registry holds (``stored()``) appended to ``rows`` at each mark; returns the last call's answer and how many
+    versions missed their own answer."""
     edits = len(records)
     times: list[float] = []
     last, unreached = None, 0
@@ -72,8 +79,17 @@ def _edit_calls(lens, world_dir, records, editor, layer, marks, rows: list, stag
             tick(i + 1, edits)
         if i + 1 in marks:
             since = since_mark(times, i + 1, rows[-1]["live_edits"] if rows else 0)
-            rows.append({"live_edits": i + 1, "version": last.version, "mean_ms": ms(statistics.fmean(since))})
-            stage(f"after {i + 1} edits: {rows[-1]['mean_ms']} ms per Edit call")
+            size = stored()
+            rows.append(
+                {
+                    "live_edits": i + 1,
+                    "version": last.version,
+                    "mean_ms": ms(statistics.fmean(since)),
+                    "registry_bytes": size,
+                    "registry_bytes_per_edit": round(size / (i + 1)),
+                }
+            )
+            stage(f"after {i + 1} edits: {rows[-1]['mean_ms']} ms per Edit call, {size / 1e6:.2f} MB stored")
     return last, unreached
 
 
@@ -146,6 +162,7 @@ def run(
                 result["edit_ms"],
                 stage,
                 tick,
+                lambda: registry.stored_bytes(ADAPTER),
             )
             result["unreached_edits"] = unreached  # Edit calls whose version missed its own answer
             stage("the probe edit on the base model and on the last version (not promoted)")

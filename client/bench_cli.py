@@ -577,7 +577,10 @@ def bench_lineage_cmd(
         return
     typer.echo(f"{r['edits']} {r['editor']} edits, one Edit call (one version) each")
     for row in r["edit_ms"]:
-        typer.echo(f"  Edit call with {row['live_edits']:>5d} live edits: {row['mean_ms']:8.1f} ms")
+        typer.echo(
+            f"  Edit call with {row['live_edits']:>5d} live edits: {row['mean_ms']:8.1f} ms; registry "
+            f"{row['registry_bytes'] / 1e6:8.2f} MB ({row['registry_bytes_per_edit']} bytes per edit)"
+        )
     p = r["probe_edit_ms"]
     typer.echo(f"  the same edit on the base model / on the last version: {p} ")
     g = r["generate"]

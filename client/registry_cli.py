@@ -52,3 +52,36 @@ def check_cmd(
             typer.echo(f"  bad alias: adapter {bad['adapter']} {bad['alias']} -> {bad['version']}")
     if found["bad_versions"] or found["bad_aliases"]:
         raise typer.Exit(1)
+
+
+@registry_app.command("squash")
+def squash_cmd(
+    adapter: str = typer.Argument(..., help="The adapter."),
+    version: int = typer.Argument(..., help="The delta version to store whole."),
+    registry_dir: Path | None = typer.Option(
+        None, help="Registry folder of the embedded registry (default: $EDITLENS_HOME/registry)."
+    ),
+    registry_uri: str | None = typer.Option(None, help="An MLflow tracking URI instead (e.g. http://mlflow:5000)."),
+    as_json: bool = JSON,
+) -> None:
+    """Store a delta version whole: a new version with every edit set in full and every edit of its lineage in
+    its manifest, made live when VERSION is live. An Edit stores only what it adds to the live version (a
+    delta); a long lineage of deltas loads faster from a version stored whole, and its ancestors can then be
+    deleted."""
+    from registry import Registry, RegistryError
+    from server.bundles import BundleError, squash
+    from vlm.home import registry_dir as default_registry_dir
+
+    try:
+        registry = Registry(tracking_uri=registry_uri, data_dir=registry_dir or default_registry_dir())
+        info = squash(registry, adapter, version)
+    except (RegistryError, BundleError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(info.to_dict(include_manifest=False), indent=1))
+    else:
+        typer.echo(
+            f"adapter {adapter!r} version {version} stored whole as version {info.version}"
+            + (" (live)" if info.is_live else "")
+            + f": {info.num_edits} edit(s)"
+        )

@@ -776,7 +776,8 @@ class EditLensClient:
         return Version.from_pb(m.live) if m.HasField("live") else None
 
     def delete(self, version: int, adapter: str | None = None) -> None:
-        """Delete a version that is not live."""
+        """Delete a version that is not live and that no delta version builds on (FAILED_PRECONDITION otherwise:
+        ``editlens registry squash`` stores a delta version whole)."""
         self._unary(self._stub.DeleteVersion, pb.DeleteVersionRequest(adapter=adapter or "", version=int(version)))
 
     # ------------------------------------------------------- diagnostics

@@ -87,6 +87,17 @@ class ArtifactFiles:
             for name in sorted(sha):
                 self._fetch(mv.source, name, Path(tmp), adapter, version, sha[name])
 
+    def stored_bytes(self, adapter: str) -> int:
+        """The bytes the artifact store holds for the adapter: every file of every version, as the store lists
+        them (what a lineage costs in storage)."""
+        check_adapter_name(adapter)
+        total = 0
+        for mv in self._search_versions(adapter):
+            if mv.run_id:
+                listed = self._call(f"adapter '{adapter}'", lambda mv=mv: self.client.list_artifacts(mv.run_id))
+                total += sum(int(f.file_size or 0) for f in listed if not f.is_dir)
+        return total
+
     def _cached_ok(self, folder: Path, run_id: str, sha: dict[str, str]) -> bool:
         try:
             marker = json.loads((folder / _CACHE_MARKER).read_text())

@@ -30,6 +30,8 @@ TAG_FILES = "editlens.files"
 TAG_SHA256 = "editlens.sha256"
 TAG_HISTORY = "editlens.live_history"
 TAG_FORMAT = "editlens.format"
+#: the version whose files a delta version's files build on (it cannot be deleted while the delta exists)
+TAG_DELTA_OF = "editlens.delta_of"
 TAG_AUDIT = "editlens.audit."  # + a nanosecond timestamp: one registered-model tag per mutation
 FORMAT_VERSION = "1"
 HISTORY_LIMIT = 100

@@ -4,8 +4,8 @@ One registered model per adapter lineage (tagged ``editlens.kind=adapter``); eac
 an MLflow model version whose source is the artifact folder of one run in the experiment
 ``editlens-adapters``. The run's artifacts are the version's files: the edit sets
 (``*.safetensors``), ``manifest.json`` and optional PNGs. Version tags carry the base-model
-fingerprint, the editor, the number of edits, the parent version, the file list and the sha256 of
-every file.
+fingerprint, the editor, the number of edits, the parent version (and the one a delta version's
+files build on, which cannot be deleted before it), the file list and the sha256 of every file.
 The alias ``live`` is what the server serves; the registered-model tag ``editlens.live_history``
 keeps the versions that were live before (newest last), which is what ``rollback()`` walks back.
 
@@ -70,6 +70,7 @@ from .names import (
     MANIFEST,
     TAG_AUDIT,
     TAG_BASE,
+    TAG_DELTA_OF,
     TAG_EDITOR,
     TAG_FILES,
     TAG_FORMAT,
@@ -206,6 +207,7 @@ class Registry(MlflowPlumbing, ArtifactFiles, ConsistencyCheck):
             editor=tags.get(TAG_EDITOR, ""),
             num_edits=int(tags.get(TAG_NUM_EDITS, "0") or 0),
             parent=int(parent) if parent.isdigit() else None,
+            delta_of=int(tags[TAG_DELTA_OF]) if tags.get(TAG_DELTA_OF, "").isdigit() else None,
             description=mv.description or "",
             files=files,
             sha256=sha,
@@ -285,6 +287,7 @@ class Registry(MlflowPlumbing, ArtifactFiles, ConsistencyCheck):
         description: str = "",
         set_live: bool = True,
         parent_must_be_live: bool = False,
+        delta_of: int | None = None,
     ) -> VersionInfo:
         """Register a new immutable version built from local ``files`` (artifact name -> path)
         and ``manifest`` (written as manifest.json). Creates the adapter if absent. All or
@@ -293,7 +296,8 @@ class Registry(MlflowPlumbing, ArtifactFiles, ConsistencyCheck):
         ``parent_must_be_live`` only if ``parent`` (None: no version) is still the live version
         when it is about to move — read from the tracking store right before the alias moves, so
         that of two replicas editing one adapter at once the second raises ``StaleParentError``
-        instead of making live a version that lacks the first one's edit."""
+        instead of making live a version that lacks the first one's edit. ``delta_of``: the version whose files
+        this one's build on (a delta version); that version cannot be deleted while this one exists."""
         check_adapter_name(adapter)
         staged = check_version_inputs(files, manifest, base_fingerprint, editor, num_edits, parent, description)
         with tempfile.TemporaryDirectory(prefix="editlens-stage-") as tmp:
@@ -316,14 +320,15 @@ class Registry(MlflowPlumbing, ArtifactFiles, ConsistencyCheck):
                 TAG_FILES: json.dumps(names),
                 TAG_SHA256: json.dumps(sha, sort_keys=True),
                 TAG_FORMAT: FORMAT_VERSION,
+                **({TAG_DELTA_OF: str(delta_of)} if delta_of is not None else {}),
             }
             with self._lock:
                 exp_id = self._experiment()
                 created_model = self._ensure_adapter(adapter, base_fingerprint)
                 run_id = mv = None
                 try:
-                    if parent is not None:
-                        self._model_version(adapter, parent)
+                    for needed in {parent, delta_of} - {None}:
+                        self._model_version(adapter, needed)
                     c = self.client
                     run = c.create_run(exp_id, run_name=adapter, tags={"editlens.adapter": adapter})
                     run_id = run.info.run_id
@@ -536,6 +541,17 @@ class Registry(MlflowPlumbing, ArtifactFiles, ConsistencyCheck):
                 raise ConflictError(
                     f"version {version} of adapter '{adapter}' is live; roll back or "
                     "promote another version before deleting it"
+                )
+            dependents = sorted(
+                int(v.version)
+                for v in self._search_versions(adapter)
+                if (v.tags or {}).get(TAG_DELTA_OF) == str(version)
+            )
+            if dependents:
+                raise ConflictError(
+                    f"version {version} of adapter '{adapter}' holds the files that delta versions "
+                    f"{', '.join(map(str, dependents))} build on; squash them first (`editlens registry squash "
+                    f"{adapter} VERSION` writes a version whole) or delete them"
                 )
             self._call(
                 f"adapter '{adapter}' version {version}",

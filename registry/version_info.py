@@ -31,6 +31,7 @@ class VersionInfo:
     sha256: dict[str, str] = field(default_factory=dict, repr=False)  # file name -> hex digest
     manifest_loader: Callable[[], dict] | None = field(default=None, repr=False, compare=False)
     loaded_manifest: dict | None = field(default=None, repr=False, compare=False)  # set: no load needed
+    delta_of: int | None = None  # a delta version: the version whose files its files build on
 
     def __post_init__(self) -> None:
         self.version, self.num_edits, self.created = int(self.version), int(self.num_edits), float(self.created)
@@ -61,6 +62,7 @@ class VersionInfo:
             "editor": self.editor,
             "num_edits": self.num_edits,
             "parent": self.parent,
+            "delta_of": self.delta_of,
             "description": self.description,
             "files": list(self.files),
             "sha256": dict(self.sha256),

@@ -4,7 +4,19 @@ A version's folder holds, for each editor whose edits it carries, that
 editor's edit set as ``<editor>.safetensors`` (``editors.EditorSpec.file_name``:
 ``multedit.safetensors``, ``visedit.safetensors``, ``ft.safetensors``, ...),
 ``manifest.json`` and optional PNG figures. These two functions are the only
-places that know the layout:
+places that know the layout.
+
+**Delta versions.** A version made on a parent (every Edit on a live version)
+stores only what it adds: an editor's edit set that grew as
+``<editor>.delta.safetensors`` (``editors.delta``: its new slices and records,
+applied to the parent's edit set), one it did not change not at all (the
+manifest's ``inherited``), and in its manifest only its own edits' records
+(``edits``, after the parent's ``edits_before``); the registry records the
+parent as the version's ``delta_of``. Storage per version is then proportional
+to its own edits, and an Edit's cost does not grow with the lineage. Loading
+composes the lineage from the nearest loaded or whole ancestor (``Versions``);
+``squash`` writes a version whole again, so a long lineage loads fast. Versions
+written whole (all before delta versions) read as they always did.
 
 * ``publish`` saves the edit sets, builds the manifest (format, base model,
   editors, parent, every edit's record, extra sections such as a training
@@ -35,6 +47,7 @@ from typing import Any
 from editors import editor_names, get_editor
 from editors.attach import attach
 from editors.base import EditSetBase
+from editors.delta import load_delta, save_delta
 from editors.files import EditSetError, FingerprintMismatchError
 from vlm.hooks import Rows
 from vlm.loading import VLM
@@ -59,6 +72,11 @@ class Bundle:
     @property
     def num_edits(self) -> int:
         return sum(e.num_edits for e in self.edit_sets.values())
+
+    @property
+    def num_edits_recorded(self) -> int:
+        """The edits the version's manifest records, its ancestors' included (a delta version counts them all)."""
+        return int(self.manifest.get("num_edits", len(self.manifest.get("edits", []))))
 
     @contextlib.contextmanager
     def attached(self, vlm: VLM, rows: Rows | None = None) -> Iterator[Bundle]:
@@ -87,33 +105,98 @@ def check_fingerprint(vlm: VLM, label: str, fingerprint: str | None) -> None:
         )
 
 
+def delta_file_name(editor: str) -> str:
+    """The file a delta version stores an editor's grown edit set as (``editors.delta``)."""
+    return f"{editor}.delta.safetensors"
+
+
 def load_bundle(
-    vlm: VLM,
+    vlm: VLM | None,
     adapter: str,
     version: int,
     folder: Path,
     manifest: dict | None = None,
     base_fingerprint: str | None = None,
+    parent: Bundle | None = None,
 ) -> Bundle:
-    """Validate and load the edit sets in ``folder`` (a downloaded version) for ``vlm``."""
+    """Validate and load the edit sets in ``folder`` (a downloaded version) for ``vlm`` (None: checked as files
+    only, for the registry's own work); a delta version's on its ``parent`` (the version it names as
+    ``delta_of``)."""
     label = f"adapter '{adapter}' version {version}"
-    check_fingerprint(vlm, label, base_fingerprint or (manifest or {}).get("base_fingerprint"))
+    manifest = dict(manifest or {})
+    if vlm is not None:
+        check_fingerprint(vlm, label, base_fingerprint or manifest.get("base_fingerprint"))
+    if manifest.get("delta_of") is not None and (parent is None or parent.version != manifest["delta_of"]):
+        raise BundleError(f"{label} is a delta of version {manifest['delta_of']}, which was not given to load it on")
     edit_sets: dict[str, EditSetBase] = {}
     for name in editor_names():
         spec = get_editor(name)
-        path = folder / spec.file_name
-        if not path.is_file():
-            continue
+        path, delta = folder / spec.file_name, folder / delta_file_name(name)
         try:
-            edit_sets[name] = spec.load(path, vlm)
+            if path.is_file():
+                edit_sets[name] = spec.load(path, vlm)
+            elif delta.is_file():
+                if parent is None or name not in parent.edit_sets:
+                    raise EditSetError(f"it is a delta of a {name} edit set its parent version does not hold")
+                edit_sets[name] = load_delta(delta, parent.edit_sets[name], vlm)
+            elif parent is not None and name in manifest.get("inherited", []):
+                edit_sets[name] = parent.edit_sets[name]
         except FingerprintMismatchError as exc:
             raise FingerprintMismatchError(f"{label}: {exc}") from None
-        except EditSetError as exc:
-            raise BundleError(f"{label}: {spec.file_name} failed validation: {exc}") from None
+        except (EditSetError, KeyError) as exc:
+            what = spec.file_name if path.is_file() else delta_file_name(name)
+            raise BundleError(f"{label}: {what} failed validation: {exc}") from None
     if not edit_sets:
         files = " or ".join(get_editor(n).file_name for n in editor_names())
         raise BundleError(f"{label} holds no edit set ({files})")
     return Bundle(adapter, version, dict(manifest or {}), edit_sets)
+
+
+def _chain(registry, info, stop: Callable[[int], Any]) -> tuple[list, Any]:
+    """``info`` and its ancestors up to the first that is stored whole or for which ``stop(version)`` gives
+    something (returned beside the chain, newest first); a delta version's ancestors are its ``delta_of``s."""
+    chain, found = [info], None
+    while chain[-1].delta_of is not None:
+        found = stop(chain[-1].delta_of)
+        if found is not None:
+            break
+        chain.append(registry.version(info.adapter, chain[-1].delta_of))
+    return chain, found
+
+
+def load_lineage(registry, vlm: VLM | None, info, loaded: Callable[[int], Bundle | None] = lambda v: None) -> Bundle:
+    """Version ``info`` loaded: a delta version on its lineage, from the nearest ancestor ``loaded`` gives (or
+    one stored whole) down, one version at a time (the ancestors loaded on the way are not kept)."""
+    chain, parent = _chain(registry, info, loaded)
+    for v in reversed(chain):
+        try:
+            folder = registry.download(v.adapter, v.version)
+            manifest = v.manifest
+        except Exception as exc:
+            if type(exc).__name__ in ("NotFoundError", "UnavailableError"):
+                raise
+            raise BundleError(f"adapter '{v.adapter}' version {v.version} cannot be loaded: {exc}") from None
+        parent = load_bundle(vlm, v.adapter, v.version, folder, manifest, v.base_fingerprint, parent)
+    return parent
+
+
+def lineage_edits(
+    registry,
+    info,
+    known: Callable[[int], list[dict] | None] = lambda v: None,
+    keep: Callable[[int, list[dict]], None] = lambda v, e: None,
+) -> list[dict]:
+    """Every edit of version ``info``'s lineage, oldest first, each naming the version that added it: a delta
+    version's manifest records only its own. ``known(version)``: a version's list already composed; ``keep``
+    is given each list composed on the way."""
+    chain, edits = _chain(registry, info, known)
+    edits = list(edits or [])
+    for v in reversed(chain):
+        own = v.manifest.get("edits", [])
+        base = edits if v.delta_of is not None else []
+        edits = base + [{**rec, "version": rec.get("version") or v.version} for rec in own]
+        keep(v.version, edits)
+    return edits
 
 
 def publish(
@@ -130,15 +213,18 @@ def publish(
     promote: bool = True,
     before_register: Callable[[], None] | None = None,
     parent_must_be_live: bool = False,
+    delta_of: Bundle | None = None,
 ):
     """Register a new version of ``adapter`` holding ``edit_sets`` (editor name -> edit set); returns its
     ``VersionInfo``.
 
-    ``edits``: every edit of the version, oldest first, as the manifest records them; ``parent``: the
-    version it was made on top of; ``figures``: PNG files by name; ``extra``: further manifest sections
-    (e.g. ``training``). ``before_register`` runs once everything is written, right before the registry
-    is touched (the last point at which a cancelled job leaves no trace). ``parent_must_be_live``: promote
-    only if ``parent`` is still live (``Registry.create_version``; else ``StaleParentError``). All or nothing.
+    ``edits``: the version's edits as the manifest records them, oldest first: every edit, or with ``delta_of``
+    (the loaded parent version) only those this version adds; ``parent``: the version it was made on top of;
+    ``figures``: PNG files by name; ``extra``: further manifest sections (e.g. ``training``).
+    ``before_register`` runs once everything is written, right before the registry is touched (the last point
+    at which a cancelled job leaves no trace). ``parent_must_be_live``: promote only if ``parent`` is still live
+    (``Registry.create_version``; else ``StaleParentError``). ``delta_of``: store the version as a delta of that
+    loaded version (module docstring). All or nothing.
     """
     if not edit_sets:
         raise ValueError("a version holds at least one edit set")
@@ -147,14 +233,15 @@ def publish(
     if unknown:
         raise ValueError(f"no registered editor is called {unknown}")
     with tempfile.TemporaryDirectory(prefix="editlens-publish-") as tmp:
-        files: dict[str, Path] = {}
-        for name in names:
-            spec = get_editor(name)
-            files[spec.file_name] = Path(tmp) / spec.file_name
-            edit_sets[name].save(files[spec.file_name])
+        files, stored = _save_edit_sets(Path(tmp), names, edit_sets, delta_of)
         for fig, path in (figures or {}).items():
             files[fig] = Path(path)
         manifest = bundle_manifest(vlm, adapter, names, parent, description, files, edits, extra)
+        num_edits = len(edits)
+        if delta_of is not None:
+            before = delta_of.num_edits_recorded
+            num_edits += before
+            manifest.update(delta_of=delta_of.version, edits_before=before, num_edits=num_edits, **stored)
         if before_register is not None:
             before_register()
         return registry.create_version(
@@ -163,12 +250,35 @@ def publish(
             manifest,
             base_fingerprint=vlm.fingerprint,
             editor="+".join(names),
-            num_edits=len(edits),
+            num_edits=num_edits,
             parent=parent,
             description=description,
             set_live=promote,
             parent_must_be_live=parent_must_be_live,
+            delta_of=delta_of.version if delta_of is not None else None,
         )
+
+
+def _save_edit_sets(
+    folder: Path, names: list[str], edit_sets: Mapping[str, EditSetBase], delta_of: Bundle | None
+) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """Write each edit set into ``folder``: whole, or as a delta of ``delta_of``'s (not at all when it is that
+    version's own); the files by artifact name and which editors were inherited and which stored as deltas."""
+    files: dict[str, Path] = {}
+    stored: dict[str, list[str]] = {"inherited": [], "deltas": []}
+    for name in names:
+        spec, edit_set = get_editor(name), edit_sets[name]
+        parent = delta_of.edit_sets.get(name) if delta_of is not None else None
+        if parent is not None and parent is edit_set:
+            stored["inherited"].append(name)
+            continue
+        if parent is not None and save_delta(edit_set, parent, folder / delta_file_name(name)) is not None:
+            files[delta_file_name(name)] = folder / delta_file_name(name)
+            stored["deltas"].append(name)
+            continue
+        files[spec.file_name] = folder / spec.file_name
+        edit_set.save(files[spec.file_name])
+    return files, stored
 
 
 def bundle_manifest(vlm, adapter, editors, parent, description, files, edits, extra) -> dict[str, Any]:
@@ -200,6 +310,11 @@ class BundleCache:
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], threading.Lock] = {}
         self.loads = 0
+
+    def peek(self, adapter: str, version: int) -> Bundle | None:
+        """The bundle if it is held (no load, no reordering)."""
+        with self._lock:
+            return self._items.get((adapter, version))
 
     def get(self, adapter: str, version: int, load: Callable[[], Bundle]) -> Bundle:
         key = (adapter, version)
@@ -234,3 +349,39 @@ class BundleCache:
         with self._lock:
             for key in [k for k in self._items if k[0] == adapter and (version is None or k[1] == version)]:
                 del self._items[key]
+
+
+def squash(registry, adapter: str, version: int):
+    """Register version ``version`` of ``adapter`` again, stored whole (every edit set in full, every edit of its
+    lineage in its manifest), as a new version whose parent it is; live when ``version`` is (so later edits build
+    on it and a long lineage of deltas loads from it at once). Returns the new ``VersionInfo``; a version stored
+    whole already is refused (``ValueError``)."""
+    info = registry.version(adapter, version)
+    if info.delta_of is None:
+        raise ValueError(f"adapter '{adapter}' version {version} is stored whole already: nothing to squash")
+    bundle = load_lineage(registry, None, info)
+    manifest = dict(info.manifest)
+    for key in ("delta_of", "edits_before", "inherited", "deltas"):
+        manifest.pop(key, None)
+    edits = lineage_edits(registry, info)
+    manifest.update(edits=edits, num_edits=len(edits), squashed_from=version)
+    names = [n for n in editor_names() if n in bundle.edit_sets]
+    with tempfile.TemporaryDirectory(prefix="editlens-squash-") as tmp:
+        files, _ = _save_edit_sets(Path(tmp), names, bundle.edit_sets, None)
+        folder = registry.download(adapter, version)
+        for name in info.files:  # the figures travel with the version
+            if name.lower().endswith(".png") and (folder / name).is_file():
+                files[name] = folder / name
+        manifest["files"] = sorted(set(files) | {"manifest.json"})
+        return registry.create_version(
+            adapter,
+            files,
+            json.loads(json.dumps(json_safe(manifest))),
+            base_fingerprint=info.base_fingerprint,
+            editor=info.editor,
+            num_edits=len(edits),
+            parent=version,
+            description=f"version {version} stored whole" + (f": {info.description}" if info.description else ""),
+            set_live=info.is_live,
+            parent_must_be_live=info.is_live,
+        )

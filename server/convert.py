@@ -112,13 +112,15 @@ def version_summary(info) -> pb.Version:
     )
 
 
-def version(info, figures_from: Path | None = None, audit: bool = True) -> pb.Version:
-    """A registry ``VersionInfo`` as a ``Version`` message (the manifest included; without its ``audit``, who
-    made the version from where, unless ``audit``)."""
-    try:
-        manifest = info.manifest
-    except Exception:
-        manifest = {}
+def version(info, figures_from: Path | None = None, audit: bool = True, manifest: dict | None = None) -> pb.Version:
+    """A registry ``VersionInfo`` as a ``Version`` message (the manifest — ``manifest`` when given: a delta
+    version's with its lineage's edits, ``Versions.manifest`` — included; without its ``audit``, who made the
+    version from where, unless ``audit``)."""
+    if manifest is None:
+        try:
+            manifest = info.manifest
+        except Exception:
+            manifest = {}
     if not audit:
         manifest = {k: v for k, v in manifest.items() if k != "audit"}
     m = version_summary(info)

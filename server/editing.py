@@ -137,7 +137,7 @@ def run_edit(host: Host, job, plan: EditPlan):
     records = plan.editor.manifest_records(new, onto.num_edits if onto is not None else 0)
     checks = edit_checks(host, plan.request, Bundle(plan.adapter, 0, {}, edit_sets))
     promote = plan.promote and _judge(plan, checks, records[-1].get("metrics", {}) if records else {})
-    edits = _parent_edits(live) + [
+    edits = [  # this version's own edits; the parent's are its manifest's (a delta version, ``bundles``)
         {
             **rec,
             "metrics": {**rec.get("metrics", {}), **_check_metrics(checks)},
@@ -160,6 +160,7 @@ def run_edit(host: Host, job, plan: EditPlan):
             extra={"audit": {"action": "edit", **plan.caller}},
             promote=promote,
             parent_must_be_live=True,  # a replica that made a version live meanwhile: ABORTED, not a lost edit
+            delta_of=base,
             before_register=_registering(job, f"registering a new version of adapter '{plan.adapter}'"),
         )
     _after_publish(host, plan.adapter, info, {"action": "edit", **plan.caller})
@@ -233,13 +234,6 @@ def _judge(plan: EditPlan, checks: list[dict[str, Any]], metrics: dict[str, Any]
             f"strict: the edit answers {answer!r} on its own prompt but not on {what}; nothing was registered"
         )
     return True
-
-
-def _parent_edits(live) -> list[dict[str, Any]]:
-    """The live version's edit records, each naming the version that added it."""
-    if live is None:
-        return []
-    return [{**rec, "version": rec.get("version") or live.version} for rec in live.manifest.get("edits", [])]
 
 
 def evidence_figures(evidence: dict | None, folder: Path) -> dict[str, Path]:

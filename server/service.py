@@ -143,6 +143,11 @@ class EditLensService(pb_grpc.EditLensServicer):
             self.metrics.edits.labels(plan.adapter, plan.spec.name, "registered").inc()
         return info
 
+    @staticmethod
+    def _version(host: Host, info, **options) -> pb.Version:
+        """A version as the client sees it: a delta version with its lineage's edits (``Versions.manifest``)."""
+        return convert.version(info, manifest=host.versions.manifest(info), **options)
+
     def _audit(self, host: Host, adapter: str, context, action: str, **what) -> None:
         """Record a mutation of ``adapter`` with its time and caller (registry tags ``editlens.audit.*``)."""
         host.registry.audit(adapter, {"action": action, **what, **caller(context, bool(self.config.token))})
@@ -176,7 +181,7 @@ class EditLensService(pb_grpc.EditLensServicer):
         plan.caller = caller(context, bool(self.config.token))
         job, ahead = self.jobs.submit(
             "edit",
-            lambda job: convert.version(self._counted(plan, lambda: editing.run_edit(host, job, plan))),
+            lambda job: self._version(host, self._counted(plan, lambda: editing.run_edit(host, job, plan))),
             adapter=plan.adapter,
             peer=context.peer() or "",
         )
@@ -236,12 +241,12 @@ class EditLensService(pb_grpc.EditLensServicer):
         info = host.registry.version(adapter, getattr(request, which) if which else LIVE)
         audit = token_valid(self.config.token, context)  # who made it, from where: for token holders only
         if not request.include_figures:
-            return convert.version(info, audit=audit)
+            return self._version(host, info, audit=audit)
         try:
             folder = host.registry.download(adapter, info.version)
         except RegistryError as exc:
             raise BundleError(f"adapter '{adapter}' version {info.version}: cannot read its files: {exc}") from None
-        return convert.version(info, figures_from=folder, audit=audit)
+        return self._version(host, info, figures_from=folder, audit=audit)
 
     @rpc
     def SetAlias(self, request, context):
@@ -253,7 +258,7 @@ class EditLensService(pb_grpc.EditLensServicer):
             info = host.registry.set_alias(adapter, request.alias or LIVE, request.version)
             self._audit(host, adapter, context, "set_alias", alias=request.alias or LIVE, version=request.version)
         host.versions.forget(adapter)
-        return convert.version(info)
+        return self._version(host, info)
 
     @rpc
     def Rollback(self, request, context):
@@ -265,7 +270,7 @@ class EditLensService(pb_grpc.EditLensServicer):
             info = host.registry.rollback(adapter, request.to_version or None, to_base=True)
             self._audit(host, adapter, context, "rollback", previous=before or 0, live=info.version if info else 0)
         host.versions.forget(adapter)
-        return pb.RollbackResponse(previous_version=before or 0, live=convert.version(info) if info else None)
+        return pb.RollbackResponse(previous_version=before or 0, live=self._version(host, info) if info else None)
 
     @rpc
     def DeleteVersion(self, request, context):

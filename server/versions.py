@@ -13,6 +13,10 @@
   attach, resolved once per request so an answer never mixes two versions.
 * ``bundle(adapter, version)``: the validated, attachable version, through the
   ``BundleCache`` (versions are immutable; a deleted one is dropped).
+* a delta version (``bundles``) loads on its parent: from the nearest version
+  of its lineage that is loaded (or stored whole), down, one delta at a time;
+  ``manifest(info)`` is its manifest with every edit of the lineage, as a
+  version stored whole records them (kept per version: versions are immutable).
 * ``lookup(editor, adapter, version)``: one editor's edit set of a version
   (VisEdit finds its trained adapter this way, ``editors.EditContext``).
 * ``reverify()``: every ``reverify_s`` seconds (a background thread) the
@@ -34,7 +38,7 @@ from editlens.v1 import editlens_pb2 as pb
 from registry import NotFoundError, Registry, VersionInfo, check_adapter_name
 from registry import UnavailableError as RegistryUnavailableError
 
-from .bundles import Bundle, BundleCache, BundleError, load_bundle
+from .bundles import Bundle, BundleCache, BundleError, lineage_edits, load_lineage
 from .errors import invalid, not_found, precondition
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ class Versions:
         self._lock = threading.Lock()
         self._damaged: dict[tuple[str, int], str] = {}  # versions whose stored files failed: why
         self._stop = threading.Event()
+        self._edits: dict[tuple[str, int], list[dict]] = {}  # a version's edits, its lineage's included
         if reverify_s > 0:
             threading.Thread(
                 target=self._reverifying, args=(reverify_s,), name="editlens-reverify", daemon=True
@@ -175,15 +180,37 @@ class Versions:
         return self.bundles.get(adapter, version, lambda: self._load(adapter, version, info))
 
     def _load(self, adapter: str, version: int, info: VersionInfo | None) -> Bundle:
-        info = info or self.registry.version(adapter, version)
-        try:
-            folder = self.registry.download(adapter, version)
-            manifest = info.manifest
-        except (NotFoundError, RegistryUnavailableError):
-            raise
-        except Exception as exc:
-            raise BundleError(f"adapter '{adapter}' version {version} cannot be loaded: {exc}") from None
-        return load_bundle(self.vlm, adapter, version, folder, manifest, info.base_fingerprint)
+        """The version loaded: a delta version on its lineage, from the nearest ancestor that is loaded or
+        stored whole, down (the ancestors loaded on the way are not kept: the cache holds what is asked for)."""
+
+        def loaded(ancestor: int) -> Bundle | None:
+            damaged = self._damaged.get((adapter, ancestor))
+            if damaged is not None:
+                raise BundleError(f"adapter '{adapter}' version {version} builds on version {ancestor}: {damaged}")
+            return self.bundles.peek(adapter, ancestor)
+
+        return load_lineage(self.registry, self.vlm, info or self.registry.version(adapter, version), loaded)
+
+    def manifest(self, info: VersionInfo) -> dict:
+        """``info``'s manifest with every edit of its lineage in ``edits`` (a delta version records only its own),
+        each naming the version that added it."""
+        manifest = info.manifest
+        if manifest.get("delta_of") is None:
+            return manifest
+        return {**manifest, "edits": self._lineage_edits(info)}
+
+    def _lineage_edits(self, info: VersionInfo) -> list[dict]:
+        def known(version: int) -> list[dict] | None:
+            with self._lock:
+                return self._edits.get((info.adapter, version))
+
+        def keep(version: int, edits: list[dict]) -> None:
+            with self._lock:
+                self._edits[(info.adapter, version)] = edits
+                while len(self._edits) > 4 * max(1, self.bundles.size):
+                    self._edits.pop(next(iter(self._edits)))
+
+        return lineage_edits(self.registry, info, known, keep)
 
     def lookup(self, editor: str, adapter: str, version: int):
         """The edit set of ``editor`` in ``adapter``'s ``version`` (0: live) and that version's number."""

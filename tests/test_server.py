@@ -544,7 +544,9 @@ def test_visedit_train_edit_serve_and_carry_over(svc, lens, anon, case, vlm):
         editor_adapter="vis-editor",
     )
     assert v2.parent == v1.version and v2.editors == ["keygate", "visedit"] and v2.num_edits == 2
-    assert {"keygate.safetensors", "visedit.safetensors"} <= set(v2.files)
+    # a delta version: the VisEdit set is stored, the unchanged KeyGate set is v1's (inherited, not stored again)
+    assert "visedit.safetensors" in v2.files and not any(f.startswith("keygate.") for f in v2.files)
+    assert v2.manifest["delta_of"] == v1.version and v2.manifest["inherited"] == ["keygate"]
     rec = v2.edits[-1]
     assert rec.editor == "visedit" and rec.layer == 0 and "p_after" in rec.metrics
     full = v2.manifest["edits"][-1]

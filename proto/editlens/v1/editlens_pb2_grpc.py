@@ -192,8 +192,9 @@ class EditLensServicer:
 
     def DeleteVersion(self, request, context):
         """Delete one version with its files (FAILED_PRECONDITION for the live one:
-        roll back or promote another first; other aliases pointing at it go with
-        it). Needs the token.
+        roll back or promote another first; and for one that delta versions build
+        on: `editlens registry squash` stores them whole first; other aliases
+        pointing at it go with it). Needs the token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -80,6 +80,24 @@ def test_sigkill_at_every_stage_leaves_the_registry_consistent(insertion_case, w
                 assert served.served.version == live
                 assert served.text == lens.generate(edit[0], case["src"], adapter="crash", version=live).text
                 assert served.text == case["ground_truth"], "the live version's edit answers"
+        # a delta version (an edit on the live version stores only what it adds) survives a SIGKILL right after it
+        # is registered: the restarted server composes it from the files of its lineage and serves it
+        with EditLensClient(server.address, token=TOKEN) as lens:
+            delta = lens.edit(*edit, adapter="crash", editor="multedit", layer=0, keep_unreached=True)
+            if not delta.live:  # what the optimisation reaches is not this test's subject
+                lens.promote(delta.version, adapter="crash")
+            before = lens.generate(edit[0], case["src"], adapter="crash").text
+        assert delta.manifest.get("delta_of") is not None, delta.manifest
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(60)
+        server.stop()
+        _consistent(registry_dir)
+        server = ServeProcess(registry_dir, tmp_path / "serve.log")
+        with EditLensClient(server.address, token=TOKEN) as lens:
+            lens.wait_ready(120)
+            served = lens.generate(edit[0], case["src"], adapter="crash")
+            assert served.served.version == delta.version and served.text == before
+            assert [e.version for e in lens.version(delta.version, adapter="crash").edits][-1] == delta.version
         # a crash inside the registration may or may not have finished it; one before it never registers
         for stage in ("queued", "key", "value", "update"):
             assert not outcomes[("edit", stage)]["deleted_runs"], stage

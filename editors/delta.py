@@ -36,15 +36,19 @@ FORMAT_VERSION = 1
 HEADER = ("format", "format_version", "base_fingerprint", "editor")
 
 
-def content_digest(edit_set: EditSetBase) -> str:
+def content_digest(
+    edit_set: EditSetBase, tensors: dict[str, torch.Tensor] | None = None, manifest: dict[str, Any] | None = None
+) -> str:
     """sha256 of an edit set's content (every tensor's name, dtype, shape and bytes, and its manifest): what a
-    delta names as its parent, independent of how the parent itself was stored."""
+    delta names as its parent, independent of how the parent itself was stored. ``tensors`` and ``manifest``:
+    the edit set's, when the caller has them already."""
     h = hashlib.sha256()
-    for name, t in sorted(edit_set.tensors().items()):
+    tensors = edit_set.tensors() if tensors is None else tensors
+    for name, t in sorted(tensors.items()):
         t = t.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    h.update(json.dumps(edit_set.manifest(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(edit_set.manifest() if manifest is None else manifest, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -160,13 +164,18 @@ def diff(child: EditSetBase, parent: EditSetBase) -> tuple[dict[str, torch.Tenso
     pm, cm = parent.manifest(), child.manifest()
     if type(child) is not type(parent) or any(pm.get(k) != cm.get(k) for k in HEADER):
         return None
-    stored, tensor_plan = _diff_tensors(parent.tensors(), child.tensors())
+    pt = parent.tensors()
+    stored, tensor_plan = _diff_tensors(pt, child.tensors())
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "base_fingerprint": child.base_fingerprint,
         "editor": child.editor,
-        "of": {"format": cm["format"], "format_version": cm["format_version"], "digest": content_digest(parent)},
+        "of": {
+            "format": cm["format"],
+            "format_version": cm["format_version"],
+            "digest": content_digest(parent, pt, pm),
+        },
         "tensors": tensor_plan,
         "fields": _diff_fields(pm, cm),
         "records": len(child.records),  # how many edits the whole edit set holds (the delta's are appended)
@@ -197,12 +206,13 @@ def load_delta(path: str | os.PathLike, parent: EditSetBase, vlm=None) -> EditSe
     cls = type(parent)
     if of.get("format") != cls.FORMAT or man.get("editor") != parent.editor:
         raise EditSetError(f"{source} is a delta of a {of.get('format')} edit set, not of this {cls.FORMAT} one")
-    if of.get("digest") != content_digest(parent):
+    pt, pm = parent.tensors(), parent.manifest()
+    if of.get("digest") != content_digest(parent, pt, pm):
         raise EditSetError(f"{source} is a delta of another parent edit set (the digest differs): a broken lineage")
-    fields = _apply_fields(parent.manifest(), man["fields"], source)
+    fields = _apply_fields(pm, man["fields"], source)
     whole = {k: man[k] for k in HEADER if k not in ("format", "format_version")}
     whole.update(format=of["format"], format_version=of["format_version"], **fields)
-    tensors = _apply_tensors(parent.tensors(), stored, man["tensors"], source)
+    tensors = _apply_tensors(pt, stored, man["tensors"], source)
     edit_set = cls.from_manifest(whole, tensors, source)
     if vlm is not None:
         edit_set.check_compatible(vlm)

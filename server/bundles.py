@@ -49,6 +49,7 @@ from editors.attach import attach
 from editors.base import EditSetBase
 from editors.delta import load_delta, save_delta
 from editors.files import EditSetError, FingerprintMismatchError
+from registry import NotFoundError, UnavailableError
 from vlm.hooks import Rows
 from vlm.loading import VLM
 
@@ -172,9 +173,9 @@ def load_lineage(registry, vlm: VLM | None, info, loaded: Callable[[int], Bundle
         try:
             folder = registry.download(v.adapter, v.version)
             manifest = v.manifest
+        except (NotFoundError, UnavailableError):
+            raise
         except Exception as exc:
-            if type(exc).__name__ in ("NotFoundError", "UnavailableError"):
-                raise
             raise BundleError(f"adapter '{v.adapter}' version {v.version} cannot be loaded: {exc}") from None
         parent = load_bundle(vlm, v.adapter, v.version, folder, manifest, v.base_fingerprint, parent)
     return parent

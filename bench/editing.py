@@ -87,7 +87,7 @@ def distinct_facts(cases: list[dict[str, Any]], n: int, seed: int = 0) -> list[d
 
 
 def _requests(cases, world_dir: Path, pixels: M.PixelCache) -> list[EditRequest]:
-    return [EditRequest.from_case(c, world_dir, pixel_values=pixels(c["image"])) for c in cases]
+    return [EditRequest.from_case(c, world_dir, pixel_values=pixels(c["image"]), variants=False) for c in cases]
 
 
 def _single(editor, vlm, cps, base, requests, tick: TickFn | None) -> dict[str, Any]:

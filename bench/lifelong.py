@@ -335,8 +335,8 @@ def _prepare(vlm: VLM, world_dir: Path, edits: int, panel_size: int, say: StageF
     with scratch("lifelong") as near_dir:  # neighbours' drawings the world has not made, processed while there
         cases = with_near_neighbours(world_dir, records, near_dir, pixels)  # copies: the records stay as they are
     cps = [M.case_prompts(vlm, c, pixels) for c in cases]
-    requests = [EditRequest.from_case(c, world_dir, pixel_values=pixels(c["image"])) for c in records]
-    probe = EditRequest.from_case(probe_record, world_dir, pixel_values=pixels(probe_record["image"]))
+    requests = [EditRequest.from_case(c, world_dir, pixel_values=pixels(c["image"]), variants=False) for c in records]
+    probe = EditRequest.from_case(probe_record, world_dir, pixel_values=pixels(probe_record["image"]), variants=False)
     loc_text = score_answers(vlm, [cp.text_locality for cp in cps], batch_size=64)
     loc_modal = score_answers(vlm, [cp.modal_locality for cp in cps], batch_size=64)
     panel = M.specificity_panel(vlm, world_dir, pixels, panel_size)

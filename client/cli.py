@@ -276,9 +276,15 @@ def edit_cmd(
         "token.",
     ),
     answer: str = typer.Option(..., help="The new answer."),
-    rephrase: str | None = typer.Option(None, help="The question reworded: --layer auto averages over it too."),
+    rephrase: str | None = typer.Option(
+        None,
+        help="The question reworded: --layer auto averages over it too, and KeyGate (unless --set "
+        "variants=false) keys the edit by it as well, so that the edit answers it.",
+    ),
     image_rephrase: Path | None = typer.Option(
-        None, help="Another image of the subject: --layer auto averages over it too."
+        None,
+        help="Another image of the subject: --layer auto averages over it too, and KeyGate keys the edit by it "
+        "(with the question and with --rephrase) unless --set variants=false.",
     ),
     editor: str = typer.Option(
         "keygate",

@@ -104,6 +104,12 @@ class KeyGateConfig:
         "The model's own keys (the preservation statistics' reference keys) compete with the edits' keys: the "
         "gate stays closed where a known subject's key is nearer than any edit's.",
     )
+    variants: bool = option(
+        True,
+        "Key the edit also by the variants its request supplies (the rephrase on the image, the question on the "
+        "image rephrase, both), the value optimised on all of them: the edit answers every image and wording "
+        "given with it. Off: only the edit's own prompt.",
+    )
 
     def check(self, vlm: VLM) -> None:
         check_key_and_value(self, vlm)

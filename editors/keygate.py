@@ -264,8 +264,11 @@ class KeyGateEditSet(EditSetBase):
         threshold: float,
         join: int | None = None,
     ) -> KeyGateEditSet:
-        """A copy with one more edit: ``key`` in a new entry holding ``value``, or (``join``) in that existing
-        entry of the layer's gate, whose value becomes ``value``."""
+        """A copy with one more edit: ``key`` (d_ff), or several keys (n, d_ff) — the edit's prompt's first, then
+        those of the variants its request supplied — in a new entry holding ``value``, or (``join``) in that
+        existing entry of the layer's gate, whose value becomes ``value``. The record names its first key
+        (``key_index``) and how many it has (``keys``)."""
+        key = key.float().reshape(-1, key.shape[-1])
         gates = [replace(g, _cache=None) for g in self.gates]
         g = next((x for x in gates if x.layer == layer), None)
         if g is None:
@@ -287,10 +290,11 @@ class KeyGateEditSet(EditSetBase):
             entry = join
             g.values = g.values.clone()
             g.values[join] = value.float().reshape(-1)
-        g.keys = torch.cat([g.keys, key.float().reshape(1, -1)])
-        g.entry_of = torch.cat([g.entry_of, torch.tensor([entry], dtype=torch.int64)])
-        g.claim(key.reshape(1, -1), self.same_subject_cos)
-        rec = {**record, "layer": layer, "key_index": int(g.keys.shape[0]) - 1, "entry": entry}
+        first = int(g.keys.shape[0])
+        g.keys = torch.cat([g.keys, key])
+        g.entry_of = torch.cat([g.entry_of, torch.full((key.shape[0],), entry, dtype=torch.int64)])
+        g.claim(key, self.same_subject_cos)
+        rec = {**record, "layer": layer, "key_index": first, "keys": int(key.shape[0]), "entry": entry}
         return replace(self, gates=gates, records=self.records + [rec])
 
     def entry_records(self, layer: int, entry: int) -> list[dict[str, Any]]:
@@ -414,21 +418,22 @@ class KeyGate(KeyValueEditor):
             return self.edit_sequentially(requests, onto, progress)
         self.choose_layer(requests, progress)
         stats = self._stats()
-        prompts = [self.encode(r) for r in requests]
-        K, t_key = self.keys(prompts)
+        flat, rows = self._variant_rows(requests)
+        K, t_key = self.keys(flat)
         K = K.cpu()
-        groups = self._groups(K, stats)
-        values, t_value = self.values(prompts, groups, first=0, total=len(prompts), progress=progress)
+        groups = self._groups(K[[r[0] for r in rows]], stats)
+        owner_group = [groups[i] for i, r in enumerate(rows) for _ in r]
+        values, t_value = self.values(flat, owner_group, first=0, total=len(requests), progress=progress)
         t0 = time.perf_counter()
         new, joined = self._empty(stats), {}
         for i, req in enumerate(requests):
-            record = self._record(req, values, i, t_key, t_value)
+            record = self._record(req, values, rows[i][0], t_key, t_value)
             new = new.added(
                 self.config.layer,
                 self.module,
                 stats.mean,
-                K[i],
-                values.delta[i],
+                K[rows[i]],
+                values.delta[rows[i][0]],
                 record,
                 self.config.threshold,
                 joined.get(groups[i]),
@@ -436,7 +441,7 @@ class KeyGate(KeyValueEditor):
             joined.setdefault(groups[i], new.records[-1]["entry"])
         for rec in new.records:
             rec["seconds"]["update"] = (time.perf_counter() - t0) / len(requests)
-        return self._finish(new, prompts, len(requests), progress)
+        return self._finish(new, [flat[r[0]] for r in rows], len(requests), progress)
 
     def edit_sequentially(
         self, requests: Sequence[EditRequest], onto: EditSetBase | None = None, progress: ProgressCallback | None = None
@@ -463,25 +468,61 @@ class KeyGate(KeyValueEditor):
         out = []
         for start in range(0, len(requests), batch_size):
             chunk = list(requests[start : start + batch_size])
-            prompts = [self.encode(r) for r in chunk]
-            K, t_key = self.keys(prompts)
+            flat, rows = self._variant_rows(chunk)
+            K, t_key = self.keys(flat)
             K = K.cpu()
-            values, t_value = self.values(prompts, None, start, len(requests), progress)
+            owner = [i for i, r in enumerate(rows) for _ in r]
+            values, t_value = self.values(flat, owner, start, len(requests), progress)
             for i, req in enumerate(chunk):
                 es = self._empty(stats).added(
                     self.config.layer,
                     self.module,
                     stats.mean,
-                    K[i],
-                    values.delta[i],
-                    self._record(req, values, i, t_key, t_value),
+                    K[rows[i]],
+                    values.delta[rows[i][0]],
+                    self._record(req, values, rows[i][0], t_key, t_value),
                     self.config.threshold,
                 )
                 es.hyperparameters = self.hyperparameters("single")
-                out.append(self._finish(es, [prompts[i]], 1, None))
+                out.append(self._finish(es, [flat[rows[i][0]]], 1, None))
         return out
 
     # ------------------------------------------------------------- the work
+    def variants(self, req: EditRequest) -> list[EncodedPrompt]:
+        """The request's prompt, then (``config.variants``) every variant the request supplies, each with the new
+        answer: its rephrase on its image, its question on its image rephrase, the rephrase on the image rephrase.
+        Each is a key of the edit's entry and the entry's value is optimised on all of them, so that the edit
+        answers every image and wording the user gave it (and reaches further from more than one point)."""
+        out = [self.encode(req)]
+        if not self.config.variants:
+            return out
+        texts = [req.question] + ([req.rephrase] if req.rephrase else [])
+        images = [(req.image, req.pixel_values)] + ([(req.image_rephrase, None)] if req.image_rephrase else [])
+        for j, (image, pixels) in enumerate(images):
+            for k, text in enumerate(texts):
+                if j or k:
+                    out.append(
+                        encode(
+                            self.vlm.processor,
+                            text,
+                            image=image,
+                            answer=req.answer,
+                            constraints=[req.constraint],
+                            pixel_values=pixels,
+                        )
+                    )
+        return out
+
+    def _variant_rows(self, requests: Sequence[EditRequest]) -> tuple[list[EncodedPrompt], list[list[int]]]:
+        """Every request's ``variants`` in one list, and for each request the rows of its own (its prompt first)."""
+        flat: list[EncodedPrompt] = []
+        rows: list[list[int]] = []
+        for r in requests:
+            v = self.variants(r)
+            rows.append(list(range(len(flat), len(flat) + len(v))))
+            flat.extend(v)
+        return flat, rows
+
     def _groups(self, K: torch.Tensor, stats: PreservationStats) -> list[int]:
         U = _unit(K, stats.mean)
         close = (U @ U.T) >= self.config.same_subject_cos
@@ -493,10 +534,12 @@ class KeyGate(KeyValueEditor):
 
     def _one(self, current: KeyGateEditSet, req: EditRequest, stats, i: int, total: int, progress):
         cfg, say = self.config, progress or (lambda e: None)
-        prompt = self.encode(req)
+        prompts = self.variants(req)
+        prompt = prompts[0]
         say(EditProgress("key", i, total))
-        K, t_key = self.keys([prompt])
-        k = K[0].cpu()
+        K, t_key = self.keys(prompts)
+        K = K.cpu()
+        k = K[0]
         gate = current.gate(cfg.layer)
         join = None
         companions: list[EncodedPrompt] = []
@@ -509,15 +552,16 @@ class KeyGate(KeyValueEditor):
         # the value is optimised on the gate as it will be: the new key in place (so wherever it is the nearest,
         # the other entries stay closed, as they will), its entry's value zero
         d = self.vlm.module(self.module).weight.shape[0]
-        context = current.added(cfg.layer, self.module, stats.mean, k, torch.zeros(d), {}, cfg.threshold, join)
+        context = current.added(cfg.layer, self.module, stats.mean, K, torch.zeros(d), {}, cfg.threshold, join)
         context = context.with_references(self.vlm)
         with context.attach(self.vlm):
-            values, t_value = self.values([prompt] + companions, [0] * (1 + len(companions)), i, total, progress)
+            group = prompts + companions
+            values, t_value = self.values(group, [0] * len(group), i, total, progress)
         say(EditProgress("update", i, total))
         record = self._record(req, values, 0, t_key, t_value)
         record["metrics"]["value_companions"] = len(companions)
         t0 = time.perf_counter()
-        new = current.added(cfg.layer, self.module, stats.mean, k, values.delta[0], record, cfg.threshold, join)
+        new = current.added(cfg.layer, self.module, stats.mean, K, values.delta[0], record, cfg.threshold, join)
         new.records[-1]["seconds"]["update"] = time.perf_counter() - t0
         return self._finish(new, [prompt], 1, progress, first=i, total=total, before=current)
 

@@ -27,8 +27,8 @@ class EditRequest:
     image: ImageInput | None = None
     pixel_values: ProcessedImage | torch.Tensor | None = None  # the image already processed (process_image)
     case_id: str | None = None
-    rephrase: str | None = None  # the question reworded (for layer="auto")
-    image_rephrase: ImageInput | None = None  # another image of the subject (for layer="auto")
+    rephrase: str | None = None  # the question reworded (layer="auto"; KeyGate's variants)
+    image_rephrase: ImageInput | None = None  # another image of the subject (layer="auto"; KeyGate's variants)
     replacements: list[str] = field(default_factory=list)  # named entities to corrupt the constraint with (auto)
 
     @classmethod
@@ -37,8 +37,11 @@ class EditRequest:
         case: dict[str, Any],
         world_dir: str | Path | None = None,
         pixel_values: ProcessedImage | torch.Tensor | None = None,
+        variants: bool = True,
     ) -> EditRequest:
-        """A request from a record in the world's edit-case format (image relative to ``world_dir``)."""
+        """A request from a record in the world's edit-case format (image relative to ``world_dir``); with
+        ``variants=False`` without the record's rephrase and image rephrase — the edit alone, as E-VQA gives it
+        to an editor, when those are the probes an evaluation asks afterwards."""
 
         def where(rel):
             return None if rel is None else Path(world_dir) / rel if world_dir is not None else rel
@@ -50,8 +53,8 @@ class EditRequest:
             image=where(case["image"]),
             pixel_values=pixel_values,
             case_id=case.get("case_id"),
-            rephrase=case.get("rephrase"),
-            image_rephrase=where(case.get("image_rephrase")),
+            rephrase=case.get("rephrase") if variants else None,
+            image_rephrase=where(case.get("image_rephrase")) if variants else None,
             replacements=world_phrases(Path(world_dir)) if world_dir is not None else [],
         )
 

@@ -188,7 +188,9 @@ def test_keygate_files_round_trip_and_broken_ones_are_refused(vlm, three_edits, 
     _, _, es = three_edits
     path = tmp_path / "gate.safetensors"
     size = es.save(path)
-    assert size < 3 * 8192  # a key and a value per edit, a few KB each
+    keys = int(es.gates[0].keys.shape[0])  # up to four per edit: its prompt and the variants its request supplied
+    assert keys == sum(r["keys"] for r in es.records) and 3 <= keys <= 12
+    assert size < keys * 2048 + 3 * 8192  # a key (d_ff = 512 floats) per key, a value and a record per edit
     back = KeyGateEditSet.load(path, vlm)
     assert torch.equal(back.gates[0].keys, es.gates[0].keys) and back.records == es.records
     from safetensors.torch import load_file, save_file
@@ -198,7 +200,7 @@ def test_keygate_files_round_trip_and_broken_ones_are_refused(vlm, three_edits, 
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    tensors["gate.0.entry_of"] = torch.tensor([0, 1, 7])
+    tensors["gate.0.entry_of"] = torch.cat([tensors["gate.0.entry_of"][:-1], torch.tensor([7])])  # no entry 7
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(EditSetError, match="entries outside"):
         KeyGateEditSet.load(tmp_path / "bad.safetensors", vlm)

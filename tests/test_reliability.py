@@ -472,8 +472,9 @@ def test_strict_refuses_an_edit_that_misses_a_variant_and_checks_say_which(
 ):
     """An edit's result lists each prompt the request supplied with whether the new version answers it; with
     strict, one that answers its question but not its image rephrase is refused, nothing registered. The image
-    rephrase here is another subject's image, which the key gate keeps shut on (a property checked at run
-    time: the non-strict edit's check says it missed)."""
+    rephrase here is another subject's image, which the key gate keeps shut on when the editor is told not to
+    key the request's variants (``variants=False``; a property checked at run time: the non-strict edit's
+    check says it missed)."""
     svc = start_service(token=TOKEN)
     case = keygate_case
     img, edit = world_dir / case["image"], (case["src"], case["constraint"], case["ground_truth"])
@@ -489,6 +490,7 @@ def test_strict_refuses_an_edit_that_misses_a_variant_and_checks_say_which(
                 layer=0,
                 rephrase=case["rephrase"],
                 image_rephrase=world_dir / other["image"],
+                variants=False,
                 promote=False,
             )
             checks = {c.kind: c for c in v.edits[-1].checks}
@@ -507,6 +509,7 @@ def test_strict_refuses_an_edit_that_misses_a_variant_and_checks_say_which(
                 layer=0,
                 rephrase=case["rephrase"],
                 image_rephrase=world_dir / other["image"],
+                variants=False,
                 strict=True,
             )
         assert "nothing was registered" in refused.value.details

@@ -167,7 +167,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., served: _Optional[_Union[Served, _Mapping]] = ..., done: _Optional[bool] = ..., answer_tokens: _Optional[int] = ...) -> None: ...
 
 class KeyGateOptions(_message.Message):
-    __slots__ = ("layer", "steps", "lr", "lr_scale", "max_norm", "target_prob", "threshold", "same_subject_cos", "guard", "scope")
+    __slots__ = ("layer", "steps", "lr", "lr_scale", "max_norm", "target_prob", "threshold", "same_subject_cos", "guard", "scope", "variants")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class KeyGateOptions(_message.Message):
     SAME_SUBJECT_COS_FIELD_NUMBER: _ClassVar[int]
     GUARD_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     steps: int
     lr: float
@@ -188,7 +189,8 @@ class KeyGateOptions(_message.Message):
     same_subject_cos: float
     guard: bool
     scope: str
-    def __init__(self, layer: _Optional[int] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_scale: _Optional[str] = ..., max_norm: _Optional[float] = ..., target_prob: _Optional[float] = ..., threshold: _Optional[float] = ..., same_subject_cos: _Optional[float] = ..., guard: _Optional[bool] = ..., scope: _Optional[str] = ...) -> None: ...
+    variants: bool
+    def __init__(self, layer: _Optional[int] = ..., steps: _Optional[int] = ..., lr: _Optional[float] = ..., lr_scale: _Optional[str] = ..., max_norm: _Optional[float] = ..., target_prob: _Optional[float] = ..., threshold: _Optional[float] = ..., same_subject_cos: _Optional[float] = ..., guard: _Optional[bool] = ..., scope: _Optional[str] = ..., variants: _Optional[bool] = ...) -> None: ...
 
 class AlphaEditOptions(_message.Message):
     __slots__ = ("layer", "steps", "lr", "lam", "max_norm", "target_prob", "lr_scale", "null_threshold", "keep_earlier")

@@ -135,8 +135,9 @@ class ServerConfig:
     bundle_cache: int = option(8, "Loaded versions kept in memory.")
     reverify_s: float = option(
         60.0,
-        "Every this many seconds, the files of each version held in memory are fetched from the artifact store "
-        "again and checked against their checksums; a version whose stored files fail is refused "
+        "Every this many seconds, the files of each version held in memory (and, for a delta version, of the "
+        "versions it was composed from) are fetched from the artifact store again and checked against their "
+        "checksums; a version whose stored files, or whose ancestors' files, fail is refused "
         "(FAILED_PRECONDITION) from then on, as a replica that never loaded it refuses it (0: never).",
     )
     job_workers: int = option(1, "Jobs run at once.")

@@ -20,11 +20,13 @@
 * ``lookup(editor, adapter, version)``: one editor's edit set of a version
   (VisEdit finds its trained adapter this way, ``editors.EditContext``).
 * ``reverify()``: every ``reverify_s`` seconds (a background thread) the
-  files of each version held in memory are fetched from the artifact store
-  again and checked (``Registry.verify_stored``); a version whose stored
-  files fail is dropped and refused (FAILED_PRECONDITION naming the file)
-  until they verify again, so a server that loaded a version before its
-  files were damaged answers as a replica that never loaded it does.
+  files of each version held in memory — and of every version of its
+  lineage, for a delta version — are fetched from the artifact store again
+  and checked (``Registry.verify_stored``); a version whose stored files, or
+  whose ancestors' files, fail is dropped and refused (FAILED_PRECONDITION
+  naming the file, and the ancestor) until they verify again, so a server
+  that loaded a version before its files were damaged answers as a replica
+  that never loaded it does.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Versions:
         self._damaged: dict[tuple[str, int], str] = {}  # versions whose stored files failed: why
         self._stop = threading.Event()
         self._edits: dict[tuple[str, int], list[dict]] = {}  # a version's edits, its lineage's included
+        self._parents: dict[tuple[str, int], int | None] = {}  # each version's delta_of, once read
         if reverify_s > 0:
             threading.Thread(
                 target=self._reverifying, args=(reverify_s,), name="editlens-reverify", daemon=True
@@ -80,24 +83,64 @@ class Versions:
                 log.warning("re-verifying the loaded versions failed: %s", exc)
 
     def reverify(self) -> None:
-        """Check the stored files of every version in memory (and of those found damaged, which may have been
-        repaired); drop and refuse the versions whose files fail."""
+        """Check the stored files of every version in memory — of its whole lineage, for a delta version: the
+        versions it was composed from, which are not kept in memory — and of those found damaged (which may have
+        been repaired); drop and refuse the versions whose files, or whose ancestors' files, fail."""
+        verdicts: dict[tuple[str, int], str | None] = {}  # this round's checks: None (verified) or why not
         for adapter, version in sorted(set(self.bundles.keys()) | set(self._damaged)):
             try:
-                self.registry.verify_stored(adapter, version)
+                why = self._lineage_failure(adapter, version, verdicts)
             except NotFoundError:  # deleted meanwhile
                 self.bundles.drop(adapter, version)
                 self._damaged.pop((adapter, version), None)
+                continue
             except RegistryUnavailableError:
                 return  # the registry is down: keep serving what was verified; ask again next round
-            except Exception as exc:
+            if why is not None:
                 if (adapter, version) not in self._damaged:
-                    log.error("adapter '%s' version %s: its stored files fail: %s", adapter, version, exc)
-                self._damaged[(adapter, version)] = str(exc)
+                    log.error("adapter '%s' version %s: %s", adapter, version, why)
+                self._damaged[(adapter, version)] = why
                 self.bundles.drop(adapter, version)
-            else:
-                if self._damaged.pop((adapter, version), None) is not None:
-                    log.info("adapter '%s' version %s: its stored files verify again", adapter, version)
+            elif self._damaged.pop((adapter, version), None) is not None:
+                log.info("adapter '%s' version %s: its stored files verify again", adapter, version)
+
+    def _lineage_failure(self, adapter: str, version: int, verdicts: dict[tuple[str, int], str | None]) -> str | None:
+        """Why ``version`` cannot be served from its stored files (its own fail, or those of a version of its
+        lineage, which is then refused as well), or None; each version is fetched once per round (``verdicts``)."""
+        current: int | None = version
+        while current is not None:
+            key = (adapter, current)
+            if key not in verdicts:
+                try:
+                    self.registry.verify_stored(adapter, current)
+                    verdicts[key] = None
+                except RegistryUnavailableError:
+                    raise
+                except NotFoundError:
+                    if current == version:
+                        raise
+                    verdicts[key] = f"version {current} is missing"  # deletion refuses a version deltas build on
+                except Exception as exc:
+                    verdicts[key] = str(exc)
+            why = verdicts[key]
+            if why is not None:
+                if current == version:
+                    return why
+                self._damaged[key] = why  # the ancestor is refused too, and re-checked each round
+                return f"it builds on version {current}, whose stored files fail: {why}"
+            current = self._parent(adapter, current)
+        return None
+
+    def _parent(self, adapter: str, version: int) -> int | None:
+        """The version ``version`` is a delta of (None: stored whole); versions are immutable, so it is kept."""
+        key = (adapter, version)
+        with self._lock:
+            if key in self._parents:
+                return self._parents[key]
+        parent = self.registry.version(adapter, version).delta_of
+        with self._lock:
+            self._parents[key] = parent
+        return parent
 
     def close(self) -> None:
         self._stop.set()

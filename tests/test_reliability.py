@@ -615,6 +615,43 @@ def test_a_version_whose_stored_files_are_damaged_after_loading_is_refused_as_a_
         _until(lambda: _served_version(lens, img, case["src"]) == v.version, 30, "the repaired version was not served")
 
 
+@pytest.mark.slow
+def test_a_delta_version_is_refused_when_a_version_it_was_composed_from_is_damaged_after_loading(
+    start_service, insertion_case, world_dir
+):
+    """A delta version in memory was composed from its ancestors' files, which are not kept in memory: the
+    re-verification checks them too. Damage the first version's stored file after the second (a delta of it)
+    was loaded: the second is refused, naming the version it builds on and the file; repaired, it is served."""
+    svc = start_service(reverify_s=0.2)
+    case = insertion_case
+    img, edit = world_dir / case["image"], (case["src"], case["constraint"], case["ground_truth"])
+    with svc.client() as lens:
+        first = lens.edit(img, *edit, adapter="kept", editor="multedit", layer=0)
+        second = lens.edit(img, *edit, adapter="kept", editor="multedit", layer=0)
+        assert second.parent == first.version
+        assert lens.generate(img, case["src"], adapter="kept").served.version == second.version
+        stored = [
+            p for p in svc.data_dir.rglob("multedit.safetensors") if "cache" not in p.relative_to(svc.data_dir).parts
+        ]
+        assert len(stored) == 1, "the first version's file in the artifact store (the second stores a delta)"
+        assert any(svc.data_dir.rglob("multedit.delta.safetensors")), "the second version is a delta"
+        good = stored[0].read_bytes()
+        try:
+            stored[0].write_bytes(good[:-64] + bytes(64))  # damaged in place, same size
+
+            def refused() -> bool:
+                try:
+                    lens.generate(img, case["src"], adapter="kept")
+                except sdk.FailedPreconditionError as exc:
+                    return f"builds on version {first.version}" in exc.details and "multedit.safetensors" in exc.details
+                return False
+
+            _until(refused, 30, "the delta version was still served on its damaged ancestor")
+        finally:
+            stored[0].write_bytes(good)
+        _until(lambda: _served_version(lens, img, case["src"]) == second.version, 30, "not served once repaired")
+
+
 def _served_version(lens, img, question) -> int | None:
     try:
         return lens.generate(img, question, adapter="kept").served.version

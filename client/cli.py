@@ -69,6 +69,8 @@ service_cli.register(app)  # serve, generate, versions, promote, rollback, delet
 
 #: the default editor's (KeyGate's) settings offered as flags of `editlens edit` (from KeyGateConfig: default and
 #: help in one place); the settings they share with MultEdit and AlphaEdit go to those too, any other with --set
+#: what ``editlens edit`` does with --rephrase and --image-rephrase
+_VARIANT = "--layer auto averages over it too, and KeyGate keys the edit by it (unless --set variants=false)."
 EDIT_FLAGS = ("layer", "steps", "lr", "lr_scale", "max_norm", "target_prob", "threshold")
 
 
@@ -276,16 +278,8 @@ def edit_cmd(
         "token.",
     ),
     answer: str = typer.Option(..., help="The new answer."),
-    rephrase: str | None = typer.Option(
-        None,
-        help="The question reworded: --layer auto averages over it too, and KeyGate (unless --set "
-        "variants=false) keys the edit by it as well, so that the edit answers it.",
-    ),
-    image_rephrase: Path | None = typer.Option(
-        None,
-        help="Another image of the subject: --layer auto averages over it too, and KeyGate keys the edit by it "
-        "(with the question and with --rephrase) unless --set variants=false.",
-    ),
+    rephrase: str | None = typer.Option(None, help=f"The question reworded: {_VARIANT}"),
+    image_rephrase: Path | None = typer.Option(None, help=f"Another image of the subject: {_VARIANT}"),
     editor: str = typer.Option(
         "keygate",
         help="The editor (any registered one: keygate, alphaedit, multedit, visedit, ft, ...). The flags below "
